@@ -1,0 +1,94 @@
+"""Index subset sampling, FAISS index construction and batched k-NN search."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def sample_per_class(labels: pd.Series | np.ndarray, per_class: int | None, seed: int = 0) -> np.ndarray:
+    """Positions of at most `per_class` rows of each class, sorted.
+
+    One seeded permutation ranks all rows; each class keeps its first `per_class` rows in
+    that ranking. The ranking does not depend on `per_class`, so subsets are nested (the
+    100-row subset of a class is inside its 1000-row subset)."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if per_class is None:
+        return np.arange(n)
+    per_class = int(per_class)
+    if per_class <= 0:
+        raise ValueError(f"index.per_class={per_class}: must be a positive number, or null for all rows")
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.random.default_rng(seed).permutation(n)] = np.arange(n)
+    codes, _ = pd.factorize(labels)
+    order = np.lexsort((rank, codes))  # by class, then by random rank
+    sorted_codes = codes[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_codes)) + 1]
+    position_in_class = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.sort(order[position_in_class < per_class])
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params: dict | None = None):
+    """A FAISS inner-product index over L2-normalised `vectors` (inner product = cosine)."""
+    import faiss
+
+    params = dict(params or {})
+    dim = vectors.shape[1]
+    factory = {"flat": "Flat"}.get(type, type)
+    if factory == "Flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if use_gpu is True or (use_gpu == "auto" and gpu_available()):
+        if not gpu_available():
+            raise RuntimeError("index.use_gpu=true but FAISS sees no GPU; install cbir[gpu] on a GPU machine or set index.use_gpu=auto")
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, batch_size: int = 4096,
+           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, positions) for each query, in batches (no full query x index matrix).
+
+    exclude[q] = index position of query q itself (or -1): that hit is removed, and one extra
+    neighbour is fetched in its place. Ties in score are ordered by index position, so results
+    are deterministic."""
+    n_queries = len(queries)
+    has_exclude = exclude is not None and np.any(exclude >= 0)
+    fetch = min(k + (1 if has_exclude else 0), index.ntotal)
+    scores = np.full((n_queries, k), -np.inf, dtype=np.float32)
+    ids = np.full((n_queries, k), -1, dtype=np.int64)
+    for start in range(0, n_queries, batch_size):
+        stop = min(start + batch_size, n_queries)
+        s, i = index.search(np.ascontiguousarray(queries[start:stop], dtype=np.float32), fetch)
+        if has_exclude:
+            own = i == exclude[start:stop, None]
+            s = np.where(own, -np.inf, s)
+            i = np.where(own, -1, i)
+        # stable order: score descending, then index position ascending, missing (-1) last
+        order = np.lexsort((np.where(i < 0, np.iinfo(np.int64).max, i), -s), axis=1)
+        s = np.take_along_axis(s, order, 1)[:, :k]
+        i = np.take_along_axis(i, order, 1)[:, :k]
+        scores[start:stop, : s.shape[1]] = s
+        ids[start:stop, : i.shape[1]] = i
+    return scores, ids

@@ -1,0 +1,57 @@
+"""One retrieval evaluation: index subset -> FAISS index -> k-NN search -> metrics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cbir import index as cbir_index
+from cbir.metrics import RetrievalResult, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalSetup:
+    index_rows: np.ndarray  # manifest positions in the index
+    query_rows: np.ndarray  # manifest positions of the queries
+
+
+def per_class_value(value):
+    """index.per_class: null or "all" mean the whole split."""
+    if value is None or (isinstance(value, str) and value.lower() in ("all", "none", "null")):
+        return None
+    return int(value)
+
+
+def choose_rows(table: pd.DataFrame, valid: np.ndarray, index_split: str, query_split: str,
+                per_class, seed: int) -> RetrievalSetup:
+    usable = np.asarray(valid, dtype=bool)
+    split = table["split"].to_numpy()
+    candidates = np.flatnonzero((split == index_split) & usable)
+    chosen = candidates[cbir_index.sample_per_class(table["label"].to_numpy()[candidates], per_class, seed)]
+    queries = np.flatnonzero((split == query_split) & usable)
+    if len(chosen) == 0:
+        raise ValueError(f"index.split={index_split}: no usable rows in that split")
+    if len(queries) == 0:
+        raise ValueError(f"eval.query_split={query_split}: no usable rows in that split")
+    return RetrievalSetup(index_rows=chosen, query_rows=queries)
+
+
+def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalSetup, index_cfg,
+                  ns, curve_k: int = 0, levels=("modality", "anatomy"), batch_size: int = 4096) -> RetrievalResult:
+    vectors = cbir_index.l2_normalise(embeddings[setup.index_rows])
+    queries = cbir_index.l2_normalise(embeddings[setup.query_rows])
+    index = cbir_index.build_index(vectors, index_cfg.type, index_cfg.get("use_gpu", "auto"),
+                                   dict(index_cfg.get("params") or {}))
+    # a query that is also an index row (overlapping splits) must not retrieve itself
+    position = pd.Series(np.arange(len(setup.index_rows)), index=setup.index_rows)
+    own = position.reindex(setup.query_rows).fillna(-1).astype(np.int64).to_numpy()
+    k = max(max(ns), curve_k)
+    _, neighbours = cbir_index.search(index, queries, k, batch_size, exclude=own)
+    columns = ["label", "modality", "anatomy"]
+    return evaluate(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
+                    neighbours, own, ns=ns, levels=levels, curve_k=curve_k)

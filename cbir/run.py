@@ -1,0 +1,81 @@
+"""Entry point: `python -m cbir.run [overrides]` (add `-m` for a multirun sweep).
+
+Composes the Hydra config and calls the stages in order: manifest, embeddings, index
+subset + search, metrics, tracking, summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# Offline clusters: without this the hub client retries each missing file for ~23 s.
+# cbir only ever reads model files from the local cache or encoder.weights unless the user
+# explicitly opts in with HF_HUB_OFFLINE=0.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from cbir import checks, reporting, retrieval, tracking  # noqa: E402
+from cbir.extract import extract_embeddings  # noqa: E402
+from cbir.metrics import RetrievalResult  # noqa: E402
+from cbir.store import EmbeddingStore  # noqa: E402
+
+log = logging.getLogger("cbir")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one INFO line per CPU feature probe
+
+
+def job_dir() -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called without Hydra (tests composing the config themselves)
+        return Path.cwd()
+
+
+def run(cfg: DictConfig) -> RetrievalResult:
+    checks.validate_config(cfg)
+    out = job_dir()
+    manifest = instantiate(cfg.dataset).load_manifest()
+    encoder = instantiate(cfg.encoder)
+    tracker = tracking.Tracker.from_config(cfg)
+    per_class = retrieval.per_class_value(cfg.index.per_class)
+    tags = {
+        "encoder": encoder.name, "dataset": cfg.dataset.name, "index_type": cfg.index.type,
+        "per_class": "all" if per_class is None else per_class,
+        "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
+    }
+    run_name = f"{cfg.dataset.name}-{encoder.name}-{cfg.index.type}-{tags['per_class']}"
+    with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
+        tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
+        extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract)
+        log.info("embeddings %s: %s (%d rows extracted, %.1f s)", extraction.cached.key,
+                 "cache hit" if extraction.cache_hit else "extracted", extraction.rows_extracted, extraction.seconds)
+        tracker.set_tags({"cache": "hit" if extraction.cache_hit else "miss"})
+        setup = retrieval.choose_rows(manifest.table, extraction.valid, cfg.index.split,
+                                      cfg.eval.query_split, per_class, cfg.index.seed)
+        result = retrieval.run_retrieval(manifest.table, extraction.embeddings, setup, cfg.index,
+                                         cfg.eval.n, cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size)
+        tracker.log_metrics(result.metrics)
+        tracker.log_metrics({"extract/seconds": extraction.seconds, "extract/rows": extraction.rows_extracted,
+                             "extract/skipped": float((~extraction.valid).sum())})
+        for row in result.curve.itertuples():
+            tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
+        for path in reporting.write_job_files(result, out).values():
+            tracker.log_artifact(path)
+        tracker.log_artifact(out / ".hydra", "config")
+    reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    result = run(cfg)
+    return result.metrics["micro/P_at_1"]
+
+
+if __name__ == "__main__":
+    main()
