@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 # Offline clusters: without this the hub client retries each missing file for ~23 s.
@@ -17,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -71,9 +73,24 @@ def run(cfg: DictConfig) -> RetrievalResult:
     return result
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by input or config, whose message already names the key/file and fix."""
+    from cbir.data.images import ImageLoadError
+    from cbir.data.manifest import ManifestError
+    from cbir.encoders.base import EncoderError
+
+    return checks.ConfigError, ManifestError, EncoderError, ImageLoadError
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except user_errors() as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher records the failed job and the sweep goes on
+        log.error("%s", e)
+        sys.exit(2)
     return result.metrics["micro/P_at_1"]
 
 

@@ -1,0 +1,42 @@
+"""Shared test setup: offline hub, headless plotting, helpers to run cbir as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT / "conf"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory) -> Path:
+    """One generated synthetic dataset for the whole session (generation is deterministic)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def run_cbir(cwd: Path, *overrides: str, module: str = "cbir.run", env: dict | None = None,
+             check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m cbir.run <overrides>` in `cwd` (its mlruns/, outputs/ and caches land there)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cbir failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def compose(*overrides: str):
+    """The composed config, exactly as `python -m cbir.run <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))

@@ -1,0 +1,131 @@
+"""Modified P@N against hand-worked examples (SPEC section 3)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbir.metrics import evaluate, modified_precision, precision_curve
+
+
+def frame(labels):
+    rows = [label.split("/") for label in labels]
+    return pd.DataFrame({"label": labels, "modality": [r[0] for r in rows], "anatomy": [r[1] for r in rows]})
+
+
+def test_denominator_is_min_of_n_and_class_size():
+    # class A has 2 index rows; neighbours A, B, A, B, B -> P@5 uses n = 2: one hit in the first 2
+    hits = np.array([[1, 0, 1, 0, 0]], bool)
+    p = modified_precision(hits, np.array([2]), [1, 3, 5])
+    assert p[:, 0] == pytest.approx([1.0, 0.5, 0.5])
+
+
+def test_query_whose_class_is_absent_is_excluded_and_counted():
+    index = frame(["CT/abd/a", "CT/abd/b"])
+    query = frame(["CT/abd/a", "CT/abd/c"])
+    neighbours = np.array([[0, 1], [1, 0]])
+    result = evaluate(query, index, neighbours, ns=[1], levels=[])
+    assert result.n_excluded == 1
+    assert result.excluded_classes == ["CT/abd/c"]
+    assert result.metrics["micro/P_at_1"] == 1.0  # only the first query counts
+    assert result.metrics["queries/excluded"] == 1.0
+
+
+def test_micro_and_macro_differ_with_unequal_class_sizes():
+    index = frame(["CT/abd/a", "CT/abd/b"])
+    # three queries of class a retrieve a (hit), one of class b retrieves a (miss)
+    query = frame(["CT/abd/a"] * 3 + ["CT/abd/b"])
+    neighbours = np.array([[0, 1]] * 4)
+    m = evaluate(query, index, neighbours, ns=[1], levels=[]).metrics
+    assert m["micro/P_at_1"] == pytest.approx(0.75)
+    assert m["macro/P_at_1"] == pytest.approx(0.5)
+
+
+def test_spread_follows_pandas_sample_std():
+    index = frame(["CT/abd/a"] * 2 + ["CT/abd/b"] * 2)
+    query = frame(["CT/abd/a"] * 3 + ["CT/abd/b"] * 2)
+    neighbours = np.array([[0, 2], [2, 0], [0, 1], [2, 3], [0, 2]])
+    m = evaluate(query, index, neighbours, ns=[1], levels=[]).metrics
+    p1 = pd.Series([1.0, 0.0, 1.0, 1.0, 0.0])
+    classes = pd.Series(["a", "a", "a", "b", "b"])
+    assert m["micro_std/P_at_1"] == pytest.approx(p1.std())
+    assert m["macro_std/P_at_1"] == pytest.approx(p1.groupby(classes).std().mean())
+
+
+def test_levels_count_coarser_matches():
+    index = frame(["CT/abd/x", "CT/head/x", "MR/abd/x"])
+    query = frame(["CT/abd/y"])
+    # the nearest row shares modality and anatomy but not the finding
+    result = evaluate(query, index, np.array([[0, 1, 2]]), ns=[1], levels=["modality", "anatomy"])
+    m = result.metrics
+    assert result.n_excluded == 1  # class CT/abd/y has no index row
+    assert m["level/anatomy/micro/P_at_1"] == 1.0
+    assert m["level/modality/micro/P_at_1"] == 1.0
+    result = evaluate(query, index, np.array([[1, 0, 2]]), ns=[1, 2], levels=["modality", "anatomy"])
+    assert result.metrics["level/anatomy/micro/P_at_1"] == 0.0  # CT/head is the wrong anatomy
+    assert result.metrics["level/modality/micro/P_at_1"] == 1.0
+    # CT has 2 index rows: P@2 at modality level = both of the first 2 are CT
+    assert result.metrics["level/modality/micro/P_at_2"] == 1.0
+
+
+def test_query_in_index_is_not_counted_as_relevant_to_itself():
+    # the query is index row 0; its class has one other index row (row 1)
+    index = frame(["CT/abd/a", "CT/abd/a", "CT/abd/b"])
+    query = frame(["CT/abd/a"])
+    neighbours = np.array([[1, 2]])  # search already removed the query itself
+    m = evaluate(query, index, neighbours, query_in_index=np.array([0]), ns=[1, 2], levels=[]).metrics
+    assert m["micro/P_at_1"] == 1.0
+    # n = min(2, 2 - 1) = 1, so P@2 looks at the first neighbour only (0.5 if self were counted)
+    assert m["micro/P_at_2"] == 1.0
+
+
+def test_per_modality_breakdown_and_per_class_table():
+    index = frame(["CT/abd/a", "CT/abd/a", "XR/chest/b", "XR/chest/c"])
+    query = frame(["CT/abd/a", "XR/chest/b", "XR/chest/b"])
+    neighbours = np.array([[0, 1], [2, 3], [3, 2]])
+    result = evaluate(query, index, neighbours, ns=[1], levels=[])
+    m = result.metrics
+    assert m["modality/CT/micro/P_at_1"] == 1.0
+    assert m["modality/XR/micro/P_at_1"] == 0.5
+    assert m["anatomy/chest/micro/P_at_1"] == 0.5
+    table = result.per_class.set_index("class")
+    assert table.loc["XR/chest/b", "queries"] == 2
+    assert table.loc["XR/chest/b", "n_index"] == 1
+    assert table.loc["XR/chest/b", "most_confused"] == "XR/chest/c"
+    assert table.loc["CT/abd/a", "P@1"] == 1.0
+
+
+def test_curve_equals_pointwise_precision():
+    rng = np.random.default_rng(0)
+    labels = [f"CT/abd/{c}" for c in "abcde"]
+    index = frame(list(rng.choice(labels, 60)))
+    query = frame(list(rng.choice(labels, 40)))
+    neighbours = np.stack([rng.permutation(60)[:20] for _ in range(40)])
+    curve = precision_curve(query, index, neighbours, np.full(40, -1), k=20, chunk=7)
+    full = evaluate(query, index, neighbours, ns=range(1, 21), levels=[]).metrics
+    for n in (1, 5, 20):
+        assert curve.loc[n - 1, "micro"] == pytest.approx(full[f"micro/P_at_{n}"])
+        assert curve.loc[n - 1, "macro"] == pytest.approx(full[f"macro/P_at_{n}"])
+
+
+def test_matches_the_study_formula_on_random_data():
+    """Reimplementation of the study's per-query loop (pandas apply) on random rankings."""
+    rng = np.random.default_rng(1)
+    labels = np.array([f"CT/abd/{c}" for c in "abcdefg"])
+    index = frame(list(rng.choice(labels, 50, p=[0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])))
+    query = frame(list(rng.choice(labels, 80)))
+    neighbours = np.stack([rng.permutation(50)[:10] for _ in range(80)])
+    result = evaluate(query, index, neighbours, ns=[1, 3, 5, 10], levels=[]).metrics
+    occurrences = index["label"].value_counts()
+    retrieved = index["label"].to_numpy()[neighbours]
+    for n_value in (1, 3, 5, 10):
+        per_query = []
+        for q in range(80):
+            c = query["label"][q]
+            n = min(n_value, occurrences.get(c, 0))
+            if n == 0:
+                continue
+            per_query.append((sum(retrieved[q, :n] == c) / n, c))
+        s = pd.Series([v for v, _ in per_query])
+        cls = pd.Series([c for _, c in per_query])
+        assert result[f"micro/P_at_{n_value}"] == pytest.approx(s.mean())
+        assert result[f"macro/P_at_{n_value}"] == pytest.approx(s.groupby(cls).mean().mean())
