@@ -173,6 +173,7 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     metrics["queries/excluded"] = float(excluded.sum())
     metrics["index/size"] = float(len(index))
     metrics["index/classes"] = float(index["label"].nunique())
+    metrics["index/max_per_class"] = float(index["label"].value_counts().max()) if len(index) else 0.0
 
     per_class = _per_class_table(query, index, neighbours, p, q_codes, names, n_relevant, ns)
     curve = (precision_curve(query, index, neighbours, query_in_index, curve_k)

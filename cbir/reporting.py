@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from rich.console import Console
 from rich.table import Table
 
@@ -64,3 +67,66 @@ def print_summary(result: RetrievalResult, ns, title: str) -> None:
             f"[yellow]{result.n_excluded} queries excluded: their class has no row in the index "
             f"({', '.join(result.excluded_classes[:5])}{' ...' if len(result.excluded_classes) > 5 else ''})[/]"
         )
+
+
+# ------------------------------------------------------------------ saturation curves
+def curve_metric_names(ns) -> list[str]:
+    return [f"{avg}/{metric_name(n)}" for avg in ("micro", "macro") for n in ns]
+
+
+def saturation_frame(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    """P@N against index size, one row per (group, size), from a table of runs with tags
+    encoder/dataset/index_type/per_class and their metrics. `step` is the per-class cap; for
+    the whole split (per_class=all) it is the size of the largest class in the index."""
+    runs = runs.copy()
+    parts = ["encoder"] + [c for c in ("index_type", "dataset") if c in runs and runs[c].nunique() > 1]
+    runs["group"] = runs[parts].astype(str).agg("/".join, axis=1)
+    numeric = pd.to_numeric(runs["per_class"], errors="coerce")
+    whole = runs.get("index/max_per_class", pd.Series(np.nan, index=runs.index))
+    runs["step"] = numeric.fillna(whole).astype(int)
+    columns = [c for c in curve_metric_names(ns) if c in runs]
+    table = runs[["group", "per_class", "step"] + columns].sort_values(["group", "step"])
+    return table.reset_index(drop=True)
+
+
+def plot_saturation(curves: pd.DataFrame, path: Path, ns) -> Path:
+    """Micro and macro P@N against rows per class in the index (log x), one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    shown = [n for n in (min(ns), max(ns)) if f"micro/{metric_name(n)}" in curves][:2]
+    shown = sorted(set(shown))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, avg in zip(axes, ("micro", "macro")):
+        for i, (group, frame) in enumerate(curves.groupby("group", sort=True)):
+            for n, style in zip(shown, ("-o", "--s")):
+                ax.plot(frame["step"], frame[f"{avg}/{metric_name(n)}"], style, color=colors[i % len(colors)],
+                        label=f"{group} P@{n}", markersize=4)
+        ax.set_xscale("log")
+        steps = sorted(curves["step"].unique())
+        ax.set_xticks(steps, [f"{v:g}" for v in steps])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("index rows per class (log)")
+        ax.set_title(f"{avg} P@N")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("modified precision")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle("Saturation: retrieval precision against index size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def saturation_in_run(sizes, evaluate, ns, group: str) -> pd.DataFrame:
+    """Evaluate several index sizes from one set of embeddings (`eval.saturation`)."""
+    rows = []
+    for size in sizes:
+        metrics = evaluate(size).metrics
+        rows.append({"encoder": group, "per_class": "all" if size is None else size,
+                     **{k: metrics[k] for k in curve_metric_names(ns) + ["index/max_per_class"]}})
+    return saturation_frame(pd.DataFrame(rows), ns)

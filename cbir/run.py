@@ -38,35 +38,56 @@ def job_dir() -> Path:
         return Path.cwd()
 
 
-def run(cfg: DictConfig) -> RetrievalResult:
+def run(cfg: DictConfig) -> RetrievalResult | None:
+    """One job. Returns None when a sweep re-run finds this config already finished."""
     checks.validate_config(cfg)
     out = job_dir()
-    manifest = instantiate(cfg.dataset).load_manifest()
-    encoder = instantiate(cfg.encoder)
     tracker = tracking.Tracker.from_config(cfg)
     per_class = retrieval.per_class_value(cfg.index.per_class)
     tags = {
-        "encoder": encoder.name, "dataset": cfg.dataset.name, "index_type": cfg.index.type,
+        "encoder": cfg.encoder.name, "dataset": cfg.dataset.name, "index_type": cfg.index.type,
         "per_class": "all" if per_class is None else per_class,
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
     }
-    run_name = f"{cfg.dataset.name}-{encoder.name}-{cfg.index.type}-{tags['per_class']}"
+    run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
+    if cfg.tracking.get("skip_finished", True):
+        done = tracker.finished_run(tags["config_hash"])
+        if done is not None:
+            log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
+                     run_name, done.info.run_id)
+            return None
+    manifest = instantiate(cfg.dataset).load_manifest()
+    encoder = instantiate(cfg.encoder)
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract)
         log.info("embeddings %s: %s (%d rows extracted, %.1f s)", extraction.cached.key,
                  "cache hit" if extraction.cache_hit else "extracted", extraction.rows_extracted, extraction.seconds)
         tracker.set_tags({"cache": "hit" if extraction.cache_hit else "miss"})
-        setup = retrieval.choose_rows(manifest.table, extraction.valid, cfg.index.split,
-                                      cfg.eval.query_split, per_class, cfg.index.seed)
-        result = retrieval.run_retrieval(manifest.table, extraction.embeddings, setup, cfg.index,
-                                         cfg.eval.n, cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size)
-        tracker.log_metrics(result.metrics)
         tracker.log_metrics({"extract/seconds": extraction.seconds, "extract/rows": extraction.rows_extracted,
                              "extract/skipped": float((~extraction.valid).sum())})
+
+        def evaluate(size):
+            setup = retrieval.choose_rows(manifest.table, extraction.valid, cfg.index.split,
+                                          cfg.eval.query_split, size, cfg.index.seed)
+            return retrieval.run_retrieval(manifest.table, extraction.embeddings, setup, cfg.index, cfg.eval.n,
+                                           cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size)
+
+        result = evaluate(per_class)
+        tracker.log_metrics(result.metrics)
         for row in result.curve.itertuples():
             tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
-        for path in reporting.write_job_files(result, out).values():
+        files = reporting.write_job_files(result, out)
+        sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
+        if sizes:
+            curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
+            for row in curves.to_dict("records"):
+                tracker.log_metrics({f"saturation/{name}": row[name] for name in reporting.curve_metric_names(cfg.eval.n)},
+                                    step=int(row["step"]))
+            files["saturation_csv"] = out / "saturation.csv"
+            curves.to_csv(files["saturation_csv"], index=False)
+            files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
+        for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")
     reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
@@ -91,7 +112,7 @@ def main(cfg: DictConfig) -> float:
             raise  # the launcher records the failed job and the sweep goes on
         log.error("%s", e)
         sys.exit(2)
-    return result.metrics["micro/P_at_1"]
+    return None if result is None else result.metrics["micro/P_at_1"]
 
 
 if __name__ == "__main__":

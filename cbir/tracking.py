@@ -6,10 +6,13 @@ The default store is SQLite (`sqlite:///mlruns/mlflow.db`) with artifacts under
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+# Set by the sweep callback in the launching process; inherited by every job process
+# (basic, joblib and Slurm launchers alike), it makes each job a child of the sweep's run.
+PARENT_ENV = "CBIR_PARENT_RUN_ID"
 
 # keys that change how a run looks or where it logs, not what it computes
 COSMETIC_KEYS = ("extract.progress", "extract.num_workers", "tracking", "eval.search_batch_size", "paths.cache_dir")
@@ -67,6 +74,17 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def retry_locked(fn, *args, attempts: int = 8, **kwargs):
+    """Call fn, retrying while a parallel job holds the SQLite write lock."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # sqlalchemy/mlflow wrap the sqlite error in several types
+            if "locked" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+
+
 class Tracker:
     """A thin layer over MLflow; `enabled=False` turns every call into a no-op."""
 
@@ -110,11 +128,15 @@ class Tracker:
             return
         import mlflow
 
-        experiment_id = self.experiment_id()
-        with mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name or run_name,
-                              tags={k: str(v) for k, v in tags.items() if v is not None}) as run:
+        experiment_id = retry_locked(self.experiment_id)
+        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if os.environ.get(PARENT_ENV):
+            tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        run = retry_locked(mlflow.start_run, experiment_id=experiment_id,
+                           run_name=self.run_name or run_name, tags=tags)
+        with run:
             self.run_id = run.info.run_id
-            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+            self.log_params(params)
             try:
                 yield self
             except BaseException as e:  # the run context marks the run FAILED; say why
@@ -128,19 +150,19 @@ class Tracker:
             import mlflow
 
             finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-            mlflow.log_metrics(finite, step=step)
+            retry_locked(mlflow.log_metrics, finite, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+            retry_locked(mlflow.log_params, {k: _param_value(v) for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+            retry_locked(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -148,11 +170,144 @@ class Tracker:
 
             p = Path(path)
             if p.is_dir():
-                mlflow.log_artifacts(str(p), artifact_path)
+                retry_locked(mlflow.log_artifacts, str(p), artifact_path)
             elif p.exists():
-                mlflow.log_artifact(str(p), artifact_path)
+                retry_locked(mlflow.log_artifact, str(p), artifact_path)
+
+    def finished_run(self, config_hash: str) -> Any:
+        """A FINISHED run of this config under the current sweep parent, if any (resume)."""
+        parent = os.environ.get(PARENT_ENV)
+        if not self.enabled or not parent:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        runs = retry_locked(
+            client.search_runs, [retry_locked(self.experiment_id)],
+            filter_string=(f"tags.config_hash = '{config_hash}' and tags.`mlflow.parentRunId` = '{parent}' "
+                           "and attributes.status = 'FINISHED'"),
+            max_results=1,
+        )
+        return runs[0] if runs else None
 
 
 def _param_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ sweeps
+def sweep_key(config: DictConfig) -> str:
+    """Identity of a sweep: its command-line overrides and sweeper parameters. Running the
+    same command again finds the same parent run, so an interrupted sweep resumes under it."""
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    blob = json.dumps({"task": task, "params": params, "experiment": config.tracking.experiment}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def children_table(client, parent_id: str, experiment_id: str):
+    """One row per FINISHED child of a sweep: its tags and final metric values."""
+    import pandas as pd
+
+    runs = retry_locked(client.search_runs, [experiment_id],
+                        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
+                        max_results=5000)
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        rows.append({"run_id": run.info.run_id, "encoder": tags.get("encoder"), "dataset": tags.get("dataset"),
+                     "index_type": tags.get("index_type"), "per_class": tags.get("per_class"),
+                     "config_hash": tags.get("config_hash"), **run.data.metrics})
+    return pd.DataFrame(rows)
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency; keeps the module importable
+    _HydraCallback = object
+
+
+class SweepCallback(_HydraCallback):
+    """Hydra callback: one MLflow parent run per multirun, created before any job starts.
+
+    Jobs (in this process or others) attach to it through the `CBIR_PARENT_RUN_ID`
+    environment variable. At the end the parent gets the saturation curves (P@N against
+    index size per encoder) as stepped metrics, a figure and a CSV. If the sweep stops on a
+    failed job, the parent is still finalised (FAILED) with what finished."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.finished = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        tracker = Tracker.from_config(config)
+        # creating the SQLite schema here, once, avoids parallel jobs racing on its migration
+        experiment_id = retry_locked(tracker.experiment_id)
+        client = MlflowClient(tracker.uri)
+        key = sweep_key(config)
+        existing = retry_locked(client.search_runs, [experiment_id],
+                                filter_string=f"tags.`cbir.sweep_key` = '{key}'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+        overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)) or "(preset)"
+        if existing:
+            self.parent_id = existing[0].info.run_id
+            retry_locked(client.update_run, self.parent_id, status="RUNNING")
+            log.info("resuming sweep %s (parent run %s)", overrides, self.parent_id)
+        else:
+            run = retry_locked(client.create_run, experiment_id, run_name=f"sweep {overrides}"[:240],
+                               tags={"cbir.sweep_key": key, "cbir.role": "sweep", "sweep.overrides": overrides,
+                                     "git_commit": git_commit() or ""})
+            self.parent_id = run.info.run_id
+            log.info("sweep parent run %s", self.parent_id)
+        self.tracker, self.client, self.experiment_id = tracker, client, experiment_id
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.ns = list(config.eval.n)
+        os.environ[PARENT_ENV] = self.parent_id
+        atexit.register(self._finish, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish("FINISHED")
+
+    def _finish(self, status: str) -> None:
+        if self.parent_id is None or self.finished:
+            return
+        self.finished = True
+        os.environ.pop(PARENT_ENV, None)
+        try:
+            from cbir import reporting
+
+            children = children_table(self.client, self.parent_id, self.experiment_id)
+            # a resumed sweep with nothing new would log every curve point a second time
+            logged_for = hashlib.sha256(" ".join(sorted(children.get("run_id", []))).encode()).hexdigest()[:16]
+            previous = retry_locked(self.client.get_run, self.parent_id).data.tags.get("cbir.curves_of")
+            if len(children) and logged_for != previous:
+                self._log_curves(reporting.saturation_frame(children, self.ns))
+                retry_locked(self.client.set_tag, self.parent_id, "cbir.curves_of", logged_for)
+        finally:
+            retry_locked(self.client.set_terminated, self.parent_id, status=status)
+
+    def _log_curves(self, curves) -> None:
+        from mlflow.entities import Metric
+
+        from cbir import reporting
+
+        stamp = int(time.time() * 1000)
+        metrics = [
+            Metric(f"saturation/{row.group}/{name}", float(row[name]), stamp, int(row.step))
+            for _, row in curves.iterrows() for name in reporting.curve_metric_names(self.ns)
+            if row[name] == row[name]
+        ]
+        for start in range(0, len(metrics), 1000):
+            retry_locked(self.client.log_batch, self.parent_id, metrics=metrics[start:start + 1000])
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        csv, png = self.sweep_dir / "saturation.csv", self.sweep_dir / "saturation.png"
+        curves.to_csv(csv, index=False)
+        reporting.plot_saturation(curves, png, self.ns)
+        for path in (csv, png):
+            retry_locked(self.client.log_artifact, self.parent_id, str(path))

@@ -33,10 +33,10 @@ def run_cbir(cwd: Path, *overrides: str, module: str = "cbir.run", env: dict | N
     return proc
 
 
-def compose(*overrides: str):
+def compose(*overrides: str, config_name: str = "config", hydra_node: bool = False):
     """The composed config, exactly as `python -m cbir.run <overrides>` would see it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)

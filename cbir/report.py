@@ -1,0 +1,191 @@
+"""`python -m cbir.report`: comparison tables from the runs in MLflow.
+
+Writes into `report.output_dir`: table1.{md,csv} (rows encoders, columns P@1/3/5/10 micro |
+macro, as the study's Table 1), per_modality.{md,csv}, saturation.{md,csv} when index sizes
+vary, comparison.{md,csv} against published numbers when `report.reference` is set, and
+report.md with all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from cbir import reporting, tracking
+from cbir.metrics import metric_name
+
+log = logging.getLogger("cbir.report")
+IDENTITY = ["encoder", "dataset", "index_type", "per_class"]
+
+
+class ReportError(ValueError):
+    pass
+
+
+def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) -> tuple[pd.DataFrame, str]:
+    """FINISHED job runs as a table (tags + final metrics), latest run per config, and a
+    description of the selection."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracker.uri)
+    experiment = client.get_experiment_by_name(tracker.experiment)
+    if experiment is None:
+        raise ReportError(f"tracking.experiment={tracker.experiment}: no such experiment in {tracker.uri}; run cbir.run first")
+    eid = experiment.experiment_id
+    parent = None
+    if runs == "latest_sweep":
+        sweeps = client.search_runs([eid], filter_string="tags.`cbir.role` = 'sweep'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+        parent = sweeps[0].info.run_id if sweeps else None
+    elif runs != "all":
+        parent = runs
+    filters = ["attributes.status = 'FINISHED'", "tags.config_hash != ''"]
+    if parent:
+        filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
+    if extra_filter:
+        filters.append(f"({extra_filter})" if " or " in extra_filter.lower() else extra_filter)
+    found = client.search_runs([eid], filter_string=" and ".join(filters),
+                               order_by=["attributes.start_time DESC"], max_results=50000)
+    rows = [{"run_id": r.info.run_id, **{k: r.data.tags.get(k) for k in IDENTITY + ["config_hash"]},
+             **r.data.metrics} for r in found]
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.drop_duplicates("config_hash", keep="first")  # newest run of each config
+    where = f"children of sweep run {parent}" if parent else f"all runs of experiment '{tracker.experiment}'"
+    return table, where
+
+
+def identity_columns(runs: pd.DataFrame) -> list[str]:
+    """encoder, plus whichever of dataset / index type / index size differ between runs."""
+    return ["encoder"] + [c for c in IDENTITY[1:] if runs[c].nunique() > 1]
+
+
+def table1(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    ident = identity_columns(runs)
+    columns = {f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
+    table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
+    return table.sort_values(ident, key=_natural).reset_index(drop=True)
+
+
+def _natural(column: pd.Series) -> pd.Series:
+    """Sort index sizes as numbers (3 < 10 < all), everything else as text."""
+    if column.name == "per_class":
+        return pd.to_numeric(column, errors="coerce").fillna(float("inf"))
+    return column
+
+
+def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    ident = identity_columns(runs)
+    rows = []
+    for _, run in runs.iterrows():
+        for key in run.index:
+            parts = str(key).split("/")
+            if len(parts) == 4 and parts[0] == "modality" and parts[2] in ("micro", "macro") \
+                    and parts[3] in {metric_name(n) for n in ns} and run[key] == run[key]:
+                rows.append({**{c: run[c] for c in ident}, "modality": parts[1], "average": parts[2],
+                             "N": int(parts[3].rsplit("_", 1)[1]), "value": run[key]})
+    if not rows:
+        return pd.DataFrame()
+    long = pd.DataFrame(rows)
+    wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N"], values="value")
+    wide.columns = [f"{avg} P@{n}" for avg, n in wide.columns]
+    return wide.reset_index()
+
+
+def saturation(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    if runs["per_class"].nunique() < 2:
+        return pd.DataFrame()
+    return reporting.saturation_frame(runs, ns)
+
+
+def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
+    """Measured minus published, per encoder and cell."""
+    ref = pd.read_csv(reference)
+    out = []
+    for _, row in table.iterrows():
+        match = ref[ref["encoder"] == row["encoder"]]
+        if match.empty:
+            continue
+        item = {"encoder": row["encoder"]}
+        for avg in ("micro", "macro"):
+            for n in ns:
+                column = f"{avg}_p{n}"
+                if column in ref and f"{avg} P@{n}" in row:
+                    paper = float(match.iloc[0][column])
+                    item[f"{avg} P@{n}"] = f"{row[f'{avg} P@{n}']:.3f} ({row[f'{avg} P@{n}'] - paper:+.3f} vs {paper:.3f})"
+        out.append(item)
+    return pd.DataFrame(out)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def write_report(cfg: DictConfig) -> dict[str, Path]:
+    tracker = tracking.Tracker.from_config(cfg)
+    runs, where = load_runs(tracker, str(cfg.report.runs), cfg.report.get("filter"))
+    if runs.empty:
+        raise ReportError(f"no FINISHED runs found ({where}); run `python -m cbir.run` first or change report.runs")
+    ns = list(cfg.report.ns)
+    out = Path(cfg.report.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns)}
+    if cfg.report.get("reference"):
+        tables["comparison"] = comparison(tables["table1"], Path(cfg.report.reference), ns)
+    titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
+              "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers"}
+    files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
+    for name, frame in tables.items():
+        if frame.empty:
+            continue
+        files[f"{name}.csv"] = out / f"{name}.csv"
+        frame.to_csv(files[f"{name}.csv"], index=False)
+        files[f"{name}.md"] = out / f"{name}.md"
+        files[f"{name}.md"].write_text(to_markdown(frame))
+        sections.append(f"## {titles[name]}\n\n{to_markdown(frame)}")
+    files["report.md"] = out / "report.md"
+    files["report.md"].write_text("\n".join(sections))
+    _print(tables["table1"], where, ns)
+    return files
+
+
+def _print(frame: pd.DataFrame, where: str, ns) -> None:
+    """Console view of Table 1; cells micro/macro so it fits a terminal."""
+    table = Table(title=f"modified P@N — {where}", caption="cells: micro/macro")
+    ident = [c for c in frame.columns if "P@" not in str(c)]
+    for column in ident:
+        table.add_column(str(column))
+    for n in ns:
+        table.add_column(f"P@{n}", justify="center")
+    for _, row in frame.iterrows():
+        cells = [f"{row.get(f'micro P@{n}', float('nan')):.3f}/{row.get(f'macro P@{n}', float('nan')):.3f}" for n in ns]
+        table.add_row(*[str(row[c]) for c in ident], *cells)
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    try:
+        files = write_report(cfg)
+    except ReportError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
