@@ -1,7 +1,9 @@
 """Image loading: PNG (8/16 bit), JPEG, DICOM -> 8-bit PIL image ("L" or "RGB").
 
 High bit depths are scaled to the full 0..255 range, never clipped (a plain RGB conversion
-of a 16-bit PNG saturates it to white, one of the study code's defects).
+of a 16-bit PNG saturates it to white, one of the study code's defects). DICOM: rescale
+slope/intercept, then the header's VOI LUT or window when present (else the full range),
+then MONOCHROME1 inversion.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -34,7 +36,12 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
             return _load_dicom(path)
-        return _load_raster(path)
+        try:
+            return _load_raster(path)
+        except UnidentifiedImageError:
+            if _is_dicom(path):  # DICOM files often have no (or another) extension
+                return _load_dicom(path)
+            raise
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
@@ -43,35 +50,86 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
 def _load_raster(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         if im.mode in ("L", "RGB"):
             return im.copy()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return Image.fromarray(to_uint8(np.asarray(im)), mode="L")
-        if im.mode in ("LA", "La"):
+        if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float grey
+            return Image.fromarray(to_uint8(np.asarray(im)))
+        if im.mode in ("1", "LA", "La"):
             return im.convert("L")
-        # palette, RGBA, CMYK, 1-bit, ...: PIL's conversion keeps the visible content
+        if im.mode == "P" and "transparency" in im.info:
+            return im.convert("RGBA").convert("RGB")  # direct P->RGB warns about transparency
+        # palette, RGBA (alpha dropped, as a plain RGB conversion does), CMYK, YCbCr, ...
         return im.convert("RGB")
 
 
 def _load_dicom(path: Path) -> Image.Image:
     import pydicom
+    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(path, force=True)  # no 128-byte preamble: still DICOM
     if "PixelData" not in ds:
         raise ImageLoadError(f"{path}: DICOM file has no pixel data")
-    pixels = ds.pixel_array
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise ImageLoadError(
+            f"{path}: cannot decode DICOM pixel data ({e}); compressed transfer syntaxes need a "
+            "decoder plugin, e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from e
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if pixels.ndim == (3 if samples == 1 else 4):
         pixels = pixels[pixels.shape[0] // 2]  # multi-frame: the middle frame
-    if ds.get("SamplesPerPixel", 1) == 3:
-        return Image.fromarray(to_uint8(pixels), mode="RGB")
-    values = apply_modality_lut(pixels, ds)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        values = apply_voi_lut(values, ds)
-    image = to_uint8(np.asarray(values))
+    if samples == 3:
+        return Image.fromarray(to_uint8(pixels))  # pydicom returns YBR data converted to RGB
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)  # rescale slope/intercept
+    if "VOILUTSequence" in ds:
+        image = to_uint8(np.asarray(apply_voi_lut(values, ds), dtype=np.float64))
+    elif _window(ds) is not None:
+        image = apply_window(values, *_window(ds), str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    else:
+        image = to_uint8(values)  # full range, no clipping
     if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
-        image = 255 - image
-    return Image.fromarray(image, mode="L")
+        image = 255 - image  # MONOCHROME1: low values are white
+    return Image.fromarray(image)
+
+
+def _window(ds) -> tuple[float, float] | None:
+    """(center, width) of the first window in the header, or None when absent/unusable."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        center, width = _first_value(center), _first_value(width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (center, width) if width > 0 else None
+
+
+def _first_value(value) -> float:
+    """Window tags may hold several windows (a MultiValue); the first is the default one."""
+    if isinstance(value, (int, float, str)):
+        return float(value)
+    return float(value[0])
+
+
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI window (PS3.3 C.11.2.1.2) mapped onto 0..255: the window spans the full
+    8-bit range; values outside it saturate, as any DICOM viewer shows them."""
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        out = (values - center) / width + 0.5
+    else:  # LINEAR
+        out = (values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
