@@ -1,13 +1,25 @@
-"""Cheap checks of the composed config, run before any expensive work, each failing with one
-line naming the key and the fix."""
+"""Cheap checks run before any expensive work (model loading, extraction), each failing with
+one line that names the key or file and the fix."""
 
 from __future__ import annotations
 
+import logging
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pandas as pd
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
-    pass
+    """A config value that cannot work."""
+
+
+class DataError(ValueError):
+    """Data that cannot give a meaningful result (empty splits, too many unreadable files)."""
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -24,5 +36,80 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"index.per_class={per_class}: must be positive (or null/all for the whole split)")
     if int(cfg.eval.curve_k) < 0:
         raise ConfigError(f"eval.curve_k={cfg.eval.curve_k}: must be >= 0 (0 disables the curve)")
-    if cfg.index.split == cfg.eval.query_split:
-        pass  # allowed: each query is excluded from its own neighbours
+    if cfg.data.on_error not in ("skip", "raise"):
+        raise ConfigError(f"data.on_error={cfg.data.on_error}: use skip or raise")
+    if not 0 <= float(cfg.data.max_skip_fraction) <= 1:
+        raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction}: give a fraction between 0 and 1")
+    check_index_type(cfg)
+    check_tracking(cfg)
+
+
+def check_index_type(cfg: DictConfig) -> None:
+    import faiss
+
+    from cbir.index import INDEX_TYPES, factory_string
+
+    dim = int(cfg.encoder.get("dim") or 3072)  # 3072 is divisible by every usual PQ size
+    try:
+        faiss.index_factory(dim, factory_string(str(cfg.index.type)), faiss.METRIC_INNER_PRODUCT)
+    except Exception:
+        raise ConfigError(
+            f"index.type={cfg.index.type}: not a known index; use one of {sorted(INDEX_TYPES)} "
+            "or a faiss index_factory string such as 'IVF1024,Flat' or 'HNSW32'"
+        ) from None
+
+
+def check_tracking(cfg: DictConfig) -> None:
+    """An MLflow server that does not answer fails now, not after an hour of extraction
+    (MLflow's own client would retry for minutes)."""
+    uri = str(cfg.tracking.uri)
+    if not cfg.tracking.enabled or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(
+            f"tracking.uri={uri}: MLflow server not reachable ({reason}); start it, fix the URI, "
+            "or use the default tracking.uri=sqlite:///mlruns/mlflow.db"
+        ) from None
+
+
+def drop_duplicate_paths(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the first row of each image path: a duplicate in the index would be retrieved by
+    its own copy among the queries and inflate P@N."""
+    duplicated = table["path"].duplicated(keep="first")
+    count = int(duplicated.sum())
+    if count:
+        log.warning("dropping %d rows whose image path repeats an earlier row (first kept)", count)
+        table = table[~duplicated].reset_index(drop=True)
+    return table, count
+
+
+def validate_data(table: pd.DataFrame, cfg: DictConfig, source: str) -> None:
+    from cbir.retrieval import per_class_value
+
+    splits = sorted(table["split"].unique())
+    index_split, query_split = cfg.index.split, cfg.eval.query_split
+    counts = table.loc[table["split"] == index_split, "label"].value_counts()
+    if counts.empty:
+        raise DataError(f"index.split={index_split}: {source} has no rows in that split (it has {splits})")
+    if not (table["split"] == query_split).any():
+        raise DataError(f"eval.query_split={query_split}: {source} has no rows in that split (it has {splits})")
+    cap = per_class_value(cfg.index.per_class)
+    size = int(np.minimum(counts.to_numpy(), cap).sum()) if cap else int(counts.sum())
+    largest = max(int(n) for n in cfg.eval.n)
+    if largest > size:
+        raise ConfigError(
+            f"eval.n={list(cfg.eval.n)}: N={largest} is larger than the index ({size} rows); "
+            "lower eval.n or raise index.per_class"
+        )
+
+
+def check_skipped(n_skipped: int, n_total: int, cfg: DictConfig, skipped_csv) -> None:
+    if n_skipped and n_skipped / n_total > float(cfg.data.max_skip_fraction):
+        raise DataError(
+            f"{n_skipped} of {n_total} images ({n_skipped / n_total:.1%}) could not be loaded, more than "
+            f"data.max_skip_fraction={cfg.data.max_skip_fraction}; the files and reasons are in {skipped_csv}. "
+            "Fix or remove them, or raise data.max_skip_fraction (embeddings computed so far are kept)"
+        )

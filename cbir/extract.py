@@ -30,12 +30,11 @@ log = logging.getLogger(__name__)
 
 class ImageRows(Dataset):
     """Yields (row, tensor, ok, error) for the given manifest rows. A file that fails to
-    load yields a zero tensor with ok=False and the reason, so one bad image never stops a
-    run; `on_error="raise"` stops at once, naming the file."""
+    load yields a zero tensor with ok=False and the reason; the writer then skips or stops
+    (`data.on_error`) in the main process, so the error names the file, not a worker."""
 
-    def __init__(self, paths: list[Path], rows: np.ndarray, transform, shape, on_error: str = "skip") -> None:
-        self.paths, self.rows, self.transform = paths, rows, transform
-        self.shape, self.on_error = tuple(shape), on_error
+    def __init__(self, paths: list[Path], rows: np.ndarray, transform, shape) -> None:
+        self.paths, self.rows, self.transform, self.shape = paths, rows, transform, tuple(shape)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -46,33 +45,44 @@ class ImageRows(Dataset):
             tensor = self.transform(load_image(self.paths[row]))
             return row, tensor, True, ""
         except ImageLoadError as e:
-            if self.on_error == "raise":
-                raise
             return row, torch.zeros(self.shape), False, str(e)
+        except Exception as e:  # a transform failing on an odd image (e.g. 1x1) is the image's fault
+            return row, torch.zeros(self.shape), False, f"{self.paths[row]}: {type(e).__name__}: {e}"
 
 
 class EmbeddingModule(L.LightningModule):
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: Encoder, channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.channels_last = channels_last
+        # torch.compile wraps the module; the wrapper shares the encoder's parameters
+        self.forward_fn = torch.compile(encoder) if compile else encoder
 
     def predict_step(self, batch, batch_idx):
         rows, images, ok, errors = batch
-        embedding = self.encoder(images).float()
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        embedding = self.forward_fn(images).float()
         return {"rows": rows, "embedding": embedding, "ok": ok, "errors": errors}
 
 
 class ArrayWriter(BasePredictionWriter):
     """Writes each predicted batch into the partial cache entry by row index."""
 
-    def __init__(self, partial, paths: list[Path]) -> None:
+    def __init__(self, partial, paths: list[Path], on_error: str = "skip") -> None:
         super().__init__(write_interval="batch")
-        self.partial, self.paths = partial, paths
+        self.partial, self.paths, self.on_error = partial, paths, on_error
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         rows = prediction["rows"].cpu().numpy()
         ok = prediction["ok"].cpu().numpy().astype(bool)
         values = prediction["embedding"].detach().cpu().numpy()
+        if self.on_error == "raise" and not ok.all():
+            good = ok.nonzero()[0]
+            self.partial.write(rows[good], values[good], ok[good])  # keep what this batch did compute
+            first = int((~ok).nonzero()[0][0])
+            raise ImageLoadError(f"{prediction['errors'][first]} (data.on_error=raise; "
+                                 "use data.on_error=skip to skip and count unreadable files)")
         self.partial.write(rows, values, ok)
         self.partial.record_skips(
             [(int(r), str(self.paths[r]), e) for r, good, e in zip(rows, ok, prediction["errors"]) if not good]
@@ -136,7 +146,7 @@ def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:
     paths = manifest.paths()
     transform = encoder.transform()
     sample_shape = _probe_shape(transform)
-    dataset = ImageRows(paths, rows, transform, sample_shape, on_error)
+    dataset = ImageRows(paths, rows, transform, sample_shape)
     workers = int(cfg.num_workers)
     loader = DataLoader(
         dataset,
@@ -145,15 +155,16 @@ def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        prefetch_factor=int(cfg.get("prefetch_factor") or 2) if workers > 0 else None,
     )
     accelerator = str(cfg.accelerator)
-    callbacks = [ArrayWriter(partial, paths)]
+    callbacks = [ArrayWriter(partial, paths, on_error)]
     if cfg.progress:
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
-        strategy=cfg.strategy,
+        strategy=resolve_strategy(cfg.strategy, accelerator),
         precision=resolve_precision(str(cfg.precision), accelerator),
         logger=False,
         enable_checkpointing=False,
@@ -163,7 +174,31 @@ def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:
         inference_mode=True,
     )
     encoder.eval()
-    trainer.predict(EmbeddingModule(encoder), dataloaders=loader, return_predictions=False)
+    channels_last = bool(cfg.get("channels_last", True))
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)  # faster convolutions (oneDNN, cuDNN)
+    module = EmbeddingModule(encoder, channels_last, bool(cfg.get("compile", False)))
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+
+
+def resolve_strategy(strategy, accelerator: str):
+    """`ddp` launched from a single process runs only the predict loop in the rank processes
+    (fork on CPU, spawn on GPU), never the whole script again: the caller alone holds the
+    cache lock and commits the entry, each rank writes its own rows (Lightning's predict
+    sampler does not pad, so no row is written twice). Under torchrun/Slurm, Lightning's
+    own environment handling applies."""
+    if str(strategy) != "ddp" or _launched_externally():
+        return strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return DDPStrategy(start_method="spawn" if gpu else "fork")
+
+
+def _launched_externally() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def _probe_shape(transform) -> tuple[int, ...]:

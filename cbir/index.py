@@ -45,13 +45,21 @@ def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
+# index.type names; anything else is passed to faiss.index_factory as it is
+INDEX_TYPES = {"flat": "Flat"}
+
+
+def factory_string(type: str) -> str:
+    return INDEX_TYPES.get(type, type)
+
+
 def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params: dict | None = None):
     """A FAISS inner-product index over L2-normalised `vectors` (inner product = cosine)."""
     import faiss
 
     params = dict(params or {})
     dim = vectors.shape[1]
-    factory = {"flat": "Flat"}.get(type, type)
+    factory = factory_string(type)
     if factory == "Flat":
         index = faiss.IndexFlatIP(dim)
     else:

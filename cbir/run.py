@@ -17,12 +17,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra  # noqa: E402
+import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import checks, reporting, retrieval, tracking  # noqa: E402
+from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.extract import extract_embeddings  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
@@ -57,15 +59,28 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                      run_name, done.info.run_id)
             return None
     manifest = instantiate(cfg.dataset).load_manifest()
+    table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
+    if n_duplicates:
+        manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+    checks.validate_data(manifest.table, cfg, manifest.source)
+    torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
     encoder = instantiate(cfg.encoder)
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
-        extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract)
+        tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
+        extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
+                                        on_error=cfg.data.on_error)
         log.info("embeddings %s: %s (%d rows extracted, %.1f s)", extraction.cached.key,
                  "cache hit" if extraction.cache_hit else "extracted", extraction.rows_extracted, extraction.seconds)
         tracker.set_tags({"cache": "hit" if extraction.cache_hit else "miss"})
+        n_skipped = int((~extraction.valid).sum())
         tracker.log_metrics({"extract/seconds": extraction.seconds, "extract/rows": extraction.rows_extracted,
-                             "extract/skipped": float((~extraction.valid).sum())})
+                             "data/skipped": n_skipped, "data/duplicate_paths": n_duplicates})
+        if n_skipped:
+            skipped_csv = extraction.cached.path / "skipped.csv"
+            log.warning("%d images could not be loaded and are left out; list: %s", n_skipped, skipped_csv)
+            tracker.log_artifact(skipped_csv)
+            checks.check_skipped(n_skipped, len(manifest), cfg, skipped_csv)
 
         def evaluate(size):
             setup = retrieval.choose_rows(manifest.table, extraction.valid, cfg.index.split,
@@ -100,7 +115,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from cbir.data.manifest import ManifestError
     from cbir.encoders.base import EncoderError
 
-    return checks.ConfigError, ManifestError, EncoderError, ImageLoadError
+    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -9,6 +9,7 @@ repeating it. Arrays load with `allow_pickle=False`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,8 @@ class EmbeddingStore:
                 raise CacheError(f"shape {emb.shape} != {expected}")
             if (folder / "embeddings.npy").stat().st_size != meta["bytes"]:
                 raise CacheError("file size differs from the recorded size")
+            if sample_digest(emb, valid) != meta.get("digest"):
+                raise CacheError("content digest differs from the recorded one")
         except Exception as e:  # any damage means: recompute
             print(f"[cbir] embedding cache {folder} is damaged ({e}); recomputing it")
             shutil.rmtree(folder, ignore_errors=True)
@@ -77,7 +80,9 @@ class EmbeddingStore:
         size = (partial.path / "embeddings.npy").stat().st_size
         meta = {**meta, "version": META_VERSION, "complete": True, "n": partial.n, "dim": partial.dim,
                 "bytes": size, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        np.save(partial.path / "valid.npy", partial.valid_mask())
+        valid = partial.valid_mask()
+        np.save(partial.path / "valid.npy", valid)
+        meta["digest"] = sample_digest(partial.embeddings, valid)
         (partial.path / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         partial.close()
         os.replace(partial.path, self.folder(key))
@@ -85,6 +90,15 @@ class EmbeddingStore:
         if loaded is None:
             raise CacheError(f"embedding cache {self.folder(key)} failed validation right after writing")
         return loaded
+
+
+def sample_digest(embeddings: np.ndarray, valid: np.ndarray, rows: int = 4096) -> str:
+    """Digest of up to `rows` evenly spaced rows plus the validity mask: catches damaged or
+    swapped files in milliseconds, where hashing a multi-GB array would take a minute."""
+    picked = np.unique(np.linspace(0, len(embeddings) - 1, num=min(rows, len(embeddings))).astype(np.int64))
+    h = hashlib.sha256(np.ascontiguousarray(embeddings[picked]).tobytes())
+    h.update(np.packbits(np.asarray(valid, dtype=bool)).tobytes())
+    return h.hexdigest()[:32]
 
 
 class PartialEntry:

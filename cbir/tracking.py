@@ -7,6 +7,7 @@ The default store is SQLite (`sqlite:///mlruns/mlflow.db`) with artifacts under
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "CBIR_PARENT_RUN_ID"
 
 # keys that change how a run looks or where it logs, not what it computes
-COSMETIC_KEYS = ("extract.progress", "extract.num_workers", "tracking", "eval.search_batch_size", "paths.cache_dir")
+COSMETIC_KEYS = ("extract.progress", "extract.num_workers", "tracking", "eval.search_batch_size", "paths.cache_dir",
+                 "dataset.cache_dir", "dataset.rebuild", "dataset.parts.*.cache_dir", "dataset.parts.*.rebuild")
 MAX_PARAM_LENGTH = 6000
 
 
@@ -50,7 +52,8 @@ def resolved(cfg: DictConfig) -> dict:
 def config_hash(cfg: DictConfig) -> str:
     """Hash of what a run computes: the resolved config minus cosmetic keys."""
     flat = flatten(resolved(cfg))
-    kept = {k: v for k, v in flat.items() if not any(k == c or k.startswith(c + ".") for c in COSMETIC_KEYS)}
+    kept = {k: v for k, v in flat.items()
+            if not any(fnmatch.fnmatchcase(k, c) or fnmatch.fnmatchcase(k, c + ".*") for c in COSMETIC_KEYS)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -173,6 +176,23 @@ class Tracker:
                 retry_locked(mlflow.log_artifacts, str(p), artifact_path)
             elif p.exists():
                 retry_locked(mlflow.log_artifact, str(p), artifact_path)
+
+    def log_dataset(self, manifest, name: str, folder: Path) -> None:
+        """The manifest as an MLflow dataset input (with its content digest) plus class counts."""
+        from cbir.data.stats import dataset_summary, mlflow_dataset
+
+        summary = dataset_summary(manifest)
+        self.log_params({"dataset_info.rows": summary["rows"], "dataset_info.classes": summary["classes"],
+                         "dataset_info.digest": summary["digest"]})
+        self.log_metrics({f"dataset/{split}_rows": n for split, n in summary["split_counts"].items()})
+        folder.mkdir(parents=True, exist_ok=True)
+        for key in ("class_counts", "modality_counts", "dataset_counts"):
+            summary[key].to_csv(folder / f"{key}.csv", index=False)
+        self.log_artifact(folder, "dataset")
+        if self.enabled:
+            import mlflow
+
+            retry_locked(mlflow.log_input, mlflow_dataset(manifest, name), context="retrieval")
 
     def finished_run(self, config_hash: str) -> Any:
         """A FINISHED run of this config under the current sweep parent, if any (resume)."""

@@ -53,7 +53,11 @@ def test_run_logs_metrics_params_and_artifacts(first_run):
     assert tags["encoder"] == "baseline" and tags["per_class"] == "all" and tags["cache"] == "miss"
     assert len(tags["config_hash"]) == 16
     artifacts = {a.path for a in client(cwd).list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "per_class.csv", "precision_curve.csv", "config"} <= artifacts
+    assert {"metrics.json", "per_class.csv", "precision_curve.csv", "config", "dataset"} <= artifacts
+    class_counts = {Path(a.path).name for a in client(cwd).list_artifacts(run.info.run_id, "dataset")}
+    assert "class_counts.csv" in class_counts
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == params["dataset_info.digest"]
     config_files = {Path(a.path).name for a in client(cwd).list_artifacts(run.info.run_id, "config")}
     assert {"config.yaml", "overrides.yaml"} <= config_files
     # the curve is logged with step = N
@@ -122,5 +126,6 @@ def test_synthetic_dataset_is_deterministic_and_long_tailed(tmp_path):
 def test_bad_config_fails_before_any_work(tmp_path):
     proc = run_cbir(tmp_path, "index.per_class=0", check=False)
     assert proc.returncode != 0
-    assert "index.per_class=0" in proc.stderr
+    assert "index.per_class=0: must be positive" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()

@@ -1,0 +1,217 @@
+"""Bad inputs, faults and safety (SPEC section 7): clear errors, counted skips, no lost work."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from cbir.data.synthetic import SyntheticDataset
+from cbir.encoders.classical import ClassicalEncoder
+from cbir.extract import cache_key, extract_embeddings
+from cbir.store import EmbeddingStore
+from conftest import PROJECT, run_cbir
+
+SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
+EXTRACT = OmegaConf.create(dict(batch_size=8, num_workers=0, accelerator="cpu", devices=1,
+                                strategy="auto", precision="32-true", progress=False))
+
+
+def output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def only_run(cwd: Path):
+    client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cbir").experiment_id])
+    return client, run
+
+
+# ---------------------------------------------------------------------------- bad images
+@pytest.fixture()
+def damaged_data(tmp_path):
+    """A small synthetic set with four broken images of different kinds."""
+    data = tmp_path / "data"
+    manifest = SyntheticDataset(root=data / "synthetic", max_per_class=6, min_per_class=4, image_size=48).load_manifest()
+    paths = manifest.table["path"].tolist()
+    root = data / "synthetic"
+    (root / paths[0]).write_bytes(b"")  # zero bytes
+    png = (root / paths[1]).read_bytes()
+    (root / paths[1]).write_bytes(png[: len(png) // 2])  # truncated
+    (root / paths[2]).write_text("this is not an image")  # wrong content
+    (root / paths[3]).unlink()  # missing
+    return data, paths[:4]
+
+
+def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, damaged_data):
+    data, broken = damaged_data
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1")
+    assert "4 images could not be loaded" in output(proc)
+    client, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.metrics["data/skipped"] == 4
+    local = client.download_artifacts(run.info.run_id, "skipped.csv", str(tmp_path))
+    skipped = pd.read_csv(local)
+    assert sorted(Path(p).name for p in skipped["path"]) == sorted(Path(p).name for p in broken)
+    reasons = " ".join(skipped["reason"])
+    assert "file not found" in reasons and "cannot decode" in reasons
+    # skipped rows are neither queries nor index rows
+    assert run.data.metrics["queries/total"] + run.data.metrics["index/size"] <= 6 * 36 - 4
+
+
+def test_on_error_raise_names_the_file(tmp_path, damaged_data):
+    data, broken = damaged_data
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.on_error=raise", check=False)
+    assert proc.returncode != 0
+    text = output(proc)
+    assert any(Path(b).name in text for b in broken) and "data.on_error=skip" in text
+    assert "Traceback" not in text
+
+
+def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
+    data, _ = damaged_data
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.001", check=False)
+    assert proc.returncode != 0 and "data.max_skip_fraction=0.001" in output(proc)
+    _, run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
+    # nothing computed is lost: a second run with a looser limit reuses the extraction
+    run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    latest = client.search_runs([client.get_experiment_by_name("cbir").experiment_id],
+                                order_by=["attributes.start_time DESC"])[0]
+    assert latest.data.tags["cache"] == "hit" and latest.info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------------- bad config
+@pytest.mark.parametrize("overrides,message", [
+    (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
+    (["eval.n=[0,5]"], "eval.n=[0, 5]: give positive integers"),
+    (["eval.n=[1,100000]"], "N=100000 is larger than the index"),
+    (["eval.query_split=val2"], "eval.query_split=val2: "),
+    (["index.per_class=-3"], "index.per_class=-3: must be positive"),
+    (["data.on_error=ignore"], "data.on_error=ignore: use skip or raise"),
+])
+def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
+    start = time.perf_counter()
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", *overrides, check=False)
+    assert proc.returncode == 2
+    assert message in output(proc) and "Traceback" not in output(proc)
+    assert not (tmp_path / ".cache" / "cbir" / "embeddings").exists()  # no extraction
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no run created
+    assert time.perf_counter() - start < 60
+
+
+def test_unknown_encoder_lists_the_choices(tmp_path):
+    proc = run_cbir(tmp_path, "encoder=nope", check=False)
+    assert proc.returncode != 0
+    assert "baseline" in output(proc) and "resnet50" in output(proc)
+
+
+def test_unreachable_tracking_server_fails_fast_with_the_uri(tmp_path, shared_data_dir):
+    start = time.perf_counter()
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", "tracking.uri=http://127.0.0.1:9", check=False)
+    assert proc.returncode == 2
+    assert "tracking.uri=http://127.0.0.1:9: MLflow server not reachable" in output(proc)
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / ".cache").exists()
+
+
+# ---------------------------------------------------------------------------- data edge cases
+def test_duplicate_paths_are_dropped_and_a_single_class_works():
+    from cbir import checks, retrieval
+
+    table = pd.DataFrame({"path": ["a.png", "b.png", "a.png", "c.png", "d.png"], "dataset": "x",
+                          "split": ["train", "train", "test", "test", "test"], "modality": "CT",
+                          "anatomy": "abd", "label": "CT/abd/normal"})
+    deduped, count = checks.drop_duplicate_paths(table)
+    assert count == 1 and deduped["path"].tolist() == ["a.png", "b.png", "c.png", "d.png"]
+    embeddings = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    setup = retrieval.choose_rows(deduped, np.ones(4, bool), "train", "test", None, 0)
+    result = retrieval.run_retrieval(deduped, embeddings, setup, OmegaConf.create({"type": "flat", "use_gpu": False}), [1, 2])
+    assert result.metrics["micro/P_at_1"] == 1.0 and result.metrics["macro/P_at_2"] == 1.0
+
+
+# ---------------------------------------------------------------------------- faults
+def test_damaged_cache_is_detected_and_recomputed(tmp_path):
+    manifest = SyntheticDataset(root=tmp_path / "d", max_per_class=3, min_per_class=3, image_size=32).load_manifest()
+    encoder, store = ClassicalEncoder(), EmbeddingStore(tmp_path / "cache")
+    first = extract_embeddings(encoder, manifest, store, EXTRACT)
+    reference = np.array(first.embeddings)
+    path = first.cached.path / "embeddings.npy"
+    del first
+    # flip bytes inside the data: same size, different content
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(64)
+    path.write_bytes(bytes(data))
+    again = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert not again.cache_hit and np.array_equal(np.asarray(again.embeddings), reference)
+    # truncated file
+    path.write_bytes(path.read_bytes()[:-1000])
+    third = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert not third.cache_hit and np.array_equal(np.asarray(third.embeddings), reference)
+    assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
+
+
+def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data_dir):
+    """SIGKILL in the middle of extraction; the re-run finishes the missing rows only."""
+    overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "encoder=resnet50", "encoder.pretrained=false",
+                 "extract.batch_size=4", "tracking.enabled=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *overrides], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_files = lambda: list((tmp_path / ".cache/cbir/embeddings").glob("*.partial/done.npy"))  # noqa: E731
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        files = done_files()
+        if files:
+            done = np.load(files[0], mmap_mode="r")
+            if 8 <= int((done > 0).sum()) < len(done) // 2:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = int((done > 0).sum())
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "extraction finished before it could be interrupted"
+    resumed = run_cbir(tmp_path, *overrides)
+    assert "resuming extraction" in output(resumed)
+    (entry,) = (tmp_path / ".cache/cbir/embeddings").glob("resnet50-*[!k]")
+    resumed_embeddings = np.load(entry / "embeddings.npy")
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    run_cbir(clean_dir, *overrides)
+    (clean,) = (clean_dir / ".cache/cbir/embeddings").glob("resnet50-*[!k]")
+    assert np.allclose(resumed_embeddings, np.load(clean / "embeddings.npy"), atol=1e-5)
+
+
+def test_concurrent_jobs_extract_a_key_once(tmp_path, shared_data_dir):
+    overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=false", "extract.batch_size=4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "cbir.run", *overrides], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    text = "\n".join(outputs)
+    assert text.count(": extracted (") == 1 and text.count(": cache hit (") == 1
+
+
+# ---------------------------------------------------------------------------- safety
+def test_no_unsafe_deserialisation_or_shell_in_the_package():
+    offenders = []
+    for path in (PROJECT / "cbir").rglob("*.py"):
+        text = path.read_text()
+        for pattern in (r"allow_pickle\s*=\s*True", r"pickle\.loads?\(", r"shell\s*=\s*True", r"os\.system\(",
+                        r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)"):
+            if re.search(pattern, text):
+                offenders.append(f"{path.name}: {pattern}")
+    assert not offenders, offenders
