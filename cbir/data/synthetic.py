@@ -200,29 +200,33 @@ def _draw_abd(x, y, rng):
 _ANATOMY_DRAW = {"head": _draw_head, "chest": _draw_chest, "abd": _draw_abd}
 
 
-def _lesion(x, y, region, rng, difficulty):
-    """A small round focus placed inside the organ region."""
+def _point_in(region, rng):
+    """A random pixel of the organ region, in [-1, 1] coordinates (None if the region is empty)."""
     ys, xs = np.nonzero(region > 0.5)
     if len(xs) == 0:
-        return np.zeros_like(x)
+        return None
     j = rng.integers(len(xs))
-    size = x.shape[0]
-    cx, cy = xs[j] / size * 2 - 1, ys[j] / size * 2 - 1
+    size = region.shape[0]
+    return xs[j] / size * 2 - 1, ys[j] / size * 2 - 1
+
+
+def _lesion(x, y, region, rng, difficulty):
+    """A small round focus placed inside the organ region."""
+    point = _point_in(region, rng)
+    if point is None:
+        return np.zeros_like(x)
     r = (0.16 - 0.08 * difficulty) * rng.uniform(0.8, 1.2)
-    return _ellipse(x, y, cx, cy, r, r, soft=0.3)
+    return _ellipse(x, y, *point, r, r, soft=0.3)
 
 
 def _calcifications(x, y, region, rng, difficulty):
     """A cluster of 3-6 tiny bright specks."""
-    ys, xs = np.nonzero(region > 0.5)
-    if len(xs) == 0:
+    point = _point_in(region, rng)
+    if point is None:
         return np.zeros_like(x)
-    j = rng.integers(len(xs))
-    size = x.shape[0]
-    cx, cy = xs[j] / size * 2 - 1, ys[j] / size * 2 - 1
     out = np.zeros_like(x)
     for _ in range(rng.integers(3, 7)):
-        px, py = cx + rng.normal(0, 0.08), cy + rng.normal(0, 0.08)
+        px, py = point[0] + rng.normal(0, 0.08), point[1] + rng.normal(0, 0.08)
         r = 0.035 + 0.02 * (1 - difficulty)
         out = np.maximum(out, _ellipse(x, y, px, py, r, r, soft=0.5))
     return out
