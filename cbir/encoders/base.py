@@ -61,4 +61,69 @@ def weights_identity(weights: str | None, pretrained: bool) -> dict[str, Any]:
             )
         st = p.stat()
         return {"weights": str(p.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
-    return {"weights": "pretrained" if pretrained else "random-init"}
+    if pretrained:
+        return {"weights": "pretrained"}
+    # random weights depend on the torch seed at construction (cbir.run seeds it from `seed`)
+    return {"weights": "random-init", "seed": torch.initial_seed()}
+
+
+class PretrainedEncoder(Encoder):
+    """Shared plumbing of the neural encoders: config facts, weights identity, preprocessing,
+    the dim check, and what `info()` logs. Subclasses build `self.model` and `forward`."""
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = True,
+        weights: str | None = None,
+        dim: int | None = None,
+        preprocess: Any = None,
+        input_size: int | None = None,
+        pool: str | None = None,
+        source: str | None = None,
+        license: str | None = None,
+    ) -> None:
+        super().__init__()
+        from cbir.encoders.preprocess import Preprocess
+
+        self.name = name
+        self.pretrained = bool(pretrained)
+        self.weights = str(weights) if weights else None
+        self.expected_dim = None if dim is None else int(dim)
+        self.preprocess = Preprocess.from_config(preprocess)
+        self.input_size = int(input_size) if input_size else self.preprocess.crop
+        self.pool = pool
+        self.source = source
+        self.license = license
+        self._weights_id = weights_identity(self.weights, self.pretrained)
+
+    def check_dim(self, actual: int) -> None:
+        self.dim = int(actual)
+        if self.expected_dim is not None and self.expected_dim != self.dim:
+            raise EncoderError(f"encoder {self.name}: config says dim={self.expected_dim}, model gives {self.dim}")
+
+    def transform(self):
+        return self.preprocess.build()
+
+    def model_identity(self) -> dict[str, Any]:
+        """What, besides weights, pooling and preprocessing, fixes the embedding."""
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "class": type(self).__name__,
+            **self.model_identity(),
+            **self._weights_id,
+            "pool": self.pool,
+            "preprocess": self.preprocess.as_dict(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **super().info(),
+            "input_size": self.input_size,
+            "source": self.source or "unknown",
+            "license": self.license or "unknown",
+            "weights": self._weights_id["weights"],
+            "pool": self.pool or "default",
+        }

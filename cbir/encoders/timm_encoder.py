@@ -1,20 +1,25 @@
-"""timm models (ResNet, ViT, DINOv2, MAE, ...) as encoders.
+"""timm models (ResNet, ViT, DINOv2, SAM, Swin, ...) as encoders.
 
-The embedding is timm's pooled pre-logits feature (`num_classes=0`): `pool=avg` for CNNs,
-`pool=token` (CLS after the final norm) for ViTs.
+Default embedding: timm's pooled pre-logits feature (`num_classes=0`): global average pool for
+CNNs, CLS after the final norm for ViTs. `pool=cls|mean|gem` pools `forward_features` instead.
+Weights: the timm hub tag (`pretrained=true`), a local file (`weights=`, read without
+unpickling and remapped by the model family's own checkpoint filter, e.g. segment-anything or
+original-Swin layouts), or random (`pretrained=false`, no network).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
-from cbir.encoders.base import Encoder, EncoderError, weights_identity
-from cbir.encoders.preprocess import Preprocess
+from cbir.encoders.base import EncoderError, PretrainedEncoder
+from cbir.encoders.hub import load_into, missing_weights_error, no_hub_error, prepare_hub_access, read_state_dict
+from cbir.encoders.pooling import normalise_pool, pool_map, pool_tokens
 
 
-class TimmEncoder(Encoder):
+class TimmEncoder(PretrainedEncoder):
     def __init__(
         self,
         model_name: str,
@@ -25,65 +30,67 @@ class TimmEncoder(Encoder):
         dim: int | None = None,
         preprocess: Any = None,
         model_kwargs: Any = None,
+        input_size: int | None = None,
         source: str | None = None,
         license: str | None = None,
+        weights_from: str | None = None,
     ) -> None:
-        super().__init__()
+        name = name or model_name
+        super().__init__(name, pretrained, weights, dim, preprocess, input_size,
+                         normalise_pool(pool, name), source or f"timm {model_name}", license)
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs or {})
+        self.weights_from = weights_from
+        self.model = self.build_model()
+        self.model.eval()
+        self.check_dim(self.embedding_dim())
+
+    # ------------------------------------------------------------------ building
+    def build_model(self) -> torch.nn.Module:
         import timm
 
-        self.name = name or model_name
-        self.model_name = model_name
-        self.pretrained = bool(pretrained)
-        self.weights = weights
-        self.pool = pool
-        self.preprocess = Preprocess.from_config(preprocess)
-        self.model_kwargs = dict(model_kwargs or {})
-        self.source = source or f"timm {model_name}"
-        self.license = license
-        self._weights_id = weights_identity(weights, pretrained)
+        if not timm.is_model(self.model_name):
+            raise EncoderError(f"encoder {self.name}: timm has no model '{self.model_name}'")
         kwargs = dict(num_classes=0, **self.model_kwargs)
-        if pool is not None:
-            kwargs["global_pool"] = pool
+        if self.weights:
+            model = timm.create_model(self.model_name, pretrained=False, **kwargs)
+            self.load_weights(model, read_state_dict(self.weights, self.name))
+            return model
+        if not self.pretrained:
+            return timm.create_model(self.model_name, pretrained=False, **kwargs)
+        if self.weights_from:
+            raise no_hub_error(self.name, self.weights_from)
+        prepare_hub_access()
         try:
-            if weights:
-                self.model = timm.create_model(
-                    model_name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs
-                )
-            else:
-                self.model = timm.create_model(model_name, pretrained=self.pretrained, **kwargs)
-        except Exception as e:  # hub/network/file errors come in many types
-            raise EncoderError(
-                f"encoder {self.name}: cannot load timm model '{model_name}' "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Fix: run once "
-                "with network access to fill the Hugging Face cache, pass encoder.weights=<local file>, "
-                "or use encoder.pretrained=false for random weights"
-            ) from e
-        self.model.eval()
-        self.dim = int(self.model.num_features)
-        if dim is not None and int(dim) != self.dim:
-            raise EncoderError(f"encoder {self.name}: config says dim={dim}, model gives {self.dim}")
+            return timm.create_model(self.model_name, pretrained=True, **kwargs)
+        except Exception as e:  # hub, network and file errors come in many types
+            hub_id = timm.models.get_pretrained_cfg(self.model_name).hf_hub_id or self.model_name
+            raise missing_weights_error(self.name, f"'{hub_id}' (timm {self.model_name})", e) from e
 
-    def transform(self):
-        return self.preprocess.build()
+    def load_weights(self, model: torch.nn.Module, state_dict: dict) -> None:
+        """Remap with the timm family's checkpoint filter (original layouts), then load."""
+        family = sys.modules[type(model).__module__]
+        remap = getattr(family, "checkpoint_filter_fn", None)
+        if remap is not None:
+            state_dict = remap(state_dict, model)
+        load_into(model, state_dict, self.name, str(self.weights))
 
+    def embedding_dim(self) -> int:
+        if self.pool is None:
+            return int(self.model.num_features)
+        with torch.no_grad():
+            size = self.input_size
+            return int(self.forward(torch.zeros(1, 3, size, size)).shape[1])
+
+    # ------------------------------------------------------------------ embedding
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        if self.pool is None:
+            return self.model(images)
+        features = self.model.forward_features(images)
+        if features.ndim == 3:
+            prefix = getattr(self.model, "num_prefix_tokens", 0)
+            return pool_tokens(features, self.pool, prefix, self.name)
+        return pool_map(features, self.pool, self.name)
 
-    def identity(self) -> dict:
-        return {
-            "class": "TimmEncoder",
-            "model_name": self.model_name,
-            **self._weights_id,
-            "pool": self.pool,
-            "model_kwargs": self.model_kwargs,
-            "preprocess": self.preprocess.as_dict(),
-        }
-
-    def info(self) -> dict:
-        return {
-            **super().info(),
-            "input_size": self.preprocess.crop,
-            "source": self.source,
-            "license": self.license or "unknown",
-            "weights": self._weights_id["weights"],
-        }
+    def model_identity(self) -> dict:
+        return {"model_name": self.model_name, "model_kwargs": self.model_kwargs}
