@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 # Offline clusters: without this the hub client retries each missing file for ~23 s.
@@ -36,8 +37,8 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one INFO line per
 def job_dir() -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # called without Hydra (tests composing the config themselves)
-        return Path.cwd()
+    except ValueError:  # called without Hydra (a script or test composing the config itself)
+        return Path("outputs") / "direct" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def run(cfg: DictConfig) -> RetrievalResult | None:
