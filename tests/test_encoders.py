@@ -111,13 +111,12 @@ def test_encoder_config_extracts_through_lightning(name, manifest, tmp_path):
     assert emb.shape == (len(manifest), encoder.dim) and extraction.valid.all()
     assert np.isfinite(emb).all() and np.abs(emb).sum(1).min() > 0
 
-    # same rows straight through the encoder: equal to what Lightning wrote, and repeatable
+    # deterministic: the same batch straight through the encoder again gives identical rows
     transform = encoder.transform()
     batch = torch.stack([transform(load_image(p)) for p in manifest.paths()])
     with torch.inference_mode():
-        first, second = encoder(batch), encoder(batch)
-    assert torch.equal(first, second)
-    np.testing.assert_allclose(first.numpy(), emb, rtol=1e-4, atol=1e-5)
+        again = encoder(batch).float().numpy()
+    np.testing.assert_array_equal(again, emb)
 
 
 def check_preprocessing(encoder, cfg) -> None:
