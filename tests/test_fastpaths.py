@@ -1,0 +1,100 @@
+"""Extraction and index fast paths: DDP on CPU equals one process, index presets apply their
+parameters, the torch.compile path works, channels_last does not change results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose
+from cbir.extract import extract_embeddings
+from cbir.store import EmbeddingStore
+
+TINY_TIMM = {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "tiny", "model_name": "resnet18",
+             "pretrained": False, "preprocess": {"mode": "squash", "crop": 32, "interpolation": "bilinear"}}
+
+
+def _extract(cache, data_dir, *overrides, encoder=None):
+    cfg = compose("debug=smoke", "encoder=random", f"paths.data_dir={data_dir}", f"paths.cache_dir={cache}",
+                  *overrides)
+    manifest = instantiate(cfg.dataset).load_manifest()
+    torch.manual_seed(0)
+    enc = instantiate(encoder or cfg.encoder)
+    extraction = extract_embeddings(enc, manifest, EmbeddingStore(cache), cfg.extract)
+    return extraction, cache
+
+
+def test_ddp_two_cpu_processes_equal_one(tmp_path, shared_data_dir):
+    """A real CNN (it runs OpenMP in the launching process before the ranks start), 2 ranks."""
+    one, _ = _extract(tmp_path / "one", shared_data_dir, encoder=TINY_TIMM)
+    two, cache = _extract(tmp_path / "two", shared_data_dir, "extract.accelerator=cpu", "extract.devices=2",
+                          "extract.strategy=ddp", "extract.num_workers=1", encoder=TINY_TIMM)
+    assert two.rows_extracted == len(one.valid) and not two.cache_hit
+    np.testing.assert_allclose(np.asarray(two.embeddings), np.asarray(one.embeddings), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(two.valid, one.valid) and two.valid.all()
+    # one committed entry, no partial left behind, and it loads again as a cache hit
+    entries = sorted(p.name for p in (cache / "embeddings").iterdir() if p.is_dir())
+    assert len(entries) == 1 and not entries[0].endswith(".partial")
+    again, _ = _extract(cache, shared_data_dir, "extract.devices=2", "extract.strategy=ddp", encoder=TINY_TIMM)
+    assert again.cache_hit
+
+
+def test_ddp_sampler_does_not_pad(tmp_path, shared_data_dir):
+    """369 rows over 2 ranks: a padding sampler would write one row twice; every row once."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+    from torch.utils.data import SequentialSampler
+
+    parts = [list(UnrepeatedDistributedSamplerWrapper(SequentialSampler(range(369)), num_replicas=2, rank=r,
+                                                      shuffle=False)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(369))
+
+
+def test_compile_and_channels_last_match_eager(tmp_path, shared_data_dir):
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    eager, _ = _extract(tmp_path / "eager", shared_data_dir, "extract.channels_last=false", encoder=TINY_TIMM)
+    fast, _ = _extract(tmp_path / "fast", shared_data_dir, "extract.compile=true", "extract.channels_last=true",
+                       encoder=TINY_TIMM)
+    np.testing.assert_allclose(np.asarray(fast.embeddings), np.asarray(eager.embeddings), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset, attribute, value", [
+    ("ivf", "nprobe", 7), ("hnsw", "efSearch", 48), ("ivfpq", "nprobe", 5)])
+def test_index_presets_apply_params(preset, attribute, value):
+    import faiss
+
+    from cbir.index import build_index, l2_normalise, search
+
+    small = ["++index.params.m=8", "++index.params.nbits=4"] if preset == "ivfpq" else []  # quick PQ training
+    cfg = compose(f"index={preset}", f"index.params.{attribute}={value}", "++index.params.nlist=16", *small)
+    vectors = l2_normalise(np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32))
+    index = build_index(vectors, cfg.index.type, use_gpu=False, params=dict(cfg.index.params))
+    inner = faiss.downcast_index(index)
+    found = inner.hnsw.efSearch if preset == "hnsw" else inner.nprobe
+    assert found == value
+    if preset == "hnsw":
+        assert inner.hnsw.efConstruction == cfg.index.params.efConstruction
+    else:
+        assert inner.nlist == 16
+    _, ids = search(index, vectors[:50], 5)
+    if preset != "ivfpq":  # compressed codes may rank a neighbour above the vector itself
+        assert (ids[:, 0] == np.arange(50)).mean() > 0.9
+
+
+def test_index_params_reject_unknown_keys():
+    from cbir.index import build_index
+
+    with pytest.raises(ValueError, match="nprobes"):
+        build_index(np.eye(4, dtype=np.float32), "ivf", use_gpu=False, params={"nprobes": 3})
+
+
+def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
+    """The preset's nlist is larger than the small index: it is reduced, and the run works."""
+    from cbir.run import run
+
+    cfg = compose("debug=smoke", "index=ivf", f"paths.data_dir={shared_data_dir}",
+                  f"paths.cache_dir={tmp_path / 'cache'}", "tracking.enabled=false")
+    result = run(cfg)
+    assert 0 <= result.metrics["micro/P_at_1"] <= 1
