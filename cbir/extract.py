@@ -73,6 +73,17 @@ class ArrayWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.partial, self.paths, self.on_error = partial, paths, on_error
 
+    def __getstate__(self):  # spawned DDP ranks reopen the on-disk arrays instead of copying them
+        state = dict(self.__dict__)
+        state["partial"] = (self.partial.path, self.partial.n, self.partial.dim)
+        return state
+
+    def __setstate__(self, state):
+        from cbir.store import PartialEntry
+
+        self.__dict__.update(state)
+        self.partial = PartialEntry(*state["partial"])
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         rows = prediction["rows"].cpu().numpy()
         ok = prediction["ok"].cpu().numpy().astype(bool)

@@ -46,11 +46,33 @@ def gpu_available() -> bool:
 
 
 # index.type names; anything else is passed to faiss.index_factory as it is
-INDEX_TYPES = {"flat": "Flat"}
+INDEX_TYPES = {"flat": "Flat", "ivf": "IVF{nlist},Flat", "hnsw": "HNSW{M},Flat", "ivfpq": "IVF{nlist},PQ{m}x{nbits}"}
+# build-time parameters that go into the factory string, with defaults
+FACTORY_PARAMS = {"nlist": 1024, "M": 32, "m": 16, "nbits": 8}
+# search/build-time parameters set on the index (through faiss.ParameterSpace, so they reach
+# the IVF/HNSW level inside wrappers); efConstruction must be set before adding vectors
+RUNTIME_PARAMS = ("nprobe", "efSearch", "efConstruction")
 
 
-def factory_string(type: str) -> str:
-    return INDEX_TYPES.get(type, type)
+def factory_string(type: str, params: dict | None = None) -> str:
+    params = {**FACTORY_PARAMS, **(params or {})}
+    return INDEX_TYPES.get(type, type).format(**params) if type in INDEX_TYPES else type
+
+
+def apply_params(index, params: dict) -> None:
+    """Set nprobe / efSearch / efConstruction on a (CPU) index, if the structure has them."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name in RUNTIME_PARAMS:
+        if params.get(name) is not None:
+            value = int(params[name])
+            if name == "efConstruction":
+                hnsw = faiss.downcast_index(index)
+                if hasattr(hnsw, "hnsw"):
+                    hnsw.hnsw.efConstruction = value
+                continue
+            space.set_index_parameter(index, name, value)
 
 
 def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params: dict | None = None):
@@ -59,15 +81,30 @@ def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params:
 
     params = dict(params or {})
     dim = vectors.shape[1]
-    factory = factory_string(type)
+    if "{nlist}" in INDEX_TYPES.get(type, "") and int(params.get("nlist", FACTORY_PARAMS["nlist"])) > len(vectors):
+        log.warning("index.params.nlist=%s > %d index rows: using nlist=%d", params.get("nlist", FACTORY_PARAMS["nlist"]),
+                    len(vectors), max(1, len(vectors) // 39))
+        params["nlist"] = max(1, len(vectors) // 39)
+    factory = factory_string(type, params)
     if factory == "Flat":
         index = faiss.IndexFlatIP(dim)
     else:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    unknown = set(params) - set(FACTORY_PARAMS) - set(RUNTIME_PARAMS) - {"shard"}
+    if unknown:
+        raise ValueError(f"index.params: unknown key(s) {sorted(unknown)}; known: "
+                         f"{sorted(set(FACTORY_PARAMS) | set(RUNTIME_PARAMS) | {'shard'})}")
+    apply_params(index, params)
     if use_gpu is True or (use_gpu == "auto" and gpu_available()):
         if not gpu_available():
             raise RuntimeError("index.use_gpu=true but FAISS sees no GPU; install cbir[gpu] on a GPU machine or set index.use_gpu=auto")
-        index = faiss.index_cpu_to_all_gpus(index)
+        if not index.is_trained:  # train on the CPU index; GPU cloning of HNSW is not supported
+            index.train(vectors)
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = bool(params.get("shard", True))  # split the rows over the GPUs
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+        if params.get("nprobe") is not None:
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(params["nprobe"]))
     if not index.is_trained:
         index.train(vectors)
     index.add(vectors)
