@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -41,6 +42,17 @@ def job_dir() -> Path:
         return Path("outputs") / "direct" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def build(node: DictConfig):
+    """instantiate(), but a cbir error raised by the constructor reaches the user as itself,
+    not wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, user_errors()):
+            raise e.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig) -> RetrievalResult | None:
     """One job. Returns None when a sweep re-run finds this config already finished."""
     checks.validate_config(cfg)
@@ -59,13 +71,13 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
             log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
                      run_name, done.info.run_id)
             return None
-    manifest = instantiate(cfg.dataset).load_manifest()
+    manifest = build(cfg.dataset).load_manifest()
     table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
     if n_duplicates:
         manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
     checks.validate_data(manifest.table, cfg, manifest.source)
     torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
-    encoder = instantiate(cfg.encoder)
+    encoder = build(cfg.encoder)
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")

@@ -100,6 +100,7 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     (["eval.query_split=val2"], "eval.query_split=val2: "),
     (["index.per_class=-3"], "index.per_class=-3: must be positive"),
     (["data.on_error=ignore"], "data.on_error=ignore: use skip or raise"),
+    (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
 ])
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
     start = time.perf_counter()
