@@ -216,3 +216,64 @@ def test_no_unsafe_deserialisation_or_shell_in_the_package():
             if re.search(pattern, text):
                 offenders.append(f"{path.name}: {pattern}")
     assert not offenders, offenders
+
+
+# ---------------------------------------------------------------------------- odd images
+def _dicom(path: Path, transfer_syntax, pixel_data: bytes | None):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 8, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if pixel_data is not None:
+        ds.PixelData = pixel_data
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_odd_but_valid_images_go_through_the_preprocessing(tmp_path):
+    from PIL import Image
+
+    from cbir.data.images import load_image
+    from cbir.encoders.preprocess import Preprocess
+
+    files = {
+        "cmyk.jpg": Image.new("CMYK", (40, 30), (0, 128, 255, 10)),
+        "one_pixel.png": Image.new("L", (1, 1), 200),
+        "large.png": Image.new("L", (5000, 4000), 90),
+        "rgba.png": Image.new("RGBA", (20, 20), (10, 20, 30, 0)),
+    }
+    transform = Preprocess(mode="shortest", resize=256, crop=224).build()
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        loaded = load_image(tmp_path / name)
+        assert loaded.mode in ("L", "RGB"), name
+        tensor = transform(loaded)
+        assert tuple(tensor.shape) == (3, 224, 224) and torch_finite(tensor), name
+
+
+def torch_finite(tensor) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor).all())
+
+
+def test_dicom_without_pixels_or_with_unsupported_compression_is_a_clear_error(tmp_path):
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    from cbir.data.images import ImageLoadError, load_image
+
+    no_pixels = _dicom(tmp_path / "empty.dcm", ExplicitVRLittleEndian, None)
+    with pytest.raises(ImageLoadError, match="empty.dcm.*no pixel data"):
+        load_image(no_pixels)
+    from pydicom.encaps import encapsulate
+
+    compressed = _dicom(tmp_path / "j2k.dcm", JPEG2000Lossless, encapsulate([b"\xff\x4f\xff\x51 not really jpeg2000"]))
+    with pytest.raises(ImageLoadError, match="j2k.dcm"):
+        load_image(compressed)
