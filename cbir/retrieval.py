@@ -41,8 +41,19 @@ def choose_rows(table: pd.DataFrame, valid: np.ndarray, index_split: str, query_
     return RetrievalSetup(index_rows=chosen, query_rows=queries)
 
 
+@dataclass
+class SearchOutput:
+    """What the search found, for whoever needs more than the metrics (gallery, saved index)."""
+    setup: RetrievalSetup
+    index: object             # the FAISS index over setup.index_rows (in that order)
+    scores: np.ndarray        # (Q, k) similarities, best first
+    neighbours: np.ndarray    # (Q, k) positions into setup.index_rows, -1 for none
+
+
 def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalSetup, index_cfg,
-                  ns, curve_k: int = 0, levels=("modality", "anatomy"), batch_size: int = 4096) -> RetrievalResult:
+                  ns, curve_k: int = 0, levels=("modality", "anatomy"), batch_size: int = 4096,
+                  return_search: bool = False):
+    """Metrics of one index/query setup; with return_search=True, (metrics, SearchOutput)."""
     vectors = cbir_index.l2_normalise(embeddings[setup.index_rows])
     queries = cbir_index.l2_normalise(embeddings[setup.query_rows])
     index = cbir_index.build_index(vectors, index_cfg.type, index_cfg.get("use_gpu", "auto"),
@@ -51,7 +62,8 @@ def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalS
     position = pd.Series(np.arange(len(setup.index_rows)), index=setup.index_rows)
     own = position.reindex(setup.query_rows).fillna(-1).astype(np.int64).to_numpy()
     k = max(max(ns), curve_k)
-    _, neighbours = cbir_index.search(index, queries, k, batch_size, exclude=own)
+    scores, neighbours = cbir_index.search(index, queries, k, batch_size, exclude=own)
     columns = ["label", "modality", "anatomy"]
-    return evaluate(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
-                    neighbours, own, ns=ns, levels=levels, curve_k=curve_k)
+    result = evaluate(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
+                      neighbours, own, ns=ns, levels=levels, curve_k=curve_k)
+    return (result, SearchOutput(setup, index, scores, neighbours)) if return_search else result

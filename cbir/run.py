@@ -26,6 +26,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import checks, reporting, retrieval, tracking  # noqa: E402
+from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.extract import extract_embeddings  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -95,17 +96,19 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
             tracker.log_artifact(skipped_csv)
             checks.check_skipped(n_skipped, len(manifest), cfg, skipped_csv)
 
-        def evaluate(size):
+        def evaluate(size, return_search=False):
             setup = retrieval.choose_rows(manifest.table, extraction.valid, cfg.index.split,
                                           cfg.eval.query_split, size, cfg.index.seed)
             return retrieval.run_retrieval(manifest.table, extraction.embeddings, setup, cfg.index, cfg.eval.n,
-                                           cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size)
+                                           cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
+                                           return_search=return_search)
 
-        result = evaluate(per_class)
+        result, search = evaluate(per_class, return_search=True)
         tracker.log_metrics(result.metrics)
         for row in result.curve.itertuples():
             tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
         files = reporting.write_job_files(result, out)
+        files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
         sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
         if sizes:
             curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)

@@ -1,0 +1,220 @@
+"""Query by image on a saved index: `python -m cbir.search search.index_dir=<dir> 'search.images=[...]'`.
+
+A run with `index.save=true` writes the index folder (into its job dir and to MLflow):
+    index.faiss    the FAISS index (CPU form), vectors L2-normalised, inner product = cosine
+    manifest.csv   the indexed rows in index order (path relative to `root`, split, classes)
+    index.json     the encoder config and seed (to rebuild the same encoder), the image root,
+                   index type and parameters, and where the index came from
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as cbir.run: never wait on an unreachable hub
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+log = logging.getLogger("cbir.search")
+INDEX_FILE, MANIFEST_FILE, META_FILE = "index.faiss", "manifest.csv", "index.json"
+MANIFEST_COLUMNS = ["path", "dataset", "split", "modality", "anatomy", "label"]
+
+
+class SearchError(ValueError):
+    """A missing or inconsistent index folder or query; the message says what to do."""
+
+
+# ------------------------------------------------------------------ saving (cbir.run side)
+def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_name: str) -> Path:
+    """Write the index folder of a run. `search` is the run's cbir.retrieval.SearchOutput."""
+    import faiss
+    from omegaconf import OmegaConf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = search.index
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    faiss.write_index(index, str(folder / INDEX_FILE))
+    rows = table.iloc[search.setup.index_rows]
+    rows[[c for c in MANIFEST_COLUMNS if c in rows]].to_csv(folder / MANIFEST_FILE, index=False)
+    meta = {
+        "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
+        "seed": int(cfg.seed),  # random-init encoders (pretrained=false) are rebuilt from it
+        "root": str(Path(root).resolve()),
+        "rows": int(index.ntotal),
+        "dim": int(index.d),
+        "index": {"type": str(cfg.index.type), "params": OmegaConf.to_container(cfg.index.params, resolve=True),
+                  "per_class": OmegaConf.to_container(cfg.index, resolve=True).get("per_class"),
+                  "split": str(cfg.index.split)},
+        "dataset": str(cfg.dataset.name),
+        "run_name": run_name,
+        "similarity": "cosine (inner product of L2-normalised embeddings)",
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker) -> dict[str, Path]:
+    """What a person uses of a run beyond its metrics: the gallery (eval.gallery) and the saved
+    index (index.save, logged as the MLflow artifact folder `index`). Returns the gallery files."""
+    files: dict[str, Path] = {}
+    if cfg.eval.get("gallery", False):
+        from cbir.gallery import gallery_for_run
+
+        files = gallery_for_run(manifest.table, manifest.root, search, int(cfg.eval.get("gallery_queries", 8)),
+                                int(cfg.eval.get("gallery_k", 5)), out, seed=int(cfg.seed), title=run_name)
+    if cfg.index.get("save", False):
+        folder = save_index(out / "index", search, manifest.table, manifest.root, cfg, run_name)
+        tracker.log_artifact(folder, "index")
+        log.info("index saved to %s (search it with: python -m cbir.search search.index_dir=%s "
+                 "'search.images=[...]')", folder, folder)
+    return files
+
+
+# ------------------------------------------------------------------ loading and searching
+@dataclass
+class SavedIndex:
+    index: object
+    manifest: pd.DataFrame
+    meta: dict
+    root: Path
+
+    @classmethod
+    def load(cls, folder: str | Path, root: str | Path | None = None) -> "SavedIndex":
+        import faiss
+
+        folder = Path(folder)
+        missing = [name for name in (INDEX_FILE, MANIFEST_FILE, META_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise SearchError(f"search.index_dir={folder}: missing {', '.join(missing)}; point it at the "
+                              "`index` folder of a run made with index.save=true")
+        meta = json.loads((folder / META_FILE).read_text())
+        manifest = pd.read_csv(folder / MANIFEST_FILE, dtype=str, keep_default_na=False)
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        if index.ntotal != len(manifest):
+            raise SearchError(f"{folder}: the index has {index.ntotal} rows but manifest.csv {len(manifest)}; "
+                              "the folder is damaged, save the index again")
+        return cls(index, manifest, meta, Path(root) if root else Path(meta["root"]))
+
+    def build_encoder(self):
+        """The run's encoder: same config, same seed (hence the same random init if any)."""
+        import torch
+        from omegaconf import OmegaConf
+
+        from cbir.run import build
+
+        torch.manual_seed(int(self.meta.get("seed", 0)))
+        encoder = build(OmegaConf.create(self.meta["encoder"]))
+        encoder.eval()
+        if encoder.dim != self.index.d:
+            raise SearchError(f"encoder {encoder.name} gives {encoder.dim}-d embeddings, the index holds "
+                              f"{self.index.d}-d vectors")
+        return encoder
+
+    def search(self, images: list[str | Path], k: int = 5, encoder=None, batch_size: int = 16):
+        """(scores, positions) of the k nearest index rows for each image (positions into manifest)."""
+        from cbir import index as cbir_index
+
+        vectors = embed_images(encoder or self.build_encoder(), images, batch_size)
+        return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
+
+
+def embed_images(encoder, images, batch_size: int = 16) -> np.ndarray:
+    """Embeddings of image files (PNG/JPEG/DICOM), preprocessed as in extraction."""
+    import torch
+
+    from cbir.data.images import load_image
+
+    transform = encoder.transform()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(load_image(p)) for p in images[start:start + batch_size]])
+        with torch.inference_mode():
+            out.append(encoder(batch).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def results_table(saved: SavedIndex, images, scores, positions) -> pd.DataFrame:
+    rows = []
+    for q, image in enumerate(images):
+        for rank, (position, score) in enumerate(zip(positions[q], scores[q]), start=1):
+            if position < 0:
+                continue
+            hit = saved.manifest.iloc[int(position)]
+            rows.append({"query": str(image), "rank": rank, "similarity": float(score), "label": hit["label"],
+                         "path": str(saved.root / hit["path"]), "index_row": int(position)})
+    return pd.DataFrame(rows)
+
+
+def write_gallery(saved: SavedIndex, images, scores, positions, path: Path) -> Path:
+    """Gallery of outside queries: the index manifest plus the query files as extra rows
+    (absolute paths, unknown class), so one table serves cbir.gallery.draw_gallery."""
+    from cbir.gallery import draw_gallery
+
+    queries = pd.DataFrame({"path": [str(Path(p).resolve()) for p in images], "label": ""})
+    table = pd.concat([saved.manifest[["path", "label"]], queries], ignore_index=True)
+    query_rows = np.arange(len(saved.manifest), len(table))
+    return draw_gallery(table, saved.root, query_rows, positions, scores, path,
+                        title=f"nearest images in {saved.meta.get('run_name', 'the index')} "
+                              f"({saved.meta['encoder'].get('name', '')}, cosine similarity)")
+
+
+def print_results(results: pd.DataFrame, saved: SavedIndex) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"top-{results['rank'].max() if len(results) else 0} of {saved.index.ntotal} indexed images "
+                        f"({saved.meta['encoder'].get('name', '?')})")
+    for column in ("query", "rank", "similarity", "label", "path"):
+        table.add_column(column, justify="right" if column in ("rank", "similarity") else "left")
+    for row in results.itertuples():
+        table.add_row(Path(row.query).name, str(row.rank), f"{row.similarity:.4f}", row.label, row.path)
+    Console(width=200).print(table)
+
+
+def search_command(cfg) -> pd.DataFrame:
+    images = [Path(p) for p in (cfg.search.images or [])]
+    if not images:
+        raise SearchError("search.images is empty; give query files, e.g. 'search.images=[scan.png]'")
+    absent = [str(p) for p in images if not p.exists()]
+    if absent:
+        raise SearchError(f"search.images: no such file(s): {', '.join(absent)}")
+    saved = SavedIndex.load(cfg.search.index_dir, cfg.search.get("root"))
+    scores, positions = saved.search(images, int(cfg.search.k))
+    results = results_table(saved, images, scores, positions)
+    print_results(results, saved)
+    if cfg.search.get("output"):
+        Path(cfg.search.output).parent.mkdir(parents=True, exist_ok=True)
+        results.to_csv(cfg.search.output, index=False)
+        log.info("results written to %s", cfg.search.output)
+    if cfg.search.get("gallery"):
+        log.info("gallery written to %s", write_gallery(saved, images, scores, positions, Path(cfg.search.gallery)))
+    return results
+
+
+def _main():
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
+    def main(cfg) -> None:
+        from cbir.data.images import ImageLoadError
+        from cbir.run import user_errors
+
+        try:
+            search_command(cfg)
+        except (SearchError, ImageLoadError, *user_errors()) as e:
+            log.error("%s", e)
+            sys.exit(2)
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()
