@@ -1,0 +1,198 @@
+"""What every experiment script does the same way: read its config (Hydra overrides from the
+command line), launch cbir sweeps, read the runs back from MLflow, find a run's embeddings,
+and keep its outputs (files in output_dir and artifacts on the sweep's parent run).
+
+The scripts hold no retrieval logic: numbers come from `cbir.run` jobs through MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file per download
+
+PROJECT = Path(__file__).resolve().parents[1]
+if str(PROJECT) not in sys.path:  # `python experiments/x.py` from anywhere
+    sys.path.insert(0, str(PROJECT))
+
+import pandas as pd  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger("cbir.experiments")
+SCRIPT_CONF = PROJECT / "conf" / "experiment_scripts"
+
+
+class ExperimentError(RuntimeError):
+    pass
+
+
+def load_config(name: str, overrides=()) -> DictConfig:
+    """conf/experiment_scripts/<name>.yaml with Hydra command-line overrides applied."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(SCRIPT_CONF), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def main(name: str, run) -> None:
+    """Entry point of a script: `python experiments/<name>.py [key=value ...]`."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    try:
+        run(load_config(name, sys.argv[1:]))
+    except ExperimentError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+@dataclass
+class Context:
+    """Paths and tracking of one script invocation."""
+    cfg: DictConfig
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.cfg.workdir).resolve()
+
+    @property
+    def out(self) -> Path:
+        path = self.workdir / self.cfg.output_dir
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def tracker(self):
+        from cbir import tracking
+
+        with self.chdir():  # a relative SQLite URI resolves against the working folder
+            return tracking.Tracker(self.cfg.tracking_uri, self.cfg.tracking_experiment,
+                                    artifact_root="mlruns/artifacts")
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracker().uri)
+
+    @contextlib.contextmanager
+    def chdir(self):
+        previous = Path.cwd()
+        os.chdir(self.workdir)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+    def sweeps(self) -> list[list[str]]:
+        return [list(s) for s in self.cfg.sweeps["smoke" if self.cfg.smoke else "full"]]
+
+    def common_overrides(self) -> list[str]:
+        return [f"tracking.uri={self.cfg.tracking_uri}", f"tracking.experiment={self.cfg.tracking_experiment}",
+                *self.data_overrides()]
+
+    def data_overrides(self) -> list[str]:
+        """What every job needs besides its sweep to compute the same thing (data location, extras)."""
+        data = [f"paths.data_dir={self.cfg.data_dir}"] if self.cfg.get("data_dir") else []
+        return [*data, *[str(o) for o in self.cfg.cbir]]
+
+    # ------------------------------------------------------------------ sweeps
+    def launch(self, sweep: list[str]) -> str:
+        """`python -m cbir.run -m <sweep>`; returns the sweep's MLflow parent run id. Finished
+        jobs of an earlier identical sweep are skipped (cbir's resume), so re-running a script
+        only computes what is missing."""
+        command = [sys.executable, "-m", "cbir.run", "-m", *sweep, *self.common_overrides()]
+        log.info("launching: %s", " ".join(command[1:]))
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "MPLBACKEND": "Agg"}
+        env.pop("CBIR_PARENT_RUN_ID", None)
+        proc = subprocess.run(command, cwd=self.workdir, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ExperimentError(f"sweep failed ({' '.join(sweep)}):\n{proc.stderr[-3000:]}")
+        return self.latest_parent()
+
+    def latest_parent(self) -> str:
+        client = self.client()
+        experiment = client.get_experiment_by_name(self.cfg.tracking_experiment)
+        found = client.search_runs([experiment.experiment_id], filter_string="tags.`cbir.role` = 'sweep'",
+                                   order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+        if not found:
+            raise ExperimentError(f"no sweep found in MLflow experiment {self.cfg.tracking_experiment}")
+        return found[0].info.run_id
+
+    def runs(self, parent: str) -> pd.DataFrame:
+        """FINISHED child runs of a sweep: cbir.report's table (tags + metrics) plus the params
+        (prefixed `param.`) and the job's Hydra overrides."""
+        from cbir import report
+
+        table, _ = report.load_runs(self.tracker(), parent, None)
+        if table.empty:
+            raise ExperimentError(f"sweep {parent}: no FINISHED runs")
+        client = self.client()
+        extra = []
+        for run_id in table["run_id"]:
+            run = client.get_run(run_id)
+            extra.append({"run_id": run_id, **{f"param.{k}": v for k, v in run.data.params.items()}})
+        return table.merge(pd.DataFrame(extra), on="run_id")
+
+    def sweep_runs(self) -> tuple[pd.DataFrame, list[str]]:
+        """Launch every configured sweep; all their runs in one table, and the parent ids."""
+        parents = [self.launch(sweep) for sweep in self.sweeps()]
+        return pd.concat([self.runs(p) for p in parents], ignore_index=True), parents
+
+    def job_overrides(self, run_id: str) -> list[str]:
+        """The Hydra overrides of one job, from its logged config/overrides.yaml."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client().download_artifacts(run_id, "config/overrides.yaml", tmp)
+            return [str(o) for o in OmegaConf.load(path)]
+
+    # ------------------------------------------------------------------ outputs
+    def keep(self, parent: str | None, *paths: Path) -> None:
+        """Log files to the sweep's parent run under experiments/<name>/."""
+        if parent is None:
+            return
+        client = self.client()
+        for path in paths:
+            client.log_artifact(parent, str(path), f"experiments/{self.cfg.name}")
+
+    def write_table(self, frame: pd.DataFrame, stem: str) -> list[Path]:
+        from cbir.report import to_markdown
+
+        csv, md = self.out / f"{stem}.csv", self.out / f"{stem}.md"
+        frame.to_csv(csv, index=False)
+        md.write_text(to_markdown(frame))
+        return [csv, md]
+
+
+def run_embeddings(ctx: Context, overrides: list[str]):
+    """(manifest, Extraction) of a cbir job's config: the embeddings as that job cached them
+    (computed now if the cache lacks them), built exactly as cbir.run builds them."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from cbir import checks
+    from cbir.data.manifest import Manifest
+    from cbir.extract import extract_embeddings
+    from cbir.run import build
+    from cbir.store import EmbeddingStore
+
+    with ctx.chdir():
+        with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))  # the job's own, data location included
+        manifest = build(cfg.dataset).load_manifest()
+        table, duplicates = checks.drop_duplicate_paths(manifest.table)
+        if duplicates:
+            manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+        torch.manual_seed(int(cfg.seed))  # as cbir.run: random-init encoders get the run's weights
+        encoder = build(cfg.encoder)
+        extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
+                                        on_error=cfg.data.on_error)
+    log.info("embeddings %s: %s", extraction.cached.key, "cache hit" if extraction.cache_hit else "extracted now")
+    return cfg, manifest, extraction

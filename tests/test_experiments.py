@@ -1,0 +1,124 @@
+"""Every experiment script in smoke mode, for real: cbir sweeps on the small synthetic set
+(random-weight encoders), results read back from MLflow, tables and figures written.
+
+The study scripts share one working folder, so modality_levels and embedding_space resume the
+sweep paper_table1 ran (as they do for a user)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import PROJECT
+
+sys.path.insert(0, str(PROJECT))
+
+from experiments import (embedding_space, index_types, modality_levels, paper_table1,  # noqa: E402
+                         pooling_resolution, saturation)
+from experiments.common import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+def config(name, workdir, data_dir, *overrides):
+    return load_config(name, ["smoke=true", f"workdir={workdir}", f"data_dir={data_dir}", *overrides])
+
+
+def out(workdir, name):
+    return workdir / "reports" / "experiments" / name
+
+
+def is_png(path):
+    with Image.open(path) as image:
+        return image.format == "PNG" and min(image.size) > 100
+
+
+def test_paper_table1(workdir, shared_data_dir):
+    files = paper_table1.run(config("paper_table1", workdir, shared_data_dir))
+    table = pd.read_csv(files["table1.csv"])
+    assert sorted(table["encoder"]) == ["dinov2", "resnet50"]
+    comparison = pd.read_csv(files["comparison.csv"])
+    paper = pd.read_csv(PROJECT / "experiments" / "reference" / "paper_table1.csv").set_index("encoder")
+    for _, row in comparison.iterrows():  # "measured (difference vs paper)" per cell
+        measured = table.set_index("encoder").loc[row["encoder"], "micro P@1"]
+        assert row["micro P@1"] == (f"{measured:.3f} ({measured - paper.loc[row['encoder'], 'micro_p1']:+.3f} "
+                                    f"vs {paper.loc[row['encoder'], 'micro_p1']:.3f})")
+    assert is_png(files["table1.png"])
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    parent = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id],
+                                filter_string="tags.`cbir.role` = 'sweep'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "experiments/paper_table1")}
+    assert "experiments/paper_table1/comparison.md" in logged
+
+
+def test_modality_levels_command_line_resumes_the_study_sweep(workdir, shared_data_dir):
+    proc = subprocess.run([sys.executable, str(PROJECT / "experiments" / "modality_levels.py"), "smoke=true",
+                           f"workdir={workdir}", f"data_dir={shared_data_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = out(workdir, "modality_levels")
+    table = pd.read_csv(folder / "modality_levels.csv")
+    assert set(table[table["kind"] == "modality"]["subset"]) == {"CT", "MR", "US", "XR"}
+    assert set(table[table["kind"] == "level"]["subset"]) == {"modality", "modality + anatomy", "full class (pathology)"}
+    findings = pd.read_csv(folder / "findings.csv")
+    assert findings["pathology harder"].all()  # the synthetic data is built so, as the study found
+    assert is_png(folder / "modality_levels.png")
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 2  # nothing recomputed
+
+
+def test_embedding_space(workdir, shared_data_dir):
+    files = embedding_space.run(config("embedding_space", workdir, shared_data_dir))
+    summary = pd.read_csv(files["embedding_space.csv"])
+    assert sorted(summary["encoder"]) == ["dinov2", "resnet50"]
+    assert summary["silhouette_class"].between(-1, 1).all()
+    assert summary["knn10_purity_modality"].between(0, 1).all()
+    assert all(is_png(files[name]) for name in summary["figure"])
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id],
+                              filter_string="tags.encoder = 'resnet50'")
+    assert "embedding/silhouette_class" in runs[0].data.metrics
+
+
+def test_saturation(workdir, shared_data_dir):
+    cfg = config("saturation", workdir, shared_data_dir)
+    cfg.sweeps.smoke = [["experiment=saturation", "debug=smoke", "dataset=synthetic_small", "encoder=baseline,random",
+                         "index.per_class=1,4,all"]]  # the tiniest sweep
+    files = saturation.run(cfg)
+    curves = pd.read_csv(files["saturation_by_modality.csv"])
+    assert set(curves["modality"]) == {"all", "CT", "MR", "US", "XR"}
+    assert set(curves["group"]) == {"baseline", "random"}
+    assert curves.groupby(["group", "modality"]).size().eq(3).all()  # sizes 1, 4 and the whole split
+    knee = pd.read_csv(files["knee.csv"])
+    assert set(knee["reached at rows/class"].astype(str)) <= {"1", "4", "all"}
+    assert (knee["P@1 there"] >= knee["95% of it"] - 1e-9).all()
+    assert is_png(files["saturation.png"]) and is_png(files["saturation_by_modality.png"])
+
+
+def test_index_types(workdir, shared_data_dir):
+    files = index_types.run(config("index_types", workdir, shared_data_dir))
+    table = pd.read_csv(files["index_types.csv"]).set_index("index")
+    assert set(table.index) == {"flat", "ivf", "hnsw", "ivfpq"}
+    assert table.loc["flat", "recall@k vs flat"] == 1.0 and table.loc["flat", "ΔP@1 vs flat"] == 0.0
+    assert table.loc["ivfpq", "memory MB"] < table.loc["flat", "memory MB"]  # compressed codes
+    assert (table["single-query ms (median)"] > 0).all()
+    assert is_png(files["index_types.png"])
+
+
+def test_pooling_resolution(workdir, shared_data_dir):
+    cfg = config("pooling_resolution", workdir, shared_data_dir)
+    cfg.sweeps.smoke = [["debug=smoke", "dataset=synthetic_small", "encoder=dinov2_small", "++encoder.pretrained=false",
+                         "encoder.pool=cls,mean", "encoder.input_size=28"]]  # the tiniest sweep
+    files = pooling_resolution.run(cfg)
+    table = pd.read_csv(files["pooling_resolution.csv"])
+    assert sorted(table["pool"]) == ["cls", "mean"] and set(table["input size"]) == {28}
+    assert is_png(files["pooling_resolution.png"])
