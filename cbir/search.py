@@ -38,8 +38,10 @@ def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_n
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    from cbir.index import gpu_available
+
     index = search.index
-    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+    if gpu_available():  # a GPU index (or shards over GPUs) cannot be written as it is
         index = faiss.index_gpu_to_cpu(index)
     faiss.write_index(index, str(folder / INDEX_FILE))
     rows = table.iloc[search.setup.index_rows]

@@ -43,7 +43,7 @@ def measure(index_cfg, vectors: np.ndarray, queries: np.ndarray, k: int, exact: 
         start = time.perf_counter()
         index.search(q[None, :], k)
         single.append((time.perf_counter() - start) * 1000)
-    cpu_index = faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index
+    cpu_index = faiss.index_gpu_to_cpu(index) if cbir_index.gpu_available() else index  # serialisable form
     reference = found if exact is None else exact
     recall = np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / k for a, b in zip(found, reference)])
     return {"recall@k vs flat": float(recall), "build s": build_seconds, "batched ms/query": batch_ms,

@@ -18,8 +18,8 @@ from conftest import PROJECT
 
 sys.path.insert(0, str(PROJECT))
 
-from experiments import (embedding_space, index_types, modality_levels, paper_table1,  # noqa: E402
-                         pooling_resolution, saturation)
+from experiments import (embedding_space, index_types, paper_table1, pooling_resolution,  # noqa: E402
+                         saturation)
 from experiments.common import load_config  # noqa: E402
 
 
