@@ -28,7 +28,6 @@ from omegaconf import DictConfig  # noqa: E402
 from cbir import checks, reporting, retrieval, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
-from cbir.extract import extract_embeddings  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
 
@@ -79,6 +78,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     checks.validate_data(manifest.table, cfg, manifest.source)
     torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
     encoder = build(cfg.encoder)
+    from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
+
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")

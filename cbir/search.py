@@ -201,11 +201,11 @@ def search_command(cfg) -> pd.DataFrame:
     return results
 
 
-def _main():
+def main():
     import hydra
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
-    def main(cfg) -> None:
+    def search_main(cfg) -> None:
         from cbir.data.images import ImageLoadError
         from cbir.run import user_errors
 
@@ -215,8 +215,8 @@ def _main():
             log.error("%s", e)
             sys.exit(2)
 
-    main()
+    search_main()
 
 
 if __name__ == "__main__":
-    _main()
+    main()

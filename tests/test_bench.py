@@ -15,7 +15,7 @@ def test_quick_benchmark_writes_all_sections(tmp_path, shared_data_dir):
     proc = run_cbir(tmp_path, "bench.quick=true", f"paths.data_dir={shared_data_dir}", f"hydra.run.dir={out}",
                     "bench.extraction.encoders=[resnet50]", "bench.extraction.batch_size=4",
                     "bench.small.extract_images=8", "bench.extraction.image_size=64",
-                    "bench.sweep.per_class=[3,all]", "bench.small.search_index=5000",
+                    "bench.sweep.encoders=[baseline]", "bench.sweep.per_class=[3,all]", "bench.small.search_index=5000",
                     "bench.small.search_queries=500", "bench.small.naive_search_queries=20",
                     "bench.small.metrics_queries=[2000]", "bench.small.memory_images=20",
                     "bench.small.scale_index=5000", "bench.small.scale_queries=100", module="cbir.bench")
@@ -25,7 +25,7 @@ def test_quick_benchmark_writes_all_sections(tmp_path, shared_data_dir):
         assert math.isfinite(ratio) and ratio > 0, section
     for v in results["extraction"]["encoders"].values():
         assert v["pipeline_images_per_s"] > 0 and v["forward_images_per_s"] > 0
-    assert results["sweep"]["jobs"] == 4 and results["sweep"]["sweep_seconds"] > 0
+    assert results["sweep"]["jobs"] == 2 and results["sweep"]["sweep_seconds"] > 0
     assert results["search"]["top1_agreement"] == 1.0
     assert all(r["loop_agrees"] and r["peak_rss_mb"] > 0 for r in results["metrics"]["sizes"])
     assert [r["images"] for r in results["memory"]["runs"]] == [20, 200]

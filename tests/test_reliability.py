@@ -166,7 +166,7 @@ def test_damaged_cache_is_detected_and_recomputed(tmp_path):
 def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data_dir):
     """SIGKILL in the middle of extraction; the re-run finishes the missing rows only."""
     overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "encoder=resnet50", "encoder.pretrained=false",
-                 "extract.batch_size=4", "tracking.enabled=false"]
+                 "encoder.input_size=128", "extract.batch_size=4", "tracking.enabled=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *overrides], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
