@@ -37,7 +37,9 @@ import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger("cbir.bench")
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from cbir import CONFIG_DIR  # noqa: E402
+
+CONF = Path(CONFIG_DIR)
 PROJECT = CONF.parent
 
 
@@ -603,7 +605,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

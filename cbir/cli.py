@@ -12,3 +12,7 @@ def main() -> None:
     sys.argv = [f"cbir {name}", *args]
     module = __import__(commands[name], fromlist=["main"])
     module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import reporting, tracking
+from cbir import CONFIG_DIR, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
@@ -176,7 +176,7 @@ def _print(frame: pd.DataFrame, where: str, ns) -> None:
     Console().print(table)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")
 def main(cfg: DictConfig) -> None:
     try:
         files = write_report(cfg)

@@ -25,7 +25,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import checks, reporting, retrieval, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, reporting, retrieval, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -135,7 +135,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         result = run(cfg)

@@ -204,7 +204,9 @@ def search_command(cfg) -> pd.DataFrame:
 def main():
     import hydra
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
+    from cbir import CONFIG_DIR
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="search")
     def search_main(cfg) -> None:
         from cbir.data.images import ImageLoadError
         from cbir.run import user_errors

@@ -67,7 +67,8 @@ def test_search_returns_the_runs_neighbours(saved_run):
 
 
 def test_search_without_index_fails_clearly(tmp_path):
-    proc = run_cbir(tmp_path, f"search.index_dir={tmp_path}", "search.images=[x.png]", module="cbir.search",
+    # through the `cbir` command's entry point (it imports cbir.search rather than running it as __main__)
+    proc = run_cbir(tmp_path, "search", f"search.index_dir={tmp_path}", "search.images=[x.png]", module="cbir.cli",
                     check=False)
     assert proc.returncode == 2
     assert "no such file" in proc.stdout + proc.stderr
