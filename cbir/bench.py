@@ -36,9 +36,9 @@ import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-log = logging.getLogger("cbir.bench")
 from cbir import CONFIG_DIR  # noqa: E402
 
+log = logging.getLogger("cbir.bench")
 CONF = Path(CONFIG_DIR)
 PROJECT = CONF.parent
 
