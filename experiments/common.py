@@ -177,14 +177,14 @@ def run_embeddings(ctx: Context, overrides: list[str]):
     import torch
     from hydra import compose, initialize_config_dir
 
-    from cbir import checks
+    from cbir import CONFIG_DIR, checks
     from cbir.data.manifest import Manifest
     from cbir.extract import extract_embeddings
     from cbir.run import build
     from cbir.store import EmbeddingStore
 
     with ctx.chdir():
-        with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=list(overrides))  # the job's own, data location included
         manifest = build(cfg.dataset).load_manifest()
         table, duplicates = checks.drop_duplicate_paths(manifest.table)
