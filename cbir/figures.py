@@ -114,43 +114,32 @@ def scatter_2d(points: np.ndarray, colourings: dict[str, np.ndarray], path, titl
 
 # ------------------------------------------------------------------ embedding-space statistics
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    """First two principal components (numpy SVD; no scikit-learn needed)."""
-    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return centred @ vt[:2].T
+    """First two principal components."""
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2).fit_transform(np.asarray(x, dtype=np.float64))
 
 
-def cosine_distances(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return np.clip(1.0 - x @ x.T, 0.0, 2.0)
+def silhouette(vectors: np.ndarray, labels) -> float:
+    """Mean silhouette coefficient under cosine distance (scikit-learn); NaN for one class."""
+    from sklearn.metrics import silhouette_score
 
-
-def silhouette(distances: np.ndarray, labels) -> float:
-    """Mean silhouette coefficient for a precomputed distance matrix (scikit-learn's definition:
-    a sample alone in its class scores 0)."""
-    codes, _ = pd.factorize(np.asarray(labels))
-    n_classes = codes.max() + 1
-    if n_classes < 2:
-        return float("nan")
-    onehot = np.zeros((len(codes), n_classes))
-    onehot[np.arange(len(codes)), codes] = 1.0
-    sums = distances @ onehot                      # (n, C): summed distance to each class
-    counts = onehot.sum(0)
-    own = counts[codes] - 1                        # the sample itself is not its own neighbour
-    a = np.where(own > 0, sums[np.arange(len(codes)), codes] / np.maximum(own, 1), 0.0)
-    mean_other = sums / counts
-    mean_other[np.arange(len(codes)), codes] = np.inf
-    b = mean_other.min(1)
-    s = np.where(own > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
-    return float(s.mean())
-
-
-def knn_purity(distances: np.ndarray, labels, k: int = 10) -> float:
-    """Mean fraction of each sample's k nearest other samples that share its label."""
     labels = np.asarray(labels)
-    d = distances.copy()
-    np.fill_diagonal(d, np.inf)
-    k = min(k, len(d) - 1)
-    nearest = np.argpartition(d, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(d), 0), int)
-    return float((labels[nearest] == labels[:, None]).mean()) if k > 0 else float("nan")
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(np.asarray(vectors, dtype=np.float64), labels, metric="cosine"))
+
+
+def knn_purity(vectors: np.ndarray, labels, k: int = 10) -> float:
+    """Mean fraction of each sample's k nearest other samples (cosine, FAISS exact search) that
+    share its label."""
+    from cbir import index as cbir_index
+
+    labels = np.asarray(labels)
+    k = min(k, len(labels) - 1)
+    if k <= 0:
+        return float("nan")
+    unit = cbir_index.l2_normalise(vectors)
+    index = cbir_index.build_index(unit, "flat", use_gpu=False)
+    _, neighbours = cbir_index.search(index, unit, k, exclude=np.arange(len(unit)))  # not itself
+    return float((labels[neighbours] == labels[:, None]).mean())

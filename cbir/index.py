@@ -34,9 +34,12 @@ def sample_per_class(labels: pd.Series | np.ndarray, per_class: int | None, seed
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    """Unit-length float32 rows (a copy; all-zero rows stay zero)."""
+    import faiss
+
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(x)
+    return x
 
 
 def gpu_available() -> bool:

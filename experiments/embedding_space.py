@@ -43,13 +43,12 @@ def describe(ctx: Context, run_id: str, encoder: str) -> dict:
     rows = rows[stratified_sample(table["label"].to_numpy()[rows], int(ctx.cfg.sample), seed=0)]
     vectors = np.asarray(extraction.embeddings[rows], dtype=np.float32)
     labels, modalities = table["label"].to_numpy()[rows], table["modality"].to_numpy()[rows]
-    distances = figures.cosine_distances(vectors)
     k = int(ctx.cfg.knn)
     scores = {
-        "embedding/silhouette_class": figures.silhouette(distances, labels),
-        "embedding/silhouette_modality": figures.silhouette(distances, modalities),
-        f"embedding/knn{k}_purity_class": figures.knn_purity(distances, labels, k),
-        f"embedding/knn{k}_purity_modality": figures.knn_purity(distances, modalities, k),
+        "embedding/silhouette_class": figures.silhouette(vectors, labels),
+        "embedding/silhouette_modality": figures.silhouette(vectors, modalities),
+        f"embedding/knn{k}_purity_class": figures.knn_purity(vectors, labels, k),
+        f"embedding/knn{k}_purity_modality": figures.knn_purity(vectors, modalities, k),
         "embedding/sample_rows": float(len(rows)),
     }
     figure = figures.scatter_2d(
