@@ -125,7 +125,12 @@ def _first_value(value) -> float:
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """DICOM VOI window (PS3.3 C.11.2.1.2) mapped onto 0..255: the window spans the full
-    8-bit range; values outside it saturate, as any DICOM viewer shows them."""
+    8-bit range; values outside it saturate, as any DICOM viewer shows them.
+
+    Not pydicom's `apply_voi_lut`/`apply_windowing`: those map the window onto the stored bit
+    range (y_min..y_max derived from BitsStored, PixelRepresentation and the modality LUT), which
+    would need that same derivation again to reach 0..255, and they refuse photometric
+    interpretations other than MONOCHROME1/2. The formulas here are PS3.3's, tested against it."""
     if function == "SIGMOID":
         out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":
