@@ -101,6 +101,9 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     (["index.per_class=-3"], "index.per_class=-3: must be positive"),
     (["data.on_error=ignore"], "data.on_error=ignore: use skip or raise"),
     (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
+    (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),  # FAISS would abort
+    # the baseline's dimension is known once it is built (cheap): still before any extraction
+    (["index=ivfpq"], "index.params.m=16: must divide the embedding dimension"),
 ])
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
     start = time.perf_counter()
