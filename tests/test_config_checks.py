@@ -79,3 +79,27 @@ def test_build_index_refuses_what_would_crash_faiss():
         build_index(vectors, "hnsw", use_gpu=False, params={"M": 0})
     with pytest.raises(ConfigError, match="index.params.nbits=8: product quantisation needs at least 256 index rows"):
         build_index(vectors, "ivfpq", use_gpu=False, params={"m": 4, "nbits": 8, "nlist": 1})
+
+
+def test_every_shipped_encoder_and_index_preset_passes():
+    """No false alarms: the presets' defaults fit every encoder whose config states its dimension
+    (the baseline's 285-d descriptor is the one that needs m to be set for ivfpq, checked above)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    encoders = sorted(p.stem for p in (CONF_DIR / "encoder").glob("*.yaml"))
+    indexes = sorted(p.stem for p in (CONF_DIR / "index").glob("*.yaml"))
+    checked = 0
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        presets = {index: hydra_compose("config", [f"index={index}"]).index for index in indexes}
+        for encoder in encoders:
+            cfg = hydra_compose("config", ["tracking.enabled=false", f"encoder={encoder}"])
+            if cfg.encoder.get("dim") is None:
+                continue
+            for preset in presets.values():
+                cfg.index = preset
+                validate_config(cfg)
+                checked += 1
+    assert checked >= 4 * 14
