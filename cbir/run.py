@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     checks.validate_data(manifest.table, cfg, manifest.source)
     torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
     encoder = build(cfg.encoder)
+    checks.check_index_type(cfg, encoder.dim)  # encoders whose config does not state their dim
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):

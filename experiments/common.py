@@ -181,11 +181,15 @@ def run_embeddings(ctx: Context, overrides: list[str]):
     from cbir.data.manifest import Manifest
     from cbir.extract import extract_embeddings
     from cbir.run import build
+    from cbir.safe_config import check_trusted
     from cbir.store import EmbeddingStore
 
     with ctx.chdir():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=list(overrides))  # the job's own, data location included
+        # the overrides were read back from MLflow: build only cbir's own classes from them
+        check_trusted(cfg.dataset, "cbir.data", f"dataset of job overrides {list(overrides)}")
+        check_trusted(cfg.encoder, "cbir.encoders", f"encoder of job overrides {list(overrides)}")
         manifest = build(cfg.dataset).load_manifest()
         table, duplicates = checks.drop_duplicate_paths(manifest.table)
         if duplicates:

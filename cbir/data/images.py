@@ -32,14 +32,18 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """The format is decided by the file's content, not its name: a PNG named .dcm is a PNG.
+    DICOM is recognised by 'DICM' at byte 128; anything PIL identifies (PNG, JPEG, ... by their
+    magic bytes) is a raster image; a .dcm/.dicom file PIL cannot identify is read as DICOM
+    without the 128-byte preamble."""
     path = Path(path)
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
+        if _is_dicom(path):  # DICOM files often have no (or another) extension
             return _load_dicom(path)
         try:
             return _load_raster(path)
         except UnidentifiedImageError:
-            if _is_dicom(path):  # DICOM files often have no (or another) extension
+            if path.suffix.lower() in DICOM_SUFFIXES:
                 return _load_dicom(path)
             raise
     except ImageLoadError:
