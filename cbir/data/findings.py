@@ -38,6 +38,20 @@ def multi_label(modality: str, anatomy: str, findings: Iterable[str]) -> str:
     return class_name(modality, anatomy, join_findings(findings))
 
 
+def label_columns(modality: str, anatomy: str, finding_lists, labels: str) -> dict[str, list[str]]:
+    """`label` (and in multi mode `findings`) of rows with these findings."""
+    lists = [list(f) for f in finding_lists]
+    if labels == "single":
+        return {"label": [class_name(modality, anatomy, f[0]) for f in lists]}
+    return {"label": [multi_label(modality, anatomy, f) for f in lists], "findings": [join_findings(f) for f in lists]}
+
+
+def positive_lists(positive: pd.DataFrame) -> pd.Series:
+    """Column names holding True, per row, of a boolean frame (one finding column each)."""
+    joined = positive.astype(int).dot(pd.Index([f"{c}{SEPARATOR}" for c in positive.columns]).astype(object))
+    return joined.map(lambda cell: [f for f in str(cell).split(SEPARATOR) if f])
+
+
 def row_findings(table: pd.DataFrame) -> pd.Series:
     """Each row's finding names (sorted list): the `findings` column where it is filled,
     else the finding part of `label` (`<MODALITY>/<anatomy>/<finding>`)."""
