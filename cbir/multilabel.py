@@ -62,3 +62,23 @@ def summary_table(result: MultiLabelResult, ns, title: str) -> Table:
     for mod in sorted({k.split("/")[2] for k in m if k.startswith(f"{PREFIX}modality/")}):
         row(f"  {mod}", f"modality/{mod}/")
     return table
+
+
+def report_table(runs: pd.DataFrame, ns, identity) -> pd.DataFrame:
+    """cbir.report's multi-label table: the runs with ml/ metrics, P@N (shares a finding)
+    micro | macro, then mAP, nDCG and R-precision (micro) at the largest N. `identity(runs)`
+    names the columns that tell the runs apart."""
+    first = f"{PREFIX}micro/{metric_name(min(ns))}"
+    if first not in runs:
+        return pd.DataFrame()
+    runs = runs[runs[first].notna()]
+    if runs.empty:
+        return pd.DataFrame()
+    deepest = max(int(n) for n in ns)
+    columns = {f"{PREFIX}{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
+    columns.update({f"{PREFIX}micro/mAP_at_{deepest}": f"micro mAP@{deepest}",
+                    f"{PREFIX}micro/nDCG_at_{deepest}": f"micro nDCG@{deepest}",
+                    f"{PREFIX}micro/R_precision": "micro R-precision"})
+    ident = identity(runs)
+    table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
+    return table.sort_values(ident).reset_index(drop=True)
