@@ -22,7 +22,7 @@ from cbir import CONFIG_DIR, multilabel, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
-IDENTITY = ["encoder", "dataset", "index_type", "per_class"]
+IDENTITY = ["encoder", "dataset", "labels", "index_type", "per_class"]  # labels: single | multi
 
 
 class ReportError(ValueError):

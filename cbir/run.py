@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "encoder": cfg.encoder.name, "dataset": cfg.dataset.name, "index_type": cfg.index.type,
         "per_class": "all" if per_class is None else per_class,
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
+        "labels": multilabel.labels_mode(cfg),
     }
     run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
     if cfg.tracking.get("skip_finished", True):
