@@ -57,15 +57,18 @@ class FindingSets:
     @classmethod
     def build(cls, query: pd.DataFrame, index: pd.DataFrame) -> FindingSets:
         frame = pd.concat([query, index], ignore_index=True)
-        prefix = frame["modality"].astype(str) + "/" + frame["anatomy"].astype(str) + "/"
-        sets = row_findings(frame)
-        cells = prefix + sets.map("|".join)
-        combo, uniques = pd.factorize(cells)
-        first = _first_of(combo, len(uniques))
-        members = [[p + f for f in s] for p, s in zip(prefix.to_numpy()[first], sets.to_numpy()[first])]
+        columns = [c for c in ("modality", "anatomy", "label", "findings") if c in frame.columns]
+        # parse each distinct row once (few), then merge rows whose parsed sets are equal
+        row_kind = frame[columns].astype(str).groupby(columns, sort=False).ngroup().to_numpy()
+        distinct = frame.iloc[_first_of(row_kind)].reset_index(drop=True)
+        prefix = (distinct["modality"].astype(str) + "/" + distinct["anatomy"].astype(str) + "/").to_numpy()
+        members = [[p + f for f in found] for p, found in zip(prefix, row_findings(distinct))]
+        kind_combo, _ = pd.factorize(pd.Series(["|".join(m) for m in members]))
+        combo = kind_combo[row_kind]
+        members = [members[k] for k in _first_of(kind_combo)]
         keys = np.array(sorted({k for m in members for k in m}), dtype=object)
         position = {k: i for i, k in enumerate(keys)}
-        bits = np.zeros((len(uniques), max(1, -(-len(keys) // 64))), dtype=np.uint64)
+        bits = np.zeros((len(members), max(1, -(-len(keys) // 64))), dtype=np.uint64)
         for c, m in enumerate(members):
             for k in m:
                 bits[c, position[k] // 64] |= np.uint64(1) << np.uint64(position[k] % 64)
@@ -78,9 +81,9 @@ class FindingSets:
         return ((words >> (f % 64).astype(np.uint64)) & np.uint64(1)).astype(bool)
 
 
-def _first_of(codes: np.ndarray, n: int) -> np.ndarray:
-    """Position of the first row of each code 0..n-1."""
-    first = np.full(n, len(codes))
+def _first_of(codes: np.ndarray) -> np.ndarray:
+    """Position of the first row of each code 0..max(codes)."""
+    first = np.full(int(codes.max()) + 1 if len(codes) else 0, len(codes))
     np.minimum.at(first, codes, np.arange(len(codes)))
     return first
 
@@ -109,7 +112,7 @@ def _ideal_gains(jaccard: np.ndarray, counts: np.ndarray, depth: int) -> np.ndar
 
 
 def per_query(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
-              query_in_index: np.ndarray | None = None, ns=(1, 3, 5, 10), chunk: int = 65536):
+              query_in_index: np.ndarray | None = None, ns=(1, 3, 5, 10), chunk: int = 16384):
     """Per-query values: dict name -> (Q,) array (NaN for excluded queries), FindingSets, n_rel."""
     query, index = query.reset_index(drop=True), index.reset_index(drop=True)
     ns = sorted(int(n) for n in ns)
@@ -118,10 +121,16 @@ def per_query(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     sets = FindingSets.build(query, index)
     bits = sets.combo_bits
     index_counts = np.bincount(sets.index_combo, minlength=len(bits))
-    shared, union = _overlap(bits[:, None, :], bits[None, :, :])          # (C, C) between distinct sets
-    n_rel = (shared > 0).astype(np.int64) @ index_counts
-    n_rel_q = n_rel[sets.query_combo] - (own >= 0)
-    jaccard = np.where(union > 0, shared / np.maximum(union, 1), 0.0)
+    # overlap between the distinct sets of the queries (V rows) and all distinct sets (C columns)
+    query_sets, query_row = np.unique(sets.query_combo, return_inverse=True)
+    jaccard = np.zeros((len(query_sets), len(bits)))
+    n_rel = np.zeros(len(query_sets), dtype=np.int64)
+    for start in range(0, len(query_sets), 256):  # blocks bound the (V, C, words) temporaries
+        block = slice(start, start + 256)
+        shared, union = _overlap(bits[query_sets[block], None, :], bits[None, :, :])
+        jaccard[block] = shared / np.maximum(union, 1)
+        n_rel[block] = (shared > 0).astype(np.int64) @ index_counts
+    n_rel_q = n_rel[query_row] - (own >= 0)
 
     depth = neighbours.shape[1]
     deepest = max(max(ns), 1)
@@ -133,11 +142,11 @@ def per_query(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
         rows = np.flatnonzero((own >= 0) == is_own)
         if len(rows) == 0:
             continue
-        combos, inverse = np.unique(sets.query_combo[rows], return_inverse=True)
-        counts = np.broadcast_to(index_counts, (len(combos), len(bits))).copy()
+        set_rows, inverse = np.unique(query_row[rows], return_inverse=True)
+        counts = np.broadcast_to(index_counts, (len(set_rows), len(bits))).copy()
         if is_own:
-            counts[np.arange(len(combos)), combos] -= 1
-        ideal[rows] = _ideal_gains(jaccard[combos], counts, deepest)[inverse]
+            counts[np.arange(len(set_rows)), query_sets[set_rows]] -= 1
+        ideal[rows] = _ideal_gains(jaccard[set_rows], counts, deepest)[inverse]
     discount = 1.0 / np.log2(np.arange(2, deepest + 2))
     ideal_dcg = np.cumsum(ideal * discount, axis=1)
 
@@ -146,8 +155,7 @@ def per_query(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
         sl = slice(start, min(start + chunk, q))
         nb = neighbours[sl]
         nb_combo = np.where(nb >= 0, sets.index_combo[np.clip(nb, 0, None)], -1)
-        qc = sets.query_combo[sl][:, None]
-        gain = np.where(nb_combo >= 0, jaccard[qc, np.clip(nb_combo, 0, None)], 0.0)
+        gain = np.where(nb_combo >= 0, jaccard[query_row[sl][:, None], np.clip(nb_combo, 0, None)], 0.0)
         hits = gain > 0
         rel = n_rel_q[sl]
         ok = rel > 0

@@ -161,3 +161,17 @@ def test_single_label_data_gives_todays_modified_precision_exactly():
     for key, value in today.items():
         if "P_at_" in key and "_std" not in key and not key.startswith("level/"):
             assert multi["ml/" + key] == value, key   # bit for bit, not approximately
+
+
+def test_blocks_and_chunks_do_not_change_the_values():
+    """More than 256 distinct query sets (the overlap is computed in blocks) and query chunks."""
+    rng = np.random.default_rng(4)
+    index, query = random_case(rng, n_index=300, n_query=600, findings="abcdefghijklmno")
+    neighbours = np.stack([rng.permutation(300)[:10] for _ in range(600)])
+    whole, sets, n_rel = per_query(query, index, neighbours, ns=[1, 10])
+    assert len(np.unique(sets.query_combo)) > 256
+    chunked, _, _ = per_query(query, index, neighbours, ns=[1, 10], chunk=7)
+    for name in whole:
+        np.testing.assert_array_equal(whole[name], chunked[name])
+    qs, ix = finding_sets(query), finding_sets(index)
+    assert list(n_rel) == [sum(bool(q & i) for i in ix) for q in qs]
