@@ -181,7 +181,7 @@ def metric_names(ns) -> list[str]:
 
 def _query_finding_pairs(sets: FindingSets, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(query position, finding id) for every finding of every query."""
-    combo_of_pair, finding_of_pair = np.nonzero(member)  # row-major: each set's findings contiguous
+    _, finding_of_pair = np.nonzero(member)  # row-major: each set's findings contiguous
     sizes = member.sum(1)
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     per_query = sizes[sets.query_combo]

@@ -5,7 +5,6 @@ search results equals the study's modified P@N bit for bit."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
