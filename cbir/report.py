@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import CONFIG_DIR, reporting, tracking
+from cbir import CONFIG_DIR, multilabel, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
-IDENTITY = ["encoder", "dataset", "index_type", "per_class"]
+IDENTITY = ["encoder", "dataset", "labels", "index_type", "per_class"]  # labels: single | multi
 
 
 class ReportError(ValueError):
@@ -143,10 +143,13 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     out = Path(cfg.report.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns)}
+    tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
     if cfg.report.get("reference"):
         tables["comparison"] = comparison(tables["table1"], Path(cfg.report.reference), ns)
     titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
-              "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers"}
+              "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers",
+              "multilabel": "Multi-label retrieval (dataset.labels=multi): relevant = shares a finding; macro over "
+                            "findings; nDCG gain = Jaccard overlap of the finding sets"}
     files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
     for name, frame in tables.items():
         if frame.empty:

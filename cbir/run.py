@@ -25,7 +25,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import CONFIG_DIR, checks, reporting, retrieval, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, multilabel, reporting, retrieval, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "encoder": cfg.encoder.name, "dataset": cfg.dataset.name, "index_type": cfg.index.type,
         "per_class": "all" if per_class is None else per_class,
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
+        "labels": multilabel.labels_mode(cfg),
     }
     run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
     if cfg.tracking.get("skip_finished", True):
@@ -111,6 +112,9 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
             tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
         files = reporting.write_job_files(result, out)
         files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
+        if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
+            files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
+                                                f"{run_name}  (multi-label: shares a finding)"))
         sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
         if sizes:
             curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)

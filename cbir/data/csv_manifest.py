@@ -4,6 +4,9 @@ path, split, modality, anatomy, label (and optionally dataset; missing -> `name`
 `path` is relative to `root` (default: the manifest file's folder) or absolute inside it;
 a path that leaves `root` is an error. `label` is the retrieval class, best written as
 `<MODALITY>/<anatomy>/<finding>` so that it merges with the study's classes.
+With `labels=multi` a `findings` column is required: the image's finding names joined by `|`
+(e.g. `Edema|Pleural Effusion`; empty = the finding of `label`); `label` then becomes
+`<MODALITY>/<anatomy>/<sorted findings>`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from cbir.data.base import MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy
-from cbir.data.manifest import MANIFEST_COLUMNS, ManifestError
+from cbir.data.findings import fill_findings
+from cbir.data.manifest import MANIFEST_COLUMNS, ManifestError, class_name
 
 REQUIRED = tuple(c for c in MANIFEST_COLUMNS if c != "dataset")
 # the texts pandas.read_csv reads as missing by default (its documented na_values), plus "none"
@@ -24,11 +28,11 @@ MISSING_MARKERS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN
 
 class CSVManifestDataset(DatasetReader):
     def __init__(self, file, root=None, name: str = "csv", cache_dir=None, rebuild: bool = False,
-                 missing: str = "error") -> None:
+                 missing: str = "error", labels: str = "single") -> None:
         if not file:
             raise ManifestError("dataset.file is not set; give the manifest file: dataset.file=<path/to/manifest.csv>")
         self.file = Path(file)
-        super().__init__(root if root else self.file.parent, name, cache_dir, rebuild)
+        super().__init__(root if root else self.file.parent, name, cache_dir, rebuild, labels)
         self.missing = check_policy(missing, "dataset.missing", MISSING_POLICIES)
 
     def options(self) -> dict:
@@ -52,6 +56,13 @@ class CSVManifestDataset(DatasetReader):
             self._check_filled(table[column], column)
         table = table.astype({c: str for c in MANIFEST_COLUMNS})
         table["path"] = [self._inside_root(p, i) for i, p in enumerate(table["path"])]
+        if self.labels == "multi":
+            if "findings" not in table.columns:
+                raise ManifestError(f"{self.file}: dataset.labels=multi needs a 'findings' column (finding names "
+                                    "joined by |, e.g. Edema|Pleural Effusion); add it or use dataset.labels=single")
+            table = fill_findings(table.astype({"findings": str}))
+            table["label"] = [class_name(m, a, f) for m, a, f in
+                              zip(table["modality"], table["anatomy"], table["findings"])]
         scan = Scan(table.reset_index(drop=True))
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan
