@@ -11,6 +11,7 @@ which is ~5x faster than one `h5f[key]` lookup per image.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def model_folders(encoder: str) -> list[str]:
 
 def model_folder(encoder: str) -> str:
     return model_folders(encoder)[0]
+
+
+def image_keys(manifest, key_root=None) -> list[str]:
+    """The study key (filepath) of each manifest row: its `path`, or with `key_root` the image
+    path relative to that folder (e.g. a nih14 manifest rooted at $DATA/nih14, key_root=$DATA)."""
+    if key_root is None:
+        return [str(p) for p in manifest.table["path"]]
+    base, root = os.path.abspath(key_root), os.path.abspath(manifest.root)
+    return [Path(os.path.relpath(os.path.join(root, p), base)).as_posix() for p in manifest.table["path"]]
 
 
 # ----------------------------------------------------------------------------- split CSVs

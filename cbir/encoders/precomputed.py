@@ -19,7 +19,8 @@ import numpy as np
 
 from cbir.checks import DataError
 from cbir.encoders.base import Encoder, EncoderError
-from cbir.study_format import StudyFormatError, dataset_keys, model_folders, open_h5, read_vectors, vector_dim
+from cbir.study_format import (StudyFormatError, dataset_keys, image_keys, model_folders, open_h5, read_vectors,
+                               vector_dim)
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +92,11 @@ class PrecomputedEncoder(Encoder):
         self.transform()
 
     # ------------------------------------------------------------------ filling
-    def keys(self, manifest) -> list[str]:
-        if self.key_root is None:
-            return [str(p) for p in manifest.table["path"]]
-        base = os.path.abspath(self.key_root)
-        return [Path(os.path.relpath(os.path.join(os.path.abspath(manifest.root), p), base)).as_posix()
-                for p in manifest.table["path"]]
-
     def fill(self, manifest, partial, rows: np.ndarray, on_error: str = "skip") -> None:
         """Write the embeddings of manifest `rows` into the partial cache entry. Every key is
         located first (one walk per file, no values read), so a duplicate or missing key stops
         the run before the long read."""
-        keys = self.keys(manifest)
+        keys = image_keys(manifest, self.key_root)
         row_of = {k.encode(): i for i, k in enumerate(keys)}
         source = np.full(len(keys), -1, dtype=np.int32)  # which file holds each row's embedding
         plan: list[tuple[Path, list[bytes], np.ndarray]] = []
