@@ -245,14 +245,21 @@ def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(bas
                 theirs.embeddings, theirs.valid)
 
 
+@pytest.fixture(scope="module")
+def two_models(published, tmp_path_factory) -> Path:
+    """The published set with a second model folder (the same vectors under the DINOv2 name)."""
+    out = tmp_path_factory.mktemp("two_models")
+    shutil.copytree(published, out, dirs_exist_ok=True)
+    shutil.copytree(out / "embeddings" / "BiomedCLIPVitB16_224", out / "embeddings" / "DINOv2ViTB14")
+    return out
+
+
 @pytest.mark.slow
-def test_cbir_run_sweeps_published_embeddings(published, tmp_path):
+def test_cbir_run_sweeps_published_embeddings(two_models, tmp_path):
     """The user's command: a sweep over two published models and two index sizes, no images."""
-    models = published / "embeddings"
-    shutil.copytree(models / "BiomedCLIPVitB16_224", models / "DINOv2ViTB14", dirs_exist_ok=True)
-    run_cbir(tmp_path, "-m", "debug=smoke", "dataset=study_splits", f"dataset.dir={published / 'datasets'}",
-                    f"dataset.root={tmp_path / 'no_images'}", "encoder=precomputed", f"encoder.dir={models}",
-                    "encoder.name=biomedclip,dinov2", "index.per_class=5,null", "eval.gallery=false")
+    run_cbir(tmp_path, "-m", "debug=smoke", "dataset=study_splits", f"dataset.dir={two_models / 'datasets'}",
+             f"dataset.root={tmp_path / 'no_images'}", "encoder=precomputed", f"encoder.dir={two_models / 'embeddings'}",
+             "encoder.name=biomedclip,dinov2", "index.per_class=5,null", "eval.gallery=false")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -260,8 +267,28 @@ def test_cbir_run_sweeps_published_embeddings(published, tmp_path):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["encoder"] for r in children} == {"biomedclip", "dinov2"}
-    # same files: both encoders' full-index runs score the same
+    # same vectors under both names: both full-index runs score the same
     full = {r.data.tags["encoder"]: r.data.metrics["micro/P_at_1"] for r in children if r.data.tags["per_class"] == "all"}
     assert full["biomedclip"] == full["dinov2"]
     for name in ("biomedclip", "dinov2"):  # the second index size of a model reuses its cache entry
         assert sorted(r.data.tags["cache"] for r in children if r.data.tags["encoder"] == name) == ["hit", "miss"]
+
+
+@pytest.mark.slow
+def test_paper_table1_from_published_embeddings(two_models, tmp_path):
+    import sys
+
+    from conftest import PROJECT
+
+    sys.path.insert(0, str(PROJECT))
+    from experiments import paper_table1
+    from experiments.common import load_config
+
+    cfg = load_config("paper_table1", ["source=published", f"published_dir={two_models}", f"workdir={tmp_path}",
+                                       "cbir=['debug=smoke']"])
+    files = paper_table1.run(cfg)
+    table = pd.read_csv(files["table1.csv"]).set_index("encoder")
+    assert sorted(table.index) == ["biomedclip", "dinov2"]
+    comparison = pd.read_csv(files["comparison.csv"]).set_index("encoder")
+    measured = table.loc["biomedclip", "micro P@1"]
+    assert comparison.loc["biomedclip", "micro P@1"] == f"{measured:.3f} ({measured - 0.594:+.3f} vs 0.594)"
