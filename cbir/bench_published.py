@@ -34,20 +34,26 @@ FABRICATED = [
 ]
 
 
-def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed: int = 0, spread: float = 1.5,
-              file_missing: int = 0) -> dict:
+def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed: int = 0, styles: int = 500,
+              class_shift: float = 0.12, noise: float = 0.8, file_missing: int = 0) -> dict:
     """Study-shaped artifacts under `out`: datasets/<dataset>.csv and embeddings/<Model>/<dataset>.h5.
-    Embeddings are class centroids plus noise (`spread`), L2-normalised, so retrieval is neither
-    trivial nor chance. `file_missing` NIH rows get the study's `File Missing` path (no embedding)."""
+    An embedding is one of `styles` "acquisition styles" of its modality/anatomy (shared by that
+    region's classes), plus a small class direction (`class_shift`) and noise, L2-normalised:
+    neighbours are found through structure, as with real embeddings, and classes overlap enough
+    that P@1 is about 0.45 (a plain centroid-plus-noise set is either trivial or has no local
+    structure for IVF). `file_missing` NIH rows get the study's `File Missing` path (no embedding)."""
     import pandas as pd
 
     from cbir.study_format import FILE_MISSING, STUDY_CSV_NAMES, write_h5
 
     rng = np.random.default_rng(seed)
     classes = [(ds, m, a, f"{m}/{a}/{f}") for ds, m, a, fs in FABRICATED for f in fs]
+    region = np.array([g for g, (_, _, _, fs) in enumerate(FABRICATED) for _ in fs])
     weights = rng.uniform(0.3, 3.0, len(classes))
     picked = rng.choice(len(classes), size=rows, p=weights / weights.sum())
-    centroids = rng.standard_normal((len(classes), dim)).astype(np.float32)
+    centroids = class_shift * rng.standard_normal((len(classes), dim)).astype(np.float32)
+    style_vectors = rng.standard_normal((len(FABRICATED), styles, dim)).astype(np.float32)
+    style = rng.integers(0, styles, rows)
     table = pd.DataFrame({
         "dataset": [classes[c][0] for c in picked], "modality": [classes[c][1] for c in picked],
         "anatomy": [classes[c][2] for c in picked], "label": [classes[c][3] for c in picked],
@@ -58,11 +64,12 @@ def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed:
     model = model_folder(encoder)
     for dataset, part in table.groupby("dataset", sort=False):
         vectors = np.empty((len(part), dim), dtype=np.float32)
-        codes = part["label"].map({c[3]: i for i, c in enumerate(classes)}).to_numpy()
+        positions = part.index.to_numpy()
         for start in range(0, len(part), 65536):  # bounded memory at any size
-            block = centroids[codes[start:start + 65536]]
-            block = block + spread * rng.standard_normal(block.shape).astype(np.float32)
-            vectors[start:start + 65536] = block / np.linalg.norm(block, axis=1, keepdims=True)
+            at = positions[start:start + 65536]
+            block = style_vectors[region[picked[at]], style[at]] + centroids[picked[at]]
+            block += noise * rng.standard_normal(block.shape).astype(np.float32)
+            vectors[start:start + len(at)] = block / np.linalg.norm(block, axis=1, keepdims=True)
         files["h5"].append(write_h5(out / "embeddings" / model / f"{dataset}.h5", part["path"], vectors))
         csv_rows = part
         if dataset == "nih14" and file_missing:
@@ -130,9 +137,10 @@ def step_load(data: Path, cache: Path, sample_keys: int = 5000) -> dict:
     encoder = PrecomputedEncoder("biomedclip", dir=data / "embeddings")
     extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cache), _extract_cfg(), on_error="raise")
     load_s = time.perf_counter() - start
-    keys = manifest.table["path"].to_numpy()[:sample_keys]
+    file = encoder.files[0]  # the study's retrieval.py: `key in h5f` then `h5f[key][:]` for each CSV row
+    keys = manifest.table.loc[manifest.table["dataset"] == file.stem, "path"].to_numpy()[:sample_keys]
     start = time.perf_counter()
-    with h5py.File(encoder.files[-1], "r") as h5:
+    with h5py.File(file, "r") as h5:
         for key in keys:
             if key in h5:
                 h5[key][:]

@@ -292,3 +292,20 @@ def test_paper_table1_from_published_embeddings(two_models, tmp_path):
     comparison = pd.read_csv(files["comparison.csv"]).set_index("encoder")
     measured = table.loc["biomedclip", "micro P@1"]
     assert comparison.loc["biomedclip", "micro P@1"] == f"{measured:.3f} ({measured - 0.594:+.3f} vs 0.594)"
+
+
+@pytest.mark.slow
+def test_scale_benchmark_measures_every_step(tmp_path):
+    from cbir.bench_published import benchmark
+
+    result = benchmark(rows=3000, dim=16, workdir=tmp_path, per_class=50, nprobe=4)
+    load, evaluation = result["measured"]["load"], result["measured"]["evaluate"]
+    assert load["rows"] == 3000 and load["dim"] == 16 and not load["cache_hit"]
+    assert evaluation["cache_hit"]  # the evaluation reads the entry the load step wrote
+    assert evaluation["per_class"]["index_rows"] <= 12 * 50 < evaluation["exact"]["index_rows"]
+    assert 0 < evaluation["ivf"]["recall_at_10"] <= 1
+    estimate = result["study_estimate"]
+    factor = 1_600_000 / 3000
+    assert estimate["hdf5_to_cache_s"] == pytest.approx(load["hdf5_to_cache_s"] * factor)
+    assert estimate["exact_s"] == pytest.approx(evaluation["exact"]["seconds"] * factor ** 2)
+    assert (tmp_path / "published_scale.json").is_file()
