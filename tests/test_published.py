@@ -309,3 +309,22 @@ def test_scale_benchmark_measures_every_step(tmp_path):
     assert estimate["hdf5_to_cache_s"] == pytest.approx(load["hdf5_to_cache_s"] * factor)
     assert estimate["exact_s"] == pytest.approx(evaluation["exact"]["seconds"] * factor ** 2)
     assert (tmp_path / "published_scale.json").is_file()
+
+
+def test_export_and_parity_commands_from_their_configs(baseline_export, tmp_path):
+    """`python -m cbir.export` / `python -m cbir.parity` as composed from conf/export.yaml and
+    conf/parity.yaml (the run's own overrides pick its cache entry)."""
+    from cbir.export import export_command
+    from cbir.parity import parity_command
+
+    cfg, manifest, extraction, work, files = baseline_export
+    common = ["debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
+              "encoder=baseline"]
+    written = export_command(compose(*common, f"export.dir={tmp_path / 'export'}", config_name="export"))
+    assert [f.name for f in written["h5"]] == ["synthetic.h5"]
+    parity = compose(*common, f"parity.dir={tmp_path / 'export' / 'embeddings'}",
+                     f"parity.output_dir={tmp_path / 'parity'}", config_name="parity")
+    report = parity_command(parity)
+    assert report.passed and report.compared == len(manifest)
+    saved = pd.read_csv(tmp_path / "parity" / "parity_summary.csv")
+    assert saved["rows"].iloc[-1] == len(manifest) and (tmp_path / "parity" / "parity.json").is_file()
