@@ -1,4 +1,4 @@
-"""`cbir <command> [overrides]`: run (default), report, search, bench. Same as `python -m cbir.<command>`."""
+"""`cbir <command> [overrides]`: run (default), report, search, bench, export, parity. Same as `python -m cbir.<command>`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 
 def main() -> None:
-    commands = {"run": "cbir.run", "report": "cbir.report", "search": "cbir.search", "bench": "cbir.bench"}
+    commands = {"run": "cbir.run", "report": "cbir.report", "search": "cbir.search", "bench": "cbir.bench",
+                "export": "cbir.export", "parity": "cbir.parity"}
     args = sys.argv[1:]
     name = args.pop(0) if args and args[0] in commands else "run"
     sys.argv = [f"cbir {name}", *args]
