@@ -126,7 +126,13 @@ def fit(embeddings: np.ndarray, train: tuple[np.ndarray, np.ndarray], val: tuple
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks,
                         deterministic="warn")  # deterministic kernels; only warn where CUDA has none
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    threads = torch.get_num_threads()
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    finally:
+        torch.set_num_threads(threads)
     epoch = module.history[-1]["epoch"]
     if keep.state is not None:
         module.load_state_dict(keep.state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,7 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
     if not len(val_rows):
         log.warning("linear probe: no '%s' rows to select the epoch on; keeping the last of %d epochs",
                     pc.val_split, pc.max_epochs)
+    started = time.perf_counter()
     module, history, epoch = probe.fit(embeddings, (train_rows, train_codes),
                                        (val_rows, val_codes) if len(val_rows) else None,
                                        len(classes), pc, int(cfg.seed))
@@ -177,7 +179,7 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
     probabilities = probe.predict(module, embeddings, test_rows, normalise=bool(pc.get("normalise", True)))
     result = classification.evaluate(test_codes, probabilities, classes, table["modality"].to_numpy()[test_rows],
                                      np.bincount(train_codes, minlength=len(classes)))
-    counts = {"best_epoch": epoch, "epochs": len(history), "queries": len(test_rows), "excluded_queries": excluded,
+    counts = {"best_epoch": epoch, "epochs": len(history), "fit_seconds": round(time.perf_counter() - started, 2), "queries": len(test_rows), "excluded_queries": excluded,
               "val_queries": len(val_rows), "train_rows": len(train_rows), "classes": len(classes)}
     return TaskOutput("probe", result, counts, history, "epoch")
 

@@ -24,7 +24,7 @@ def make_cfg(**task):
         "task": {"name": "all", "evaluations": ["retrieval", "knn_classification", "linear_probe"],
                  "knn": {"mode": "study", "select_k": True, "k_max": 9, "k": 3, "val_split": "val", **task.get("knn", {})},
                  "probe": {"lr": 0.05, "weight_decay": 0.01, "batch_size": 16, "max_epochs": 30, "patience": 5,
-                           "init_std": 0.01, "normalise": True, "accelerator": "cpu", "val_split": "val",
+                           "init_std": 0.01, "normalise": True, "accelerator": "cpu", "val_split": "val", "cpu_threads": 1,
                            **task.get("probe", {})}},
     })
 
