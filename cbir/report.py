@@ -4,7 +4,8 @@ Writes into `report.output_dir`: table1.{md,csv} (rows encoders, columns P@1/3/5
 macro, as the study's Table 1), per_modality.{md,csv}, saturation.{md,csv} when index sizes
 vary, comparison.{md,csv} against published numbers when `report.reference` is set,
 knn_classification.{md,csv} and linear_probe.{md,csv} (rows encoders, columns the
-classification metrics) when such runs exist, and report.md with all of them.
+classification metrics) with knn_per_modality / probe_per_modality when such runs exist, and
+report.md with all of them.
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
     return table.sort_values(ident, key=_natural).reset_index(drop=True)
 
 
+def classification_per_modality(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Rows: (run identity, modality); columns: the test metrics within that modality's queries."""
+    keys = [k for k in runs.columns if str(k).startswith(f"{prefix}/modality/")]
+    if not keys:
+        return pd.DataFrame()
+    runs = runs[runs[f"{prefix}/accuracy"].notna()]
+    ident = identity_columns(runs)
+    rows = []
+    for _, run in runs.iterrows():
+        for modality in sorted({str(k).split("/")[2] for k in keys}):
+            values = {classification.LABELS[m]: run.get(f"{prefix}/modality/{modality}/{m}") for m in classification.METRICS}
+            if any(v == v and v is not None for v in values.values()):
+                rows.append({**{c: run[c] for c in ident}, "modality": modality, **values})
+    return pd.DataFrame(rows).sort_values(ident + ["modality"], key=_natural).reset_index(drop=True) if rows else pd.DataFrame()
+
+
 def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
     """Measured minus published, per encoder and cell."""
     ref = pd.read_csv(reference)
@@ -174,13 +191,16 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns),
               "knn_classification": classification_table(runs, "knn"),
-              "linear_probe": classification_table(runs, "probe")}
+              "linear_probe": classification_table(runs, "probe"),
+              "knn_per_modality": classification_per_modality(runs, "knn"),
+              "probe_per_modality": classification_per_modality(runs, "probe")}
     if cfg.report.get("reference"):
         tables["comparison"] = comparison(tables["table1"], Path(cfg.report.reference), ns)
     titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
               "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers",
               "knn_classification": "k-NN classification (test split; k chosen on val)",
-              "linear_probe": "Linear probe (test split; epoch chosen on val)"}
+              "linear_probe": "Linear probe (test split; epoch chosen on val)",
+              "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality"}
     files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
     for name, frame in tables.items():
         if frame.empty:

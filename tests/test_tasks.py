@@ -164,3 +164,23 @@ def test_errors_before_any_work():
         tasks.check_config(OmegaConf.merge(cfg, {"task": {"evaluations": ["knn"]}}))
     with pytest.raises(ConfigError, match="task.knn.mode=vote"):
         tasks.check_config(make_cfg(knn={"mode": "vote"}))
+
+
+def test_report_tables_keep_each_task_to_its_own_table():
+    from cbir import report
+
+    runs = pd.DataFrame([
+        {"encoder": "a", "dataset": "d", "index_type": "flat", "per_class": "all", "task": "retrieval",
+         "micro/P_at_1": 0.5, "macro/P_at_1": 0.4},
+        {"encoder": "a", "dataset": "d", "index_type": "flat", "per_class": "all", "task": "knn_classification",
+         "knn/accuracy": 0.7, "knn/macro_f1": 0.6, "knn/k": 5.0, "knn/modality/CT/accuracy": 0.8},
+        {"encoder": "b", "dataset": "d", "index_type": "flat", "per_class": "all", "task": "knn_classification",
+         "knn/accuracy": 0.2, "knn/macro_f1": 0.1, "knn/k": 9.0, "knn/modality/CT/accuracy": 0.3},
+    ])
+    assert report.table1(runs, [1])["encoder"].tolist() == ["a"]
+    knn = report.classification_table(runs, "knn")
+    assert knn["encoder"].tolist() == ["a", "b"] and knn["k"].tolist() == [5, 9]
+    assert knn["macro F1"].tolist() == [0.6, 0.1] and "task" not in knn  # the same task in every row
+    assert report.classification_table(runs, "probe").empty
+    per_modality = report.classification_per_modality(runs, "knn")
+    assert per_modality[["encoder", "modality", "accuracy"]].values.tolist() == [["a", "CT", 0.8], ["b", "CT", 0.3]]

@@ -90,6 +90,8 @@ def test_sweep_over_encoders_and_tasks_and_the_report(tmp_path, shared_data_dir)
     assert knn.loc["baseline", "k"] == child.data.metrics["knn/k"]
     # the embedding space of the baseline classifies better than random weights
     assert knn.loc["baseline", "accuracy"] > knn.loc["random", "accuracy"]
+    per_modality = pd.read_csv(tmp_path / "reports" / "knn_per_modality.csv")
+    assert set(per_modality["modality"]) == {"CT", "MR", "US", "XR"} and len(per_modality) == 8
     report = (tmp_path / "reports" / "report.md").read_text()
     assert "## k-NN classification" in report and "## Linear probe" in report
 
