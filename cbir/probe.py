@@ -122,17 +122,20 @@ def fit(embeddings: np.ndarray, train: tuple[np.ndarray, np.ndarray], val: tuple
     val_loader = loader(EmbeddingRows(embeddings, *val, normalise), batch, shuffle=False) if val else None
     keep = KeepBest()
     callbacks = [keep, EarlyStopping("val_acc", mode="max", patience=int(cfg.patience))] if val else []
+    # process-wide torch settings, restored so later jobs of a multirun (extraction) keep theirs
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     trainer = L.Trainer(max_epochs=int(cfg.max_epochs), accelerator=str(cfg.accelerator), devices=1,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks,
                         deterministic="warn")  # deterministic kernels; only warn where CUDA has none
-    threads = torch.get_num_threads()
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     try:
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     epoch = module.history[-1]["epoch"]
     if keep.state is not None:
         module.load_state_dict(keep.state)

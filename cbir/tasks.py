@@ -140,7 +140,9 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
         n_val = len(truth)
         if n_val:
             k, history = knn.choose_k(truth, knn.predictions_by_k(codes, n_rel, int(kc.k_max), len(classes), kc.mode))
-        log.info("k-NN: k=%d chosen on %d %s queries (best micro-F1 over k=1..%d)", k, n_val, kc.val_split, kc.k_max)
+            log.info("k-NN: k=%d chosen on %d %s queries (best micro-F1 over k=1..%d)", k, n_val, kc.val_split, kc.k_max)
+        else:
+            log.warning("k-NN: no '%s' query has a class in the index; using task.knn.k=%d", kc.val_split, k)
     elif kc.select_k:
         log.warning("k-NN: the dataset has no '%s' split to choose k on; using task.knn.k=%d", kc.val_split, k)
     test_rows = setup.query_rows

@@ -107,6 +107,22 @@ def test_knn_without_a_val_split_says_so_and_takes_k_from_the_config(caplog):
         out = tasks.run_knn(make_cfg(knn={"k": 4}), table, embeddings, valid)
     assert out.counts["k"] == 4 and out.history.empty
     assert "no 'val' split" in caplog.text and "task.knn.k=4" in caplog.text
+    # val rows exist, but none of a class in the index
+    table, embeddings, valid = make_data()
+    table.loc[table["split"] == "val", "label"] = "XR/chest/E"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = tasks.run_knn(make_cfg(knn={"k": 2}), table, embeddings, valid)
+    assert out.counts["k"] == 2 and out.counts["val_queries"] == 0 and "task.knn.k=2" in caplog.text
+
+
+def test_probe_restores_the_torch_settings_it_changes():
+    import torch
+
+    table, embeddings, valid = make_data()
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    tasks.run_probe(make_cfg(probe={"max_epochs": 1}), table, embeddings, valid)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
 
 
 def test_probe_keeps_the_best_val_epoch_stops_on_patience_and_is_deterministic():
