@@ -19,8 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support,
-                             precision_score, recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 METRICS = ("micro_roc_auc", "macro_roc_auc", "micro_f1", "macro_f1", "macro_precision", "macro_recall", "accuracy")
 LABELS = {"micro_roc_auc": "micro ROC-AUC", "macro_roc_auc": "macro ROC-AUC", "micro_f1": "micro F1",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 MODES = ("study", "plain")
 
@@ -66,6 +65,10 @@ def predictions_by_k(codes: np.ndarray, n_relevant: np.ndarray, k_max: int, n_cl
 
 def choose_k(truth: np.ndarray, predictions: np.ndarray) -> tuple[int, pd.DataFrame]:
     """Best k by micro-F1 (smallest k on ties) and the table k, micro_f1, macro_f1."""
+    from sklearn.metrics import (
+        f1_score,  # scikit-learn takes seconds to import: not before the checks
+    )
+
     table = pd.DataFrame({
         "k": np.arange(1, len(predictions) + 1),
         "micro_f1": [f1_score(truth, p, average="micro") for p in predictions],

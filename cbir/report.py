@@ -147,7 +147,7 @@ def classification_per_modality(runs: pd.DataFrame, prefix: str) -> pd.DataFrame
     for _, run in runs.iterrows():
         for modality in sorted({str(k).split("/")[2] for k in keys}):
             values = {classification.LABELS[m]: run.get(f"{prefix}/modality/{modality}/{m}") for m in classification.METRICS}
-            if any(v == v and v is not None for v in values.values()):
+            if any(pd.notna(v) for v in values.values()):
                 rows.append({**{c: run[c] for c in ident}, "modality": modality, **values})
     return pd.DataFrame(rows).sort_values(ident + ["modality"], key=_natural).reset_index(drop=True) if rows else pd.DataFrame()
 

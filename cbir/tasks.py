@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,12 +22,14 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import classification, knn
+from cbir import knn
 from cbir.checks import ConfigError, DataError
+
+if TYPE_CHECKING:  # imported where used: scikit-learn takes seconds to import
+    from cbir import classification
 
 log = logging.getLogger(__name__)
 EVALUATIONS = ("retrieval", "knn_classification", "linear_probe")
-PREFIX = {"knn_classification": "knn", "linear_probe": "probe"}
 
 
 def task_name(cfg: DictConfig) -> str:
@@ -105,8 +108,8 @@ def split_rows(table: pd.DataFrame, valid: np.ndarray, split: str) -> np.ndarray
 def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray, search=None) -> TaskOutput:
     """k-NN classification; `search` (a retrieval SearchOutput of the same index) saves the index
     build and the test search."""
+    from cbir import classification, retrieval
     from cbir import index as cbir_index
-    from cbir import retrieval
 
     kc = cfg.task.knn
     if search is None:
@@ -156,7 +159,7 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
 
 
 def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray) -> TaskOutput:
-    from cbir import probe, retrieval
+    from cbir import classification, probe, retrieval
 
     pc = cfg.task.probe
     train_rows = retrieval.choose_rows(table, valid, cfg.index.split, cfg.eval.query_split,
@@ -229,6 +232,8 @@ def write_files(output: TaskOutput, out: Path) -> dict[str, Path]:
 
 def summary_table(output: TaskOutput, title: str) -> Table:
     """Rows: all test queries and each modality; columns: the metrics."""
+    from cbir import classification
+
     m, c = output.result.metrics, output.counts
     chosen = f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch']} of {c['epochs']}"
     table = Table(title=title, caption=f"µ micro, M macro; {c['queries']} test queries, {c['excluded_queries']} excluded "
@@ -241,5 +246,5 @@ def summary_table(output: TaskOutput, title: str) -> Table:
     modalities = sorted({k.split("/")[1] for k in m if k.startswith("modality/")})
     for label, prefix in [("all queries", "")] + [(f"  {mod}", f"modality/{mod}/") for mod in modalities]:
         values = [m.get(prefix + name, float("nan")) for name in classification.METRICS]
-        table.add_row(label, *["-" if v != v else f"{v:.3f}" for v in values])
+        table.add_row(label, *["-" if pd.isna(v) else f"{v:.3f}" for v in values])
     return table

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from sklearn import metrics as skm
+from test_classification import study_evaluate
 
 from cbir import classification, probe, retrieval, tasks
 from cbir.checks import ConfigError, DataError
-from test_classification import study_evaluate
 
 
 def make_cfg(**task):
@@ -68,8 +68,10 @@ def brute_force_knn(table, embeddings, k_max, mode="study"):
         return np.array(truth), np.array(out)
 
     val = np.flatnonzero(table["split"] == "val")
-    f1 = [skm.f1_score(*(lambda t, p: (t, p.argmax(1)))(*probabilities(val, k)), average="micro")
-          for k in range(1, k_max + 1)]
+    f1 = []
+    for k in range(1, k_max + 1):
+        truth, probs = probabilities(val, k)
+        f1.append(skm.f1_score(truth, probs.argmax(1), average="micro"))
     best = int(np.argmax(f1)) + 1
     truth, probs = probabilities(np.flatnonzero(table["split"] == "test"), best)
     return best, study_evaluate(np.eye(len(classes))[truth], probs)
@@ -141,7 +143,7 @@ def test_probe_keeps_the_best_val_epoch_stops_on_patience_and_is_deterministic()
 
 
 def test_probe_test_metrics_come_from_the_selected_weights():
-    table, embeddings, valid = make_data(seed=1)
+    table, embeddings, _ = make_data(seed=1)
     cfg = make_cfg(probe={"max_epochs": 60, "patience": 60}).task.probe
     train = np.flatnonzero(table["split"] == "train")
     classes, codes = np.unique(table["label"].to_numpy()[train], return_inverse=True)
@@ -163,7 +165,7 @@ def test_probe_without_val_keeps_the_last_epoch():
 
 
 def test_errors_before_any_work():
-    table, _, _ = make_data()
+    table = make_data()[0]
     cfg = make_cfg()
     tasks.check_config(cfg)
     tasks.check_data(cfg, table, "hand.csv")

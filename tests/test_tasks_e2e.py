@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 from mlflow.tracking import MlflowClient
 
 from cbir import classification
-from conftest import compose, run_cbir
 
 QUICK = ["debug=smoke", "++task.probe.max_epochs=3"]  # ++: the probe node exists only in some tasks
 
