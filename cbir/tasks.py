@@ -124,7 +124,8 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
     n_index = np.bincount(index_codes, minlength=len(classes))
 
     def neighbours(rows: np.ndarray, k: int):
-        """(class codes of the first k neighbours, true codes, n_c) of the classifiable `rows`."""
+        """Class codes of the first k neighbours, true codes and n_c of the `rows` whose class has
+        an index row (other than themselves), and the mask of those rows."""
         own = retrieval.own_positions(setup.index_rows, rows)
         if search is not None and k <= search.neighbours.shape[1] and np.array_equal(rows, setup.query_rows):
             found = search.neighbours[:, :k]
@@ -184,8 +185,9 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
     probabilities = probe.predict(module, embeddings, test_rows, normalise=bool(pc.get("normalise", True)))
     result = classification.evaluate(test_codes, probabilities, classes, table["modality"].to_numpy()[test_rows],
                                      np.bincount(train_codes, minlength=len(classes)))
-    counts = {"best_epoch": epoch, "epochs": len(history), "fit_seconds": round(time.perf_counter() - started, 2), "queries": len(test_rows), "excluded_queries": excluded,
-              "val_queries": len(val_rows), "train_rows": len(train_rows), "classes": len(classes)}
+    counts = {"best_epoch": epoch, "epochs": len(history), "fit_seconds": round(time.perf_counter() - started, 2),
+              "queries": len(test_rows), "excluded_queries": excluded, "val_queries": len(val_rows),
+              "train_rows": len(train_rows), "classes": len(classes)}
     return TaskOutput("probe", result, counts, history, "epoch")
 
 
