@@ -2,7 +2,9 @@
 
 Writes into `report.output_dir`: table1.{md,csv} (rows encoders, columns P@1/3/5/10 micro |
 macro, as the study's Table 1), per_modality.{md,csv}, saturation.{md,csv} when index sizes
-vary, comparison.{md,csv} against published numbers when `report.reference` is set, and
+vary, comparison.{md,csv} against published numbers when `report.reference` is set,
+knn_classification.{md,csv} and linear_probe.{md,csv} (rows encoders, columns the
+classification metrics) with knn_per_modality / probe_per_modality when such runs exist, and
 report.md with all of them.
 """
 
@@ -18,11 +20,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import CONFIG_DIR, multilabel, reporting, tracking
+from cbir import CONFIG_DIR, classification, multilabel, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
-IDENTITY = ["encoder", "dataset", "labels", "index_type", "per_class"]  # labels: single | multi
+IDENTITY = ["encoder", "dataset", "labels", "index_type", "per_class", "task"]  # labels: single | multi
 
 
 class ReportError(ValueError):
@@ -57,6 +59,8 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
              **r.data.metrics} for r in found]
     table = pd.DataFrame(rows)
     if len(table):
+        table["task"] = table["task"].fillna("retrieval")  # runs from before the task group
+        table["labels"] = table["labels"].fillna("single")  # runs from before multi-label mode
         table = table.drop_duplicates("config_hash", keep="first")  # newest run of each config
     where = f"children of sweep run {parent}" if parent else f"all runs of experiment '{tracker.experiment}'"
     return table, where
@@ -67,7 +71,14 @@ def identity_columns(runs: pd.DataFrame) -> list[str]:
     return ["encoder"] + [c for c in IDENTITY[1:] if runs[c].nunique() > 1]
 
 
+def retrieval_runs(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    """The runs that evaluated retrieval (tasks retrieval and all)."""
+    first = f"micro/{metric_name(min(ns))}"
+    return runs[runs[first].notna()] if first in runs else runs.iloc[:0]
+
+
 def table1(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    runs = retrieval_runs(runs, ns)
     ident = identity_columns(runs)
     columns = {f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
@@ -82,6 +93,9 @@ def _natural(column: pd.Series) -> pd.Series:
 
 
 def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    runs = retrieval_runs(runs, ns)
+    if runs.empty:
+        return pd.DataFrame()
     ident = identity_columns(runs)
     rows = []
     for _, run in runs.iterrows():
@@ -100,9 +114,43 @@ def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
 
 
 def saturation(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    runs = retrieval_runs(runs, ns)
     if runs["per_class"].nunique() < 2:
         return pd.DataFrame()
     return reporting.saturation_frame(runs, ns)
+
+
+def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Rows: runs with `<prefix>/` metrics (knn | probe); columns: the test metrics and k or the
+    selected epoch."""
+    if f"{prefix}/accuracy" not in runs:
+        return pd.DataFrame()
+    runs = runs[runs[f"{prefix}/accuracy"].notna()]
+    ident = identity_columns(runs)
+    chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch"}}[prefix]
+    columns = {f"{prefix}/{name}": classification.LABELS[name] for name in classification.METRICS}
+    columns.update(chosen)
+    table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
+    for column in chosen.values():
+        if column in table:
+            table[column] = table[column].astype(int)
+    return table.sort_values(ident, key=_natural).reset_index(drop=True)
+
+
+def classification_per_modality(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Rows: (run identity, modality); columns: the test metrics within that modality's queries."""
+    keys = [k for k in runs.columns if str(k).startswith(f"{prefix}/modality/")]
+    if not keys:
+        return pd.DataFrame()
+    runs = runs[runs[f"{prefix}/accuracy"].notna()]
+    ident = identity_columns(runs)
+    rows = []
+    for _, run in runs.iterrows():
+        for modality in sorted({str(k).split("/")[2] for k in keys}):
+            values = {classification.LABELS[m]: run.get(f"{prefix}/modality/{modality}/{m}") for m in classification.METRICS}
+            if any(pd.notna(v) for v in values.values()):
+                rows.append({**{c: run[c] for c in ident}, "modality": modality, **values})
+    return pd.DataFrame(rows).sort_values(ident + ["modality"], key=_natural).reset_index(drop=True) if rows else pd.DataFrame()
 
 
 def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
@@ -142,14 +190,21 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     ns = list(cfg.report.ns)
     out = Path(cfg.report.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns)}
+    tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns),
+              "knn_classification": classification_table(runs, "knn"),
+              "linear_probe": classification_table(runs, "probe"),
+              "knn_per_modality": classification_per_modality(runs, "knn"),
+              "probe_per_modality": classification_per_modality(runs, "probe")}
     tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
     if cfg.report.get("reference"):
         tables["comparison"] = comparison(tables["table1"], Path(cfg.report.reference), ns)
     titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
               "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers",
               "multilabel": "Multi-label retrieval (dataset.labels=multi): relevant = shares a finding; macro over "
-                            "findings; nDCG gain = Jaccard overlap of the finding sets"}
+                            "findings; nDCG gain = Jaccard overlap of the finding sets",
+              "knn_classification": "k-NN classification (test split; k chosen on val)",
+              "linear_probe": "Linear probe (test split; epoch chosen on val)",
+              "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality"}
     files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
     for name, frame in tables.items():
         if frame.empty:
@@ -161,7 +216,8 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
         sections.append(f"## {titles[name]}\n\n{to_markdown(frame)}")
     files["report.md"] = out / "report.md"
     files["report.md"].write_text("\n".join(sections))
-    _print(tables["table1"], where, ns)
+    if len(tables["table1"]):
+        _print(tables["table1"], where, ns)
     return files
 
 

@@ -78,7 +78,9 @@ def saturation_frame(runs: pd.DataFrame, ns) -> pd.DataFrame:
     """P@N against index size, one row per (group, size), from a table of runs with tags
     encoder/dataset/index_type/per_class and their metrics. `step` is the per-class cap; for
     the whole split (per_class=all) it is the size of the largest class in the index."""
-    runs = runs.copy()
+    first = f"micro/{metric_name(min(ns))}"
+    # runs of other tasks (k-NN classification, linear probe) have no P@N: no point on a curve
+    runs = runs[runs[first].notna()].copy() if first in runs else runs.iloc[:0].copy()
     parts = ["encoder"] + [c for c in ("index_type", "dataset") if c in runs and runs[c].nunique() > 1]
     runs["group"] = runs[parts].astype(str).agg("/".join, axis=1)
     numeric = pd.to_numeric(runs["per_class"], errors="coerce")
