@@ -25,7 +25,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import CONFIG_DIR, checks, reporting, retrieval, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, console, dashboard, reporting, retrieval, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -33,6 +33,7 @@ from cbir.store import EmbeddingStore  # noqa: E402
 
 log = logging.getLogger("cbir")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one INFO line per CPU feature probe
+console.quiet()
 
 
 def job_dir() -> Path:
@@ -64,7 +65,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "per_class": "all" if per_class is None else per_class,
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
     }
-    run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
+    run_name = dashboard.run_name(cfg)
     if cfg.tracking.get("skip_finished", True):
         done = tracker.finished_run(tags["config_hash"])
         if done is not None:
@@ -80,7 +81,11 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     encoder = build(cfg.encoder)
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
-    with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
+    console.quiet()  # again, now that Lightning is imported
+
+    # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
+    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
+        dashboard.annotate_run(tracker, cfg, out)
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
@@ -106,6 +111,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
 
         result, search = evaluate(per_class, return_search=True)
         tracker.log_metrics(result.metrics)
+        dashboard.describe_run(tracker, result.metrics, cfg.eval.n)
         for row in result.curve.itertuples():
             tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
         files = reporting.write_job_files(result, out)
