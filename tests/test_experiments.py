@@ -65,6 +65,10 @@ def test_modality_levels_command_line_resumes_the_study_sweep(workdir, shared_da
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = out(workdir, "modality_levels")
+    # progress while the sweep runs, and where the files went
+    assert "job 1 of 2 (" in proc.stderr and "job 2 of 2 (" in proc.stderr and "left" in proc.stderr
+    assert f"outputs in {folder}" in proc.stderr and str(folder / "modality_levels.png") in proc.stderr
+    assert (folder / "sweep_0.log").exists() and "sweep: 2 jobs" in proc.stdout
     table = pd.read_csv(folder / "modality_levels.csv")
     assert set(table[table["kind"] == "modality"]["subset"]) == {"CT", "MR", "US", "XR"}
     assert set(table[table["kind"] == "level"]["subset"]) == {"modality", "modality + anatomy", "full class (pathology)"}
@@ -101,6 +105,7 @@ def test_saturation(workdir, shared_data_dir):
     knee = pd.read_csv(files["knee.csv"])
     assert set(knee["reached at rows/class"].astype(str)) <= {"1", "4", "all"}
     assert (knee["P@1 there"] >= knee["95% of it"] - 1e-9).all()
+    assert set(knee["encoder"]) == {"baseline"}  # no knee for the chance-level random control
     assert is_png(files["saturation.png"]) and is_png(files["saturation_by_modality.png"])
 
 
