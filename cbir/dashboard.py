@@ -167,10 +167,10 @@ def console_table(jobs: pd.DataFrame, title: str):
     from rich.table import Table
 
     colours = {"FINISHED": "green", "done earlier": "cyan", "FAILED": "red", "KILLED": "red", "RUNNING": "yellow"}
-    table = Table(title=title, caption="modified P@N, micro and macro; cache: embeddings reused (hit) or computed (miss)",
+    table = Table(title=title, caption="modified P@N; cache: embeddings reused (hit) or computed (miss)",
                   box=box.SIMPLE_HEAD)
-    for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"), ("P@1 mi", "right"),
-                            ("P@1 ma", "right"), ("P@10 mi", "right"), ("P@10 ma", "right"),
+    for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"), ("micro P@1", "right"),
+                            ("macro P@1", "right"), ("micro P@10", "right"), ("macro P@10", "right"),
                             ("cache", "left"), ("sec", "right"), ("status", "left")):
         table.add_column(column, justify=justify, no_wrap=True)
     for _, row in jobs.iterrows():
@@ -315,7 +315,7 @@ class SweepSummary(_HydraCallback):
         start_ui, page = ui_address(self.tracker.uri, self.experiment_id, self.parent_id)
         lines = [f"Parent run  {self.parent_id}  (experiment '{self.tracker.experiment}')",
                  f"Job files   {self.sweep_dir.resolve()}/<job number>/ (run.log, metrics.json, per_class.csv, ...)",
-                 *([f"Figures     {', '.join(str(p) for p in files.values())}"] if files else []),
+                 *([f"Comparison  {', '.join(str(p.resolve()) for p in files.values())}"] if files else []),
                  f"Report      python -m cbir.report report.runs={self.parent_id}",
                  *([f"Dashboard   {start_ui}"] if start_ui else []),
                  f"            then open {page}"]

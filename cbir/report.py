@@ -18,10 +18,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import CONFIG_DIR, reporting, tracking
+from cbir import CONFIG_DIR, console, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
+console.quiet()
 IDENTITY = ["encoder", "dataset", "index_type", "per_class"]
 
 

@@ -49,7 +49,10 @@ def main(name: str, run) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from cbir.console import quiet
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    quiet()
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         print(usage(name))

@@ -127,12 +127,12 @@ def main() -> None:
             training = "workflowType=machine_learning"  # the "Model training" side of the UI
             order = "orderByKey=metrics.%60micro%2FP_at_1%60&orderByAsc=false"
             runs_page = f"{url}/#/experiments/{eid}"
-            pages = {"dashboard_runs.png": f"{runs_page}/runs?{training}&{order}",
-                     "dashboard_parent.png": f"{runs_page}/runs/{parent}?{training}",
-                     "dashboard_child.png": f"{runs_page}/runs/{child}?{training}"}
+            pages = {"dashboard_runs.png": (f"{runs_page}/runs?{training}&{order}", 620),
+                     "dashboard_parent.png": (f"{runs_page}/runs/{parent}?{training}", 1250),
+                     "dashboard_child.png": (f"{runs_page}/runs/{child}?{training}", 1250)}
             args.out.mkdir(parents=True, exist_ok=True)
-            for name, page in pages.items():
-                shrink(screenshot(chrome, page, args.out / name))
+            for name, (page, height) in pages.items():
+                shrink(screenshot(chrome, page, args.out / name, size=(1400, height)))
                 print(f"wrote {args.out / name}")
 
 

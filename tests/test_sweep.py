@@ -102,6 +102,9 @@ def test_failed_job_is_marked_and_retried_alone(tmp_path, shared_data_dir):
     failed = [c for c in children if c.info.status == "FAILED"][0]
     assert "IVF4096" in failed.data.tags["index_type"] and failed.data.tags["error"]
     assert parents[0].info.status == "FAILED"
+    # the sweep still ends with its table across jobs, the failed one marked, and its error
+    assert "sweep: 2 jobs" in proc.stdout and "FAILED" in proc.stdout and "FINISHED" in proc.stdout
+    assert f"{failed.data.tags['mlflow.runName']}: " in proc.stdout
     run_cbir(tmp_path, *overrides, check=False)
     _, parents, children = runs(tmp_path)
     assert len(parents) == 1
