@@ -10,7 +10,6 @@ same table as its description; the console gets one table across jobs and where 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import time
@@ -141,10 +140,13 @@ def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None 
                      **{m: run.data.metrics.get(m, float("nan")) for m in HEADLINE_METRICS},
                      "cache": tags.get("cache", "-"), "seconds": (end - info.start_time) / 1000,
                      "status": status, "run_id": info.run_id, "error": tags.get("error", ""),
+                     "config_hash": tags.get("config_hash", info.run_id), "start": info.start_time,
                      **{k: v for k, v in run.data.metrics.items() if k.startswith("modality/")}})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    # a job that failed and was run again by a resumed sweep: its latest attempt only
+    frame = frame.sort_values("start", ascending=False).drop_duplicates("config_hash").drop(columns="start")
     size = pd.to_numeric(frame["per_class"], errors="coerce").fillna(float("inf"))
     return frame.assign(_size=size).sort_values(["encoder", "index_type", "_size", "run"]).drop(columns="_size") \
         .reset_index(drop=True)

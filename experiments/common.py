@@ -155,7 +155,7 @@ class Context:
         with sweep_log.open("w") as record:
             proc = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-            lines = follow(proc.stdout, record)
+            lines = follow(proc.stdout, record, constant=command)
             returncode = proc.wait()
         if returncode != 0:
             raise ExperimentError(f"sweep failed ({' '.join(sweep)}); its output is in {sweep_log}:\n"
@@ -221,12 +221,17 @@ class Context:
         return [csv, md]
 
 
-def follow(stream, record) -> list[str]:
+def follow(stream, record, constant=()) -> list[str]:
     """Copy a sweep's output into `record` line by line and log its progress: job i of n
-    started, elapsed time and an estimate of the time left (from the jobs done so far)."""
+    started (with the overrides not in `constant`, the command, i.e. what this job varies),
+    elapsed time and an estimate of the time left (from the jobs done so far)."""
     import re
     import time
 
+    def norm(token: str) -> str:
+        return token.replace("\\", "").lower()
+
+    same = {norm(t) for t in constant}
     lines, total, started = [], None, time.monotonic()
     for line in stream:
         record.write(line)
@@ -238,7 +243,8 @@ def follow(stream, record) -> list[str]:
         if job and total:
             done, elapsed = int(job.group(1)), time.monotonic() - started
             eta = f", about {_clock(elapsed / done * (total - done))} left" if done else ""
-            log.info("job %d of %d (%s): %s elapsed%s", done + 1, total, job.group(2).strip(), _clock(elapsed), eta)
+            varying = [t for t in job.group(2).split() if norm(t) not in same] or job.group(2).split()
+            log.info("job %d of %d (%s): %s elapsed%s", done + 1, total, " ".join(varying), _clock(elapsed), eta)
     return lines
 
 

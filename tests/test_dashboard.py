@@ -7,7 +7,6 @@ import json
 import sys
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -127,3 +127,23 @@ def test_pooling_resolution(workdir, shared_data_dir):
     table = pd.read_csv(files["pooling_resolution.csv"])
     assert sorted(table["pool"]) == ["cls", "mean"] and set(table["input size"]) == {28}
     assert is_png(files["pooling_resolution.png"])
+
+
+def test_sweep_progress_names_the_job_and_time_left(caplog):
+    import io
+    import logging
+
+    from experiments.common import follow
+
+    output = ("[HYDRA] Launching 3 jobs locally\n"
+              "[HYDRA] \t#0 : encoder=a tracking.uri=sqlite\\:///x.db experiment=smoke\n"
+              "some job output\n"
+              "[HYDRA] \t#1 : encoder=b tracking.uri=sqlite\\:///x.db experiment=smoke\n")
+    record = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="cbir.experiments"):
+        lines = follow(io.StringIO(output), record, constant=["-m", "encoder=a,b", "tracking.uri=sqlite:///x.db",
+                                                               "experiment=smoke"])
+    assert record.getvalue() == output and "".join(lines) == output
+    first, second = [r.getMessage() for r in caplog.records]
+    assert first.startswith("job 1 of 3 (encoder=a): 0:00:00 elapsed") and "left" not in first
+    assert second.startswith("job 2 of 3 (encoder=b): ") and second.endswith("left")

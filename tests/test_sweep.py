@@ -105,10 +105,12 @@ def test_failed_job_is_marked_and_retried_alone(tmp_path, shared_data_dir):
     # the sweep still ends with its table across jobs, the failed one marked, and its error
     assert "sweep: 2 jobs" in proc.stdout and "FAILED" in proc.stdout and "FINISHED" in proc.stdout
     assert f"{failed.data.tags['mlflow.runName']}: " in proc.stdout
-    run_cbir(tmp_path, *overrides, check=False)
+    proc = run_cbir(tmp_path, *overrides, check=False)
     _, parents, children = runs(tmp_path)
     assert len(parents) == 1
     assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FINISHED"]
+    # the resumed sweep's table: one row per job (latest attempt), the finished one from before
+    assert "sweep: 2 jobs" in proc.stdout and "done earlier" in proc.stdout
 
 
 def test_parallel_jobs_share_cache_and_store(tmp_path, shared_data_dir):
