@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PANEL_INCHES = 1.6   # each image panel is a square of this size
+PANEL_INCHES = 1.6     # each image panel is a square of this size
 CAPTION_INCHES = 0.42  # room under the panels of a row for two caption lines
 TITLE_INCHES = 0.35
-DPI = 100
-CAPTION_POINTS = 8     # ~11 px high at DPI: readable in the MLflow artifact viewer without zooming
-CAPTION_CHARS = 24     # longer class names are shortened to fit under a panel
+DPI = 80
+CAPTION_POINTS = 9     # 10 px high at DPI: readable in the MLflow artifact viewer without zooming
+CAPTION_CHARS = 22     # longer class names are shortened to fit under a panel
 HIT, MISS, UNKNOWN = "#1a9e3a", "#d62728", "#888888"
 
 
@@ -90,7 +90,7 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
                 ax.axis("off")
                 continue
             color = UNKNOWN if not query_label else (HIT if labels[row] == query_label else MISS)
-            show(ax, row, f"#{j + 1} {_short(labels[row])}\nsim {scores[q, j]:.3f}", color)
+            show(ax, row, f"{_short(labels[row])}\n#{j + 1}  sim {scores[q, j]:.3f}", color)
     fig.suptitle(title or "query (left) and its nearest images; green = same class, red = other class",
                  fontsize=CAPTION_POINTS + 1, y=1 - 0.06 / (height / DPI), va="top")
     inches = height / DPI
