@@ -275,8 +275,8 @@ class SweepSummary(_HydraCallback):
         from cbir import tracking
 
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
-        self.parent_id = os.environ.get(tracking.PARENT_ENV)
-        if not config.tracking.enabled or not self.parent_id:
+        self.parent_id = os.environ.get(tracking.PARENT_ENV) if config.tracking.enabled else None
+        if not self.parent_id:
             return
         from mlflow.tracking import MlflowClient
 

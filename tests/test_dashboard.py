@@ -123,3 +123,24 @@ def test_curated_params_keep_the_config_hash_whole():
     assert "encoder._target_" not in params and len(params) < len(flat) / 2
     # the resume hash still covers keys that are no longer params
     assert tracking.config_hash(cfg) != tracking.config_hash(compose("encoder=baseline", "encoder.grids=[1,2]"))
+
+
+def test_quiet_console_drops_the_chatter_and_keeps_other_warnings(caplog):
+    import logging
+    import warnings
+
+    from cbir import console
+
+    console.quiet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        console.quiet()  # catch_warnings reset the filters: install them again inside
+        warnings.warn("The specified dataset source can be interpreted in multiple ways: A, B.", UserWarning)
+        warnings.warn("index.params.nlist is larger than the index", UserWarning)
+    assert [str(w.message) for w in caught] == ["index.params.nlist is larger than the index"]
+    with caplog.at_level(logging.INFO):
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        rank_zero.info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)")
+        rank_zero.info("GPU available: False, used: False")
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
