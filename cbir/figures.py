@@ -143,3 +143,37 @@ def knn_purity(vectors: np.ndarray, labels, k: int = 10) -> float:
     index = cbir_index.build_index(unit, "flat", use_gpu=False)
     _, neighbours = cbir_index.search(index, unit, k, exclude=np.arange(len(unit)))  # not itself
     return float((labels[neighbours] == labels[:, None]).mean())
+
+
+def comparison_bars(frame: pd.DataFrame, path, title: str) -> Path:
+    """Grouped bars from a long table (group, per_class, subset, average, value): rows micro and
+    macro, one panel per subset ('all' first, then each modality), index sizes on x (numeric
+    order, 'all' last), one bar per group (encoder)."""
+    plt = _plt()
+    subsets = ["all"] + sorted(s for s in frame["subset"].unique() if s != "all")
+    sizes = sorted(frame["per_class"].unique(), key=lambda v: float(v) if str(v).isdigit() else float("inf"))
+    groups = list(dict.fromkeys(frame["group"]))
+    averages = [a for a in ("micro", "macro") if a in set(frame["average"])]
+    fig, axes = plt.subplots(len(averages), len(subsets), figsize=(2.6 * len(subsets) + 1, 2.6 * len(averages) + 0.6),
+                             squeeze=False, sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(sizes))
+    for r, avg in enumerate(averages):
+        for c, subset in enumerate(subsets):
+            ax = axes[r, c]
+            part = frame[(frame["average"] == avg) & (frame["subset"] == subset)]
+            for i, group in enumerate(groups):
+                values = part[part["group"] == group].set_index("per_class")["value"].reindex(sizes)
+                ax.bar(x + (i - (len(groups) - 1) / 2) * width, values, width, color=colors[i % len(colors)],
+                       label=str(group))
+            ax.set_xticks(x, [str(s) for s in sizes], fontsize=8)
+            ax.set_ylim(0, 1.0)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.set_title(f"{avg} P@1 · {'all queries' if subset == 'all' else subset}", fontsize=9)
+            if r == len(averages) - 1:
+                ax.set_xlabel("index rows per class", fontsize=8)
+        axes[r, 0].set_ylabel("modified precision")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import CONFIG_DIR, classification, multilabel, reporting, tracking
+from cbir import CONFIG_DIR, classification, console, multilabel, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
+console.quiet()
 IDENTITY = ["encoder", "dataset", "labels", "index_type", "per_class", "task"]  # labels: single | multi
 
 
@@ -41,13 +42,7 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
     if experiment is None:
         raise ReportError(f"tracking.experiment={tracker.experiment}: no such experiment in {tracker.uri}; run cbir.run first")
     eid = experiment.experiment_id
-    parent = None
-    if runs == "latest_sweep":
-        sweeps = client.search_runs([eid], filter_string="tags.`cbir.role` = 'sweep'",
-                                    order_by=["attributes.start_time DESC"], max_results=1)
-        parent = sweeps[0].info.run_id if sweeps else None
-    elif runs != "all":
-        parent = runs
+    parent = sweep_parent(client, eid, runs)
     filters = ["attributes.status = 'FINISHED'", "tags.config_hash != ''"]
     if parent:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -64,6 +59,30 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
         table = table.drop_duplicates("config_hash", keep="first")  # newest run of each config
     where = f"children of sweep run {parent}" if parent else f"all runs of experiment '{tracker.experiment}'"
     return table, where
+
+
+def sweep_parent(client, experiment_id: str, runs: str) -> str | None:
+    """The parent run `report.runs` selects: the latest sweep's, a given id, or none (all)."""
+    if runs == "latest_sweep":
+        sweeps = client.search_runs([experiment_id], filter_string="tags.`cbir.role` = 'sweep'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+        return sweeps[0].info.run_id if sweeps else None
+    return None if runs == "all" else runs
+
+
+def log_to_parent(cfg: DictConfig, files: dict[str, Path]) -> str | None:
+    """Keep the report on the sweep's parent run (artifacts under report/), if it reports on one."""
+    from mlflow.tracking import MlflowClient
+
+    tracker = tracking.Tracker.from_config(cfg)
+    client = MlflowClient(tracker.uri)
+    experiment = client.get_experiment_by_name(tracker.experiment)
+    parent = sweep_parent(client, experiment.experiment_id, str(cfg.report.runs)) if experiment else None
+    if parent is None or not tracker.enabled:
+        return None
+    for path in files.values():
+        tracking.retry_locked(client.log_artifact, parent, str(path), "report")
+    return parent
 
 
 def identity_columns(runs: pd.DataFrame) -> list[str]:
@@ -110,14 +129,19 @@ def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
     long = pd.DataFrame(rows)
     wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N"], values="value")
     wide.columns = [f"{avg} P@{n}" for avg, n in wide.columns]
-    return wide.reset_index()
+    ordered = [f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns if f"{avg} P@{n}" in wide]  # as table1
+    return wide[ordered].reset_index().sort_values(ident + ["modality"], key=_natural).reset_index(drop=True)
 
 
 def saturation(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    """P@N per encoder and index size, with readable column names."""
     runs = retrieval_runs(runs, ns)
     if runs["per_class"].nunique() < 2:
         return pd.DataFrame()
-    return reporting.saturation_frame(runs, ns)
+    frame = reporting.saturation_frame(runs, ns)
+    names = {"group": "encoder", "per_class": "rows/class", "step": "max rows/class in index",
+             **{f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}}
+    return frame.rename(columns=names)
 
 
 def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
@@ -243,6 +267,9 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         raise SystemExit(2) from None
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+    parent = log_to_parent(cfg, files)
+    if parent:
+        log.info("logged to MLflow run %s (artifacts: report/)", parent)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ def write_job_files(result: RetrievalResult, job_dir: Path) -> dict[str, Path]:
         "excluded_classes": result.excluded_classes,
     }
     files["metrics"].write_text(json.dumps(payload, indent=1))
-    result.per_class.to_csv(files["per_class"], index=False)
+    # P@N next to the class name: the first columns the artifact viewer shows
+    first = ["class"] + [c for c in result.per_class.columns if str(c).startswith("P@")]
+    per_class = result.per_class[[c for c in first if c in result.per_class]
+                                 + [c for c in result.per_class.columns if c not in first]]
+    per_class.to_csv(files["per_class"], index=False)
     result.curve.to_csv(files["curve"], index=False)
     return files
 
@@ -61,7 +65,12 @@ def summary_table(result: RetrievalResult, ns, title: str) -> Table:
 
 
 def print_summary(result: RetrievalResult, ns, title: str) -> None:
-    console.print(summary_table(result, ns, title))
+    """On the console, and into the job's run.log."""
+    from cbir.console import to_log_files
+
+    table = summary_table(result, ns, title)
+    console.print(table)
+    to_log_files(table)
     if result.n_excluded:
         console.print(
             f"[yellow]{result.n_excluded} queries excluded: their class has no row in the index "

@@ -25,7 +25,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import CONFIG_DIR, checks, multilabel, reporting, retrieval, tasks, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, reporting, retrieval, tasks, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -33,6 +33,7 @@ from cbir.store import EmbeddingStore  # noqa: E402
 
 log = logging.getLogger("cbir")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one INFO line per CPU feature probe
+console.quiet()
 
 
 def job_dir() -> Path:
@@ -66,9 +67,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(), "task": tasks.task_name(cfg),
         "labels": multilabel.labels_mode(cfg),
     }
-    run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
-    if tags["task"] != "retrieval":
-        run_name += f"-{tags['task']}"
+    run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
+        tags["task"] if tags["task"] != "retrieval" else "", "multi-label" if tags["labels"] == "multi" else "") if word))
     if cfg.tracking.get("skip_finished", True):
         done = tracker.finished_run(tags["config_hash"])
         if done is not None:
@@ -86,7 +86,11 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     checks.check_index_type(cfg, encoder.dim)  # encoders whose config does not state their dim
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
-    with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
+    console.quiet()  # again, now that Lightning is imported
+
+    # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
+    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
+        dashboard.annotate_run(tracker, cfg, out)
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
@@ -110,28 +114,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                                            cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
                                            return_search=return_search)
 
-        result, search, files = None, None, {}
-        if "retrieval" in tasks.evaluations(cfg):
-            result, search = evaluate(per_class, return_search=True)
-            tracker.log_metrics(result.metrics)
-            for row in result.curve.itertuples():
-                tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
-            files.update(reporting.write_job_files(result, out))
-            files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
-            if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
-                files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
-                                                    f"{run_name}  (multi-label: shares a finding)"))
-            sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
-            if sizes:
-                curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
-                for row in curves.to_dict("records"):
-                    tracker.log_metrics({f"saturation/{name}": row[name] for name in reporting.curve_metric_names(cfg.eval.n)},
-                                        step=int(row["step"]))
-                files["saturation_csv"] = out / "saturation.csv"
-                curves.to_csv(files["saturation_csv"], index=False)
-                files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
-        files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
-                                              search, out, tracker, run_name))
+    run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
+        tags["task"] if tags["task"] != "retrieval" else "", "multi-label" if tags["labels"] == "multi" else "") if word))
         for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.common import Context, main, run_embeddings  # noqa: E402
+from experiments.common import Context, main, run_embeddings, show  # noqa: E402
 
 
 def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
@@ -70,7 +70,7 @@ def run(cfg) -> dict:
     files = {p.name: p for p in ctx.write_table(summary, "embedding_space")}
     files.update({name: ctx.out / name for name in summary["figure"]})
     ctx.keep(parents[-1], *files.values())
-    print(summary.to_string(index=False))
+    show(summary, "embedding space")
     return files
 
 
