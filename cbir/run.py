@@ -114,8 +114,29 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                                            cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
                                            return_search=return_search)
 
-    run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
-        tags["task"] if tags["task"] != "retrieval" else "", "multi-label" if tags["labels"] == "multi" else "") if word))
+        result, search, files = None, None, {}
+        if "retrieval" in tasks.evaluations(cfg):
+            result, search = evaluate(per_class, return_search=True)
+            tracker.log_metrics(result.metrics)
+            dashboard.describe_run(tracker, result.metrics, cfg.eval.n)
+            for row in result.curve.itertuples():
+                tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
+            files.update(reporting.write_job_files(result, out))
+            files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
+            if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
+                files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
+                                                    f"{run_name}  (multi-label: shares a finding)"))
+            sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
+            if sizes:
+                curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
+                for row in curves.to_dict("records"):
+                    tracker.log_metrics({f"saturation/{name}": row[name] for name in reporting.curve_metric_names(cfg.eval.n)},
+                                        step=int(row["step"]))
+                files["saturation_csv"] = out / "saturation.csv"
+                curves.to_csv(files["saturation_csv"], index=False)
+                files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
+        files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
+                                              search, out, tracker, run_name))
         for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")
