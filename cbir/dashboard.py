@@ -139,7 +139,8 @@ def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None 
         end = info.end_time or int(time.time() * 1000)
         rows.append({"run": tags.get("mlflow.runName", info.run_id), "encoder": tags.get("encoder"),
                      "dataset": tags.get("dataset"), "index_type": tags.get("index_type"),
-                     "per_class": tags.get("per_class"),
+                     "per_class": tags.get("per_class"), "task": tags.get("task") or "retrieval",
+                     "labels": tags.get("labels") or "single",
                      **{m: run.data.metrics.get(m, float("nan")) for m in HEADLINE_METRICS},
                      "cache": tags.get("cache", "-"), "seconds": (end - info.start_time) / 1000,
                      "status": status, "run_id": info.run_id, "error": tags.get("error", ""),
@@ -151,14 +152,20 @@ def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None 
     # a job that failed and was run again by a resumed sweep: its latest attempt only
     frame = frame.sort_values("start", ascending=False).drop_duplicates("config_hash").drop(columns="start")
     size = pd.to_numeric(frame["per_class"], errors="coerce").fillna(float("inf"))
-    return frame.assign(_size=size).sort_values(["encoder", "index_type", "_size", "run"]).drop(columns="_size") \
-        .reset_index(drop=True)
+    return frame.assign(_size=size).sort_values(["encoder", "index_type", "_size", "task", "labels", "run"]) \
+        .drop(columns="_size").reset_index(drop=True)
+
+
+def extra_columns(jobs: pd.DataFrame) -> list[str]:
+    """task and labels, where the sweep varies them or they are not the default."""
+    defaults = {"task": "retrieval", "labels": "single"}
+    return [c for c, default in defaults.items() if c in jobs and (jobs[c].nunique() > 1 or (jobs[c] != default).any())]
 
 
 def comparison_table(jobs: pd.DataFrame) -> pd.DataFrame:
     """The parent run's table: one row per job, readable column names, headline metrics first."""
     names = {"run": "run", "encoder": "encoder", "index_type": "index", "per_class": "rows/class",
-             "micro/P_at_1": "micro P@1", "macro/P_at_1": "macro P@1", "micro/P_at_10": "micro P@10",
+             **{c: c for c in extra_columns(jobs)}, "micro/P_at_1": "micro P@1", "macro/P_at_1": "macro P@1", "micro/P_at_10": "micro P@10",
              "macro/P_at_10": "macro P@10", "cache": "cache", "seconds": "seconds", "status": "status",
              "run_id": "run_id"}
     table = jobs[list(names)].rename(columns=names)
@@ -174,14 +181,17 @@ def console_table(jobs: pd.DataFrame, title: str):
     colours = {"FINISHED": "green", "done earlier": "cyan", "FAILED": "red", "KILLED": "red", "RUNNING": "yellow"}
     table = Table(title=title, caption="modified P@N; cache: embeddings reused (hit) or computed (miss)",
                   box=box.SIMPLE_HEAD)
-    for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"), ("micro P@1", "right"),
+    extra = extra_columns(jobs)
+    for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"),
+                            *((c, "left") for c in extra), ("micro P@1", "right"),
                             ("macro P@1", "right"), ("micro P@10", "right"), ("macro P@10", "right"),
                             ("cache", "left"), ("sec", "right"), ("status", "left")):
         table.add_column(column, justify=justify, no_wrap=True)
     for _, row in jobs.iterrows():
         metrics = ["-" if row[m] != row[m] else f"{row[m]:.3f}" for m in HEADLINE_METRICS]
         colour = colours.get(row["status"], "white")
-        table.add_row(str(row["encoder"]), str(row["index_type"]), str(row["per_class"]), *metrics,
+        table.add_row(str(row["encoder"]), str(row["index_type"]), str(row["per_class"]),
+                      *(str(row[c]) for c in extra), *metrics,
                       str(row["cache"]), f"{row['seconds']:.1f}", f"[{colour}]{row['status']}[/]")
     return table
 
@@ -190,7 +200,8 @@ def modality_frame(jobs: pd.DataFrame, n: int = 1) -> pd.DataFrame:
     """Long table for the comparison figure: group, rows/class, subset (all or a modality),
     average (micro/macro), P@n; finished jobs only."""
     done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])]
-    varying = [c for c in ("index_type", "dataset") if done[c].nunique() > 1]
+    varying = [c for c in ("index_type", "dataset", "labels") if done[c].nunique() > 1]
+    done = done.drop_duplicates(["encoder", "per_class", *varying, "micro/P_at_1"])  # tasks sharing one retrieval
     rows = []
     for _, job in done.iterrows():
         group = SEPARATOR.join(str(job[c]) for c in ["encoder", *varying])
