@@ -27,7 +27,6 @@ from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, reporting, retrieval, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
-from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
 
@@ -74,7 +73,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     manifest = build(cfg.dataset).load_manifest()
     table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
     if n_duplicates:
-        manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+        manifest = manifest.with_table(table)
     checks.validate_data(manifest.table, cfg, manifest.source)
     torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
     encoder = build(cfg.encoder)
@@ -84,7 +83,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
-                                        on_error=cfg.data.on_error)
+                                        on_error=cfg.data.on_error, retry_failed=bool(cfg.data.retry_failed))
         log.info("embeddings %s: %s (%d rows extracted, %.1f s)", extraction.cached.key,
                  "cache hit" if extraction.cache_hit else "extracted", extraction.rows_extracted, extraction.seconds)
         tracker.set_tags({"cache": "hit" if extraction.cache_hit else "miss"})
@@ -131,8 +130,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from cbir.data.images import ImageLoadError
     from cbir.data.manifest import ManifestError
     from cbir.encoders.base import EncoderError
+    from cbir.store import CacheSpaceError
 
-    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError
+    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, CacheSpaceError
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -45,7 +45,7 @@ def damaged_data(tmp_path):
     data = tmp_path / "data"
     manifest = SyntheticDataset(root=data / "synthetic", max_per_class=6, min_per_class=4, image_size=48).load_manifest()
     paths = manifest.table["path"].tolist()
-    root = data / "synthetic"
+    root = manifest.root
     (root / paths[0]).write_bytes(b"")  # zero bytes
     png = (root / paths[1]).read_bytes()
     (root / paths[1]).write_bytes(png[: len(png) // 2])  # truncated
