@@ -78,6 +78,16 @@ def test_on_error_raise_names_the_file(tmp_path, damaged_data):
     assert "Traceback" not in text
 
 
+def test_on_error_raise_also_stops_on_a_cache_hit_holding_skipped_rows(tmp_path, damaged_data):
+    data, broken = damaged_data
+    run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1", "tracking.enabled=false")
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.on_error=raise", "tracking.enabled=false",
+                    check=False)
+    text = output(proc)
+    assert proc.returncode == 2 and "Traceback" not in text
+    assert Path(broken[0]).name in text and "data.on_error=skip" in text  # the first failed row
+
+
 def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     data, _ = damaged_data
     proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.001", check=False)
