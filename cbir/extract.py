@@ -142,13 +142,13 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
     files = manifest.file_stats()
     cached = store.load(key)
     if cached is not None and not len(cached.stale_rows(files, retry_failed)):
-        return _finish(Extraction(cached, True, time.perf_counter() - start, 0), on_error)
+        return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error)
     with store.lock(key):
         cached = store.load(key)  # another job may have finished or refreshed it while we waited
         if cached is not None:
             stale = cached.stale_rows(files, retry_failed)
             if not len(stale):
-                return _finish(Extraction(cached, True, time.perf_counter() - start, 0), on_error)
+                return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error)
             log.info("embeddings %s: %d of %d rows are out of date (their file changed%s); extracting them again",
                      key, len(stale), len(manifest), ", or they failed and data.retry_failed=true" if retry_failed else "")
         partial = store.open_partial(key, len(manifest), encoder.dim, files, base=cached, retry_failed=retry_failed)
@@ -161,14 +161,18 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
             key, partial,
             {"key": key, "encoder": encoder.identity(), "manifest": manifest.digest()},
         )
-    return _finish(Extraction(cached, False, time.perf_counter() - start, int(len(rows))), on_error)
+    return _finish(Extraction(cached, False, time.perf_counter() - start, int(len(rows))), manifest, on_error)
 
 
-def _finish(extraction: Extraction, on_error: str) -> Extraction:
+def _finish(extraction: Extraction, manifest: Manifest, on_error: str) -> Extraction:
     """`data.on_error=raise` also stops on failed rows kept from an earlier extraction."""
     if on_error == "raise" and not extraction.valid.all():
         skipped = extraction.cached.skipped()
-        row, path, reason = skipped[0] if skipped else (int(np.flatnonzero(~extraction.valid)[0]), "?", "failed")
+        if skipped:
+            row, _, reason = skipped[0]
+        else:  # an entry without its list: name the file from the manifest
+            row = int(np.flatnonzero(~extraction.valid)[0])
+            reason = f"{manifest.paths()[row]}: could not be loaded"
         raise ImageLoadError(
             f"{reason} (row {row}, failed in an earlier extraction and unchanged since; data.on_error=raise; "
             "fix the file (changed files are read again), set data.retry_failed=true to retry it as it is, "
