@@ -146,6 +146,14 @@ def test_a_full_disk_is_a_message_before_any_row_is_written(tiny, monkeypatch):
     assert not list(store.root.glob("*.partial"))
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this platform")
+def test_a_new_entry_has_its_disk_blocks_reserved(tmp_path):
+    """Not a sparse file: rows written later cannot hit a full disk (SIGBUS in a memory map)."""
+    partial = EmbeddingStore(tmp_path).open_partial("k", 20_000, 64)
+    stat = (partial.path / "embeddings.npy").stat()
+    assert stat.st_size >= 20_000 * 64 * 4 and stat.st_blocks * 512 >= stat.st_size
+
+
 # ---------------------------------------------------------------------------- hub revisions
 def _fake_hub(cache: Path, repo: str, commits: list[str], save) -> Path:
     """A local hub cache as huggingface_hub lays it out: refs/main -> snapshots/<commit>/."""
