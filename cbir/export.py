@@ -70,7 +70,6 @@ def manifest_and_embeddings(cfg: DictConfig, encoder_cfg=None):
     import torch
 
     from cbir import checks
-    from cbir.data.manifest import Manifest
     from cbir.extract import extract_embeddings
     from cbir.run import build
     from cbir.store import EmbeddingStore
@@ -78,7 +77,7 @@ def manifest_and_embeddings(cfg: DictConfig, encoder_cfg=None):
     manifest = build(cfg.dataset).load_manifest()
     table, duplicates = checks.drop_duplicate_paths(manifest.table)
     if duplicates:
-        manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+        manifest = manifest.with_table(table)
     torch.manual_seed(int(cfg.seed))  # as cbir.run: random-init encoders get the run's weights
     encoder = build(encoder_cfg if encoder_cfg is not None else cfg.encoder)
     extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,

@@ -117,6 +117,10 @@ class Extraction:
 
 
 def cache_key(encoder: Encoder, manifest: Manifest) -> str:
+    """The embedding cache key, the one every extraction uses: the encoder's identity (model,
+    weights with their resolved hub revision, pooling, preprocessing) and which images (dataset
+    root, paths in order, a generated dataset's parameters). What each file holds is checked
+    per row against the entry (size and mtime, see cbir.store), so a hit means same inputs."""
     h = hashlib.sha256(f"{encoder.cache_key()}:{manifest.digest()}".encode()).hexdigest()[:20]
     return f"{encoder.name}-{h}"
 
@@ -128,21 +132,29 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingStore, cfg, on_error: str = "skip") -> Extraction:
+def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingStore, cfg, on_error: str = "skip",
+                       retry_failed: bool = False) -> Extraction:
     """Embeddings of every manifest row, from the cache or extracted now (under a lock, so
-    parallel jobs asking for the same key extract it once)."""
+    parallel jobs asking for the same key extract it once). Rows whose file changed since they
+    were cached are extracted again, and so are failed rows under `retry_failed`."""
     start = time.perf_counter()
     key = cache_key(encoder, manifest)
+    # stored embeddings do not depend on the image files (which may be absent): their key names the HDF5 files
+    files = manifest.no_file_stats() if encoder.precomputed else manifest.file_stats()
     cached = store.load(key)
-    if cached is not None:
-        return Extraction(cached, True, time.perf_counter() - start, 0)
+    if cached is not None and not len(cached.stale_rows(files, retry_failed)):
+        return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error)
     with store.lock(key):
-        cached = store.load(key)  # another job may have finished it while we waited
+        cached = store.load(key)  # another job may have finished or refreshed it while we waited
         if cached is not None:
-            return Extraction(cached, True, time.perf_counter() - start, 0)
-        partial = store.open_partial(key, len(manifest), encoder.dim)
+            stale = cached.stale_rows(files, retry_failed)
+            if not len(stale):
+                return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error)
+            log.info("embeddings %s: %d of %d rows are out of date (their file changed%s); extracting them again",
+                     key, len(stale), len(manifest), ", or they failed and data.retry_failed=true" if retry_failed else "")
+        partial = store.open_partial(key, len(manifest), encoder.dim, files, base=cached, retry_failed=retry_failed)
         rows = partial.remaining()
-        if len(rows) < len(manifest):
+        if cached is None and len(rows) < len(manifest):
             log.info("resuming extraction %s: %d of %d rows left", key, len(rows), len(manifest))
         if len(rows) and encoder.precomputed:
             encoder.fill(manifest, partial, rows, on_error)  # stored embeddings: no images, no model
@@ -152,7 +164,23 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
             key, partial,
             {"key": key, "encoder": encoder.identity(), "manifest": manifest.digest()},
         )
-    return Extraction(cached, False, time.perf_counter() - start, int(len(rows)))
+    return _finish(Extraction(cached, False, time.perf_counter() - start, int(len(rows))), manifest, on_error)
+
+
+def _finish(extraction: Extraction, manifest: Manifest, on_error: str) -> Extraction:
+    """`data.on_error=raise` also stops on failed rows kept from an earlier extraction."""
+    if on_error == "raise" and not extraction.valid.all():
+        skipped = extraction.cached.skipped()
+        if skipped:
+            row, _, reason = skipped[0]
+        else:  # an entry without its list: name the file from the manifest
+            row = int(np.flatnonzero(~extraction.valid)[0])
+            reason = f"{manifest.paths()[row]}: could not be loaded"
+        raise ImageLoadError(
+            f"{reason} (row {row}, failed in an earlier extraction and unchanged since; data.on_error=raise; "
+            "fix the file (changed files are read again), set data.retry_failed=true to retry it as it is, "
+            "or use data.on_error=skip to skip and count unreadable files)")
+    return extraction
 
 
 def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:

@@ -27,7 +27,6 @@ from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, reporting, retrieval, tasks, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
-from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
 
@@ -78,7 +77,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     manifest = build(cfg.dataset).load_manifest()
     table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
     if n_duplicates:
-        manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+        manifest = manifest.with_table(table)
     tasks.check_data(cfg, manifest.table, manifest.source)
     checks.validate_data(manifest.table, cfg, manifest.source)
     torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
@@ -94,7 +93,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
-                                        on_error=cfg.data.on_error)
+                                        on_error=cfg.data.on_error, retry_failed=bool(cfg.data.retry_failed))
         log.info("embeddings %s: %s (%d rows extracted, %.1f s)", extraction.cached.key,
                  "cache hit" if extraction.cache_hit else "extracted", extraction.rows_extracted, extraction.seconds)
         tracker.set_tags({"cache": "hit" if extraction.cache_hit else "miss"})
@@ -150,8 +149,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from cbir.data.images import ImageLoadError
     from cbir.data.manifest import ManifestError
     from cbir.encoders.base import EncoderError
+    from cbir.store import CacheSpaceError
 
-    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError
+    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, CacheSpaceError
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -261,7 +261,6 @@ def run_embeddings(ctx: Context, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from cbir import CONFIG_DIR, checks
-    from cbir.data.manifest import Manifest
     from cbir.extract import extract_embeddings
     from cbir.run import build
     from cbir.safe_config import check_trusted
@@ -276,10 +275,10 @@ def run_embeddings(ctx: Context, overrides: list[str]):
         manifest = build(cfg.dataset).load_manifest()
         table, duplicates = checks.drop_duplicate_paths(manifest.table)
         if duplicates:
-            manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+            manifest = manifest.with_table(table)
         torch.manual_seed(int(cfg.seed))  # as cbir.run: random-init encoders get the run's weights
         encoder = build(cfg.encoder)
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
-                                        on_error=cfg.data.on_error)
+                                        on_error=cfg.data.on_error, retry_failed=bool(cfg.data.retry_failed))
     log.info("embeddings %s: %s", extraction.cached.key, "cache hit" if extraction.cache_hit else "extracted now")
     return cfg, manifest, extraction

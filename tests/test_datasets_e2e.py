@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
@@ -16,8 +18,10 @@ def test_every_dataset_runs_end_to_end(tmp_path):
     data = tmp_path / "data"
     make_study_data(data)  # nih14/, mimic/, radiology_ai/, CheXpert/ as the study's $DATA folder
     # a user collection in the folder layout <modality>/<anatomy>/<finding>/*.png ...
-    SyntheticDataset(root=data / "folder", modalities=["CT", "XR"], anatomies=["chest"],
-                     pathologies=["normal", "lesion"], max_per_class=6, min_per_class=5, image_size=32).load_manifest()
+    generated = SyntheticDataset(root=tmp_path / "generated", modalities=["CT", "XR"], anatomies=["chest"],
+                                 pathologies=["normal", "lesion"], max_per_class=6, min_per_class=5,
+                                 image_size=32).load_manifest()
+    shutil.copytree(generated.root, data / "folder")
     # ... and the same images as a user CSV manifest next to it
     manifest = pd.read_csv(data / "folder" / "manifest.csv")
     manifest["path"] = "folder/" + manifest["path"]

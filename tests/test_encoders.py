@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,13 +65,16 @@ def build(name: str, *overrides: str, pretrained: bool = False):
 @contextmanager
 def no_network():
     """Any attempt to resolve or connect fails loudly (the encoder must not try)."""
+    attempts = []  # also recorded: library code may catch the error and go on
+
     def refuse(*args, **kwargs):
+        attempts.append(args[:2])
         raise AssertionError(f"network access attempted: {args[:2]}")
 
     saved = socket.getaddrinfo, socket.create_connection, socket.socket.connect
     socket.getaddrinfo, socket.create_connection, socket.socket.connect = refuse, refuse, refuse
     try:
-        yield
+        yield attempts
     finally:
         socket.getaddrinfo, socket.create_connection, socket.socket.connect = saved
 
@@ -305,10 +307,10 @@ def test_torch_files_are_read_without_unpickling_objects(tmp_path):
     ("biomedclip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),  # open_clip
 ])
 def test_offline_without_weights_fails_fast_naming_the_fixes(name, hub_id):
-    start = time.perf_counter()
-    with pytest.raises(Exception) as caught:
+    # fast = no network attempt (the hub client's retries are what take minutes)
+    with no_network() as attempts, pytest.raises(Exception) as caught:
         build(name, pretrained=True)
-    assert time.perf_counter() - start < 5
+    assert attempts == []
     message = str(caught.value)
     for part in (f"encoder {name}", hub_id, "network access", "encoder.weights=<"):
         assert part in message, part
@@ -331,10 +333,8 @@ def test_unreachable_hub_is_probed_once_and_then_offline(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_probe_result", None)
-    start = time.perf_counter()
     with pytest.raises(Exception, match="network access"):
         hub.hub_file("rad_dino", "microsoft/rad-dino", "config.json")
-    assert time.perf_counter() - start < 5
     assert constants.HF_HUB_OFFLINE is True and hub._probe_result is False
 
 

@@ -45,7 +45,7 @@ def damaged_data(tmp_path):
     data = tmp_path / "data"
     manifest = SyntheticDataset(root=data / "synthetic", max_per_class=6, min_per_class=4, image_size=48).load_manifest()
     paths = manifest.table["path"].tolist()
-    root = data / "synthetic"
+    root = manifest.root
     (root / paths[0]).write_bytes(b"")  # zero bytes
     png = (root / paths[1]).read_bytes()
     (root / paths[1]).write_bytes(png[: len(png) // 2])  # truncated
@@ -76,6 +76,16 @@ def test_on_error_raise_names_the_file(tmp_path, damaged_data):
     text = output(proc)
     assert any(Path(b).name in text for b in broken) and "data.on_error=skip" in text
     assert "Traceback" not in text
+
+
+def test_on_error_raise_also_stops_on_a_cache_hit_holding_skipped_rows(tmp_path, damaged_data):
+    data, broken = damaged_data
+    run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1", "tracking.enabled=false")
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.on_error=raise", "tracking.enabled=false",
+                    check=False)
+    text = output(proc)
+    assert proc.returncode == 2 and "Traceback" not in text
+    assert Path(broken[0]).name in text and "data.on_error=skip" in text  # the first failed row
 
 
 def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):

@@ -116,7 +116,7 @@ def test_synthetic_dataset_is_deterministic_and_long_tailed(tmp_path):
     b = SyntheticDataset(root=tmp_path / "b", max_per_class=20, min_per_class=4, image_size=32).load_manifest()
     assert a.table.equals(b.table)
     first = a.table.path.iloc[5]
-    assert (tmp_path / "a" / first).read_bytes() == (tmp_path / "b" / first).read_bytes()
+    assert (a.root / first).read_bytes() == (b.root / first).read_bytes()
     counts = a.table.label.value_counts()
     assert len(counts) == 36 and counts.max() == 20 and counts.min() == 4
     assert set(a.table.modality) == {"CT", "MR", "US", "XR"}

@@ -55,7 +55,6 @@ def run_child(target: str, spec: dict, timeout: int = 1200) -> dict:
 
 def synthetic(root: Path, n: int, image_size: int):
     """A synthetic dataset with at least n images of the given size; its first n rows."""
-    from cbir.data.manifest import Manifest
     from cbir.data.synthetic import SyntheticDataset
 
     per_class = max(2, math.ceil(n / 36) + 1)  # 4 modalities x 3 anatomies x 3 pathologies
@@ -63,7 +62,7 @@ def synthetic(root: Path, n: int, image_size: int):
                                min_per_class=per_class, image_size=image_size)
     manifest = dataset.load_manifest()
     table = manifest.table.iloc[:n].reset_index(drop=True)
-    return Manifest(table=table, root=manifest.root, source=manifest.source)
+    return manifest.with_table(table)
 
 
 def encoder_config(name: str, overrides: dict | None = None) -> DictConfig:

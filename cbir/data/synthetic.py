@@ -9,17 +9,20 @@ Cues by strength, so that a good encoder beats a weak one and coarse levels are 
 Class sizes fall geometrically from `max_per_class` to `min_per_class` in a seeded order
 (long tail, so micro and macro P@N differ).
 
-Images are written once as 8-bit PNGs under `root`, with a manifest; a later call with the
-same parameters reuses them (a marker file records the parameters).
+Images are written once as 8-bit PNGs, with a manifest, into a folder of their own under `root`
+named after a hash of the parameters (`root/<name>-<hash>/`): a later call with the same parameters
+reuses them (a marker file records the parameters), other parameters never overwrite them (runs,
+galleries and saved indexes made from them keep pointing at the same pixels).
 
 `labels=multi` adds, for every modality and anatomy, images carrying two findings (each pair
 of non-normal pathologies, e.g. a lesion and calcifications) in folders `<p1>+<p2>/`, sized
 as the smaller of the two single-finding classes; the manifest gets a `findings` column. The
-single-finding images are the same files in both modes.
+single-finding images have the same pixels in both modes (each mode has its own folder).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,15 +103,22 @@ class SyntheticDataset:
             **({"labels": self.labels} if self.labels != "single" else {}),
         }
 
+    @property
+    def folder(self) -> Path:
+        """Where the images of these parameters live: one folder per parameter set."""
+        blob = json.dumps({**self.params(), "name": self.name}, sort_keys=True)
+        return self.root / f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
     def load_manifest(self) -> Manifest:
         """Generate the images if needed (once, under a lock) and return the manifest."""
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        marker = self.root / "generator.json"
-        with FileLock(str(self.root) + ".lock"):
+        folder = self.folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        marker = folder / "generator.json"
+        with FileLock(str(folder) + ".lock"):
             if not (marker.exists() and json.loads(marker.read_text()) == self.params()):
-                self._generate()
-        table = pd.read_csv(self.root / "manifest.csv", dtype=str, keep_default_na=False)
-        return Manifest(table=table, root=self.root, source=str(self.root / "manifest.csv"))
+                self._generate(folder)
+        table = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+        return Manifest(table=table, root=folder, source=str(folder / "manifest.csv"), generator=self.params())
 
     def class_sizes(self) -> dict[str, int]:
         classes = [
@@ -134,8 +144,8 @@ class SyntheticDataset:
                 for i, p1 in enumerate(found) for p2 in found[i + 1:]}
 
     # ----------------------------------------------------------------- private
-    def _generate(self) -> None:
-        tmp = self.root.with_name(self.root.name + f".tmp-{os.getpid()}")
+    def _generate(self, folder: Path) -> None:
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         rows = []
         groups = [(*label.split("/"), size) for label, size in self.class_sizes().items()]
@@ -158,8 +168,8 @@ class SyntheticDataset:
             table = table.drop(columns="findings")
         table.to_csv(tmp / "manifest.csv", index=False)
         (tmp / "generator.json").write_text(json.dumps(self.params()))
-        shutil.rmtree(self.root, ignore_errors=True)
-        os.replace(tmp, self.root)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder (no or other marker)
+        os.replace(tmp, folder)
 
     def _split_labels(self, size: int, class_index: int) -> list[str]:
         """Per-class stratified split; every class gets at least one train and one test row

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class EncoderError(RuntimeError):
@@ -63,7 +66,7 @@ def weights_identity(weights: str | None, pretrained: bool) -> dict[str, Any]:
                 ".safetensors or .pth file"
             )
         st = p.stat()
-        return {"weights": str(p.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+        return {"weights": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if pretrained:
         return {"weights": "pretrained"}
     # random weights depend on the torch seed at construction (cbir.run seeds it from `seed`)
@@ -100,6 +103,16 @@ class PretrainedEncoder(Encoder):
         self.license = license
         self._weights_id = weights_identity(self.weights, self.pretrained)
 
+    def record_hub_weights(self, repo_id: str | None, commit: str | None) -> None:
+        """Identify pretrained hub weights by the commit they were loaded from (the tag alone
+        would let a new upload reuse embeddings of the old weights)."""
+        self._weights_id = {"weights": "pretrained", "hub_id": repo_id, "commit": commit}
+        if commit:
+            log.info("encoder %s: weights %s at commit %s", self.name, repo_id, commit)
+        else:
+            log.warning("encoder %s: cannot tell which revision of %s was loaded; its embedding cache key "
+                        "names the model only (pin one with encoder.revision=<commit>)", self.name, repo_id)
+
     def check_dim(self, actual: int) -> None:
         self.dim = int(actual)
         if self.expected_dim is not None and self.expected_dim != self.dim:
@@ -113,13 +126,16 @@ class PretrainedEncoder(Encoder):
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "class": type(self).__name__,
             **self.model_identity(),
             **self._weights_id,
             "pool": self.pool,
             "preprocess": self.preprocess.as_dict(),
         }
+        if identity.get("commit"):  # the resolved commit says it all: a pin to it is the same weights
+            identity.pop("revision", None)
+        return identity
 
     def info(self) -> dict[str, Any]:
         return {
@@ -128,5 +144,6 @@ class PretrainedEncoder(Encoder):
             "source": self.source or "unknown",
             "license": self.license or "unknown",
             "weights": self._weights_id["weights"],
+            "weights_commit": self._weights_id.get("commit") or "n/a",
             "pool": self.pool or "default",
         }

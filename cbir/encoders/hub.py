@@ -5,6 +5,8 @@
   to offline mode so a missing file fails in about a second (cached files still load).
 - Local weight files are read without unpickling arbitrary objects: safetensors, or torch
   files through `torch.load(weights_only=True)`.
+- Hub weights are identified by the commit they were loaded from (the snapshot in the local
+  hub cache), not by a tag such as "main": a new upload then gives a new embedding cache key.
 - A state dict is loaded so that a missing model key is an error (wrong file) while extra
   keys (classifier heads, text towers, optimiser-free training extras) are only reported.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -98,6 +101,35 @@ def hub_file(encoder: str, repo_id: str, filenames: str | list[str], revision: s
         except Exception as e:  # offline, missing, gated: all lead to the same two fixes
             error = e
     raise missing_weights_error(encoder, f"'{repo_id}' (file {' or '.join(names)})", error) from error
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def cached_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit that `revision` (a branch or tag, default main; a commit hash is returned as
+    is) of a hub model repo points to in the local hub cache, or None when the cache has no
+    record of it."""
+    if revision and _COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / (revision or "main")
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return None
+    return commit if _COMMIT.fullmatch(commit) else None
+
+
+def commit_of_file(path: str | os.PathLike) -> str | None:
+    """The commit of a file inside the hub cache (`.../snapshots/<commit>/<file>`), else None."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1] == "snapshots" and _COMMIT.fullmatch(parts[i]):
+            return parts[i]
+    return None
 
 
 def read_state_dict(path: str | os.PathLike, encoder: str = "encoder") -> dict[str, torch.Tensor]:

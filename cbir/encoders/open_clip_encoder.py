@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cbir.encoders.base import EncoderError, PretrainedEncoder
-from cbir.encoders.hub import hub_file, load_into, read_state_dict, strip_prefix
+from cbir.encoders.hub import cached_commit, commit_of_file, hub_file, load_into, read_state_dict, strip_prefix
 
 
 class OpenClipEncoder(PretrainedEncoder):
@@ -66,6 +66,7 @@ class OpenClipEncoder(PretrainedEncoder):
             return
         elif self.hub_id:
             path = hub_file(self.name, self.hub_id, self.hub_files, self.revision)
+            self.record_hub_weights(self.hub_id, commit_of_file(path) or cached_commit(self.hub_id, self.revision))
         else:
             raise EncoderError(f"encoder {self.name}: no hub_id configured; pass encoder.weights=<file>")
         state_dict = read_state_dict(path, self.name)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from cbir.encoders.base import EncoderError, PretrainedEncoder
-from cbir.encoders.hub import load_into, missing_weights_error, no_hub_error, prepare_hub_access, read_state_dict
+from cbir.encoders.hub import (cached_commit, load_into, missing_weights_error, no_hub_error, prepare_hub_access,
+                               read_state_dict)
 from cbir.encoders.pooling import normalise_pool, pool_map, pool_tokens
 
 
@@ -34,6 +35,7 @@ class TimmEncoder(PretrainedEncoder):
         source: str | None = None,
         license: str | None = None,
         weights_from: str | None = None,
+        revision: str | None = None,
     ) -> None:
         name = name or model_name
         super().__init__(name, pretrained, weights, dim, preprocess, input_size,
@@ -41,6 +43,7 @@ class TimmEncoder(PretrainedEncoder):
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs or {})
         self.weights_from = weights_from
+        self.revision = revision
         self.model = self.build_model()
         self.model.eval()
         self.check_dim(self.embedding_dim())
@@ -61,11 +64,19 @@ class TimmEncoder(PretrainedEncoder):
         if self.weights_from:
             raise no_hub_error(self.name, self.weights_from)
         prepare_hub_access()
+        hub_id = timm.models.get_pretrained_cfg(self.model_name).hf_hub_id
+        if self.revision:
+            if not hub_id:
+                raise EncoderError(f"encoder {self.name}: encoder.revision needs weights on the Hugging Face hub; "
+                                   f"timm has no hub repo for '{self.model_name}'")
+            kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": f"{hub_id}@{self.revision}"}
         try:
-            return timm.create_model(self.model_name, pretrained=True, **kwargs)
+            model = timm.create_model(self.model_name, pretrained=True, **kwargs)
         except Exception as e:  # hub, network and file errors come in many types
-            hub_id = timm.models.get_pretrained_cfg(self.model_name).hf_hub_id or self.model_name
-            raise missing_weights_error(self.name, f"'{hub_id}' (timm {self.model_name})", e) from e
+            raise missing_weights_error(self.name, f"'{hub_id or self.model_name}' (timm {self.model_name})", e) from e
+        # timm reads hub weights through the hub cache: its refs name the commit it used
+        self.record_hub_weights(hub_id, cached_commit(hub_id, self.revision) if hub_id else None)
+        return model
 
     def load_weights(self, model: torch.nn.Module, state_dict: dict) -> None:
         """Remap with the timm family's checkpoint filter (original layouts), then load."""
@@ -93,4 +104,4 @@ class TimmEncoder(PretrainedEncoder):
         return pool_map(features, self.pool, self.name)
 
     def model_identity(self) -> dict:
-        return {"model_name": self.model_name, "model_kwargs": self.model_kwargs}
+        return {"model_name": self.model_name, "model_kwargs": self.model_kwargs, "revision": self.revision}

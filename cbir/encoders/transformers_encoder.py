@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cbir.encoders.base import EncoderError, PretrainedEncoder
-from cbir.encoders.hub import (load_into, missing_weights_error, no_hub_error, prepare_hub_access,
+from cbir.encoders.hub import (cached_commit, load_into, missing_weights_error, no_hub_error, prepare_hub_access,
                                read_state_dict, strip_prefix)
 from cbir.encoders.pooling import normalise_pool, pool_tokens
 
@@ -64,9 +64,13 @@ class TransformersEncoder(PretrainedEncoder):
                 raise EncoderError(f"encoder {self.name}: no hub_id configured; pass encoder.weights=<file>")
             prepare_hub_access()
             try:
-                return cls.from_pretrained(self.hub_id, revision=self.revision, **self.model_config)
+                model = cls.from_pretrained(self.hub_id, revision=self.revision, **self.model_config)
             except Exception as e:  # OSError offline, HTTP errors online: same two fixes
                 raise missing_weights_error(self.name, f"'{self.hub_id}' (transformers {cls.__name__})", e) from e
+            # the snapshot transformers read the files from
+            commit = getattr(model.config, "_commit_hash", None) or cached_commit(self.hub_id, self.revision)
+            self.record_hub_weights(self.hub_id, commit)
+            return model
         model = cls(cls.config_class(**self.model_config))
         if self.weights:
             state_dict = read_state_dict(self.weights, self.name)

@@ -1,0 +1,240 @@
+"""The embedding cache: a hit means same inputs (files, generator parameters, weights revision),
+every row is checked, failed rows are retried when fixed, and a full disk is a message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cbir.data.images import ImageLoadError
+from cbir.data.synthetic import SyntheticDataset
+from cbir.encoders.classical import ClassicalEncoder
+from cbir.extract import cache_key, extract_embeddings
+from cbir.store import EmbeddingStore
+from conftest import compose
+
+EXTRACT = OmegaConf.create(dict(batch_size=8, num_workers=0, accelerator="cpu", devices=1,
+                                strategy="auto", precision="32-true", progress=False))
+TINY = dict(modalities=["CT", "MR"], anatomies=["head"], pathologies=["normal", "lesion"],
+            max_per_class=3, min_per_class=3, image_size=32)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    """12 generated images, a classical encoder and a fresh store."""
+    manifest = SyntheticDataset(root=tmp_path / "data", **TINY).load_manifest()
+    return manifest, ClassicalEncoder(), EmbeddingStore(tmp_path / "cache")
+
+
+# ---------------------------------------------------------------------------- what a hit means
+def test_a_changed_image_is_extracted_again_not_served_from_the_cache(tiny):
+    manifest, encoder, store = tiny
+    first = extract_embeddings(encoder, manifest, store, EXTRACT)
+    before = np.array(first.embeddings)
+    assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
+    paths = manifest.paths()
+    shutil.copyfile(paths[7], paths[0])  # row 0 now holds row 7's pixels
+    again = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert not again.cache_hit and again.rows_extracted == 1  # only the changed row
+    after = np.asarray(again.embeddings)
+    assert np.allclose(after[0], before[7], atol=1e-5) and not np.allclose(after[0], before[0], atol=1e-3)
+    assert np.array_equal(after[1:], before[1:])
+    assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
+
+
+def test_generator_parameters_decide_the_folder_and_the_key(tmp_path):
+    """`dataset.difficulty=0.9` after a default run must not be a cache hit, nor overwrite the
+    images earlier runs point to."""
+    normal = SyntheticDataset(root=tmp_path, **TINY).load_manifest()
+    image = normal.paths()[4].read_bytes()
+    hard = SyntheticDataset(root=tmp_path, **{**TINY, "difficulty": 0.9}).load_manifest()
+    assert hard.root != normal.root and hard.digest() != normal.digest()
+    assert cache_key(ClassicalEncoder(), hard) != cache_key(ClassicalEncoder(), normal)
+    assert normal.paths()[4].read_bytes() == image  # the first set is untouched
+    assert hard.paths()[4].read_bytes() != image
+    # the presets get folders of their own under the same data dir, and difficulty moves it
+    folders = {instantiate(compose(*o, f"paths.data_dir={tmp_path}").dataset).folder
+               for o in (["dataset=synthetic"], ["dataset=synthetic_small"],
+                         ["dataset=synthetic_small", "dataset.difficulty=0.9"])}
+    assert len(folders) == 3
+
+
+# ---------------------------------------------------------------------------- failed rows
+def test_failed_rows_are_retried_once_their_file_is_fixed(tiny):
+    manifest, encoder, store = tiny
+    paths = manifest.paths()
+    originals = {i: paths[i].read_bytes() for i in (2, 5)}
+    paths[2].write_bytes(originals[2][:40])  # truncated
+    paths[5].unlink()  # missing
+    broken = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert np.flatnonzero(~broken.valid).tolist() == [2, 5]
+    for i, data in originals.items():
+        paths[i].write_bytes(data)
+    fixed = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert not fixed.cache_hit and fixed.rows_extracted == 2 and fixed.valid.all()
+    assert fixed.cached.skipped() == []
+    clean = extract_embeddings(encoder, manifest, EmbeddingStore(store.cache_dir / "clean"), EXTRACT)
+    assert np.allclose(np.asarray(fixed.embeddings), np.asarray(clean.embeddings), atol=1e-5)
+
+
+def test_retry_failed_retries_rows_whose_file_looks_unchanged(tiny):
+    """A file restored with its old size and mtime (a backup restored with times kept)."""
+    manifest, encoder, store = tiny
+    path = manifest.paths()[3]
+    original, stat = path.read_bytes(), path.stat()
+    path.write_bytes(b"\0" * len(original))  # same size, not an image
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not extract_embeddings(encoder, manifest, store, EXTRACT).valid[3]
+    path.write_bytes(original)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    kept = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert kept.cache_hit and not kept.valid[3]  # nothing says the file changed
+    retried = extract_embeddings(encoder, manifest, store, EXTRACT, retry_failed=True)
+    assert retried.rows_extracted == 1 and retried.valid.all()
+
+
+def test_on_error_raise_stops_on_failed_rows_from_an_earlier_run(tiny):
+    manifest, encoder, store = tiny
+    path = manifest.paths()[6]
+    path.write_text("not an image")
+    extract_embeddings(encoder, manifest, store, EXTRACT, on_error="skip")
+    with pytest.raises(ImageLoadError, match=rf"{path.name}.*data\.on_error=raise.*data\.retry_failed=true"):
+        extract_embeddings(encoder, manifest, store, EXTRACT, on_error="raise")
+
+
+# ---------------------------------------------------------------------------- integrity
+def test_the_integrity_check_covers_every_row(tmp_path):
+    """6,000 rows: more than the 4,096 rows a sampled check would read."""
+    store, n, dim = EmbeddingStore(tmp_path), 6000, 8
+    values = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    partial = store.open_partial("k", n, dim)
+    partial.write(np.arange(n), values, np.ones(n, bool))
+    entry = store.commit("k", partial, {})
+    path = entry.path / "embeddings.npy"
+    del entry, partial
+    # change 300 rows that evenly spaced sampling of 4,096 rows skips; same file size
+    sampled = np.unique(np.linspace(0, n - 1, num=4096).astype(np.int64))
+    altered = np.setdiff1d(np.arange(n), sampled)[:300]
+    array = np.load(path, mmap_mode="r+")
+    array[altered] += 1.0
+    array.flush()
+    del array
+    assert store.load("k") is None  # damaged: recomputed by the caller, never used
+    # the commit writes the checksum of what it stored: an intact entry loads
+    partial = store.open_partial("k2", n, dim)
+    partial.write(np.arange(n), values, np.ones(n, bool))
+    store.commit("k2", partial, {})
+    assert np.array_equal(store.load("k2").embeddings, values)
+
+
+# ---------------------------------------------------------------------------- disk space
+def test_a_full_disk_is_a_message_before_any_row_is_written(tiny, monkeypatch):
+    from cbir.run import user_errors
+
+    manifest, encoder, store = tiny
+    usage = shutil.disk_usage(store.cache_dir.parent)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100))
+    with pytest.raises(Exception, match=rf"not enough space in {store.cache_dir}: need .*KB, have 100 B") as caught:
+        extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert isinstance(caught.value, user_errors())  # one line and exit code 2, no traceback
+    assert not list(store.root.glob("*.partial"))
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this platform")
+def test_a_new_entry_has_its_disk_blocks_reserved(tmp_path):
+    """Not a sparse file: rows written later cannot hit a full disk (SIGBUS in a memory map)."""
+    partial = EmbeddingStore(tmp_path).open_partial("k", 20_000, 64)
+    stat = (partial.path / "embeddings.npy").stat()
+    assert stat.st_size >= 20_000 * 64 * 4 and stat.st_blocks * 512 >= stat.st_size
+
+
+# ---------------------------------------------------------------------------- hub revisions
+def _fake_hub(cache: Path, repo: str, commits: list[str], save) -> Path:
+    """A local hub cache as huggingface_hub lays it out: refs/main -> snapshots/<commit>/."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    for i, commit in enumerate(commits):
+        save(folder / "snapshots" / commit, seed=i)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _point(folder: Path, ref: str, commit: str) -> None:
+    (folder / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import time
+    return cache
+
+
+A, B = "a" * 40, "b" * 40
+
+
+def test_transformers_weights_are_keyed_by_their_hub_commit(hub_cache):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from cbir.encoders.transformers_encoder import TransformersEncoder
+
+    def save(snapshot, seed):
+        torch.manual_seed(seed)
+        ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=16)).save_pretrained(snapshot)
+
+    repo = _fake_hub(hub_cache, "test-org/tiny-vit", [A, B], save)
+
+    def encoder(**kw):
+        return TransformersEncoder(name="tiny", model_class="ViTModel", hub_id="test-org/tiny-vit",
+                                   preprocess={"crop": 32, "resize": 32}, **kw)
+
+    _point(repo, "main", A)
+    at_a = encoder()
+    _point(repo, "main", B)  # a new upload
+    at_b = encoder()
+    assert at_a.identity()["commit"] == A and at_b.identity()["commit"] == B
+    assert at_a.cache_key() != at_b.cache_key()
+    assert at_b.info()["weights_commit"] == B
+    assert encoder(revision=A).cache_key() == at_a.cache_key()  # a pin still works
+    _point(repo, "v1", A)
+    assert encoder(revision="v1").identity()["commit"] == A
+
+
+def test_timm_and_open_clip_weights_are_keyed_by_their_hub_commit(hub_cache):
+    import torch
+    from safetensors.torch import save_file
+
+    from cbir.encoders.timm_encoder import TimmEncoder
+
+    import timm
+
+    def save(snapshot, seed):
+        torch.manual_seed(seed)
+        snapshot.mkdir(parents=True)
+        model = timm.create_model("test_vit.r160_in1k", pretrained=False)
+        save_file(model.state_dict(), str(snapshot / "model.safetensors"))
+
+    repo = _fake_hub(hub_cache, "timm/test_vit.r160_in1k", [A, B], save)
+    _point(repo, "main", A)
+    at_a = TimmEncoder("test_vit.r160_in1k", input_size=160)
+    _point(repo, "main", B)
+    at_b = TimmEncoder("test_vit.r160_in1k", input_size=160)
+    assert (at_a.identity()["commit"], at_b.identity()["commit"]) == (A, B)
+    assert at_a.cache_key() != at_b.cache_key()
+    assert not torch.equal(next(at_a.model.parameters()), next(at_b.model.parameters()))
+    assert TimmEncoder("test_vit.r160_in1k", input_size=160, revision=A).cache_key() == at_a.cache_key()
+    # open_clip loads one file through hf_hub_download: its snapshot folder names the commit
+    from cbir.encoders.hub import commit_of_file
+
+    assert commit_of_file(repo / "snapshots" / B / "model.safetensors") == B
+    assert commit_of_file(hub_cache / "elsewhere" / "model.safetensors") is None
