@@ -71,13 +71,9 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
             log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
                      run_name, done.info.run_id)
             return None
-    manifest = build(cfg.dataset).load_manifest()
-    table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
-    if n_duplicates:
-        manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+    manifest, n_duplicates = load_job_manifest(cfg)
     checks.validate_data(manifest.table, cfg, manifest.source)
-    torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
-    encoder = build(cfg.encoder)
+    encoder = build_encoder(cfg)
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
@@ -124,6 +120,20 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         tracker.log_artifact(out / ".hydra", "config")
     reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
     return result
+
+
+def load_job_manifest(cfg: DictConfig) -> tuple[Manifest, int]:
+    """The job's manifest (duplicate paths dropped) and the number of rows dropped."""
+    manifest = build(cfg.dataset).load_manifest()
+    table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
+    if n_duplicates:
+        manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+    return manifest, n_duplicates
+
+
+def build_encoder(cfg: DictConfig):
+    torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
+    return build(cfg.encoder)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
