@@ -32,12 +32,18 @@ from cbir import CONFIG_DIR  # noqa: E402
 
 log = logging.getLogger("cbir.bench_decode")
 
-# three cheap encoders with their own preprocessing (64 px, 32 px, 160 px); random weights
-ENCODERS = {
-    "baseline": {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "baseline"},
-    "random": {"_target_": "cbir.encoders.control.RandomEncoder", "name": "random"},
-    "tiny_vit": {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "tiny_vit", "model_name": "test_vit",
-                 "pretrained": False, "preprocess": {"mode": "squash", "crop": 160, "interpolation": "bicubic"}},
+# Encoder sets, random weights. `cheap`: three encoders whose forward and preprocessing
+# (bilinear, grey, small) cost little next to decoding a large PNG, the case a shared pass is
+# for. `mixed`: a 160-px bicubic RGB ViT in place of one, where resizing costs more than decoding.
+BASELINE = {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "baseline"}
+RANDOM = {"_target_": "cbir.encoders.control.RandomEncoder", "name": "random"}
+ENCODER_SETS = {
+    "cheap": {"baseline": BASELINE, "random": RANDOM,
+              "random96": {**RANDOM, "name": "random96", "image_size": 96, "dim": 32}},
+    "mixed": {"baseline": BASELINE, "random": RANDOM,
+              "tiny_vit": {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "tiny_vit",
+                           "model_name": "test_vit", "pretrained": False,
+                           "preprocess": {"mode": "squash", "crop": 160, "interpolation": "bicubic"}}},
 }
 # CPU preprocessing of one decoded image at the study's input sizes (resize the shorter side
 # then centre-crop, bicubic, RGB as the neural encoders use)
@@ -130,12 +136,12 @@ def manifest_of(paths: list[Path]):
     return Manifest(table=table, root=paths[0].parent, source="bench images")
 
 
-def build_encoders() -> list:
+def build_encoders(encoder_set: str = "cheap") -> list:
     import torch
     from hydra.utils import instantiate
 
     out = []
-    for config in ENCODERS.values():
+    for config in ENCODER_SETS[encoder_set].values():
         torch.manual_seed(0)
         out.append(instantiate(config))
     return out
@@ -174,7 +180,7 @@ def per_image_parts(paths: list[Path], repeats: int = 3) -> dict:
 
 
 def run(images: int = 64, size: int = 1024, repeats: int = 2, batch_size: int = 16, num_workers: int = 1,
-        data_dir: Path | None = None, work: Path | None = None) -> dict:
+        data_dir: Path | None = None, work: Path | None = None, encoder_set: str = "cheap") -> dict:
     import torch
 
     from cbir.extract import extract_embeddings
@@ -194,12 +200,12 @@ def run(images: int = 64, size: int = 1024, repeats: int = 2, batch_size: int = 
 
     def run_singles() -> float:
         total = 0.0
-        for encoder in build_encoders():
+        for encoder in build_encoders(encoder_set):
             total += extract_embeddings(encoder, manifest, fresh("single"), cfg).seconds
         return total
 
     def run_shared() -> float:
-        result = extract_shared(build_encoders(), manifest, fresh("shared"), cfg)
+        result = extract_shared(build_encoders(encoder_set), manifest, fresh("shared"), cfg)
         assert result.decodes == images, result.decodes
         parts.append(result.timings)
         return result.seconds
@@ -208,7 +214,7 @@ def run(images: int = 64, size: int = 1024, repeats: int = 2, batch_size: int = 
         order = (("singles", run_singles), ("shared", run_shared))
         for name, fn in order if r % 2 == 0 else reversed(order):
             (singles if name == "singles" else shared).append(fn())
-    device_shared = extract_shared(build_encoders(), manifest, fresh("device"),
+    device_shared = extract_shared(build_encoders(encoder_set), manifest, fresh("device"),
                                    extract_config(batch_size=batch_size, num_workers=num_workers,
                                                   device_preprocess=True)).seconds
     single_s, shared_s = statistics.mean(singles), statistics.mean(shared)
@@ -218,7 +224,7 @@ def run(images: int = 64, size: int = 1024, repeats: int = 2, batch_size: int = 
     decode = sum(v["decode"] for v in timing.values())
     shutil.rmtree(work, ignore_errors=True)
     return {
-        "images": images, "image_size": size, "encoders": list(ENCODERS), "batch_size": batch_size,
+        "images": images, "image_size": size, "encoder_set": encoder_set, "encoders": list(ENCODER_SETS[encoder_set]), "batch_size": batch_size,
         "num_workers": num_workers, "repeats": repeats, "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
         "singles_seconds": single_s, "shared_seconds": shared_s, "ratio": shared_s / single_s, "target": 0.6,
@@ -238,7 +244,7 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"one decode per image: {result['images']} PNGs of {result['image_size']} px, "
-                        f"{len(result['encoders'])} encoders")
+                        f"encoders {', '.join(result['encoders'])}")
     for column in ("encoder", "decode s", "preprocess s", "forward s", "write s"):
         table.add_column(column)
     for name, parts in result["shared_parts_seconds"].items():
@@ -269,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--encoders", choices=sorted(ENCODER_SETS), default="cheap")
     parser.add_argument("--quick", action="store_true", help="16 images of 512 px, one repeat")
     parser.add_argument("--cores", type=int, default=16, help="loader cores per GPU, for the projection")
     parser.add_argument("--gpu-speedup", type=float, default=1.0,
@@ -278,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
         args.images, args.size, args.repeats = 16, 512, 1
-    result = with_projection(run(args.images, args.size, args.repeats, args.batch_size, args.num_workers),
+    result = with_projection(run(args.images, args.size, args.repeats, args.batch_size, args.num_workers,
+                                 encoder_set=args.encoders),
                              args.cores, args.gpu_speedup)
     print_table(result)
     if args.json:

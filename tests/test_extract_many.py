@@ -138,3 +138,18 @@ def test_device_preprocessing_pass_equals_pil_pass(setup, singles, tmp_path):
         got = shared.extractions[singles[name].cached.key]
         np.testing.assert_allclose(np.asarray(got.embeddings), np.asarray(singles[name].embeddings),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # two DDP ranks started on CPU
+def test_ddp_ranks_write_every_encoders_rows(setup, singles, tmp_path):
+    cfg, manifest = setup
+    names = ["baseline", "vit160"]
+    ddp = compose("debug=smoke", "extract.accelerator=cpu", "extract.devices=2", "extract.strategy=ddp",
+                  "extract.num_workers=1").extract
+    shared = extract_shared([build(n) for n in names], manifest, EmbeddingStore(tmp_path), ddp)
+    assert shared.decodes is None  # counted in the ranks, which log their own counts
+    for name in names:
+        got = shared.extractions[singles[name].cached.key]
+        assert got.valid.all() and not got.cache_hit
+        np.testing.assert_allclose(np.asarray(got.embeddings), np.asarray(singles[name].embeddings),
+                                   rtol=1e-5, atol=1e-6)
