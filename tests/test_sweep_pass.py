@@ -69,3 +69,24 @@ def test_command_line_pass_with_memory_budget(tmp_path, shared_data_dir):
     assert entries == ["baseline", "random"]
     proc = run_cbir(tmp_path, *common, module="cbir.sweep_pass")
     assert "0 shared pass(es), 0 encoders extracted, 0 images decoded" in proc.stdout + proc.stderr
+
+
+def test_jobs_listed_as_the_basic_sweeper_launches_them():
+    from conftest import compose
+    from cbir.sweep_pass import sweep_jobs
+
+    cfg = compose("experiment=smoke", hydra_node=True)  # the sweep lives in hydra.sweeper.params
+    jobs = sweep_jobs(cfg, None)
+    assert [job[:2] for job in jobs] == [[f"encoder={e}", f"index.per_class={n}"]
+                                         for e in ("baseline", "random") for n in (3, 10, "all")]
+    assert all(job[2] == "experiment=smoke" for job in jobs)
+
+
+def test_slurm_sweeps_leave_the_pass_to_a_job_of_its_own(caplog):
+    from conftest import compose
+    from cbir.sweep_pass import SharedPassCallback
+
+    cfg = compose("hydra/launcher=slurm", hydra_node=True)
+    with caplog.at_level("INFO", logger="cbir.sweep_pass"):
+        SharedPassCallback().on_multirun_start(cfg)
+    assert "python -m cbir.sweep_pass" in caplog.text
