@@ -81,7 +81,7 @@ def projection(per_image: dict, images: int = 1_600_000, cores: int = 16, gpu_sp
     of the two; with device preprocessing the cores only decode. `gpu_speedup` scales the
     published RTX 4090 throughput (e.g. ~2 for an H100 in bf16)."""
     def prep_s(size: int) -> float:
-        known = sorted(PREPROCESS_SIZES, key=lambda s: abs(s - size))[0]
+        known = min(PREPROCESS_SIZES, key=lambda s: abs(s - size))
         return per_image[f"preprocess_{known}_ms"] / 1000
 
     decode_s = per_image["decode_ms"] / 1000

@@ -27,8 +27,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import Dataset
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from cbir.data.images import ImageLoadError, load_image

@@ -142,7 +142,7 @@ def test_device_preprocessing_pass_equals_pil_pass(setup, singles, tmp_path):
 
 @pytest.mark.slow  # two DDP ranks started on CPU
 def test_ddp_ranks_write_every_encoders_rows(setup, singles, tmp_path):
-    cfg, manifest = setup
+    _, manifest = setup
     names = ["baseline", "vit160"]
     ddp = compose("debug=smoke", "extract.accelerator=cpu", "extract.devices=2", "extract.strategy=ddp",
                   "extract.num_workers=1").extract
