@@ -44,6 +44,16 @@ def sweep_jobs(config: DictConfig, config_loader) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def job_config(config_loader, config: DictConfig, overrides: list[str]) -> DictConfig:
+    """A job's config as the launcher composes it and the job receives it (no `hydra` node)."""
+    from omegaconf import open_dict
+
+    job = config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(job):
+        del job["hydra"]
+    return job
+
+
 def weight_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
@@ -51,18 +61,25 @@ def weight_bytes(module) -> int:
 def run_shared_passes(job_configs: list[DictConfig]) -> list:
     """Group the jobs' missing embeddings by dataset and extraction settings and extract each
     group in one pass. Returns the passes run (cbir.extract_many.SharedPass)."""
-    from cbir import checks
+    from cbir import checks, tracking
     from cbir.run import user_errors
 
     buckets: dict[str, list[DictConfig]] = {}
+    finished = 0
     for job in job_configs:
         try:
             checks.validate_config(job)
         except user_errors() as e:
             log.info("shared extraction: leaving out a job whose config fails (%s); the job reports it", e)
             continue
+        if job.tracking.get("skip_finished", True) and tracking.Tracker.from_config(job).finished_run(
+                tracking.config_hash(job)) is not None:
+            finished += 1  # the job will skip itself (a resumed sweep): no encoder to build for it
+            continue
         settings = {k: OmegaConf.to_container(job[k], resolve=True) for k in ("dataset", "extract", "paths", "data")}
         buckets.setdefault(json.dumps(settings, sort_keys=True, default=str), []).append(job)
+    if finished:
+        log.info("shared extraction: %d of %d jobs already FINISHED, left out", finished, len(job_configs))
     passes = []
     for jobs in buckets.values():
         passes.extend(_bucket_passes(jobs))
@@ -149,7 +166,7 @@ class SharedPassCallback(_HydraCallback):
         if not jobs or len(jobs) < 2:
             return
         try:
-            passes = run_shared_passes([loader.load_sweep_config(config, job) for job in jobs])
+            passes = run_shared_passes([job_config(loader, config, job) for job in jobs])
         except Exception as e:  # the jobs still extract on their own, resuming what the pass wrote
             log.warning("shared extraction pass failed (%s: %s); each job extracts its own embeddings",
                         type(e).__name__, e, exc_info=True)
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         config = hydra_app.compose_config("config", overrides, run_mode=RunMode.MULTIRUN, from_shell=True,
                                           with_log_configuration=False)
         jobs = sweep_jobs(config, hydra_app.config_loader) or []
-        passes = run_shared_passes([hydra_app.config_loader.load_sweep_config(config, job) for job in jobs])
+        passes = run_shared_passes([job_config(hydra_app.config_loader, config, job) for job in jobs])
     for p in passes:
         for name, parts in p.timings.items():
             log.info("  %s: %s", name, ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))

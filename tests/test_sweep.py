@@ -60,6 +60,7 @@ def test_rerun_is_a_no_op(sweep, shared_data_dir):
     _, parents, children = runs(sweep)
     assert len(parents) == 1 and len(children) == 4  # no new runs, same parent
     assert proc.stderr.count("skipping") + proc.stdout.count("skipping") == 4
+    assert "4 of 4 jobs already FINISHED, left out" in proc.stderr + proc.stdout  # no encoder built for them
     assert "extracted" not in proc.stderr + proc.stdout
     client = MlflowClient(f"sqlite:///{sweep}/mlruns/mlflow.db")
     history = client.get_metric_history(parents[0].info.run_id, "saturation/baseline/micro/P_at_1")
