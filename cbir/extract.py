@@ -87,16 +87,18 @@ class ArrayWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         rows = prediction["rows"].cpu().numpy()
         ok = prediction["ok"].cpu().numpy().astype(bool)
-        values = prediction["embedding"].detach().cpu().numpy()
+        self.write(rows, prediction["embedding"].detach().cpu().numpy(), ok, list(prediction["errors"]))
+
+    def write(self, rows: np.ndarray, values: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
         if self.on_error == "raise" and not ok.all():
             good = ok.nonzero()[0]
             self.partial.write(rows[good], values[good], ok[good])  # keep what this batch did compute
             first = int((~ok).nonzero()[0][0])
-            raise ImageLoadError(f"{prediction['errors'][first]} (data.on_error=raise; "
+            raise ImageLoadError(f"{errors[first]} (data.on_error=raise; "
                                  "use data.on_error=skip to skip and count unreadable files)")
         self.partial.write(rows, values, ok)
         self.partial.record_skips(
-            [(int(r), str(self.paths[r]), e) for r, good, e in zip(rows, ok, prediction["errors"]) if not good]
+            [(int(r), str(self.paths[r]), e) for r, good, e in zip(rows, ok, errors) if not good]
         )
 
 
@@ -123,6 +125,11 @@ def cache_key(encoder: Encoder, manifest: Manifest) -> str:
     per row against the entry (size and mtime, see cbir.store), so a hit means same inputs."""
     h = hashlib.sha256(f"{encoder.cache_key()}:{manifest.digest()}".encode()).hexdigest()[:20]
     return f"{encoder.name}-{h}"
+
+
+def entry_meta(key: str, encoder: Encoder, manifest: Manifest) -> dict:
+    """What a committed cache entry records about its inputs."""
+    return {"key": key, "encoder": encoder.identity(), "manifest": manifest.digest()}
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -160,10 +167,7 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
             encoder.fill(manifest, partial, rows, on_error)  # stored embeddings: no images, no model
         elif len(rows):
             _predict(encoder, manifest, partial, rows, cfg, on_error)
-        cached = store.commit(
-            key, partial,
-            {"key": key, "encoder": encoder.identity(), "manifest": manifest.digest()},
-        )
+        cached = store.commit(key, partial, entry_meta(key, encoder, manifest))
     return _finish(Extraction(cached, False, time.perf_counter() - start, int(len(rows))), manifest, on_error)
 
 
@@ -186,10 +190,16 @@ def _finish(extraction: Extraction, manifest: Manifest, on_error: str) -> Extrac
 def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:
     paths = manifest.paths()
     transform = encoder.transform()
-    sample_shape = _probe_shape(transform)
-    dataset = ImageRows(paths, rows, transform, sample_shape)
+    dataset = ImageRows(paths, rows, transform, _probe_shape(transform))
+    trainer = make_trainer(cfg, [ArrayWriter(partial, paths, on_error)])
+    channels_last = prepare_encoder(encoder, cfg)
+    module = EmbeddingModule(encoder, channels_last, bool(cfg.get("compile", False)))
+    trainer.predict(module, dataloaders=make_loader(dataset, cfg), return_predictions=False)
+
+
+def make_loader(dataset: Dataset, cfg, collate_fn=None) -> DataLoader:
     workers = int(cfg.num_workers)
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=int(cfg.batch_size),
         shuffle=False,
@@ -197,12 +207,16 @@ def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=int(cfg.get("prefetch_factor") or 2) if workers > 0 else None,
+        collate_fn=collate_fn,
     )
+
+
+def make_trainer(cfg, callbacks: list) -> L.Trainer:
+    """The predict-only Trainer of an extraction (`cfg` = the `extract` config group)."""
     accelerator = str(cfg.accelerator)
-    callbacks = [ArrayWriter(partial, paths, on_error)]
     if cfg.progress:
-        callbacks.append(RichProgressBar(leave=True))
-    trainer = L.Trainer(
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
+    return L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
         strategy=resolve_strategy(cfg.strategy, accelerator),
@@ -214,12 +228,15 @@ def _predict(encoder, manifest, partial, rows, cfg, on_error) -> None:
         callbacks=callbacks,
         inference_mode=True,
     )
+
+
+def prepare_encoder(encoder: Encoder, cfg) -> bool:
+    """Eval mode, and NHWC weights when `extract.channels_last` (returned: the input must follow)."""
     encoder.eval()
     channels_last = bool(cfg.get("channels_last", True))
     if channels_last:
         encoder.to(memory_format=torch.channels_last)  # faster convolutions (oneDNN, cuDNN)
-    module = EmbeddingModule(encoder, channels_last, bool(cfg.get("compile", False)))
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    return channels_last
 
 
 def resolve_strategy(strategy, accelerator: str):

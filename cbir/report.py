@@ -87,7 +87,7 @@ def log_to_parent(cfg: DictConfig, files: dict[str, Path]) -> str | None:
 
 def identity_columns(runs: pd.DataFrame) -> list[str]:
     """encoder, plus whichever of dataset / index type / index size differ between runs."""
-    return ["encoder"] + [c for c in IDENTITY[1:] if runs[c].nunique() > 1]
+    return ["encoder"] + [c for c in IDENTITY[1:] if c in runs and runs[c].nunique() > 1]
 
 
 def retrieval_runs(runs: pd.DataFrame, ns) -> pd.DataFrame:

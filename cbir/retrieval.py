@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cbir import index as cbir_index
-from cbir.metrics import RetrievalResult, evaluate
+from cbir.metrics import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, reporting, retrieval, tasks, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
+from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
 
@@ -74,14 +75,10 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
             log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
                      run_name, done.info.run_id)
             return None
-    manifest = build(cfg.dataset).load_manifest()
-    table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
-    if n_duplicates:
-        manifest = manifest.with_table(table)
+    manifest, n_duplicates = load_job_manifest(cfg)
     tasks.check_data(cfg, manifest.table, manifest.source)
     checks.validate_data(manifest.table, cfg, manifest.source)
-    torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
-    encoder = build(cfg.encoder)
+    encoder = build_encoder(cfg)
     checks.check_index_type(cfg, encoder.dim)  # encoders whose config does not state their dim
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
@@ -142,6 +139,20 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     if result is not None:
         reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
     return result
+
+
+def load_job_manifest(cfg: DictConfig) -> tuple[Manifest, int]:
+    """The job's manifest (duplicate paths dropped) and the number of rows dropped."""
+    manifest = build(cfg.dataset).load_manifest()
+    table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
+    if n_duplicates:
+        manifest = manifest.with_table(table)
+    return manifest, n_duplicates
+
+
+def build_encoder(cfg: DictConfig):
+    torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
+    return build(cfg.encoder)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

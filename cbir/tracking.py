@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "CBIR_PARENT_RUN_ID"
 
 # keys that change how a run looks or where it logs, not what it computes
-COSMETIC_KEYS = ("extract.progress", "extract.num_workers", "tracking", "eval.search_batch_size", "paths.cache_dir",
+COSMETIC_KEYS = ("extract.progress", "extract.num_workers", "extract.shared_pass", "extract.group_size",
+                 "extract.group_memory_gb", "tracking", "eval.search_batch_size", "paths.cache_dir",
                  "dataset.cache_dir", "dataset.rebuild", "dataset.parts.*.cache_dir", "dataset.parts.*.rebuild")
 MAX_PARAM_LENGTH = 6000
 

@@ -14,7 +14,6 @@ from hydra.utils import instantiate
 
 import fixtures_datasets as fx
 from cbir.data.chexpert import CheXpertDataset
-from cbir.data.combined import CombinedDataset
 from cbir.data.csv_manifest import CSVManifestDataset
 from cbir.data.folder import FolderDataset
 from cbir.data.manifest import ManifestError

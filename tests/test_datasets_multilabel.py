@@ -141,4 +141,4 @@ def test_synthetic_multi_adds_two_finding_images_and_keeps_the_others(tmp_path):
     assert len(two.groupby(["modality", "anatomy"])) == 12 and set(two["split"]) >= {"train", "test"}
     single_rows_unchanged(single.table, multi.table)
     path = single.table["path"].iloc[7]
-    assert (tmp_path / "s" / path).read_bytes() == (tmp_path / "m" / path).read_bytes()  # same pixels
+    assert (single.root / path).read_bytes() == (multi.root / path).read_bytes()  # same pixels

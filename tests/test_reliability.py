@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from omegaconf import OmegaConf
 
 from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
-from cbir.extract import cache_key, extract_embeddings
+from cbir.extract import extract_embeddings
 from cbir.store import EmbeddingStore
 from conftest import PROJECT, run_cbir
 

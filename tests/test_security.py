@@ -4,7 +4,6 @@ the saved index folder of `cbir.search`, job overrides read back from MLflow by 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

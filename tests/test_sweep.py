@@ -39,7 +39,9 @@ def test_one_parent_four_children_two_extractions(sweep):
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted((c.data.tags["encoder"], c.data.tags["per_class"]) for c in children) == [
         ("baseline", "10"), ("baseline", "3"), ("random", "10"), ("random", "3")]
-    assert sorted(c.data.tags["cache"] for c in children) == ["hit", "hit", "miss", "miss"]
+    # both encoders were extracted in one shared pass before the jobs: every job is a cache hit
+    assert [c.data.tags["cache"] for c in children] == ["hit"] * 4
+    assert parent.data.metrics["extract/shared_encoders"] == 2
     assert len({c.data.tags["config_hash"] for c in children}) == 4
     # saturation: one point per index size, values equal to the children's metrics
     for encoder in ("baseline", "random"):
@@ -58,6 +60,7 @@ def test_rerun_is_a_no_op(sweep, shared_data_dir):
     _, parents, children = runs(sweep)
     assert len(parents) == 1 and len(children) == 4  # no new runs, same parent
     assert proc.stderr.count("skipping") + proc.stdout.count("skipping") == 4
+    assert "4 of 4 jobs already FINISHED, left out" in proc.stderr + proc.stdout  # no encoder built for them
     assert "extracted" not in proc.stderr + proc.stdout
     client = MlflowClient(f"sqlite:///{sweep}/mlruns/mlflow.db")
     history = client.get_metric_history(parents[0].info.run_id, "saturation/baseline/micro/P_at_1")
@@ -115,10 +118,13 @@ def test_failed_job_is_marked_and_retried_alone(tmp_path, shared_data_dir):
 
 def test_parallel_jobs_share_cache_and_store(tmp_path, shared_data_dir):
     run_cbir(tmp_path, *SWEEP, "hydra/launcher=local_parallel", f"paths.data_dir={shared_data_dir}")
-    _, parents, children = runs(tmp_path)
+    client, parents, children = runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
     assert all(c.info.status == "FINISHED" for c in children)
-    assert sorted(c.data.tags["cache"] for c in children) == ["hit", "hit", "miss", "miss"]
+    assert [c.data.tags["cache"] for c in children] == ["hit"] * 4  # the shared pass ran before the jobs
+    rows = int(client.get_run(children[0].info.run_id).data.params["dataset_info.rows"])
+    assert parents[0].data.metrics["extract/shared_decodes"] == rows  # each image decoded once
+    assert parents[0].data.metrics["extract/shared_encoders"] == 2
 
 
 def test_saturation_inside_one_run(tmp_path, shared_data_dir):

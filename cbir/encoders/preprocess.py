@@ -79,7 +79,17 @@ class Preprocess:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode the decoded image is converted to before it becomes a tensor."""
+        return "L" if self.channels == 1 else "RGB"
+
     def build(self):
+        return T.Compose([_ToMode(self.image_mode), T.PILToTensor(), *self.tensor_steps()])
+
+    def tensor_steps(self) -> list:
+        """Everything after decoding: uint8 (C, H, W) -> float input. The steps also take a
+        stack (B, C, H, W) of equally sized images, which is how they run on the device."""
         interp = _INTERPOLATION[self.interpolation]
         crop = T.CenterCrop(self.crop) if self.crop_offset == "round" else _CenterCropFloor(self.crop)
         before, after = [], []
@@ -92,11 +102,10 @@ class Preprocess:
         else:  # longest_pad
             before = [_ResizeLongest(self.crop, interp)]
             after = [_PadBottomRight(self.crop, self.valid_mask)]
-        mode = "L" if self.channels == 1 else "RGB"
         scale = [T.ToDtype(torch.float32, scale=True)]
         if self.rescale == "minmax":
             scale.append(_MinMax())
-        return T.Compose([_ToMode(mode), T.PILToTensor(), *before, *scale, T.Normalize(self.mean, self.std), *after])
+        return [*before, *scale, T.Normalize(self.mean, self.std), *after]
 
 
 class _ToMode:
@@ -133,7 +142,8 @@ class _PadBottomRight:
         padding = (0, self.size - w, 0, self.size - h)
         out = F.pad(image, padding)
         if self.valid_mask:
-            out = torch.cat([out, F.pad(torch.ones(1, h, w, dtype=image.dtype), padding)])
+            ones = torch.ones(*image.shape[:-3], 1, h, w, dtype=image.dtype, device=image.device)
+            out = torch.cat([out, F.pad(ones, padding)], dim=-3)
         return out
 
 
@@ -168,5 +178,6 @@ class _MinMax:
     """Each image's own range to [0, 1] (MedSAM); a constant image maps to 0."""
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        lo, hi = image.min(), image.max()
+        dims = (-3, -2, -1)  # per image, also in a stack
+        lo, hi = image.amin(dim=dims, keepdim=True), image.amax(dim=dims, keepdim=True)
         return (image - lo) / torch.clamp(hi - lo, min=1e-8)
