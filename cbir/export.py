@@ -71,7 +71,7 @@ def manifest_and_embeddings(cfg: DictConfig, encoder_cfg=None):
 
     from cbir import checks
     from cbir.extract import extract_embeddings
-    from cbir.run import build
+    from cbir.jobs import build
     from cbir.store import EmbeddingStore
 
     manifest = build(cfg.dataset).load_manifest()
@@ -97,7 +97,7 @@ def export_command(cfg: DictConfig) -> dict[str, list[Path]]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
-    from cbir.run import user_errors
+    from cbir.jobs import user_errors
 
     try:
         export_command(cfg)

@@ -118,7 +118,7 @@ def print_report(report: ParityReport) -> None:
 def parity_command(cfg: DictConfig) -> ParityReport:
     from cbir.export import manifest_and_embeddings
     from cbir.extract import extract_embeddings
-    from cbir.run import build
+    from cbir.jobs import build
     from cbir.store import EmbeddingStore
 
     manifest, encoder, ours = manifest_and_embeddings(cfg)
@@ -143,7 +143,7 @@ def parity_command(cfg: DictConfig) -> ParityReport:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="parity")
 def main(cfg: DictConfig) -> None:
-    from cbir.run import user_errors
+    from cbir.jobs import user_errors
 
     try:
         report = parity_command(cfg)

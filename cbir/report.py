@@ -197,13 +197,8 @@ def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
+    """A Markdown (pipe) table, floats to 3 decimals: pandas through tabulate."""
+    return frame.to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
 def write_report(cfg: DictConfig) -> dict[str, Path]:

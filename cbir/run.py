@@ -18,16 +18,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra  # noqa: E402
-import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.errors import InstantiationException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, reporting, retrieval, tasks, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
-from cbir.data.manifest import Manifest  # noqa: E402
+from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
 
@@ -41,17 +38,6 @@ def job_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # called without Hydra (a script or test composing the config itself)
         return Path("outputs") / "direct" / time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def build(node: DictConfig):
-    """instantiate(), but a cbir error raised by the constructor reaches the user as itself,
-    not wrapped in Hydra's InstantiationException."""
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, user_errors()):
-            raise e.__cause__ from None
-        raise
 
 
 def run(cfg: DictConfig) -> RetrievalResult | None:
@@ -139,30 +125,6 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     if result is not None:
         reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
     return result
-
-
-def load_job_manifest(cfg: DictConfig) -> tuple[Manifest, int]:
-    """The job's manifest (duplicate paths dropped) and the number of rows dropped."""
-    manifest = build(cfg.dataset).load_manifest()
-    table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
-    if n_duplicates:
-        manifest = manifest.with_table(table)
-    return manifest, n_duplicates
-
-
-def build_encoder(cfg: DictConfig):
-    torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
-    return build(cfg.encoder)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by input or config, whose message already names the key/file and fix."""
-    from cbir.data.images import ImageLoadError
-    from cbir.data.manifest import ManifestError
-    from cbir.encoders.base import EncoderError
-    from cbir.store import CacheSpaceError
-
-    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, CacheSpaceError
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -112,7 +112,7 @@ class SavedIndex:
         import torch
         from omegaconf import OmegaConf
 
-        from cbir.run import build
+        from cbir.jobs import build
         from cbir.safe_config import check_trusted
 
         check_trusted(self.meta["encoder"], "cbir.encoders", f"{META_FILE} encoder")
@@ -257,7 +257,7 @@ def main():
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="search")
     def search_main(cfg) -> None:
         from cbir.data.images import ImageLoadError
-        from cbir.run import user_errors
+        from cbir.jobs import user_errors
 
         try:
             search_command(cfg)

@@ -3,7 +3,7 @@
 `SharedPassCallback` (a Hydra callback, on by default through `extract.shared_pass`) lists the
 jobs of a multirun exactly as the basic sweeper does (its `params` plus the command-line
 overrides), composes each job's config as the launcher will, builds each distinct encoder the
-way a job does (`cbir.run.build_encoder`, seeded) and keeps those whose cache entry is missing.
+way a job does (`cbir.jobs.build_encoder`, seeded) and keeps those whose cache entry is missing.
 Encoders that share a dataset and extraction settings are grouped (`extract.group_size`,
 `extract.group_memory_gb`) and each group is extracted in one pass (`cbir.extract_many`). The
 jobs then find their embeddings as cache hits. It runs in the launching process, so it serves
@@ -62,7 +62,7 @@ def run_shared_passes(job_configs: list[DictConfig]) -> list:
     """Group the jobs' missing embeddings by dataset and extraction settings and extract each
     group in one pass. Returns the passes run (cbir.extract_many.SharedPass)."""
     from cbir import checks, tracking
-    from cbir.run import user_errors
+    from cbir.jobs import user_errors
 
     buckets: dict[str, list[DictConfig]] = {}
     finished = 0
@@ -89,7 +89,7 @@ def run_shared_passes(job_configs: list[DictConfig]) -> list:
 def _bucket_passes(jobs: list[DictConfig]) -> list:
     from cbir.extract import cache_key
     from cbir.extract_many import extract_shared
-    from cbir.run import build_encoder, load_job_manifest, user_errors
+    from cbir.jobs import build_encoder, load_job_manifest, user_errors
     from cbir.store import EmbeddingStore
 
     first = jobs[0]

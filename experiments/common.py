@@ -262,7 +262,7 @@ def run_embeddings(ctx: Context, overrides: list[str]):
 
     from cbir import CONFIG_DIR, checks
     from cbir.extract import extract_embeddings
-    from cbir.run import build
+    from cbir.jobs import build
     from cbir.safe_config import check_trusted
     from cbir.store import EmbeddingStore
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cbir import bench_decode
+from cbir.bench import decode as bench_decode
 
 
 @pytest.mark.slow  # three single extractions and two shared passes

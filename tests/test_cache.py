@@ -135,7 +135,7 @@ def test_the_integrity_check_covers_every_row(tmp_path):
 
 # ---------------------------------------------------------------------------- disk space
 def test_a_full_disk_is_a_message_before_any_row_is_written(tiny, monkeypatch):
-    from cbir.run import user_errors
+    from cbir.jobs import user_errors
 
     manifest, encoder, store = tiny
     usage = shutil.disk_usage(store.cache_dir.parent)

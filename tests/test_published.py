@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from cbir.bench_published import fabricate
+from cbir.bench.published import fabricate
 from cbir.checks import DataError
 from cbir.data.manifest import ManifestError
 from cbir.data.study_splits import StudySplitsDataset
@@ -296,7 +296,7 @@ def test_paper_table1_from_published_embeddings(two_models, tmp_path):
 
 @pytest.mark.slow
 def test_scale_benchmark_measures_every_step(tmp_path):
-    from cbir.bench_published import benchmark
+    from cbir.bench.published import benchmark
 
     result = benchmark(rows=3000, dim=16, workdir=tmp_path, per_class=50, nprobe=4)
     load, evaluation = result["measured"]["load"], result["measured"]["evaluate"]

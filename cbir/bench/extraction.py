@@ -81,7 +81,7 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
                                  "forward_before": before, "forward_after": after,
                                  "ratio": pipeline / forward_ips, "target": float(ec.target)}
         log.info("extraction %s: pipeline %.1f img/s, forward-only %.1f img/s", name, pipeline, forward_ips)
-        del encoder, forward
+        encoder = forward = None  # free this model before the next one is built
     ratios = [v["ratio"] for v in out["encoders"].values()]
     out["ratio"] = min(ratios) if ratios else float("nan")
     out["target"] = float(ec.target)

@@ -1,4 +1,4 @@
-"""Decode benchmark: `python -m cbir.bench_decode [--images 64] [--size 1024] [--quick]`.
+"""Decode benchmark: `python -m cbir.bench.decode [images=64] [size=1024] [quick=true]` (conf/bench_decode.yaml).
 
 E single-encoder extractions (one decode per image per encoder, as E separate jobs do) against
 one shared pass (`cbir.extract_many`, one decode per image for all E), on the same images, in
@@ -13,7 +13,6 @@ noise, so they compress like real X-ray PNGs rather than like flat test images).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from cbir import CONFIG_DIR  # noqa: E402
 
-log = logging.getLogger("cbir.bench_decode")
+log = logging.getLogger("cbir.bench.decode")
 
 # Encoder sets, random weights. `cheap`: three encoders whose forward and preprocessing
 # (bilinear, grey, small) cost little next to decoding a large PNG, the case a shared pass is
@@ -268,30 +267,24 @@ def print_table(result: dict) -> None:
             f"{pr['shared_device_hours']:.1f} h (CPU {pr['shared_device_cpu_hours']:.1f} h). Bound: {pr['bound']}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m cbir.bench_decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (1024 = NIH/CheXpert-like)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--encoders", choices=sorted(ENCODER_SETS), default="cheap")
-    parser.add_argument("--quick", action="store_true", help="16 images of 512 px, one repeat")
-    parser.add_argument("--cores", type=int, default=16, help="loader cores per GPU, for the projection")
-    parser.add_argument("--gpu-speedup", type=float, default=1.0,
-                        help="GPU throughput relative to the published RTX 4090 numbers, for the projection")
-    parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.quick:
-        args.images, args.size, args.repeats = 16, 512, 1
-    result = with_projection(run(args.images, args.size, args.repeats, args.batch_size, args.num_workers,
-                                 encoder_set=args.encoders),
-                             args.cores, args.gpu_speedup)
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench_decode")
+    def bench(cfg: DictConfig) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        images, size, repeats = (16, 512, 1) if cfg.quick else (int(cfg.images), int(cfg.size), int(cfg.repeats))
+        if cfg.encoders not in ENCODER_SETS:
+            raise SystemExit(f"encoders={cfg.encoders}: use one of {', '.join(sorted(ENCODER_SETS))}")
+        result = with_projection(run(images, size, repeats, int(cfg.batch_size), int(cfg.num_workers),
+                                     encoder_set=str(cfg.encoders)), int(cfg.cores), float(cfg.gpu_speedup))
+        print_table(result)
+        if cfg.json:
+            Path(cfg.json).write_text(json.dumps(result, indent=1))
+            print(f"written: {cfg.json}")
+
+    bench()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Scale of the published-artifact path, measured on fabricated study files.
 
-    python -m cbir.bench_published rows=100000 dim=512 workdir=/tmp/published_bench
+    python -m cbir.bench.published rows=100000 dim=512 workdir=/tmp/published_bench
 
 Writes split CSVs and HDF5 embeddings in the study's exact shape (`fabricate`), then measures:
 manifest read, HDF5 load into the embedding cache (time, peak memory of that step), and the
