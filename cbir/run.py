@@ -25,7 +25,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import CONFIG_DIR, checks, reporting, retrieval, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, process, reporting, retrieval, tracking  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -65,12 +65,11 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
     }
     run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
-    if cfg.tracking.get("skip_finished", True):
-        done = tracker.finished_run(tags["config_hash"])
-        if done is not None:
-            log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
-                     run_name, done.info.run_id)
-            return None
+    skip_finished = bool(cfg.tracking.get("skip_finished", True))
+    if tracker.enabled:
+        log.info("MLflow store %s, experiment %s", tracking.tracking_store.shown(tracker.uri), tracker.experiment)
+    if skip_finished and skipped(run_name, tracker.finished_run(tags["config_hash"])):  # cheap early look
+        return None
     manifest = build(cfg.dataset).load_manifest()
     table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
     if n_duplicates:
@@ -80,6 +79,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     encoder = build(cfg.encoder)
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
+    if skipped(run_name, tracker.claim(run_name, tags, skip_finished)):  # finished meanwhile by an identical job
+        return None
     with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
@@ -126,22 +127,35 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     return result
 
 
+def skipped(run_name: str, done) -> bool:
+    if done is not None:
+        log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
+                 run_name, done.info.run_id)
+    return done is not None
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or config, whose message already names the key/file and fix."""
     from cbir.data.images import ImageLoadError
     from cbir.data.manifest import ManifestError
     from cbir.encoders.base import EncoderError
+    from cbir.tracking_store import TrackingUnavailable
 
-    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError
+    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, TrackingUnavailable
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    process.handle_sigterm()  # Slurm's time limit, `kill`: the run ends KILLED, partial embeddings stay
     try:
         result = run(cfg)
-    except user_errors() as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the launcher records the failed job and the sweep goes on
+    except BaseException as e:
+        if process.terminated():
+            log.error("stopped by SIGTERM: the run is marked KILLED and the embeddings computed so far are "
+                      "kept; the same command resumes")
+            sys.exit(143)
+        if not isinstance(e, user_errors()) or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # in a sweep, the launcher records the failed job and the sweep goes on
         log.error("%s", e)
         sys.exit(2)
     return None if result is None else result.metrics["micro/P_at_1"]
