@@ -148,13 +148,13 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         client, experiment_id = self.client(), self.experiment_id()
         parent = os.environ.get(PARENT_ENV)
-        config = str(tags["config_hash"])
+        config = tags.get("config_hash")  # None: a run that is not a job (the benchmark)
         announced = None
         while True:
             with self.lock():
-                running = self._mark_dead_runs(client, experiment_id, config)
+                running = self._mark_dead_runs(client, experiment_id, str(config)) if config else []
                 busy = []
-                if parent and skip_finished:
+                if parent and skip_finished and config:
                     done = self.finished_run(config)
                     if done is not None:
                         return done
@@ -345,8 +345,6 @@ class SweepCallback(_HydraCallback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.tracking.enabled:
             return
-        from mlflow.tracking import MlflowClient
-
         import mlflow
 
         from cbir.checks import ConfigError
