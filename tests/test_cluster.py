@@ -77,7 +77,9 @@ def test_slurm_preset_writes_the_expected_sbatch_script(tmp_path, shared_data_di
     bin_dir.mkdir()
     script_copy = tmp_path / "submitted.sh"
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {script_copy}\necho "not submitting in a test" >&2\nexit 1\n')
-    (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks that it exists
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     proc = run_cbir(tmp_path, "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", *SWEEP,
                     f"paths.data_dir={shared_data_dir}", env=env, check=False)
@@ -85,7 +87,7 @@ def test_slurm_preset_writes_the_expected_sbatch_script(tmp_path, shared_data_di
     script = script_copy.read_text()
     for line in ["#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --mem=64GB", "#SBATCH --time=240", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --array=0-3%16",  # the four jobs as one array, at most 16 at once
+                 "#SBATCH --array=0-3%4",  # the four jobs as one array (array_parallelism=16, capped at 4)
                  "#SBATCH --signal=USR2@120"]:
         assert line in script.splitlines(), line
     assert f"{sys.executable} -u -m submitit.core._submit" in script and "srun" in script
