@@ -79,11 +79,15 @@ def retry_locked(fn, *args, attempts: int = 8, **kwargs):
             return fn(*args, **kwargs)
         except Exception as e:  # sqlalchemy/mlflow wrap the sqlite error in several types
             text = str(e)
-            if "Max retries exceeded" in text or "Connection refused" in text:
+            if _connection_failed(text):
                 raise _unavailable(text) from None
             if "locked" not in text.lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
+
+
+def _connection_failed(text: str) -> bool:
+    return "Max retries exceeded" in text or "Connection refused" in text
 
 
 def _unavailable(text: str) -> tracking_store.TrackingUnavailable:
@@ -226,7 +230,8 @@ class Tracker:
                 mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
                 mlflow.end_run(status)
             except Exception as end_error:  # e.g. the server is gone: report the original error
-                log.warning("could not mark run %s %s: %s", self.run_id, status, str(end_error)[:300])
+                reason = "the server stopped answering" if _connection_failed(str(end_error)) else str(end_error)[:300]
+                log.warning("could not mark run %s %s: %s", self.run_id, status, reason)
             raise
         else:
             retry_locked(mlflow.end_run, "FINISHED")
