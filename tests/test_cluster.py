@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -195,3 +196,47 @@ def test_parallel_sweep_over_an_mlflow_server_survives_the_server_going_away(tmp
     assert {"metrics.json", "per_class.csv"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     curves = pd.read_csv(client.download_artifacts(parents[0].info.run_id, "saturation.csv", str(tmp_path)))
     assert set(curves["step"]) == {3, 10}
+
+
+# ---------------------------------------------------------------------------- time limit
+@pytest.mark.slow
+def test_a_terminated_submitit_job_ends_killed_keeps_its_rows_and_resumes(tmp_path, shared_data_dir):
+    """What Slurm does at a job's time limit (SIGTERM to the job's process), here to a job started by
+    submitit; the job process is found through its run's `cbir.pid` tag."""
+    sweep = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", *SMALL, "encoder=resnet50",
+             "encoder.pretrained=false", "encoder.input_size=128", "extract.batch_size=4",
+             f"paths.data_dir={shared_data_dir}"]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "sweep.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *sweep], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    rows_at_term = None
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline and rows_at_term is None:
+            done_files = list((tmp_path / ".cache/cbir/embeddings").glob("*.partial/done.npy"))
+            rows = int((np.load(done_files[0], mmap_mode="r") > 0).sum()) if done_files else 0
+            if rows >= 8 and (tmp_path / "mlruns/mlflow.db").exists():
+                _, _, children = sweep_runs(uri)
+                running = [c for c in children if c.info.status == "RUNNING"]
+                if running:
+                    os.kill(int(running[0].data.tags["cbir.pid"]), signal.SIGTERM)
+                    rows_at_term = rows
+            time.sleep(0.1)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rows_at_term is not None, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert proc.returncode != 0
+    _, _, (child,) = sweep_runs(uri)
+    assert child.info.status == "KILLED" and child.data.tags["error"].startswith("Terminated")
+    (done_file,) = (tmp_path / ".cache/cbir/embeddings").glob("*.partial/done.npy")
+    assert rows_at_term <= int((np.load(done_file) > 0).sum()) < len(np.load(done_file))
+    run_cbir(tmp_path, *sweep)
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "multirun").rglob("*.out"))
+    assert "resuming extraction" in logs
+    _, parents, children = sweep_runs(uri)
+    assert sorted(c.info.status for c in children) == ["FINISHED", "KILLED"] and parents[0].info.status == "FINISHED"
