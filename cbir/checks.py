@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,8 @@ class DataError(ValueError):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    ns = list(cfg.eval.n)
-    if not ns or any(int(n) <= 0 for n in ns):
-        raise ConfigError(f"eval.n={ns}: give positive integers, e.g. eval.n=[1,3,5,10]")
+    """Every value the run uses, checked before any data, model or extraction."""
+    check_eval(cfg.eval)
     per_class = cfg.index.per_class
     if per_class is not None and not (isinstance(per_class, str) and per_class.lower() == "all"):
         try:
@@ -31,28 +30,86 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"index.per_class={per_class}: give a positive integer, or null/all for the whole split") from None
         if value <= 0:
             raise ConfigError(f"index.per_class={per_class}: must be positive (or null/all for the whole split)")
-    if int(cfg.eval.curve_k) < 0:
-        raise ConfigError(f"eval.curve_k={cfg.eval.curve_k}: must be >= 0 (0 disables the curve)")
+    integer(cfg.index.seed, "index.seed", minimum=None)
+    integer(cfg.seed, "seed", minimum=None)
+    if cfg.index.get("use_gpu", "auto") not in ("auto", True, False):
+        raise ConfigError(f"index.use_gpu={cfg.index.use_gpu}: use auto, true or false")
     if cfg.data.on_error not in ("skip", "raise"):
         raise ConfigError(f"data.on_error={cfg.data.on_error}: use skip or raise")
-    if not 0 <= float(cfg.data.max_skip_fraction) <= 1:
-        raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction}: give a fraction between 0 and 1")
-    check_index_type(cfg)
+    fraction = cfg.data.max_skip_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ConfigError(f"data.max_skip_fraction={fraction}: give a fraction between 0 and 1, e.g. 0.05")
+    integer(cfg.extract.batch_size, "extract.batch_size", minimum=1)
+    integer(cfg.extract.num_workers, "extract.num_workers", minimum=0)
+    if cfg.extract.get("prefetch_factor") is not None:
+        integer(cfg.extract.prefetch_factor, "extract.prefetch_factor", minimum=1)
+    check_index_type(cfg, cfg.encoder.get("dim"))
     check_tracking(cfg)
 
 
-def check_index_type(cfg: DictConfig) -> None:
+def integer(value, key: str, minimum: int | None = 1) -> int:
+    """`value` as an int, or a ConfigError naming `key` (bools and floats are not integers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={value}: give {wanted}")
+    return value
+
+
+def as_list(value, key: str, example: str) -> list:
+    if not isinstance(value, (list, ListConfig)):
+        raise ConfigError(f"{key}={value}: give a list, e.g. {key}={example}")
+    return list(OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value)
+
+
+def check_eval(cfg_eval: DictConfig) -> None:
+    ns = as_list(cfg_eval.n, "eval.n", "[1,3,5,10] (or [5] for one N)")
+    if not ns or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in ns):
+        raise ConfigError(f"eval.n={ns}: give positive integers, e.g. eval.n=[1,3,5,10]")
+    sizes = as_list(cfg_eval.get("saturation") or [], "eval.saturation", "[10,100,null]")
+    for size in sizes:
+        whole = size is None or (isinstance(size, str) and size.lower() == "all")
+        if not whole and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise ConfigError(f"eval.saturation={sizes}: {size} is not an index size; give positive integers "
+                              "(rows per class) or null/all for the whole split, e.g. eval.saturation=[10,100,null]")
+    integer(cfg_eval.curve_k, "eval.curve_k", minimum=0)
+    integer(cfg_eval.search_batch_size, "eval.search_batch_size", minimum=1)
+    for key in ("gallery_queries", "gallery_k"):
+        if cfg_eval.get(key) is not None:
+            integer(cfg_eval[key], f"eval.{key}", minimum=1)
+    from cbir.metrics import LEVELS
+
+    levels = as_list(cfg_eval.levels, "eval.levels", "[modality,anatomy]")
+    unknown = [level for level in levels if level not in LEVELS]
+    if unknown:
+        raise ConfigError(f"eval.levels={levels}: unknown level(s) {unknown}; use some of {sorted(LEVELS)}")
+
+
+def check_index_type(cfg: DictConfig, dim: int | None = None) -> None:
+    """index.type and index.params. `dim` is the embedding size when known (from the encoder
+    config, or from the built encoder for encoders whose config does not state it); without
+    it, what depends on the size is left to the check after the encoder is built."""
     import faiss
 
-    from cbir.index import INDEX_TYPES, factory_string
+    from cbir.index import INDEX_TYPES, check_params, factory_string
 
-    dim = int(cfg.encoder.get("dim") or 3072)  # 3072 is divisible by every usual PQ size
+    params = cfg.index.get("params") or {}
+    if not isinstance(params, (dict, DictConfig)):
+        raise ConfigError(f"index.params={params}: give a mapping, e.g. index.params.nprobe=16")
+    params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
+    if dim is not None:
+        dim = integer(dim, "encoder.dim", minimum=1)
+    index_type = str(cfg.index.type)
+    check_params(index_type, params, dim)
+    if index_type in INDEX_TYPES:
+        return  # with valid params (checked above) the preset's factory string is valid
     try:
-        faiss.index_factory(dim, factory_string(str(cfg.index.type)), faiss.METRIC_INNER_PRODUCT)
-    except Exception:
+        faiss.index_factory(dim or 3072, factory_string(index_type), faiss.METRIC_INNER_PRODUCT)
+    except Exception as e:
+        if dim is None and "parse" not in str(e):
+            return  # may depend on the dimension (e.g. PQ sizes): checked again once the encoder is built
         raise ConfigError(
-            f"index.type={cfg.index.type}: not a known index; use one of {sorted(INDEX_TYPES)} "
-            "or a faiss index_factory string such as 'IVF1024,Flat' or 'HNSW32'"
+            f"index.type={cfg.index.type}: not a known index{'' if dim is None else f' for {dim}-d embeddings'}; "
+            f"use one of {sorted(INDEX_TYPES)} or a faiss index_factory string such as 'IVF1024,Flat' or 'HNSW32'"
         ) from None
 
 

@@ -144,7 +144,9 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
         rows = partial.remaining()
         if len(rows) < len(manifest):
             log.info("resuming extraction %s: %d of %d rows left", key, len(rows), len(manifest))
-        if len(rows):
+        if len(rows) and encoder.precomputed:
+            encoder.fill(manifest, partial, rows, on_error)  # stored embeddings: no images, no model
+        elif len(rows):
             _predict(encoder, manifest, partial, rows, cfg, on_error)
         cached = store.commit(
             key, partial,

@@ -114,43 +114,66 @@ def scatter_2d(points: np.ndarray, colourings: dict[str, np.ndarray], path, titl
 
 # ------------------------------------------------------------------ embedding-space statistics
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    """First two principal components (numpy SVD; no scikit-learn needed)."""
-    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return centred @ vt[:2].T
+    """First two principal components."""
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2).fit_transform(np.asarray(x, dtype=np.float64))
 
 
-def cosine_distances(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return np.clip(1.0 - x @ x.T, 0.0, 2.0)
+def silhouette(vectors: np.ndarray, labels) -> float:
+    """Mean silhouette coefficient under cosine distance (scikit-learn); NaN for one class."""
+    from sklearn.metrics import silhouette_score
 
-
-def silhouette(distances: np.ndarray, labels) -> float:
-    """Mean silhouette coefficient for a precomputed distance matrix (scikit-learn's definition:
-    a sample alone in its class scores 0)."""
-    codes, _ = pd.factorize(np.asarray(labels))
-    n_classes = codes.max() + 1
-    if n_classes < 2:
-        return float("nan")
-    onehot = np.zeros((len(codes), n_classes))
-    onehot[np.arange(len(codes)), codes] = 1.0
-    sums = distances @ onehot                      # (n, C): summed distance to each class
-    counts = onehot.sum(0)
-    own = counts[codes] - 1                        # the sample itself is not its own neighbour
-    a = np.where(own > 0, sums[np.arange(len(codes)), codes] / np.maximum(own, 1), 0.0)
-    mean_other = sums / counts
-    mean_other[np.arange(len(codes)), codes] = np.inf
-    b = mean_other.min(1)
-    s = np.where(own > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
-    return float(s.mean())
-
-
-def knn_purity(distances: np.ndarray, labels, k: int = 10) -> float:
-    """Mean fraction of each sample's k nearest other samples that share its label."""
     labels = np.asarray(labels)
-    d = distances.copy()
-    np.fill_diagonal(d, np.inf)
-    k = min(k, len(d) - 1)
-    nearest = np.argpartition(d, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(d), 0), int)
-    return float((labels[nearest] == labels[:, None]).mean()) if k > 0 else float("nan")
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(np.asarray(vectors, dtype=np.float64), labels, metric="cosine"))
+
+
+def knn_purity(vectors: np.ndarray, labels, k: int = 10) -> float:
+    """Mean fraction of each sample's k nearest other samples (cosine, FAISS exact search) that
+    share its label."""
+    from cbir import index as cbir_index
+
+    labels = np.asarray(labels)
+    k = min(k, len(labels) - 1)
+    if k <= 0:
+        return float("nan")
+    unit = cbir_index.l2_normalise(vectors)
+    index = cbir_index.build_index(unit, "flat", use_gpu=False)
+    _, neighbours = cbir_index.search(index, unit, k, exclude=np.arange(len(unit)))  # not itself
+    return float((labels[neighbours] == labels[:, None]).mean())
+
+
+def comparison_bars(frame: pd.DataFrame, path, title: str) -> Path:
+    """Grouped bars from a long table (group, per_class, subset, average, value): rows micro and
+    macro, one panel per subset ('all' first, then each modality), index sizes on x (numeric
+    order, 'all' last), one bar per group (encoder)."""
+    plt = _plt()
+    subsets = ["all"] + sorted(s for s in frame["subset"].unique() if s != "all")
+    sizes = sorted(frame["per_class"].unique(), key=lambda v: float(v) if str(v).isdigit() else float("inf"))
+    groups = list(dict.fromkeys(frame["group"]))
+    averages = [a for a in ("micro", "macro") if a in set(frame["average"])]
+    fig, axes = plt.subplots(len(averages), len(subsets), figsize=(2.6 * len(subsets) + 1, 2.6 * len(averages) + 0.6),
+                             squeeze=False, sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(sizes))
+    for r, avg in enumerate(averages):
+        for c, subset in enumerate(subsets):
+            ax = axes[r, c]
+            part = frame[(frame["average"] == avg) & (frame["subset"] == subset)]
+            for i, group in enumerate(groups):
+                values = part[part["group"] == group].set_index("per_class")["value"].reindex(sizes)
+                ax.bar(x + (i - (len(groups) - 1) / 2) * width, values, width, color=colors[i % len(colors)],
+                       label=str(group))
+            ax.set_xticks(x, [str(s) for s in sizes], fontsize=8)
+            ax.set_ylim(0, 1.0)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.set_title(f"{avg} P@1 · {'all queries' if subset == 'all' else subset}", fontsize=9)
+            if r == len(averages) - 1:
+                ax.set_xlabel("index rows per class", fontsize=8)
+        axes[r, 0].set_ylabel("modified precision")
+    axes[0, -1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PANEL_INCHES = 1.5   # each image panel is a square of this size
-CAPTION_INCHES = 0.3  # room under the panels of a row for two caption lines
-TITLE_INCHES = 0.3
+PANEL_INCHES = 1.6     # each image panel is a square of this size
+CAPTION_INCHES = 0.42  # room under the panels of a row for two caption lines
+TITLE_INCHES = 0.35
 DPI = 80
+CAPTION_POINTS = 9     # 10 px high at DPI: readable in the MLflow artifact viewer without zooming
+CAPTION_CHARS = 22     # longer class names are shortened to fit under a panel
 HIT, MISS, UNKNOWN = "#1a9e3a", "#d62728", "#888888"
 
 
@@ -70,8 +72,8 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
             image.thumbnail((120, 120))
             ax.imshow(np.asarray(image), cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
         except ImageLoadError:
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        ax.set_xlabel(caption, fontsize=6.5, labelpad=2)
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=CAPTION_POINTS)
+        ax.set_xlabel(caption, fontsize=CAPTION_POINTS, labelpad=2)
         for side in ax.spines.values():
             side.set_color(color or "black")
             side.set_linewidth(4 if color else 1)
@@ -80,7 +82,7 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
     fig, axes = plt.subplots(n_queries, k + 1, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
     for q in range(n_queries):
         query_label = labels[query_rows[q]]
-        show(axes[q, 0], query_rows[q], f"QUERY\n{query_label or Path(paths[query_rows[q]]).name}", None)
+        show(axes[q, 0], query_rows[q], f"QUERY\n{_short(query_label or Path(paths[query_rows[q]]).name)}", None)
         for j in range(k):
             ax = axes[q, j + 1]
             row = neighbour_rows[q, j]
@@ -88,9 +90,9 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
                 ax.axis("off")
                 continue
             color = UNKNOWN if not query_label else (HIT if labels[row] == query_label else MISS)
-            show(ax, row, f"#{j + 1} {labels[row]}\nsim {scores[q, j]:.3f}", color)
+            show(ax, row, f"{_short(labels[row])}\n#{j + 1}  sim {scores[q, j]:.3f}", color)
     fig.suptitle(title or "query (left) and its nearest images; green = same class, red = other class",
-                 fontsize=8, y=1 - 0.06 / (height / DPI), va="top")
+                 fontsize=CAPTION_POINTS + 1, y=1 - 0.06 / (height / DPI), va="top")
     inches = height / DPI
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - TITLE_INCHES / inches, bottom=CAPTION_INCHES / inches,
                         wspace=0.06, hspace=CAPTION_INCHES / PANEL_INCHES)
@@ -99,6 +101,10 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
     fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the size stays figure_size()
     plt.close(fig)
     return path
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= CAPTION_CHARS else text[: CAPTION_CHARS - 1] + "…"
 
 
 def neighbour_table(table: pd.DataFrame, query_rows, neighbour_rows, scores) -> pd.DataFrame:

@@ -34,9 +34,12 @@ def sample_per_class(labels: pd.Series | np.ndarray, per_class: int | None, seed
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    """Unit-length float32 rows (a copy; all-zero rows stay zero)."""
+    import faiss
+
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(x)
+    return x
 
 
 def gpu_available() -> bool:
@@ -52,6 +55,40 @@ FACTORY_PARAMS = {"nlist": 1024, "M": 32, "m": 16, "nbits": 8}
 # search/build-time parameters set on the index (through faiss.ParameterSpace, so they reach
 # the IVF/HNSW level inside wrappers); efConstruction must be set before adding vectors
 RUNTIME_PARAMS = ("nprobe", "efSearch", "efConstruction")
+
+
+# smallest value FAISS accepts for each integer parameter (HNSW with M < 2 and PQ with
+# nbits=0 crash the process; nlist/nprobe=0 fail at search time)
+PARAM_MINIMUM = {"nlist": 1, "M": 2, "m": 1, "nbits": 1, "nprobe": 1, "efSearch": 1, "efConstruction": 1}
+MAX_NBITS = 16  # 2**nbits centroids per sub-quantiser; more is neither useful nor trainable
+
+
+def check_params(type: str, params: dict | None, dim: int | None = None) -> None:
+    """Reject index.params that FAISS would refuse late (or crash on): unknown keys, values that
+    are not integers or below FAISS's minimum, and (when `dim` is known) a PQ size `m` that does
+    not divide the embedding dimension."""
+    from cbir.checks import ConfigError
+
+    params = dict(params or {})
+    known = set(FACTORY_PARAMS) | set(RUNTIME_PARAMS) | {"shard"}
+    unknown = set(params) - known
+    if unknown:
+        raise ConfigError(f"index.params: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    for name, minimum in PARAM_MINIMUM.items():
+        value = params.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"index.params.{name}={value}: give an integer >= {minimum}")
+    if params.get("shard") is not None and not isinstance(params["shard"], bool):
+        raise ConfigError(f"index.params.shard={params['shard']}: give true or false")
+    if int(params.get("nbits", FACTORY_PARAMS["nbits"])) > MAX_NBITS:
+        raise ConfigError(f"index.params.nbits={params['nbits']}: give at most {MAX_NBITS} (8 is usual)")
+    m = int(params.get("m", FACTORY_PARAMS["m"]))
+    if dim and "{m}" in INDEX_TYPES.get(type, "") and dim % m:
+        divisors = [d for d in (4, 8, 16, 32, 64) if dim % d == 0]
+        raise ConfigError(f"index.params.m={m}: must divide the embedding dimension {dim}; "
+                          f"use e.g. one of {divisors or [1]}")
 
 
 def factory_string(type: str, params: dict | None = None) -> str:
@@ -81,19 +118,22 @@ def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params:
 
     params = dict(params or {})
     dim = vectors.shape[1]
+    check_params(type, params, dim)
     if "{nlist}" in INDEX_TYPES.get(type, "") and int(params.get("nlist", FACTORY_PARAMS["nlist"])) > len(vectors):
         log.warning("index.params.nlist=%s > %d index rows: using nlist=%d", params.get("nlist", FACTORY_PARAMS["nlist"]),
                     len(vectors), max(1, len(vectors) // 39))
         params["nlist"] = max(1, len(vectors) // 39)
+    nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
+    if "{nbits}" in INDEX_TYPES.get(type, "") and len(vectors) < 2 ** nbits:
+        from cbir.checks import ConfigError
+
+        raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index rows "
+                          f"to train, the index has {len(vectors)}; lower nbits or use index=ivf")
     factory = factory_string(type, params)
     if factory == "Flat":
         index = faiss.IndexFlatIP(dim)
     else:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    unknown = set(params) - set(FACTORY_PARAMS) - set(RUNTIME_PARAMS) - {"shard"}
-    if unknown:
-        raise ValueError(f"index.params: unknown key(s) {sorted(unknown)}; known: "
-                         f"{sorted(set(FACTORY_PARAMS) | set(RUNTIME_PARAMS) | {'shard'})}")
     apply_params(index, params)
     if use_gpu is True or (use_gpu == "auto" and gpu_available()):
         if not gpu_available():

@@ -2,7 +2,9 @@
 
 Writes into `report.output_dir`: table1.{md,csv} (rows encoders, columns P@1/3/5/10 micro |
 macro, as the study's Table 1), per_modality.{md,csv}, saturation.{md,csv} when index sizes
-vary, comparison.{md,csv} against published numbers when `report.reference` is set, and
+vary, comparison.{md,csv} against published numbers when `report.reference` is set,
+knn_classification.{md,csv} and linear_probe.{md,csv} (rows encoders, columns the
+classification metrics) with knn_per_modality / probe_per_modality when such runs exist, and
 report.md with all of them.
 """
 
@@ -18,11 +20,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import CONFIG_DIR, reporting, tracking
+from cbir import CONFIG_DIR, classification, console, multilabel, reporting, tracking
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
-IDENTITY = ["encoder", "dataset", "index_type", "per_class"]
+console.quiet()
+IDENTITY = ["encoder", "dataset", "labels", "index_type", "per_class", "task"]  # labels: single | multi
 
 
 class ReportError(ValueError):
@@ -39,13 +42,7 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
     if experiment is None:
         raise ReportError(f"tracking.experiment={tracker.experiment}: no such experiment in {tracker.uri}; run cbir.run first")
     eid = experiment.experiment_id
-    parent = None
-    if runs == "latest_sweep":
-        sweeps = client.search_runs([eid], filter_string="tags.`cbir.role` = 'sweep'",
-                                    order_by=["attributes.start_time DESC"], max_results=1)
-        parent = sweeps[0].info.run_id if sweeps else None
-    elif runs != "all":
-        parent = runs
+    parent = sweep_parent(client, eid, runs)
     filters = ["attributes.status = 'FINISHED'", "tags.config_hash != ''"]
     if parent:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -57,9 +54,35 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
              **r.data.metrics} for r in found]
     table = pd.DataFrame(rows)
     if len(table):
+        table["task"] = table["task"].fillna("retrieval")  # runs from before the task group
+        table["labels"] = table["labels"].fillna("single")  # runs from before multi-label mode
         table = table.drop_duplicates("config_hash", keep="first")  # newest run of each config
     where = f"children of sweep run {parent}" if parent else f"all runs of experiment '{tracker.experiment}'"
     return table, where
+
+
+def sweep_parent(client, experiment_id: str, runs: str) -> str | None:
+    """The parent run `report.runs` selects: the latest sweep's, a given id, or none (all)."""
+    if runs == "latest_sweep":
+        sweeps = client.search_runs([experiment_id], filter_string="tags.`cbir.role` = 'sweep'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+        return sweeps[0].info.run_id if sweeps else None
+    return None if runs == "all" else runs
+
+
+def log_to_parent(cfg: DictConfig, files: dict[str, Path]) -> str | None:
+    """Keep the report on the sweep's parent run (artifacts under report/), if it reports on one."""
+    from mlflow.tracking import MlflowClient
+
+    tracker = tracking.Tracker.from_config(cfg)
+    client = MlflowClient(tracker.uri)
+    experiment = client.get_experiment_by_name(tracker.experiment)
+    parent = sweep_parent(client, experiment.experiment_id, str(cfg.report.runs)) if experiment else None
+    if parent is None or not tracker.enabled:
+        return None
+    for path in files.values():
+        tracking.retry_locked(client.log_artifact, parent, str(path), "report")
+    return parent
 
 
 def identity_columns(runs: pd.DataFrame) -> list[str]:
@@ -67,7 +90,14 @@ def identity_columns(runs: pd.DataFrame) -> list[str]:
     return ["encoder"] + [c for c in IDENTITY[1:] if runs[c].nunique() > 1]
 
 
+def retrieval_runs(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    """The runs that evaluated retrieval (tasks retrieval and all)."""
+    first = f"micro/{metric_name(min(ns))}"
+    return runs[runs[first].notna()] if first in runs else runs.iloc[:0]
+
+
 def table1(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    runs = retrieval_runs(runs, ns)
     ident = identity_columns(runs)
     columns = {f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
@@ -82,6 +112,9 @@ def _natural(column: pd.Series) -> pd.Series:
 
 
 def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    runs = retrieval_runs(runs, ns)
+    if runs.empty:
+        return pd.DataFrame()
     ident = identity_columns(runs)
     rows = []
     for _, run in runs.iterrows():
@@ -96,13 +129,52 @@ def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
     long = pd.DataFrame(rows)
     wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N"], values="value")
     wide.columns = [f"{avg} P@{n}" for avg, n in wide.columns]
-    return wide.reset_index()
+    ordered = [f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns if f"{avg} P@{n}" in wide]  # as table1
+    return wide[ordered].reset_index().sort_values(ident + ["modality"], key=_natural).reset_index(drop=True)
 
 
 def saturation(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    """P@N per encoder and index size, with readable column names."""
+    runs = retrieval_runs(runs, ns)
     if runs["per_class"].nunique() < 2:
         return pd.DataFrame()
-    return reporting.saturation_frame(runs, ns)
+    frame = reporting.saturation_frame(runs, ns)
+    names = {"group": "encoder", "per_class": "rows/class", "step": "max rows/class in index",
+             **{f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}}
+    return frame.rename(columns=names)
+
+
+def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Rows: runs with `<prefix>/` metrics (knn | probe); columns: the test metrics and k or the
+    selected epoch."""
+    if f"{prefix}/accuracy" not in runs:
+        return pd.DataFrame()
+    runs = runs[runs[f"{prefix}/accuracy"].notna()]
+    ident = identity_columns(runs)
+    chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch"}}[prefix]
+    columns = {f"{prefix}/{name}": classification.LABELS[name] for name in classification.METRICS}
+    columns.update(chosen)
+    table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
+    for column in chosen.values():
+        if column in table:
+            table[column] = table[column].astype(int)
+    return table.sort_values(ident, key=_natural).reset_index(drop=True)
+
+
+def classification_per_modality(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Rows: (run identity, modality); columns: the test metrics within that modality's queries."""
+    keys = [k for k in runs.columns if str(k).startswith(f"{prefix}/modality/")]
+    if not keys:
+        return pd.DataFrame()
+    runs = runs[runs[f"{prefix}/accuracy"].notna()]
+    ident = identity_columns(runs)
+    rows = []
+    for _, run in runs.iterrows():
+        for modality in sorted({str(k).split("/")[2] for k in keys}):
+            values = {classification.LABELS[m]: run.get(f"{prefix}/modality/{modality}/{m}") for m in classification.METRICS}
+            if any(pd.notna(v) for v in values.values()):
+                rows.append({**{c: run[c] for c in ident}, "modality": modality, **values})
+    return pd.DataFrame(rows).sort_values(ident + ["modality"], key=_natural).reset_index(drop=True) if rows else pd.DataFrame()
 
 
 def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
@@ -142,11 +214,21 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     ns = list(cfg.report.ns)
     out = Path(cfg.report.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns)}
+    tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns),
+              "knn_classification": classification_table(runs, "knn"),
+              "linear_probe": classification_table(runs, "probe"),
+              "knn_per_modality": classification_per_modality(runs, "knn"),
+              "probe_per_modality": classification_per_modality(runs, "probe")}
+    tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
     if cfg.report.get("reference"):
         tables["comparison"] = comparison(tables["table1"], Path(cfg.report.reference), ns)
     titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
-              "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers"}
+              "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers",
+              "multilabel": "Multi-label retrieval (dataset.labels=multi): relevant = shares a finding; macro over "
+                            "findings; nDCG gain = Jaccard overlap of the finding sets",
+              "knn_classification": "k-NN classification (test split; k chosen on val)",
+              "linear_probe": "Linear probe (test split; epoch chosen on val)",
+              "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality"}
     files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
     for name, frame in tables.items():
         if frame.empty:
@@ -158,7 +240,8 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
         sections.append(f"## {titles[name]}\n\n{to_markdown(frame)}")
     files["report.md"] = out / "report.md"
     files["report.md"].write_text("\n".join(sections))
-    _print(tables["table1"], where, ns)
+    if len(tables["table1"]):
+        _print(tables["table1"], where, ns)
     return files
 
 
@@ -184,6 +267,9 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         raise SystemExit(2) from None
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+    parent = log_to_parent(cfg, files)
+    if parent:
+        log.info("logged to MLflow run %s (artifacts: report/)", parent)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ def write_job_files(result: RetrievalResult, job_dir: Path) -> dict[str, Path]:
         "excluded_classes": result.excluded_classes,
     }
     files["metrics"].write_text(json.dumps(payload, indent=1))
-    result.per_class.to_csv(files["per_class"], index=False)
+    # P@N next to the class name: the first columns the artifact viewer shows
+    first = ["class"] + [c for c in result.per_class.columns if str(c).startswith("P@")]
+    per_class = result.per_class[[c for c in first if c in result.per_class]
+                                 + [c for c in result.per_class.columns if c not in first]]
+    per_class.to_csv(files["per_class"], index=False)
     result.curve.to_csv(files["curve"], index=False)
     return files
 
@@ -61,7 +65,12 @@ def summary_table(result: RetrievalResult, ns, title: str) -> Table:
 
 
 def print_summary(result: RetrievalResult, ns, title: str) -> None:
-    console.print(summary_table(result, ns, title))
+    """On the console, and into the job's run.log."""
+    from cbir.console import to_log_files
+
+    table = summary_table(result, ns, title)
+    console.print(table)
+    to_log_files(table)
     if result.n_excluded:
         console.print(
             f"[yellow]{result.n_excluded} queries excluded: their class has no row in the index "
@@ -78,7 +87,9 @@ def saturation_frame(runs: pd.DataFrame, ns) -> pd.DataFrame:
     """P@N against index size, one row per (group, size), from a table of runs with tags
     encoder/dataset/index_type/per_class and their metrics. `step` is the per-class cap; for
     the whole split (per_class=all) it is the size of the largest class in the index."""
-    runs = runs.copy()
+    first = f"micro/{metric_name(min(ns))}"
+    # runs of other tasks (k-NN classification, linear probe) have no P@N: no point on a curve
+    runs = runs[runs[first].notna()].copy() if first in runs else runs.iloc[:0].copy()
     parts = ["encoder"] + [c for c in ("index_type", "dataset") if c in runs and runs[c].nunique() > 1]
     runs["group"] = runs[parts].astype(str).agg("/".join, axis=1)
     numeric = pd.to_numeric(runs["per_class"], errors="coerce")

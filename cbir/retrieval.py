@@ -50,6 +50,13 @@ class SearchOutput:
     neighbours: np.ndarray    # (Q, k) positions into setup.index_rows, -1 for none
 
 
+def own_positions(index_rows: np.ndarray, query_rows: np.ndarray) -> np.ndarray:
+    """Index position of each query that is also an index row (overlapping splits), else -1:
+    such a query must not retrieve itself."""
+    position = pd.Series(np.arange(len(index_rows)), index=index_rows)
+    return position.reindex(query_rows).fillna(-1).astype(np.int64).to_numpy()
+
+
 def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalSetup, index_cfg,
                   ns, curve_k: int = 0, levels=("modality", "anatomy"), batch_size: int = 4096,
                   return_search: bool = False):
@@ -58,9 +65,7 @@ def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalS
     queries = cbir_index.l2_normalise(embeddings[setup.query_rows])
     index = cbir_index.build_index(vectors, index_cfg.type, index_cfg.get("use_gpu", "auto"),
                                    dict(index_cfg.get("params") or {}))
-    # a query that is also an index row (overlapping splits) must not retrieve itself
-    position = pd.Series(np.arange(len(setup.index_rows)), index=setup.index_rows)
-    own = position.reindex(setup.query_rows).fillna(-1).astype(np.int64).to_numpy()
+    own = own_positions(setup.index_rows, setup.query_rows)
     k = max(max(ns), curve_k)
     scores, neighbours = cbir_index.search(index, queries, k, batch_size, exclude=own)
     columns = ["label", "modality", "anatomy"]

@@ -25,7 +25,7 @@ from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import CONFIG_DIR, checks, process, reporting, retrieval, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
 from cbir import search as cbir_search  # noqa: E402
 from cbir.data.manifest import Manifest  # noqa: E402
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -33,6 +33,7 @@ from cbir.store import EmbeddingStore  # noqa: E402
 
 log = logging.getLogger("cbir")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # one INFO line per CPU feature probe
+console.quiet()
 
 
 def job_dir() -> Path:
@@ -56,15 +57,18 @@ def build(node: DictConfig):
 def run(cfg: DictConfig) -> RetrievalResult | None:
     """One job. Returns None when a sweep re-run finds this config already finished."""
     checks.validate_config(cfg)
+    tasks.check_config(cfg)
     out = job_dir()
     tracker = tracking.Tracker.from_config(cfg)
     per_class = retrieval.per_class_value(cfg.index.per_class)
     tags = {
         "encoder": cfg.encoder.name, "dataset": cfg.dataset.name, "index_type": cfg.index.type,
         "per_class": "all" if per_class is None else per_class,
-        "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(),
+        "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(), "task": tasks.task_name(cfg),
+        "labels": multilabel.labels_mode(cfg),
     }
-    run_name = f"{cfg.dataset.name}-{cfg.encoder.name}-{cfg.index.type}-{tags['per_class']}"
+    run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
+        tags["task"] if tags["task"] != "retrieval" else "", "multi-label" if tags["labels"] == "multi" else "") if word))
     skip_finished = bool(cfg.tracking.get("skip_finished", True))
     if tracker.enabled:
         log.info("MLflow store %s, experiment %s", tracking.tracking_store.shown(tracker.uri), tracker.experiment)
@@ -74,14 +78,20 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     table, n_duplicates = checks.drop_duplicate_paths(manifest.table)
     if n_duplicates:
         manifest = Manifest(table=table, root=manifest.root, source=manifest.source)
+    tasks.check_data(cfg, manifest.table, manifest.source)
     checks.validate_data(manifest.table, cfg, manifest.source)
     torch.manual_seed(int(cfg.seed))  # random-init encoders (pretrained=false) get the same weights every run
     encoder = build(cfg.encoder)
+    checks.check_index_type(cfg, encoder.dim)  # encoders whose config does not state their dim
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
+
+    console.quiet()  # again, now that Lightning is imported
 
     if skipped(run_name, tracker.claim(run_name, tags, skip_finished)):  # finished meanwhile by an identical job
         return None
-    with tracker.start(run_name, tags, tracking.flatten(tracking.resolved(cfg))):
+    # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
+    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
+        dashboard.annotate_run(tracker, cfg, out)
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
@@ -105,25 +115,34 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                                            cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
                                            return_search=return_search)
 
-        result, search = evaluate(per_class, return_search=True)
-        tracker.log_metrics(result.metrics)
-        for row in result.curve.itertuples():
-            tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
-        files = reporting.write_job_files(result, out)
-        files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
-        sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
-        if sizes:
-            curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
-            for row in curves.to_dict("records"):
-                tracker.log_metrics({f"saturation/{name}": row[name] for name in reporting.curve_metric_names(cfg.eval.n)},
-                                    step=int(row["step"]))
-            files["saturation_csv"] = out / "saturation.csv"
-            curves.to_csv(files["saturation_csv"], index=False)
-            files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
+        result, search, files = None, None, {}
+        if "retrieval" in tasks.evaluations(cfg):
+            result, search = evaluate(per_class, return_search=True)
+            tracker.log_metrics(result.metrics)
+            dashboard.describe_run(tracker, result.metrics, cfg.eval.n)
+            for row in result.curve.itertuples():
+                tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
+            files.update(reporting.write_job_files(result, out))
+            files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
+            if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
+                files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
+                                                    f"{run_name}  (multi-label: shares a finding)"))
+            sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
+            if sizes:
+                curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
+                for row in curves.to_dict("records"):
+                    tracker.log_metrics({f"saturation/{name}": row[name] for name in reporting.curve_metric_names(cfg.eval.n)},
+                                        step=int(row["step"]))
+                files["saturation_csv"] = out / "saturation.csv"
+                curves.to_csv(files["saturation_csv"], index=False)
+                files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
+        files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
+                                              search, out, tracker, run_name))
         for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")
-    reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
+    if result is not None:
+        reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
     return result
 
 

@@ -90,29 +90,33 @@ class SavedIndex:
 
     @classmethod
     def load(cls, folder: str | Path, root: str | Path | None = None) -> "SavedIndex":
-        import faiss
-
+        """The index folder, checked: every damaged or foreign file is a SearchError naming it.
+        Nothing in the folder is run: index.json is data (see build_encoder)."""
         folder = Path(folder)
         missing = [name for name in (INDEX_FILE, MANIFEST_FILE, META_FILE) if not (folder / name).is_file()]
         if missing:
             raise SearchError(f"search.index_dir={folder}: missing {', '.join(missing)}; point it at the "
                               "`index` folder of a run made with index.save=true")
-        meta = json.loads((folder / META_FILE).read_text())
-        manifest = pd.read_csv(folder / MANIFEST_FILE, dtype=str, keep_default_na=False)
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        if index.ntotal != len(manifest):
-            raise SearchError(f"{folder}: the index has {index.ntotal} rows but manifest.csv {len(manifest)}; "
+        meta = read_meta(folder / META_FILE)
+        manifest = read_index_manifest(folder / MANIFEST_FILE)
+        index = read_faiss(folder / INDEX_FILE)
+        if index.ntotal != len(manifest) or index.ntotal != meta["rows"] or index.d != meta["dim"]:
+            raise SearchError(f"{folder}: the index holds {index.ntotal} {index.d}-d vectors, manifest.csv "
+                              f"{len(manifest)} rows, index.json says {meta['rows']} {meta['dim']}-d; "
                               "the folder is damaged, save the index again")
         return cls(index, manifest, meta, Path(root) if root else Path(meta["root"]))
 
     def build_encoder(self):
-        """The run's encoder: same config, same seed (hence the same random init if any)."""
+        """The run's encoder: same config, same seed (hence the same random init if any). Only
+        an encoder class shipped with cbir is built from index.json, with plain values."""
         import torch
         from omegaconf import OmegaConf
 
         from cbir.run import build
+        from cbir.safe_config import check_trusted
 
-        torch.manual_seed(int(self.meta.get("seed", 0)))
+        check_trusted(self.meta["encoder"], "cbir.encoders", f"{META_FILE} encoder")
+        torch.manual_seed(self.meta["seed"])
         encoder = build(OmegaConf.create(self.meta["encoder"]))
         encoder.eval()
         if encoder.dim != self.index.d:
@@ -126,6 +130,46 @@ class SavedIndex:
 
         vectors = embed_images(encoder or self.build_encoder(), images, batch_size)
         return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SearchError(f"{path}: not valid JSON ({e}); the index folder is damaged, save the index again") from None
+    if not isinstance(meta, dict):
+        raise SearchError(f"{path}: expected a JSON object; the index folder is damaged, save the index again")
+    from cbir.safe_config import check_trusted
+
+    check_trusted(meta.get("encoder"), "cbir.encoders", f"{path} encoder")  # before anything else uses it
+    for key, kind in (("rows", int), ("dim", int), ("seed", int), ("root", str)):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), kind):
+            raise SearchError(f"{path}: '{key}' is missing or not a {kind.__name__}; the index folder is damaged, "
+                              "save the index again")
+    return meta
+
+
+def read_index_manifest(path: Path) -> pd.DataFrame:
+    try:
+        manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except ValueError as e:  # pandas' ParserError, EmptyDataError, UnicodeDecodeError
+        raise SearchError(f"{path}: not a readable CSV file ({type(e).__name__}); the index folder is damaged, "
+                          "save the index again") from None
+    missing = [c for c in ("path", "label") if c not in manifest.columns]
+    if missing:
+        raise SearchError(f"{path}: missing column(s) {missing}; the index folder is damaged, save the index again")
+    return manifest
+
+
+def read_faiss(path: Path):
+    import faiss
+
+    try:
+        return faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as e:
+        reason = str(e).strip().splitlines()[-1][:200]
+        raise SearchError(f"{path}: not a readable FAISS index ({reason}); the index folder is damaged, "
+                          "save the index again") from None
 
 
 def embed_images(encoder, images, batch_size: int = 16) -> np.ndarray:
@@ -182,14 +226,18 @@ def print_results(results: pd.DataFrame, saved: SavedIndex) -> None:
 
 
 def search_command(cfg) -> pd.DataFrame:
-    images = [Path(p) for p in (cfg.search.images or [])]
+    from cbir.checks import integer
+
+    k = integer(cfg.search.k, "search.k", minimum=1)
+    images = cfg.search.images or []
+    images = [Path(images)] if isinstance(images, str) else [Path(p) for p in images]  # one file or a list
     if not images:
         raise SearchError("search.images is empty; give query files, e.g. 'search.images=[scan.png]'")
     absent = [str(p) for p in images if not p.exists()]
     if absent:
         raise SearchError(f"search.images: no such file(s): {', '.join(absent)}")
     saved = SavedIndex.load(cfg.search.index_dir, cfg.search.get("root"))
-    scores, positions = saved.search(images, int(cfg.search.k))
+    scores, positions = saved.search(images, k)
     results = results_table(saved, images, scores, positions)
     print_results(results, saved)
     if cfg.search.get("output"):

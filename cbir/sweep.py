@@ -123,7 +123,9 @@ class SweepCallback(_HydraCallback):
                 logged_for = hashlib.sha256(" ".join(sorted(children.get("run_id", []))).encode()).hexdigest()[:16]
                 previous = retry_locked(self.client.get_run, self.parent_id).data.tags.get("cbir.curves_of")
                 if len(children) and logged_for != previous:
-                    self._log_curves(reporting.saturation_frame(children, self.ns))
+                    curves = reporting.saturation_frame(children, self.ns)
+                    if len(curves):  # none when no child ran retrieval
+                        self._log_curves(curves)
                     retry_locked(self.client.set_tag, self.parent_id, "cbir.curves_of", logged_for)
             retry_locked(self.client.set_terminated, self.parent_id, status=status)
         except Exception as e:  # e.g. the server went away: say so in one line, the re-run completes it

@@ -46,12 +46,52 @@ def load_config(name: str, overrides=()) -> DictConfig:
 
 def main(name: str, run) -> None:
     """Entry point of a script: `python experiments/<name>.py [key=value ...]`."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cbir.console import quiet
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    quiet()
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(usage(name))
+        return
     try:
-        run(load_config(name, sys.argv[1:]))
+        cfg = load_config(name, args)
+    except (HydraException, OmegaConfBaseException) as e:  # a mistyped override: one line, not a traceback
+        log.error("%s: %s (python experiments/%s.py --help lists the settings)", " ".join(args),
+                  str(e).splitlines()[0], name)
+        raise SystemExit(2) from None
+    try:
+        files = run(cfg)
     except ExperimentError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    if files:
+        log.info("outputs in %s:\n%s", Context(cfg).out, "\n".join(f"  {p}" for p in files.values()))
+
+
+def usage(name: str) -> str:
+    """The script's docstring and its settings with their defaults (conf/experiment_scripts/<name>.yaml)."""
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    cfg = load_config(name)
+    return (f"{doc}\n\nusage: python experiments/{name}.py [key=value ...]\n\n"
+            f"settings (conf/experiment_scripts/{name}.yaml and common.yaml):\n"
+            f"{OmegaConf.to_yaml(cfg)}")
+
+
+def show(frame: pd.DataFrame, title: str) -> None:
+    """A result table on the console (rich), numbers to 3 decimals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(table)
 
 
 @dataclass
@@ -111,9 +151,19 @@ class Context:
         log.info("launching: %s", " ".join(command[1:]))
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "MPLBACKEND": "Agg"}
         env.pop("CBIR_PARENT_RUN_ID", None)
-        proc = subprocess.run(command, cwd=self.workdir, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ExperimentError(f"sweep failed ({' '.join(sweep)}):\n{proc.stderr[-3000:]}")
+        sweep_log = self.out / f"sweep_{len(list(self.out.glob('sweep_*.log')))}.log"
+        with sweep_log.open("w") as record:
+            proc = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            lines = follow(proc.stdout, record, constant=command)
+            returncode = proc.wait()
+        if returncode != 0:
+            raise ExperimentError(f"sweep failed ({' '.join(sweep)}); its output is in {sweep_log}:\n"
+                                  + "".join(lines[-40:]))
+        summary = next((i for i, line in enumerate(lines) if line.strip().startswith("sweep: ")), None)
+        if summary is not None:  # cbir's table across jobs and where to look next
+            sys.stdout.write("".join(lines[summary:]))
+        log.info("sweep output: %s", sweep_log)
         return self.latest_parent()
 
     def latest_parent(self) -> str:
@@ -171,6 +221,39 @@ class Context:
         return [csv, md]
 
 
+def follow(stream, record, constant=()) -> list[str]:
+    """Copy a sweep's output into `record` line by line and log its progress: job i of n
+    started (with the overrides not in `constant`, the command, i.e. what this job varies),
+    elapsed time and an estimate of the time left (from the jobs done so far)."""
+    import re
+    import time
+
+    def norm(token: str) -> str:
+        return token.replace("\\", "").lower()
+
+    same = {norm(t) for t in constant}
+    lines, total, started = [], None, time.monotonic()
+    for line in stream:
+        record.write(line)
+        lines.append(line)
+        launching = re.search(r"Launching (\d+) jobs", line)
+        if launching:
+            total = int(launching.group(1))
+        job = re.search(r"\t#(\d+) : (.*)", line)
+        if job and total:
+            done, elapsed = int(job.group(1)), time.monotonic() - started
+            eta = f", about {_clock(elapsed / done * (total - done))} left" if done else ""
+            varying = [t for t in job.group(2).split() if norm(t) not in same] or job.group(2).split()
+            log.info("job %d of %d (%s): %s elapsed%s", done + 1, total, " ".join(varying), _clock(elapsed), eta)
+    return lines
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
 def run_embeddings(ctx: Context, overrides: list[str]):
     """(manifest, Extraction) of a cbir job's config: the embeddings as that job cached them
     (computed now if the cache lacks them), built exactly as cbir.run builds them."""
@@ -181,11 +264,15 @@ def run_embeddings(ctx: Context, overrides: list[str]):
     from cbir.data.manifest import Manifest
     from cbir.extract import extract_embeddings
     from cbir.run import build
+    from cbir.safe_config import check_trusted
     from cbir.store import EmbeddingStore
 
     with ctx.chdir():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=list(overrides))  # the job's own, data location included
+        # the overrides were read back from MLflow: build only cbir's own classes from them
+        check_trusted(cfg.dataset, "cbir.data", f"dataset of job overrides {list(overrides)}")
+        check_trusted(cfg.encoder, "cbir.encoders", f"encoder of job overrides {list(overrides)}")
         manifest = build(cfg.dataset).load_manifest()
         table, duplicates = checks.drop_duplicate_paths(manifest.table)
         if duplicates:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.common import Context, main, run_embeddings  # noqa: E402
+from experiments.common import Context, main, run_embeddings, show  # noqa: E402
 
 
 def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
@@ -43,13 +43,12 @@ def describe(ctx: Context, run_id: str, encoder: str) -> dict:
     rows = rows[stratified_sample(table["label"].to_numpy()[rows], int(ctx.cfg.sample), seed=0)]
     vectors = np.asarray(extraction.embeddings[rows], dtype=np.float32)
     labels, modalities = table["label"].to_numpy()[rows], table["modality"].to_numpy()[rows]
-    distances = figures.cosine_distances(vectors)
     k = int(ctx.cfg.knn)
     scores = {
-        "embedding/silhouette_class": figures.silhouette(distances, labels),
-        "embedding/silhouette_modality": figures.silhouette(distances, modalities),
-        f"embedding/knn{k}_purity_class": figures.knn_purity(distances, labels, k),
-        f"embedding/knn{k}_purity_modality": figures.knn_purity(distances, modalities, k),
+        "embedding/silhouette_class": figures.silhouette(vectors, labels),
+        "embedding/silhouette_modality": figures.silhouette(vectors, modalities),
+        f"embedding/knn{k}_purity_class": figures.knn_purity(vectors, labels, k),
+        f"embedding/knn{k}_purity_modality": figures.knn_purity(vectors, modalities, k),
         "embedding/sample_rows": float(len(rows)),
     }
     figure = figures.scatter_2d(
@@ -71,7 +70,7 @@ def run(cfg) -> dict:
     files = {p.name: p for p in ctx.write_table(summary, "embedding_space")}
     files.update({name: ctx.out / name for name in summary["figure"]})
     ctx.keep(parents[-1], *files.values())
-    print(summary.to_string(index=False))
+    show(summary, "embedding space")
     return files
 
 

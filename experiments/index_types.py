@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.common import Context, ExperimentError, main, run_embeddings  # noqa: E402
+from experiments.common import Context, ExperimentError, main, run_embeddings, show  # noqa: E402
 
 
 def measure(index_cfg, vectors: np.ndarray, queries: np.ndarray, k: int, exact: np.ndarray | None,
@@ -83,7 +83,7 @@ def run(cfg) -> dict:
                                                     f"index structures: recall@{k} against flat and micro P@N",
                                                     ylabel="")
     ctx.keep(parents[-1], *files.values())
-    print(table.to_string(index=False))
+    show(table, "index types")
     return files
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from experiments.common import Context, main  # noqa: E402
+from experiments.common import Context, main, show  # noqa: E402
 
 LEVEL_NAMES = {"modality": "modality", "anatomy": "modality + anatomy", "class": "full class (pathology)"}
 
@@ -79,7 +79,7 @@ def run(cfg) -> dict:
     summary = findings(table, n)
     files.update({p.name: p for p in ctx.write_table(summary, "findings")})
     ctx.keep(parents[-1], *files.values())
-    print(summary.to_string(index=False))
+    show(summary, "modality levels")
     return files
 
 

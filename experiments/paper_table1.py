@@ -3,6 +3,11 @@ macro, written next to the published numbers with the difference per cell.
 
     python experiments/paper_table1.py data_dir=/data
     python experiments/paper_table1.py smoke=true      # offline: 2 random-weight encoders, synthetic data
+    python experiments/paper_table1.py source=published published_dir=/data/cbmir   # CPU: the study's own embeddings
+
+source=published reads the study's published artifacts instead of extracting: published_dir holds
+datasets/ (the split CSVs of datasets.zip) and embeddings/<Model>/<dataset>.h5 (one folder per
+model archive you downloaded; the models found there are evaluated). No image and no weights needed.
 
 Outputs (output_dir, and artifacts of the sweep's MLflow parent run): table1.{csv,md},
 comparison.{csv,md} (measured, difference and paper value per cell), per_modality.{csv,md},
@@ -19,12 +24,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from experiments.common import Context, main  # noqa: E402
+from experiments.common import Context, ExperimentError, main  # noqa: E402
+
+
+def published_sweep(cfg) -> list[str]:
+    """The study sweep on its published split CSVs and embeddings (every model folder present)."""
+    from cbir.study_format import STUDY_MODELS, model_folders
+
+    if not cfg.get("published_dir"):
+        raise ExperimentError("source=published needs published_dir=<folder holding datasets/ and embeddings/>")
+    datasets, embeddings = Path(cfg.published_datasets), Path(cfg.published_embeddings)
+    names = [n for n in STUDY_MODELS.values() if any((embeddings / f).is_dir() for f in model_folders(n))]
+    if not names:
+        raise ExperimentError(f"{embeddings}: no model folder of the study ({', '.join(STUDY_MODELS)}); "
+                              "unpack the embeddings archives there or set published_embeddings=<folder>")
+    return ["dataset=study_splits", f"dataset.dir={datasets}", f"dataset.root={cfg.published_dir}",
+            "encoder=precomputed", f"encoder.dir={embeddings}", "encoder.name=" + ",".join(names),
+            "index.per_class=null", "eval.gallery=false"]
 
 
 def run(cfg) -> dict:
     from cbir import figures, report
 
+    if cfg.source == "published":  # own MLflow experiment: never mixed with runs that extracted
+        cfg.sweeps.full, cfg.smoke = [published_sweep(cfg)], False
+        cfg.tracking_experiment = f"{cfg.tracking_experiment}-published"
+    elif cfg.source != "cbir":
+        raise ExperimentError(f"source={cfg.source}: use cbir (extract with each encoder) or published")
     ctx = Context(cfg)
     _, parents = ctx.sweep_runs()
     reference = Path(cfg.reference)

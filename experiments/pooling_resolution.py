@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from experiments.common import Context, main  # noqa: E402
+from experiments.common import Context, main, show  # noqa: E402
 
 
 def run(cfg) -> dict:
@@ -41,7 +41,7 @@ def run(cfg) -> dict:
         f"micro P@{ns[0]} by embedding head and input size")
     for parent in parents:
         ctx.keep(parent, *files.values())
-    print(table.to_string(index=False))
+    show(table, "pooling resolution")
     return files
 
 

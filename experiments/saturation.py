@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments.common import Context, main  # noqa: E402
+from experiments.common import Context, main, show  # noqa: E402
 
 
 def by_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
@@ -38,10 +38,17 @@ def by_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+# Chance-level controls (conf/encoder/random.yaml): their P@1 is flat noise, a knee means nothing.
+CONTROLS = ("random",)
+
+
 def knee(curves: pd.DataFrame, fraction: float, metric: str = "micro/P_at_1") -> pd.DataFrame:
-    """Per (group, modality): the smallest index size whose P@1 is >= fraction x full-index P@1."""
+    """Per (group, modality): the smallest index size whose P@1 is >= fraction x full-index P@1
+    (not for the controls)."""
     rows = []
     for (group, modality), frame in curves.groupby(["group", "modality"], sort=True):
+        if str(group).split("/")[0] in CONTROLS:
+            continue
         full = frame[frame["per_class"].astype(str) == "all"]
         if full.empty or not np.isfinite(full[metric].iloc[0]):
             continue
@@ -73,9 +80,7 @@ def run(cfg) -> dict:
     for path in ctx.write_table(table, "knee"):
         files[path.name] = path
     ctx.keep(parents[-1], *files.values())
-    from rich.console import Console
-
-    Console().print(table.to_string(index=False))
+    show(table, f"index size reaching {float(cfg.fraction):.0%} of the full-index P@1")
     return files
 
 

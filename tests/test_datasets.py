@@ -47,7 +47,8 @@ def patients_of(table: pd.DataFrame, split: str, part: int) -> set:
 
 # ---------------------------------------------------------------------- patient split
 def test_patient_split_equals_sklearn_train_test_split():
-    sklearn = pytest.importorskip("sklearn.model_selection")
+    import sklearn.model_selection as sklearn
+
     rng = np.random.default_rng(0)
     for n in (2, 3, 10, 11, 29, 30, 101, 997):
         ids = rng.permutation(10 * n)[:n]

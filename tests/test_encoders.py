@@ -86,6 +86,7 @@ def manifest(tmp_path_factory):
 
 def test_every_config_is_covered_and_the_study_is_complete():
     configs = sorted(p.stem for p in (CONF_DIR / "encoder").glob("*.yaml"))
+    configs.remove("precomputed")  # reads stored embeddings, embeds no image: tests/test_published.py
     assert sorted(FAST) == configs
     assert set(STUDY) <= set(configs) and {"dinov2_small", "dinov2_large"} <= set(configs)
 

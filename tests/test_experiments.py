@@ -65,6 +65,10 @@ def test_modality_levels_command_line_resumes_the_study_sweep(workdir, shared_da
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = out(workdir, "modality_levels")
+    # progress while the sweep runs, and where the files went
+    assert "job 1 of 2 (" in proc.stderr and "job 2 of 2 (" in proc.stderr and "left" in proc.stderr
+    assert f"outputs in {folder}" in proc.stderr and str(folder / "modality_levels.png") in proc.stderr
+    assert (folder / "sweep_0.log").exists() and "sweep: 2 jobs" in proc.stdout
     table = pd.read_csv(folder / "modality_levels.csv")
     assert set(table[table["kind"] == "modality"]["subset"]) == {"CT", "MR", "US", "XR"}
     assert set(table[table["kind"] == "level"]["subset"]) == {"modality", "modality + anatomy", "full class (pathology)"}
@@ -101,6 +105,7 @@ def test_saturation(workdir, shared_data_dir):
     knee = pd.read_csv(files["knee.csv"])
     assert set(knee["reached at rows/class"].astype(str)) <= {"1", "4", "all"}
     assert (knee["P@1 there"] >= knee["95% of it"] - 1e-9).all()
+    assert set(knee["encoder"]) == {"baseline"}  # no knee for the chance-level random control
     assert is_png(files["saturation.png"]) and is_png(files["saturation_by_modality.png"])
 
 
@@ -122,3 +127,23 @@ def test_pooling_resolution(workdir, shared_data_dir):
     table = pd.read_csv(files["pooling_resolution.csv"])
     assert sorted(table["pool"]) == ["cls", "mean"] and set(table["input size"]) == {28}
     assert is_png(files["pooling_resolution.png"])
+
+
+def test_sweep_progress_names_the_job_and_time_left(caplog):
+    import io
+    import logging
+
+    from experiments.common import follow
+
+    output = ("[HYDRA] Launching 3 jobs locally\n"
+              "[HYDRA] \t#0 : encoder=a tracking.uri=sqlite\\:///x.db experiment=smoke\n"
+              "some job output\n"
+              "[HYDRA] \t#1 : encoder=b tracking.uri=sqlite\\:///x.db experiment=smoke\n")
+    record = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="cbir.experiments"):
+        lines = follow(io.StringIO(output), record, constant=["-m", "encoder=a,b", "tracking.uri=sqlite:///x.db",
+                                                               "experiment=smoke"])
+    assert record.getvalue() == output and "".join(lines) == output
+    first, second = [r.getMessage() for r in caplog.records]
+    assert first.startswith("job 1 of 3 (encoder=a): 0:00:00 elapsed") and "left" not in first
+    assert second.startswith("job 2 of 3 (encoder=b): ") and second.endswith("left")

@@ -138,3 +138,22 @@ def test_window_functions():
     assert apply_window(values, 40, 400).tolist()[::3] == [0, 255]
     assert apply_window(values, 40, 400, "LINEAR_EXACT")[2] == 128
     assert apply_window(values, 40, 400, "SIGMOID")[2] == 128
+
+
+# ---------------------------------------------------------------------- format by content
+def test_the_format_is_read_from_the_content_not_the_name(tmp_path):
+    """A PNG or JPEG named .dcm is that image (it used to be skipped as "DICOM without pixel
+    data"); a DICOM named .png is DICOM; a .dcm without the 128-byte preamble is still DICOM."""
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(grey).save(tmp_path / "png.png")
+    (tmp_path / "really_png.dcm").write_bytes((tmp_path / "png.png").read_bytes())
+    assert np.array_equal(np.asarray(load_image(tmp_path / "really_png.dcm")), grey)
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "jpeg.jpg", quality=95)
+    (tmp_path / "really_jpeg.DICOM").write_bytes((tmp_path / "jpeg.jpg").read_bytes())
+    assert load_image(tmp_path / "really_jpeg.DICOM").size == (8, 8)
+
+    dicom = write_dicom(tmp_path / "scan.dcm", ramp16(0, 4095), bits_stored=12)
+    (tmp_path / "really_dicom.png").write_bytes(dicom.read_bytes())
+    assert np.array_equal(np.asarray(load_image(tmp_path / "really_dicom.png")), np.asarray(load_image(dicom)))
+    (tmp_path / "no_preamble.dcm").write_bytes(dicom.read_bytes()[132:])  # bare data set, no 'DICM'
+    assert np.array_equal(np.asarray(load_image(tmp_path / "no_preamble.dcm")), np.asarray(load_image(dicom)))

@@ -101,6 +101,9 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     (["index.per_class=-3"], "index.per_class=-3: must be positive"),
     (["data.on_error=ignore"], "data.on_error=ignore: use skip or raise"),
     (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
+    (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),  # FAISS would abort
+    # the baseline's dimension is known once it is built (cheap): still before any extraction
+    (["index=ivfpq"], "index.params.m=16: must divide the embedding dimension"),
 ])
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
     start = time.perf_counter()
@@ -277,3 +280,64 @@ def test_dicom_without_pixels_or_with_unsupported_compression_is_a_clear_error(t
     compressed = _dicom(tmp_path / "j2k.dcm", JPEG2000Lossless, encapsulate([b"\xff\x4f\xff\x51 not really jpeg2000"]))
     with pytest.raises(ImageLoadError, match="j2k.dcm"):
         load_image(compressed)
+
+
+# ---------------------------------------------------------------------- bad manifests
+def _manifest(folder: Path, rows: list[str]) -> Path:
+    from PIL import Image
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("L", (8, 8), 100).save(folder / name)
+    path = folder / "manifest.csv"
+    path.write_text("path,split,modality,anatomy,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("label", ["NaN", "nan", "NA", "null", "None", "", "  ", "<NA>"])
+def test_a_missing_label_is_refused_naming_the_row_not_made_a_class(tmp_path, label):
+    from cbir.data.csv_manifest import CSVManifestDataset
+    from cbir.data.manifest import ManifestError
+
+    file = _manifest(tmp_path, ["a.png,train,CT,abd,CT/abd/x", "b.png,train,CT,abd,CT/abd/x", f"c.png,test,CT,abd,{label}"])
+    with pytest.raises(ManifestError) as caught:
+        CSVManifestDataset(file=str(file)).load_manifest()
+    assert f"{file}, row 4: label is " in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_parquet_manifest_with_nulls_is_refused_naming_the_row(tmp_path):
+    from cbir.data.csv_manifest import CSVManifestDataset
+    from cbir.data.manifest import ManifestError
+
+    _manifest(tmp_path, [])
+    table = pd.DataFrame({"path": ["a.png", "b.png"], "split": ["train", "test"], "modality": "CT",
+                          "anatomy": "abd", "label": ["CT/abd/x", None]})
+    table.to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"m.parquet, row 2: label is "):  # was a class "None" or "nan"
+        CSVManifestDataset(file=str(tmp_path / "m.parquet")).load_manifest()
+
+
+def test_a_literal_class_name_is_kept(tmp_path):
+    from cbir.data.csv_manifest import CSVManifestDataset
+
+    file = _manifest(tmp_path, ["a.png,train,CT,abd,CT/abd/NaN-like", "b.png,test,CT,abd,None of these"])
+    assert list(CSVManifestDataset(file=str(file)).load_manifest().table["label"]) == ["CT/abd/NaN-like", "None of these"]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 40, b"\x89PNG\r\n\x1a\n" + b"\x00\xff" * 500, b""])
+def test_a_binary_file_given_as_manifest_is_a_one_line_error(tmp_path, content):
+    from cbir.data.csv_manifest import CSVManifestDataset
+    from cbir.data.manifest import ManifestError
+
+    (tmp_path / "scan.csv").write_bytes(content)
+    with pytest.raises(ManifestError) as caught:
+        CSVManifestDataset(file=str(tmp_path / "scan.csv")).load_manifest()
+    message = str(caught.value)
+    assert "\n" not in message and (f"dataset.file={tmp_path / 'scan.csv'}: not a readable UTF-8 CSV file" in message
+                                    or "missing column(s)" in message)
+
+
+def test_a_binary_manifest_through_the_cli(tmp_path):
+    (tmp_path / "scan.csv").write_bytes(bytes(range(256)) * 40)
+    proc = run_cbir(tmp_path, "dataset=csv", f"dataset.file={tmp_path / 'scan.csv'}", "tracking.enabled=false", check=False)
+    assert proc.returncode == 2 and "Traceback" not in output(proc)
+    assert f"dataset.file={tmp_path / 'scan.csv'}: not a readable UTF-8 CSV file" in output(proc)

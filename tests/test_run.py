@@ -66,6 +66,7 @@ def test_run_logs_metrics_params_and_artifacts(first_run):
     assert history[0].value == pytest.approx(run.data.metrics["micro/P_at_1"])
     per_class = pd.read_csv(job / "per_class.csv")
     assert {"class", "queries", "n_index", "P@1", "P@10", "most_confused"} <= set(per_class.columns)
+    assert list(per_class.columns[:5]) == ["class", "P@1", "P@3", "P@5", "P@10"]  # visible first in the viewer
     assert per_class["queries"].sum() == run.data.metrics["queries/total"]
 
 

@@ -75,10 +75,20 @@ def test_report_matches_logged_metrics(sweep):
         row = table[(table.encoder == child.data.tags["encoder"]) & (table.per_class.astype(str) == child.data.tags["per_class"])]
         assert row["micro P@1"].item() == pytest.approx(child.data.metrics["micro/P_at_1"])
         assert row["macro P@10"].item() == pytest.approx(child.data.metrics["macro/P_at_10"])
+    assert list(table["per_class"]) == [3, 10, 3, 10]  # index sizes in numeric order, not as text
+    per_modality = pd.read_csv(sweep / "rep" / "per_modality.csv")
+    assert [c for c in per_modality.columns if "P@" in c][:2] == ["micro P@1", "micro P@3"]  # as table1
+    assert list(per_modality["per_class"][:8]) == [3, 3, 3, 3, 10, 10, 10, 10]
+    _, parents, _ = runs(sweep)
+    client = MlflowClient(f"sqlite:///{sweep}/mlruns/mlflow.db")
+    logged = {Path(a.path).name for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report.md", "table1.csv", "per_modality.csv"} <= logged  # the report is kept on the sweep's run
     markdown = (sweep / "rep" / "table1.md").read_text()
     assert markdown.startswith("| encoder | per_class | micro P@1")
     saturation = pd.read_csv(sweep / "rep" / "saturation.csv")
-    assert set(saturation["step"]) == {3, 10}
+    assert set(saturation["max rows/class in index"]) == {3, 10}
+    assert list(saturation.columns[:3]) == ["encoder", "rows/class", "max rows/class in index"]
+    assert (sweep / "rep" / "saturation.md").read_text().splitlines()[0].split(" | ")[3:5] == ["micro P@1", "micro P@3"]
     assert (sweep / "rep" / "per_modality.csv").exists()
 
 
@@ -92,10 +102,15 @@ def test_failed_job_is_marked_and_retried_alone(tmp_path, shared_data_dir):
     failed = [c for c in children if c.info.status == "FAILED"][0]
     assert "IVF4096" in failed.data.tags["index_type"] and failed.data.tags["error"]
     assert parents[0].info.status == "FAILED"
-    run_cbir(tmp_path, *overrides, check=False)
+    # the sweep still ends with its table across jobs, the failed one marked, and its error
+    assert "sweep: 2 jobs" in proc.stdout and "FAILED" in proc.stdout and "FINISHED" in proc.stdout
+    assert f"{failed.data.tags['mlflow.runName']}: " in proc.stdout
+    proc = run_cbir(tmp_path, *overrides, check=False)
     _, parents, children = runs(tmp_path)
     assert len(parents) == 1
     assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FINISHED"]
+    # the resumed sweep's table: one row per job (latest attempt), the finished one from before
+    assert "sweep: 2 jobs" in proc.stdout and "done earlier" in proc.stdout
 
 
 def test_parallel_jobs_share_cache_and_store(tmp_path, shared_data_dir):

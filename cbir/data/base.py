@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from cbir.data.findings import check_labels_mode
 from cbir.data.manifest import MANIFEST_COLUMNS, Manifest, ManifestError, validate_table
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,13 @@ class DatasetReader:
     """Base class of the readers; subclasses set `manifest_root` and implement scan/inputs."""
 
     def __init__(self, root: str | os.PathLike, name: str, cache_dir: str | os.PathLike | None = None,
-                 rebuild: bool = False) -> None:
+                 rebuild: bool = False, labels: str = "single") -> None:
         self.root = Path(root)
         self.name = str(name)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.rebuild = bool(rebuild)
+        # single: the study's single-finding images; multi: every image with its `findings`
+        self.labels = check_labels_mode(labels)
         self.last_scan: Scan | None = None  # what the last load_manifest() built or reused
 
     # ----------------------------------------------------------- to implement
@@ -104,14 +107,16 @@ class DatasetReader:
         payload = {
             "reader": f"{type(self).__module__}.{type(self).__qualname__}",
             "rules": RULES_VERSION, "name": self.name, "root": str(self.root.resolve()),
-            "options": self.options(), "inputs": stats,
+            "options": {**self.options(), **({"labels": self.labels} if self.labels != "single" else {})},
+            "inputs": stats,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- private
     def _checked_scan(self) -> Scan:
         scan = self.scan()
-        table = scan.table.loc[:, list(MANIFEST_COLUMNS)].reset_index(drop=True)
+        columns = list(MANIFEST_COLUMNS) + (["findings"] if self.labels == "multi" else [])
+        table = scan.table.loc[:, columns].reset_index(drop=True)
         validate_table(table, self.describe())
         scan.table = table.astype(str)
         return scan

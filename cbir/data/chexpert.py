@@ -11,6 +11,9 @@ class; 13 classes; all views kept. Uncertain (-1) labels, `dataset.uncertain`:
   the patients it splits are those of the rows with (#positive - #uncertain) == 1; this is
   reproduced so that the split matches.
 - `zero`: -1 counts as negative (as MIMIC-CXR is treated).
+`dataset.labels=multi` keeps every row with at least one 1.0 (with `drop`: and no -1.0). The
+patients the study splits keep their split; patients only multi mode keeps are split apart
+(same fraction and seed), so an image kept in both modes is in the same split in both.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from cbir.data.base import MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy
-from cbir.data.manifest import ManifestError, class_name
+from cbir.data.findings import label_columns, positive_lists
+from cbir.data.manifest import ManifestError
 from cbir.data.splits import split_patients
 
 RELEASES = ("CheXpert-v1.0", "CheXpert-v1.0-small")
@@ -32,8 +36,8 @@ UNCERTAIN_POLICIES = ("drop", "zero")
 class CheXpertDataset(DatasetReader):
     def __init__(self, root, name: str = "chexpert", cache_dir=None, rebuild: bool = False,
                  release: str | None = None, uncertain: str = "drop", train_fraction: float = 0.9,
-                 seed: int = 42, missing: str = "error") -> None:
-        super().__init__(root, name, cache_dir, rebuild)
+                 seed: int = 42, missing: str = "error", labels: str = "single") -> None:
+        super().__init__(root, name, cache_dir, rebuild, labels)
         self.release = release
         self.uncertain = check_policy(uncertain, "dataset.uncertain", UNCERTAIN_POLICIES)
         self.train_fraction = float(train_fraction)
@@ -82,23 +86,34 @@ class CheXpertDataset(DatasetReader):
         split[first_pass & patients.isin(train_ids)] = "train"
         split[first_pass & patients.isin(val_ids)] = "val"
 
-        keep = (values == 1).sum(axis=1).eq(1) & (values != -1).all(axis=1) & first_pass
-        uncertain = (values == -1).any(axis=1) & (values == 1).sum(axis=1).ge(1)
+        n_positive = (values == 1).sum(axis=1)
+        if self.labels == "multi":
+            keep = n_positive.ge(1) & (values != -1).all(axis=1)
+            rest = patients[keep & split.isna()].unique()  # patients the study never split
+            if len(rest):
+                rest_train, rest_val = _split_rest(rest, self.train_fraction, self.seed)
+                split[keep & split.isna() & patients.isin(rest_train)] = "train"
+                split[keep & split.isna() & patients.isin(rest_val)] = "val"
+            wording = "no positive finding"
+        else:
+            keep = n_positive.eq(1) & (values != -1).all(axis=1) & first_pass
+            wording = "not exactly one positive finding"
+        uncertain = (values == -1).any(axis=1) & n_positive.ge(1)
         scan.drop("uncertain (-1) label", (~keep & uncertain).sum(), train["Path"][~keep & uncertain])
-        scan.drop("not exactly one positive finding (train.csv)", (~keep & ~uncertain).sum(),
-                  train["Path"][~keep & ~uncertain])
-        train = train[keep].assign(split=split[keep], finding=(values[keep] == 1).idxmax(axis=1))
+        scan.drop(f"{wording} (train.csv)", (~keep & ~uncertain).sum(), train["Path"][~keep & ~uncertain])
+        train = train[keep].assign(split=split[keep], finding=positive_lists(values[keep] == 1))
 
         test_values = test[classes].fillna(0.0)
-        test_single = (test_values == 1).sum(axis=1) == 1
-        scan.drop("not exactly one positive finding (valid.csv)", (~test_single).sum(), test["Path"][~test_single])
-        test = test[test_single].assign(split="test", finding=(test_values[test_single] == 1).idxmax(axis=1))
+        n_test_positive = (test_values == 1).sum(axis=1)
+        test_keep = n_test_positive >= 1 if self.labels == "multi" else n_test_positive == 1
+        scan.drop(f"{wording} (valid.csv)", (~test_keep).sum(), test["Path"][~test_keep])
+        test = test[test_keep].assign(split="test", finding=positive_lists(test_values[test_keep] == 1))
 
         table = pd.concat([train[train["split"] == "train"], train[train["split"] == "val"], test],
                           ignore_index=True)
         scan.table = pd.DataFrame({
             "path": table["Path"], "dataset": self.name, "split": table["split"], "modality": "XR",
-            "anatomy": "chest", "label": [class_name("XR", "chest", f) for f in table["finding"]],
+            "anatomy": "chest", **label_columns("XR", "chest", table["finding"], self.labels),
         })
         apply_missing_policy(scan, self.manifest_root, self.missing, self.name)
         return scan
@@ -111,3 +126,11 @@ class CheXpertDataset(DatasetReader):
             raise ManifestError(f"{csv}: header starts {list(table.columns[:5])}; expected the official CheXpert "
                                 f"header {list(METADATA_COLUMNS)} followed by the 14 label columns")
         return table
+
+
+def _split_rest(patients, train_fraction: float, seed: int):
+    """Split of the patients only multi mode keeps; too few to split: all train."""
+    n_train = int(train_fraction * len(patients))
+    if n_train == 0 or n_train == len(patients):
+        return patients, patients[:0]
+    return split_patients(patients, train_fraction, seed)

@@ -3,7 +3,8 @@ CheXpert, in the study's order). Classes merge by exact name, so the 20 chest cl
 shared across the three chest sets (e.g. NIH `Effusion`, renamed `Pleural Effusion`, is the
 same class as CheXpert's and MIMIC's `Pleural Effusion`).
 
-Each part keeps its own cached manifest; the combined manifest's paths are relative to
+`labels=multi` passes the mode to the chest parts (RadImageNet is single-finding by
+construction: its rows get their class's finding). Each part keeps its own cached manifest; the combined manifest's paths are relative to
 `root` (the study's `$DATA` folder holding radiology_ai/, nih14/, mimic/ and CheXpert/).
 """
 
@@ -15,13 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from cbir.data.base import DatasetReader
+from cbir.data.findings import check_labels_mode, fill_findings
 from cbir.data.manifest import Manifest, ManifestError
 
 
 class CombinedDataset:
-    def __init__(self, root, name: str = "combined", parts: dict | None = None) -> None:
+    def __init__(self, root, name: str = "combined", parts: dict | None = None, labels: str = "single") -> None:
         self.root = Path(root)
         self.name = name
+        self.labels = check_labels_mode(labels)
         self.parts: dict[str, DatasetReader] = {k: v for k, v in (parts or {}).items() if v is not None}
         if not self.parts:
             raise ManifestError("dataset.parts: no dataset to combine; keep at least one part")
@@ -39,6 +42,8 @@ class CombinedDataset:
                 table["path"] = prefix + "/" + table["path"]
             tables.append(table)
         table = pd.concat(tables, ignore_index=True)
+        if self.labels == "multi":
+            table = fill_findings(table)
         return Manifest(table=table, root=base, source=f"dataset {self.name} ({', '.join(self.parts)})")
 
     def manifest_root(self, roots) -> Path:

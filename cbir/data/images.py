@@ -32,14 +32,18 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """The format is decided by the file's content, not its name: a PNG named .dcm is a PNG.
+    DICOM is recognised by 'DICM' at byte 128; anything PIL identifies (PNG, JPEG, ... by their
+    magic bytes) is a raster image; a .dcm/.dicom file PIL cannot identify is read as DICOM
+    without the 128-byte preamble."""
     path = Path(path)
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
+        if _is_dicom(path):  # DICOM files often have no (or another) extension
             return _load_dicom(path)
         try:
             return _load_raster(path)
         except UnidentifiedImageError:
-            if _is_dicom(path):  # DICOM files often have no (or another) extension
+            if path.suffix.lower() in DICOM_SUFFIXES:
                 return _load_dicom(path)
             raise
     except ImageLoadError:
@@ -125,7 +129,12 @@ def _first_value(value) -> float:
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
     """DICOM VOI window (PS3.3 C.11.2.1.2) mapped onto 0..255: the window spans the full
-    8-bit range; values outside it saturate, as any DICOM viewer shows them."""
+    8-bit range; values outside it saturate, as any DICOM viewer shows them.
+
+    Not pydicom's `apply_voi_lut`/`apply_windowing`: those map the window onto the stored bit
+    range (y_min..y_max derived from BitsStored, PixelRepresentation and the modality LUT), which
+    would need that same derivation again to reach 0..255, and they refuse photometric
+    interpretations other than MONOCHROME1/2. The formulas here are PS3.3's, tested against it."""
     if function == "SIGMOID":
         out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":

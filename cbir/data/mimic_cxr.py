@@ -18,7 +18,8 @@ import pandas as pd
 
 from cbir.data.base import (MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy,
                             first_existing, folders)
-from cbir.data.manifest import ManifestError, class_name
+from cbir.data.findings import label_columns, positive_lists
+from cbir.data.manifest import ManifestError
 
 SPLIT_VALUES = {"train": "train", "validate": "val", "test": "test"}
 NOT_A_CLASS = ("Support Devices",)
@@ -28,8 +29,8 @@ UNCERTAIN_POLICIES = ("zero", "drop")
 class MimicCXRDataset(DatasetReader):
     def __init__(self, root, name: str = "mimic_cxr", cache_dir=None, rebuild: bool = False,
                  split_csv: str = "mimic-cxr-2.0.0-split.csv", labels_csv: str = "mimic-cxr-2.0.0-chexpert.csv",
-                 uncertain: str = "zero", missing: str = "error") -> None:
-        super().__init__(root, name, cache_dir, rebuild)
+                 uncertain: str = "zero", missing: str = "error", labels: str = "single") -> None:
+        super().__init__(root, name, cache_dir, rebuild, labels)
         self.split_csv, self.labels_csv = split_csv, labels_csv
         self.uncertain = check_policy(uncertain, "dataset.uncertain", UNCERTAIN_POLICIES)
         self.missing = check_policy(missing, "dataset.missing", MISSING_POLICIES)
@@ -69,15 +70,19 @@ class MimicCXRDataset(DatasetReader):
             scan.drop("uncertain (-1) label", uncertain.sum(), table["dicom_id"][uncertain])
             table, values = table[~uncertain], values[~uncertain]
         positive = values == 1  # -1 and blank count as negative
-        single = positive.sum(axis=1) == 1
-        scan.drop("not exactly one positive finding", (~single).sum(), table["dicom_id"][~single])
-        table, positive = table[single], positive[single]
+        if self.labels == "multi":  # every image with its findings
+            keep = positive.sum(axis=1) >= 1
+            scan.drop("no positive finding", (~keep).sum(), table["dicom_id"][~keep])
+        else:
+            keep = positive.sum(axis=1) == 1
+            scan.drop("not exactly one positive finding", (~keep).sum(), table["dicom_id"][~keep])
+        table, positive = table[keep], positive[keep]
 
         subject, study = table["subject_id"].astype(str), table["study_id"].astype(str)
         scan.table = pd.DataFrame({
             "path": "files/p" + subject.str[:2] + "/p" + subject + "/s" + study + "/" + table["dicom_id"] + ".jpg",
             "dataset": self.name, "split": table["split"].map(SPLIT_VALUES), "modality": "XR", "anatomy": "chest",
-            "label": [class_name("XR", "chest", f) for f in positive.idxmax(axis=1)],
+            **label_columns("XR", "chest", positive_lists(positive), self.labels),
         }).reset_index(drop=True)
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan

@@ -20,7 +20,8 @@ import pandas as pd
 
 from cbir.data.base import (MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy,
                             first_existing, folders)
-from cbir.data.manifest import ManifestError, class_name
+from cbir.data.findings import label_columns
+from cbir.data.manifest import ManifestError
 from cbir.data.splits import split_patients
 
 # `Finding Labels` names in the study's column order, and the names the classes get
@@ -38,8 +39,8 @@ NEEDED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 class NIH14Dataset(DatasetReader):
     def __init__(self, root, name: str = "nih14", cache_dir=None, rebuild: bool = False,
                  data_entry: str | None = None, train_fraction: float = 0.9, seed: int = 42,
-                 missing: str = "drop") -> None:
-        super().__init__(root, name, cache_dir, rebuild)
+                 missing: str = "drop", labels: str = "single") -> None:
+        super().__init__(root, name, cache_dir, rebuild, labels)
         self.data_entry = data_entry
         self.train_fraction = float(train_fraction)
         self.seed = int(seed)
@@ -73,17 +74,20 @@ class NIH14Dataset(DatasetReader):
         # The study matched each class name as a substring of `Finding Labels`; for the 15
         # official names (none is a substring of another) that equals matching whole tokens.
         tokens = table["Finding Labels"].str.split("|")
-        known = tokens.map(lambda ts: [t for t in ts if t in FINDINGS])
-        single = known.map(len) == 1
-        scan.drop("more than one finding (or none of the 15 names)", (~single).sum(),
-                  table["Image Index"][~single])
-        table, finding = table[single], known[single].str[0].map(FINDINGS)
+        known = tokens.map(lambda ts: [FINDINGS[t] for t in ts if t in FINDINGS])
+        if self.labels == "multi":  # every image with its findings
+            keep = known.map(len) >= 1
+            scan.drop("none of the 15 names", (~keep).sum(), table["Image Index"][~keep])
+        else:
+            keep = known.map(len) == 1
+            scan.drop("more than one finding (or none of the 15 names)", (~keep).sum(), table["Image Index"][~keep])
+        table, findings = table[keep], known[keep]
 
         paths = self._find_images()
         scan.table = pd.DataFrame({
             "path": table["Image Index"].map(lambda n: paths.get(n, "images/" + n)),
             "dataset": self.name, "split": table["split"], "modality": "XR", "anatomy": "chest",
-            "label": [class_name("XR", "chest", f) for f in finding],
+            **label_columns("XR", "chest", findings, self.labels),
         }).reset_index(drop=True)
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from cbir import CONFIG_DIR
 from cbir.data.manifest import ManifestError
 from cbir.data.stats import dataset_summary
 
@@ -59,7 +60,7 @@ def print_summary(name: str, manifest, scans: dict, console: Console | None = No
         console.print(dropped_table(scans))
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         reader = instantiate(cfg.dataset)

@@ -1,5 +1,5 @@
-"""Seeded splits: the study's patient split (sklearn-identical) and a per-class split for
-user collections."""
+"""Seeded splits: the study's patient split (scikit-learn's train_test_split, as the study ran it)
+and a per-class split for user collections."""
 
 from __future__ import annotations
 
@@ -13,23 +13,19 @@ from cbir.data.manifest import ManifestError
 
 
 def split_patients(patient_ids, train_size: float = 0.9, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """(train_ids, val_ids) exactly as `sklearn.model_selection.train_test_split(ids,
-    train_size=train_size, random_state=seed)` returns them, which is what the study ran.
+    """(train_ids, val_ids) from `sklearn.model_selection.train_test_split(ids,
+    train_size=train_size, random_state=seed)`, which is what the study ran."""
+    from sklearn.model_selection import train_test_split
 
-    sklearn's ShuffleSplit: n_train = floor(train_size * n), n_test = n - n_train, one
-    permutation from numpy's legacy RandomState(seed); the first n_test positions are the
-    test part, the next n_train the train part. Reimplemented so that sklearn is not needed.
-    """
     ids = np.asarray(patient_ids)
     n = len(ids)
-    n_train = floor(train_size * n)
-    n_test = n - n_train
-    if n_train == 0 or n_test == 0:
+    n_train = floor(train_size * n)  # sklearn's rounding: the val part takes the remainder
+    if n_train == 0 or n_train == n:
         raise ManifestError(
             f"cannot split {n} patient(s) {train_size:g}/{1 - train_size:g} into train and val: "
             "both parts would need at least one patient; add data or change dataset.train_fraction")
-    permutation = np.random.RandomState(seed).permutation(n)
-    return ids[permutation[n_test:n_test + n_train]], ids[permutation[:n_test]]
+    train_ids, val_ids = train_test_split(ids, train_size=train_size, random_state=seed)
+    return train_ids, val_ids
 
 
 def stratified_split(labels: pd.Series, fractions: dict[str, float], seed: int) -> pd.Series:

@@ -11,6 +11,11 @@ Class sizes fall geometrically from `max_per_class` to `min_per_class` in a seed
 
 Images are written once as 8-bit PNGs under `root`, with a manifest; a later call with the
 same parameters reuses them (a marker file records the parameters).
+
+`labels=multi` adds, for every modality and anatomy, images carrying two findings (each pair
+of non-normal pathologies, e.g. a lesion and calcifications) in folders `<p1>+<p2>/`, sized
+as the smaller of the two single-finding classes; the manifest gets a `findings` column. The
+single-finding images are the same files in both modes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pandas as pd
 from filelock import FileLock
 from PIL import Image
 
+from cbir.data.findings import check_labels_mode, join_findings, multi_label
 from cbir.data.manifest import Manifest, class_name
 
 GENERATOR_VERSION = 1
@@ -44,8 +50,10 @@ class SyntheticDataset:
         image_size: int = 96,
         difficulty: float = 0.5,
         seed: int = 0,
+        labels: str = "single",
     ) -> None:
         self.root = Path(root)
+        self.labels = check_labels_mode(labels)
         self.name = name
         self.modalities = list(modalities)
         self.anatomies = list(anatomies)
@@ -89,6 +97,7 @@ class SyntheticDataset:
             "image_size": self.image_size,
             "difficulty": self.difficulty,
             "seed": self.seed,
+            **({"labels": self.labels} if self.labels != "single" else {}),
         }
 
     def load_manifest(self) -> Manifest:
@@ -116,25 +125,38 @@ class SyntheticDataset:
         order = np.random.default_rng(self.seed).permutation(n)
         return {classes[i]: sizes[rank] for rank, i in enumerate(order)}
 
+    def two_finding_sizes(self) -> dict[tuple[str, str, str, str], int]:
+        """labels=multi: (modality, anatomy, finding 1, finding 2) -> number of images."""
+        sizes = self.class_sizes()
+        found = [p for p in self.pathologies if p != "normal"]
+        return {(m, a, p1, p2): min(sizes[class_name(m, a, p1)], sizes[class_name(m, a, p2)])
+                for m in self.modalities for a in self.anatomies
+                for i, p1 in enumerate(found) for p2 in found[i + 1:]}
+
     # ----------------------------------------------------------------- private
     def _generate(self) -> None:
         tmp = self.root.with_name(self.root.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         rows = []
-        for class_index, (label, size) in enumerate(self.class_sizes().items()):
-            modality, anatomy, pathology = label.split("/")
+        groups = [(*label.split("/"), size) for label, size in self.class_sizes().items()]
+        if self.labels == "multi":  # appended: the single-finding images keep their seeds
+            groups += [(m, a, f"{p1}|{p2}", size) for (m, a, p1, p2), size in self.two_finding_sizes().items()]
+        for class_index, (modality, anatomy, pathology, size) in enumerate(groups):
             splits = self._split_labels(size, class_index)
-            folder = tmp / modality / anatomy / pathology
-            folder.mkdir(parents=True)
+            folder_name = pathology.replace("|", "+")
+            (tmp / modality / anatomy / folder_name).mkdir(parents=True)
             for i in range(size):
                 rng = np.random.default_rng([self.seed, class_index, i])
                 image = draw_image(modality, anatomy, pathology, self.image_size, self.difficulty, rng)
-                rel = f"{modality}/{anatomy}/{pathology}/{i:05d}.png"
+                rel = f"{modality}/{anatomy}/{folder_name}/{i:05d}.png"
                 Image.fromarray(image, mode="L").save(tmp / rel)
-                rows.append((rel, self.name, splits[i], modality, anatomy, label))
-        pd.DataFrame(rows, columns=["path", "dataset", "split", "modality", "anatomy", "label"]).to_csv(
-            tmp / "manifest.csv", index=False
-        )
+                findings = pathology.split("|")
+                rows.append((rel, self.name, splits[i], modality, anatomy, multi_label(modality, anatomy, findings),
+                             join_findings(findings)))
+        table = pd.DataFrame(rows, columns=["path", "dataset", "split", "modality", "anatomy", "label", "findings"])
+        if self.labels == "single":
+            table = table.drop(columns="findings")
+        table.to_csv(tmp / "manifest.csv", index=False)
         (tmp / "generator.json").write_text(json.dumps(self.params()))
         shutil.rmtree(self.root, ignore_errors=True)
         os.replace(tmp, self.root)
@@ -267,11 +289,12 @@ def draw_image(modality, anatomy, pathology, size, difficulty, rng) -> np.ndarra
     tissue, bone, air, organ = _ANATOMY_DRAW[anatomy](xr, yr, rng)
     style = _MODALITY_STYLE[modality]
     image = style["tissue"] * tissue + style["bone"] * bone + style["air"] * np.clip(air, 0, 1)
-    draw = _PATHOLOGY_DRAW[pathology]
-    if draw is not None:
-        finding = draw(xr, yr, organ, rng, difficulty)
-        contrast = style["finding"] * (1.0 - 0.6 * difficulty) * rng.uniform(0.8, 1.2)
-        image = image + contrast * finding
+    for name in pathology.split("|"):  # several findings: "lesion|calcification"
+        draw = _PATHOLOGY_DRAW[name]
+        if draw is not None:
+            finding = draw(xr, yr, organ, rng, difficulty)
+            contrast = style["finding"] * (1.0 - 0.6 * difficulty) * rng.uniform(0.8, 1.2)
+            image = image + contrast * finding
     image = image * rng.uniform(0.9, 1.1)
     image = _box_blur(image, style["blur"] * max(1, size // 64))
     sigma = style["sigma"] * (0.5 + difficulty)

@@ -24,6 +24,9 @@ class EncoderError(RuntimeError):
 class Encoder(torch.nn.Module):
     name: str = "encoder"
     dim: int = 0
+    # True for encoders that read stored embeddings (`fill(manifest, partial, rows, on_error)`)
+    # instead of embedding images: extraction then opens no image and runs no model
+    precomputed: bool = False
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         raise NotImplementedError

@@ -7,6 +7,8 @@ Geometry (`mode`):
   after normalisation (SAM: padded pixels are exactly 0 in the normalised input);
 - `pad_square`: pad to a centred black square of side max(`resize`, width, height), resize to
   `resize`, centre-crop `crop` (MedCLIP's processor, including its minimum side).
+`crop_offset`: where a centre crop starts when the margin is odd: `round` (torchvision, hence
+timm and open_clip: round half to even) or `floor` (the transformers image processors).
 Intensity (`rescale`): `fixed` maps 0..255 to 0..1; `minmax` maps each image's own min..max to
 0..1 (MedSAM). Then `(x - mean) / std`. Grey images are expanded to 3 channels (`channels=3`)
 after loading already scaled their range. `valid_mask=true` (with `longest_pad`) appends one
@@ -31,6 +33,7 @@ _INTERPOLATION = {
 }
 MODES = ("shortest", "squash", "longest_pad", "pad_square")
 RESCALES = ("fixed", "minmax")
+CROP_OFFSETS = ("round", "floor")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Preprocess:
     channels: int = 3
     rescale: str = "fixed"
     valid_mask: bool = False
+    crop_offset: str = "round"
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -66,6 +70,8 @@ class Preprocess:
             )
         if d.get("rescale", "fixed") not in RESCALES:
             raise ValueError(f"encoder.preprocess.rescale={d['rescale']}: use one of {', '.join(RESCALES)}")
+        if d.get("crop_offset", "round") not in CROP_OFFSETS:
+            raise ValueError(f"encoder.preprocess.crop_offset={d['crop_offset']}: use one of {', '.join(CROP_OFFSETS)}")
         if d.get("valid_mask") and d.get("mode") != "longest_pad":
             raise ValueError("encoder.preprocess.valid_mask=true needs mode=longest_pad (other modes do not pad)")
         return cls(**d)
@@ -75,14 +81,14 @@ class Preprocess:
 
     def build(self):
         interp = _INTERPOLATION[self.interpolation]
+        crop = T.CenterCrop(self.crop) if self.crop_offset == "round" else _CenterCropFloor(self.crop)
         before, after = [], []
         if self.mode == "shortest":
-            before = [T.Resize(self.resize, interpolation=interp, antialias=True), T.CenterCrop(self.crop)]
+            before = [T.Resize(self.resize, interpolation=interp, antialias=True), crop]
         elif self.mode == "squash":
             before = [T.Resize((self.crop, self.crop), interpolation=interp, antialias=True)]
         elif self.mode == "pad_square":
-            before = [_PadToSquare(self.resize), T.Resize(self.resize, interpolation=interp, antialias=True),
-                      T.CenterCrop(self.crop)]
+            before = [_PadToSquare(self.resize), T.Resize(self.resize, interpolation=interp, antialias=True), crop]
         else:  # longest_pad
             before = [_ResizeLongest(self.crop, interp)]
             after = [_PadBottomRight(self.crop, self.valid_mask)]
@@ -129,6 +135,20 @@ class _PadBottomRight:
         if self.valid_mask:
             out = torch.cat([out, F.pad(torch.ones(1, h, w, dtype=image.dtype), padding)])
         return out
+
+
+class _CenterCropFloor:
+    """Centre crop starting at floor(margin / 2), as transformers' image processors crop."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        if h < self.size or w < self.size:  # smaller than the crop: torchvision pads it, centred
+            return T.CenterCrop(self.size)(image)
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return image[..., top:top + self.size, left:left + self.size]
 
 
 class _PadToSquare:

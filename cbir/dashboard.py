@@ -1,0 +1,349 @@
+"""What the MLflow dashboard shows of a run and of a sweep.
+
+A job run gets a short name (`baseline · flat · 20`), a curated set of params (the full
+resolved config is an artifact, `config/resolved.yaml`) and its headline numbers as the run
+description. A sweep's parent run gets, when the sweep ends, a comparison table
+(`comparison_table.json`, rendered by the UI's artifact viewer), a comparison figure and the
+same table as its description; the console gets one table across jobs and where to look next.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from cbir.metrics import metric_name
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = " · "
+# Set by SweepSummary in the launching process: the config keys the sweep varies besides
+# encoder, index type and size, so every job's name says what makes it different.
+SWEPT_KEYS_ENV = "CBIR_SWEPT_KEYS"
+NAMED_ALWAYS = {"encoder", "encoder.name", "index", "index.type", "index.per_class"}
+
+# What a person filters and compares runs by; the rest of the config is in config/resolved.yaml.
+CURATED_PARAMS = ("encoder.name", "encoder.pretrained", "encoder.weights", "encoder.pool", "encoder.input_size",
+                  "encoder.model_name", "dataset.name", "index.type", "index.per_class", "index.split", "index.seed",
+                  "index.params.*", "eval.n", "eval.query_split", "eval.levels", "eval.saturation", "seed",
+                  "extract.batch_size", "extract.precision", "task.name", "task.knn.*", "task.probe.*",
+                  "dataset.labels")
+# The UI opens an experiment of this kind on its "Model training" runs view, not the GenAI overview.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "cbir retrieval benchmark. Each sweep is a parent run (name starts with `sweep`) with one child run "
+        "per job (`encoder · index type · rows per class`). Open a parent run for the comparison table "
+        "(Artifacts: comparison_table.json), comparison.png and saturation.png. Headline metrics: "
+        "micro/P_at_1, macro/P_at_1, micro/P_at_10 (modified P@N)."),
+}
+
+
+# ------------------------------------------------------------------------------ job runs
+def per_class_label(value: Any) -> str:
+    return "all" if value is None or str(value).lower() in ("all", "none", "null") else str(value)
+
+
+def run_name(cfg: DictConfig, extra: tuple[str, ...] = ()) -> str:
+    """`encoder · index type · rows per class`, plus the value of any other key the sweep varies
+    and the `extra` words (task, labels mode) not already named."""
+    parts = [str(cfg.encoder.name), str(cfg.index.type), per_class_label(cfg.index.per_class)]
+    for key in filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")):
+        if key in NAMED_ALWAYS:
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig):  # a config group such as dataset=...: the option chosen
+            parts.append(str(_group_choice(key) or value.get("name", key)))
+        else:
+            parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    parts += [word for word in extra if word not in parts]
+    return SEPARATOR.join(parts)
+
+
+def _group_choice(group: str) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # no Hydra run (a script composing the config itself)
+        return None
+
+
+def curated_params(flat_config: dict[str, Any]) -> dict[str, Any]:
+    """The params worth a column: CURATED_PARAMS picked from the flattened resolved config."""
+    return {k: v for k, v in flat_config.items() if any(fnmatch.fnmatchcase(k, p) for p in CURATED_PARAMS)}
+
+
+def write_resolved_config(cfg: DictConfig, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "resolved.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def headline(metrics: dict[str, float], ns) -> str:
+    """Markdown: micro and macro P@N of all queries, then micro P@1 per modality."""
+    def fmt(name: str) -> str:
+        value = metrics.get(name)
+        return "-" if value is None or value != value else f"{value:.3f}"
+
+    lines = ["| | " + " | ".join(f"P@{n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for avg in ("micro", "macro"):
+        lines.append(f"| {avg} | " + " | ".join(fmt(f"{avg}/{metric_name(n)}") for n in ns) + " |")
+    modalities = sorted({k.split("/")[1] for k in metrics if k.startswith("modality/")})
+    if modalities:
+        lines += ["", "micro P@1 by modality: " + ", ".join(
+            f"{m} {fmt(f'modality/{m}/micro/{metric_name(1)}')}" for m in modalities)]
+    return "\n".join(lines)
+
+
+def describe_run(tracker, metrics: dict[str, float], ns) -> None:
+    """The headline numbers as the run's description: the first thing on its page."""
+    tracker.set_tags({"mlflow.note.content": "Modified P@N (all queries)\n\n" + headline(metrics, ns)})
+
+
+def tag_experiment(client, experiment_id: str) -> None:
+    """Experiment tags, set once (the user may edit the description afterwards)."""
+    from cbir.tracking import retry_locked
+
+    existing = retry_locked(client.get_experiment, experiment_id).tags
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in existing:
+            retry_locked(client.set_experiment_tag, experiment_id, key, value)
+
+
+# ------------------------------------------------------------------------------ sweeps
+HEADLINE_METRICS = ("micro/P_at_1", "macro/P_at_1", "micro/P_at_10", "macro/P_at_10")
+
+
+def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None = None) -> pd.DataFrame:
+    """One row per child run of a sweep, whatever its status: name, identity, headline
+    metrics, cache, seconds, status ('done earlier' for a run an earlier attempt finished)."""
+    from cbir.tracking import retry_locked
+
+    runs = retry_locked(client.search_runs, [experiment_id],
+                        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+    rows = []
+    for run in runs:
+        tags, info = run.data.tags, run.info
+        status = info.status
+        if status == "FINISHED" and since_ms and info.end_time and info.end_time < since_ms:
+            status = "done earlier"
+        end = info.end_time or int(time.time() * 1000)
+        rows.append({"run": tags.get("mlflow.runName", info.run_id), "encoder": tags.get("encoder"),
+                     "dataset": tags.get("dataset"), "index_type": tags.get("index_type"),
+                     "per_class": tags.get("per_class"),
+                     **{m: run.data.metrics.get(m, float("nan")) for m in HEADLINE_METRICS},
+                     "cache": tags.get("cache", "-"), "seconds": (end - info.start_time) / 1000,
+                     "status": status, "run_id": info.run_id, "error": tags.get("error", ""),
+                     "config_hash": tags.get("config_hash", info.run_id), "start": info.start_time,
+                     **{k: v for k, v in run.data.metrics.items() if k.startswith("modality/")}})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    # a job that failed and was run again by a resumed sweep: its latest attempt only
+    frame = frame.sort_values("start", ascending=False).drop_duplicates("config_hash").drop(columns="start")
+    size = pd.to_numeric(frame["per_class"], errors="coerce").fillna(float("inf"))
+    return frame.assign(_size=size).sort_values(["encoder", "index_type", "_size", "run"]).drop(columns="_size") \
+        .reset_index(drop=True)
+
+
+def comparison_table(jobs: pd.DataFrame) -> pd.DataFrame:
+    """The parent run's table: one row per job, readable column names, headline metrics first."""
+    names = {"run": "run", "encoder": "encoder", "index_type": "index", "per_class": "rows/class",
+             "micro/P_at_1": "micro P@1", "macro/P_at_1": "macro P@1", "micro/P_at_10": "micro P@10",
+             "macro/P_at_10": "macro P@10", "cache": "cache", "seconds": "seconds", "status": "status",
+             "run_id": "run_id"}
+    table = jobs[list(names)].rename(columns=names)
+    for column in ("micro P@1", "macro P@1", "micro P@10", "macro P@10", "seconds"):
+        table[column] = table[column].astype(float).round(4 if "P@" in column else 1)
+    return table
+
+
+def console_table(jobs: pd.DataFrame, title: str):
+    from rich import box
+    from rich.table import Table
+
+    colours = {"FINISHED": "green", "done earlier": "cyan", "FAILED": "red", "KILLED": "red", "RUNNING": "yellow"}
+    table = Table(title=title, caption="modified P@N; cache: embeddings reused (hit) or computed (miss)",
+                  box=box.SIMPLE_HEAD)
+    for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"), ("micro P@1", "right"),
+                            ("macro P@1", "right"), ("micro P@10", "right"), ("macro P@10", "right"),
+                            ("cache", "left"), ("sec", "right"), ("status", "left")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for _, row in jobs.iterrows():
+        metrics = ["-" if row[m] != row[m] else f"{row[m]:.3f}" for m in HEADLINE_METRICS]
+        colour = colours.get(row["status"], "white")
+        table.add_row(str(row["encoder"]), str(row["index_type"]), str(row["per_class"]), *metrics,
+                      str(row["cache"]), f"{row['seconds']:.1f}", f"[{colour}]{row['status']}[/]")
+    return table
+
+
+def modality_frame(jobs: pd.DataFrame, n: int = 1) -> pd.DataFrame:
+    """Long table for the comparison figure: group, rows/class, subset (all or a modality),
+    average (micro/macro), P@n; finished jobs only."""
+    done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])]
+    varying = [c for c in ("index_type", "dataset") if done[c].nunique() > 1]
+    rows = []
+    for _, job in done.iterrows():
+        group = SEPARATOR.join(str(job[c]) for c in ["encoder", *varying])
+        subsets = {"all": ""} | {k.split("/")[1]: f"modality/{k.split('/')[1]}/"
+                                 for k in job.index if str(k).startswith("modality/")}
+        for subset, prefix in subsets.items():
+            for avg in ("micro", "macro"):
+                value = job.get(f"{prefix}{avg}/{metric_name(n)}")
+                if value is not None and value == value:
+                    rows.append({"group": group, "per_class": str(job["per_class"]), "subset": subset,
+                                 "average": avg, "value": float(value)})
+    return pd.DataFrame(rows)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """Config keys a multirun varies: comma-separated command-line values and sweeper params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()]
+    params = config.hydra.sweeper.get("params") or {}
+    keys += [str(k) for k in params]
+    return list(dict.fromkeys(k.lstrip("+~") for k in keys))
+
+
+def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> tuple[str, str]:
+    """(command that starts a UI for this store, the page to open in it)."""
+    run = f"/runs/{run_id}" if run_id else ""
+    if uri.startswith(("http://", "https://")):
+        return "", f"{uri.rstrip('/')}/#/experiments/{experiment_id}{run}"
+    return (f"mlflow ui --backend-store-uri {uri} --port 5000",
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}{run}")
+
+
+def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns) -> dict[str, Path]:
+    """Comparison table (artifact viewer renders it), CSV, figure and description on the parent run."""
+    from cbir import figures
+    from cbir.report import to_markdown
+    from cbir.tracking import retry_locked
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(jobs)
+    files = {"comparison.csv": folder / "comparison.csv"}
+    table.to_csv(files["comparison.csv"], index=False)
+    long = modality_frame(jobs)
+    if not long.empty:
+        files["comparison.png"] = figures.comparison_bars(long, folder / "comparison.png",
+                                                          "micro and macro P@1 by encoder and index size")
+    for path in files.values():
+        retry_locked(client.log_artifact, parent_id, str(path))
+    existing = {a.path for a in retry_locked(client.list_artifacts, parent_id)}
+    if "comparison_table.json" in existing:  # a resumed sweep: replace, log_table would append
+        path = folder / "comparison_table.json"
+        table.to_json(path, orient="split", index=False)
+        retry_locked(client.log_artifact, parent_id, str(path))
+    else:
+        retry_locked(client.log_table, parent_id, data=table, artifact_file="comparison_table.json")
+    shown = table.drop(columns=["run", "run_id", "cache", "seconds"])  # narrow enough for the run page
+    note = ("Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
+            "comparison.png (micro/macro P@1 per modality), saturation.png (P@N against index size).\n\n"
+            + to_markdown(shown))
+    retry_locked(client.set_tag, parent_id, "mlflow.note.content", note)
+    return files
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback (listed after cbir.sweep.SweepCallback, whose parent run it uses):
+    names the swept keys for the jobs' run names; when the sweep ends, or stops on a failed
+    job, prints one table across jobs and where to look next, and puts the comparison table
+    and figure on the parent run."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.done = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import atexit
+
+        from cbir import tracking
+
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(config))
+        self.parent_id = os.environ.get(tracking.PARENT_ENV) if config.tracking.enabled else None
+        if not self.parent_id:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.started_ms = int(time.time() * 1000)
+        self.tracker = tracking.Tracker.from_config(config)
+        self.client = MlflowClient(self.tracker.uri)
+        self.experiment_id = tracking.retry_locked(self.tracker.experiment_id)
+        tag_experiment(self.client, self.experiment_id)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.ns = list(config.eval.n)
+        atexit.register(self.finish)  # runs before SweepCallback's (atexit is last-in, first-out)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done or not self.parent_id:
+            return
+        self.done = True
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:  # piped or a log file: no need to squeeze the table into 80 columns
+            console = Console(width=max(console.width, 140))
+        try:
+            jobs = sweep_jobs(self.client, self.parent_id, self.experiment_id, self.started_ms)
+            if jobs.empty:
+                console.print("[yellow]no job of this sweep started a run; see the errors above[/]")
+                return
+            console.print(console_table(jobs, f"sweep: {len(jobs)} jobs"))
+            for _, failed in jobs[jobs["status"] == "FAILED"].iterrows():
+                console.print(f"[red]{failed['run']}[/]: {failed['error'][:300]}")
+            files = log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns)
+            write_summary_log(jobs, self.sweep_dir)
+        except Exception as e:  # the summary must not hide the sweep's own outcome
+            log.warning("sweep summary incomplete: %s", e)
+            files = {}
+        start_ui, page = ui_address(self.tracker.uri, self.experiment_id, self.parent_id)
+        lines = [f"Parent run  {self.parent_id}  (experiment '{self.tracker.experiment}')",
+                 f"Job files   {self.sweep_dir.resolve()}/<job number>/ (run.log, metrics.json, per_class.csv, ...)",
+                 *([f"Comparison  {', '.join(str(p.resolve()) for p in files.values())}"] if files else []),
+                 f"Report      python -m cbir.report report.runs={self.parent_id}",
+                 *([f"Dashboard   {start_ui}"] if start_ui else []),
+                 f"            then open {page}"]
+        console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def write_summary_log(jobs: pd.DataFrame, folder: Path) -> Path:
+    """The across-jobs table as plain text next to the job folders (sweep_summary.txt)."""
+    from rich.console import Console
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep_summary.txt"
+    with path.open("w") as f:
+        Console(file=f, width=140, color_system=None).print(console_table(jobs, f"sweep: {len(jobs)} jobs"))
+    return path
+
+
+def annotate_run(tracker, cfg: DictConfig, out: Path) -> None:
+    """At the start of a job run: experiment tags, and the full resolved config as an artifact."""
+    if not tracker.enabled:
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tag_experiment(MlflowClient(tracker.uri), mlflow.active_run().info.experiment_id)
+    tracker.log_artifact(write_resolved_config(cfg, out), "config")

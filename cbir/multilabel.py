@@ -1,0 +1,84 @@
+"""The multi-label part of a run (`dataset.labels=multi`): metrics from the run's own search,
+logged to MLflow under `ml/`, written to the job folder, shown in the console."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from cbir.metrics import metric_name
+from cbir.metrics_multilabel import PREFIX, MultiLabelResult, evaluate_multilabel
+
+
+def labels_mode(cfg) -> str:
+    return str(cfg.dataset.get("labels") or "single")
+
+
+def evaluate_search(table: pd.DataFrame, search, ns) -> MultiLabelResult:
+    """Multi-label metrics of a run's SearchOutput (same neighbours as the single-label metrics)."""
+    columns = [c for c in ("label", "modality", "anatomy", "findings") if c in table.columns]
+    setup = search.setup
+    own = pd.Series(range(len(setup.index_rows)), index=setup.index_rows).reindex(setup.query_rows)
+    return evaluate_multilabel(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
+                               search.neighbours, own.fillna(-1).astype(int).to_numpy(), ns)
+
+
+def job_outputs(table: pd.DataFrame, search, ns, tracker, out: Path, title: str) -> dict[str, Path]:
+    result = evaluate_search(table, search, ns)
+    tracker.log_metrics(result.metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"multilabel_metrics": out / "multilabel_metrics.json", "per_finding": out / "per_finding.csv"}
+    files["multilabel_metrics"].write_text(json.dumps(
+        {"metrics": result.metrics, "queries": result.n_queries, "excluded_queries": result.n_excluded}, indent=1))
+    result.per_finding.to_csv(files["per_finding"], index=False)
+    Console(width=max(Console().width, 120)).print(summary_table(result, ns, title))  # 8 columns
+    return files
+
+
+def summary_table(result: MultiLabelResult, ns, title: str) -> Table:
+    m = result.metrics
+    deepest = max(int(n) for n in ns)
+    columns = [(f"P@{n}", metric_name(n)) for n in sorted(int(n) for n in ns)]
+    columns += [(f"mAP@{deepest}", f"mAP_at_{deepest}"), (f"nDCG@{deepest}", f"nDCG_at_{deepest}"),
+                ("R-prec", "R_precision")]
+    table = Table(title=title, caption=(f"micro/macro over {result.n_queries - result.n_excluded} queries "
+                                        "(macro: over findings); relevant = shares a finding, nDCG gain = Jaccard"))
+    table.add_column("subset")
+    for header, _ in columns:
+        table.add_column(header, justify="center")
+
+    def row(label: str, prefix: str) -> None:
+        cells = []
+        for _, name in columns:
+            values = [m.get(f"{PREFIX}{prefix}{avg}/{name}") for avg in ("micro", "macro")]
+            cells.append("/".join("-" if v is None or v != v else f"{v:.3f}" for v in values))
+        table.add_row(label, *cells)
+
+    row("all queries", "")
+    for mod in sorted({k.split("/")[2] for k in m if k.startswith(f"{PREFIX}modality/")}):
+        row(f"  {mod}", f"modality/{mod}/")
+    return table
+
+
+def report_table(runs: pd.DataFrame, ns, identity) -> pd.DataFrame:
+    """cbir.report's multi-label table: the runs with ml/ metrics, P@N (shares a finding)
+    micro | macro, then mAP, nDCG and R-precision (micro) at the largest N. `identity(runs)`
+    names the columns that tell the runs apart."""
+    first = f"{PREFIX}micro/{metric_name(min(ns))}"
+    if first not in runs:
+        return pd.DataFrame()
+    runs = runs[runs[first].notna()]
+    if runs.empty:
+        return pd.DataFrame()
+    deepest = max(int(n) for n in ns)
+    columns = {f"{PREFIX}{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
+    columns.update({f"{PREFIX}micro/mAP_at_{deepest}": f"micro mAP@{deepest}",
+                    f"{PREFIX}micro/nDCG_at_{deepest}": f"micro nDCG@{deepest}",
+                    f"{PREFIX}micro/R_precision": "micro R-precision"})
+    ident = identity(runs)
+    table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
+    return table.sort_values(ident).reset_index(drop=True)

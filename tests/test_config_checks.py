@@ -1,0 +1,105 @@
+"""Config values that cannot work are one-line errors naming the key, before any data, model or
+extraction (checked in-process on the composed config; the CLI path is in test_reliability)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cbir.checks import ConfigError, check_index_type, validate_config
+from conftest import compose
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["eval.n=[a,5]"], "eval.n=['a', 5]: give positive integers"),
+    (["eval.n=[1.5]"], "eval.n=[1.5]: give positive integers"),
+    (["eval.n=5"], "eval.n=5: give a list, e.g. eval.n=[1,3,5,10] (or [5] for one N)"),
+    (["data.max_skip_fraction=abc"], "data.max_skip_fraction=abc: give a fraction between 0 and 1"),
+    (["data.max_skip_fraction=2"], "data.max_skip_fraction=2: give a fraction between 0 and 1"),
+    (["extract.batch_size=0"], "extract.batch_size=0: give an integer >= 1"),
+    (["extract.num_workers=-1"], "extract.num_workers=-1: give an integer >= 0"),
+    (["eval.saturation=[0,5]"], "eval.saturation=[0, 5]: 0 is not an index size"),
+    (["eval.saturation=[10,abc]"], "eval.saturation=[10, 'abc']: abc is not an index size"),
+    (["eval.curve_k=many"], "eval.curve_k=many: give an integer >= 0"),
+    (["eval.levels=[modality,organ]"], "eval.levels=['modality', 'organ']: unknown level(s) ['organ']"),
+    (["seed=abc"], "seed=abc: give an integer"),
+    (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),
+    (["index=hnsw", "index.params.M=1"], "index.params.M=1: give an integer >= 2"),
+    (["index=ivf", "index.params.nlist=0"], "index.params.nlist=0: give an integer >= 1"),
+    (["index=ivf", "index.params.nprobe=0"], "index.params.nprobe=0: give an integer >= 1"),
+    (["index=ivfpq", "index.params.nbits=0"], "index.params.nbits=0: give an integer >= 1"),
+    (["index=ivfpq", "index.params.nbits=40"], "index.params.nbits=40: give at most 16"),
+    (["index=ivf", "+index.params.nprobes=3"], "index.params: unknown key(s) ['nprobes']"),
+    (["index=hnsw", "index.params.efSearch=ten"], "index.params.efSearch=ten: give an integer >= 1"),
+    # dinov2's config states its dimension: the PQ size is checked against it, not against a guess
+    (["encoder=dinov2", "index=ivfpq", "index.params.m=7"],
+     "index.params.m=7: must divide the embedding dimension 768"),
+    (["encoder=resnet50", "index=ivfpq", "index.params.m=48"],
+     "index.params.m=48: must divide the embedding dimension 2048"),
+    (["encoder=dinov2", "index.type='IVF64,PQ7'"], "index.type=IVF64,PQ7: not a known index for 768-d embeddings"),
+    (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
+])
+def test_bad_values_are_config_errors_naming_the_key(overrides, message):
+    cfg = compose("tracking.enabled=false", *overrides)
+    with pytest.raises(ConfigError) as caught:
+        validate_config(cfg)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["eval.n=[5]"], ["eval.saturation=[10,null,all]"], ["data.max_skip_fraction=1"],
+    ["encoder=dinov2", "index=ivfpq"], ["encoder=dinov2", "index=hnsw", "index.params.M=2"],
+    ["index.type='IVF16,Flat'"], ["encoder=dinov2", "index.type='IVF64,PQ8'"],
+])
+def test_good_values_pass(overrides):
+    validate_config(compose("tracking.enabled=false", *overrides))
+
+
+def test_dimension_dependent_checks_run_once_the_encoder_is_built():
+    """The baseline's config does not state its dimension (it follows from its grids): PQ sizes
+    are checked against the built encoder's, which is cheap and comes before extraction."""
+    from cbir.encoders.classical import ClassicalEncoder
+
+    dim = ClassicalEncoder().dim
+    assert dim % 16  # the preset's m=16 does not divide it
+    cfg = compose("tracking.enabled=false", "encoder=baseline", "index=ivfpq")
+    validate_config(cfg)  # nothing to say yet
+    with pytest.raises(ConfigError, match=f"index.params.m=16: must divide the embedding dimension {dim}"):
+        check_index_type(cfg, dim)
+    check_index_type(compose("encoder=baseline", "index=ivfpq", f"index.params.m={dim // 3 if dim % 3 == 0 else 1}"), dim)
+
+
+def test_build_index_refuses_what_would_crash_faiss():
+    """HNSW with M=0 aborts the process inside FAISS; PQ with too few rows fails mid-training."""
+    from cbir.index import build_index
+
+    vectors = np.eye(16, dtype=np.float32)
+    with pytest.raises(ConfigError, match="index.params.M=0"):
+        build_index(vectors, "hnsw", use_gpu=False, params={"M": 0})
+    with pytest.raises(ConfigError, match="index.params.nbits=8: product quantisation needs at least 256 index rows"):
+        build_index(vectors, "ivfpq", use_gpu=False, params={"m": 4, "nbits": 8, "nlist": 1})
+
+
+def test_every_shipped_encoder_and_index_preset_passes():
+    """No false alarms: the presets' defaults fit every encoder whose config states its dimension
+    (the baseline's 285-d descriptor is the one that needs m to be set for ivfpq, checked above)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    encoders = sorted(p.stem for p in (CONF_DIR / "encoder").glob("*.yaml"))
+    indexes = sorted(p.stem for p in (CONF_DIR / "index").glob("*.yaml"))
+    checked = 0
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        presets = {index: hydra_compose("config", [f"index={index}"]).index for index in indexes}
+        for encoder in encoders:
+            cfg = hydra_compose("config", ["tracking.enabled=false", f"encoder={encoder}"])
+            if cfg.encoder.get("dim") is None:
+                continue
+            for preset in presets.values():
+                cfg.index = preset
+                validate_config(cfg)
+                checked += 1
+    assert checked >= 4 * 14

@@ -1,0 +1,146 @@
+"""What a user sees of a sweep: the MLflow dashboard (checked through a real `mlflow server`'s
+REST API), the table across jobs at the end, run names and curated params."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.parse
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from cbir import dashboard, tracking
+from conftest import PROJECT, compose, run_cbir
+
+sys.path.insert(0, str(PROJECT / "scripts"))
+from dashboard_screenshots import api, mlflow_server  # noqa: E402
+
+SWEEP = ["-m", "debug=smoke", "encoder=baseline,random", "index.per_class=3,all"]
+NAMES = {"baseline · flat · 3", "baseline · flat · all", "random · flat · 3", "random · flat · all"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, shared_data_dir):
+    cwd = tmp_path_factory.mktemp("dashboard")
+    proc = run_cbir(cwd, *SWEEP, f"paths.data_dir={shared_data_dir}")
+    return cwd, proc
+
+
+def tags_of(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+@pytest.mark.slow
+def test_dashboard_through_the_rest_api(sweep):
+    cwd, _ = sweep
+    with mlflow_server(f"sqlite:///{cwd}/mlruns/mlflow.db") as url:
+        experiment = api(url, "experiments/get-by-name?experiment_name=cbir", method="GET")["experiment"]
+        experiment_tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"  # opens on "Model training"
+        runs = api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        (parent,) = [r for r in runs if tags_of(r).get("cbir.role") == "sweep"]
+        parent_id = parent["info"]["run_id"]
+        children = [r for r in runs if tags_of(r).get("mlflow.parentRunId") == parent_id]
+        assert len(runs) == 5 and len(children) == 4
+        assert {c["info"]["run_name"] for c in children} == NAMES
+        for child in children:
+            params = {p["key"]: p["value"] for p in child["data"]["params"]}
+            assert params["encoder.name"] == tags_of(child)["encoder"] and params["index.type"] == "flat"
+            assert params["eval.n"] == "[1, 3, 5, 10]" and params["seed"] == "42"
+            assert params["index.per_class"] in ("3", "all")
+            assert not any(k.endswith("_target_") or k.startswith(("encoder.grids", "tracking.", "paths."))
+                           for k in params), sorted(params)
+            assert len(params) < 30
+            metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+            assert 0 <= metrics["micro/P_at_1"] <= 1 and "macro/P_at_1" in metrics
+            note = tags_of(child)["mlflow.note.content"]
+            assert f"| micro | {metrics['micro/P_at_1']:.3f} |" in note  # headline numbers first on the page
+            files = api(url, f"artifacts/list?run_id={child['info']['run_id']}&path=config", method="GET")["files"]
+            assert "config/resolved.yaml" in {f["path"] for f in files}
+        files = {f["path"] for f in api(url, f"artifacts/list?run_id={parent_id}", method="GET")["files"]}
+        assert {"comparison_table.json", "comparison.png", "comparison.csv", "saturation.png"} <= files
+        query = urllib.parse.urlencode({"run_uuid": parent_id, "path": "comparison_table.json"})
+        with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=60) as response:
+            table = json.loads(response.read())
+        frame = pd.DataFrame(table["data"], columns=table["columns"])
+        assert list(frame.columns[:3]) == ["run", "encoder", "index"]
+        by_name = {c["info"]["run_name"]: {m["key"]: m["value"] for m in c["data"]["metrics"]} for c in children}
+        for _, row in frame.iterrows():
+            assert row["micro P@1"] == pytest.approx(by_name[row["run"]]["micro/P_at_1"], abs=1e-4)
+            assert row["status"] == "FINISHED" and row["cache"] in ("hit", "miss")
+        assert "| baseline |" in tags_of(parent)["mlflow.note.content"]
+
+
+def test_sweep_ends_with_a_table_and_where_to_look(sweep):
+    cwd, proc = sweep
+    out = proc.stdout
+    assert "sweep: 4 jobs" in out and out.count("FINISHED") >= 4
+    assert "python -m cbir.report report.runs=" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    parent = out.split("Parent run", 1)[1].split()[0]
+    assert f"report.runs={parent}" in out
+    # the console is free of third-party chatter; the job's table is also in its run.log
+    for noise in ("litlogger", "LeafSpec", "interpreted in multiple ways", "database tables"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    logs = sorted(cwd.glob("multirun/*/*/*/run.log"))
+    assert len(logs) == 4 and all("P@10" in p.read_text() and "all queries" in p.read_text() for p in logs)
+    summary = next(cwd.glob("multirun/*/*/sweep_summary.txt")).read_text()
+    assert "baseline" in summary and "random" in summary
+
+
+def test_run_names_say_what_the_sweep_varies(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose("encoder=random", "index.per_class=20", "dataset=synthetic_small", "++encoder.input_size=56",
+                  hydra_node=True)
+    monkeypatch.delenv(dashboard.SWEPT_KEYS_ENV, raising=False)
+    assert dashboard.run_name(cfg) == "random · flat · 20"
+    monkeypatch.setenv(dashboard.SWEPT_KEYS_ENV, "encoder,index.per_class,dataset,encoder.input_size")
+    assert dashboard.run_name(cfg) == "random · flat · 20 · synthetic · input_size=56"  # dataset.name
+    HydraConfig.instance().set_config(cfg)  # as inside a job: the dataset option chosen
+    try:
+        assert dashboard.run_name(cfg) == "random · flat · 20 · synthetic_small · input_size=56"
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_swept_keys_from_the_command_line_and_presets():
+    from omegaconf import OmegaConf
+
+    preset = compose("experiment=smoke", hydra_node=True).hydra.sweeper.params  # encoder, index.per_class
+    command_line = ["encoder=baseline,random", "dataset=synthetic,synthetic_small", "++encoder.image_size=32,64",
+                    "seed=1", "experiment=smoke"]
+    cfg = OmegaConf.create({"hydra": {"overrides": {"task": command_line}, "sweeper": {"params": preset}}})
+    assert dashboard.swept_keys(cfg) == ["encoder", "dataset", "encoder.image_size", "index.per_class"]
+
+
+def test_curated_params_keep_the_config_hash_whole():
+    cfg = compose("encoder=baseline")
+    flat = tracking.flatten(tracking.resolved(cfg))
+    params = dashboard.curated_params(flat)
+    assert {"encoder.name", "dataset.name", "index.type", "index.per_class", "eval.n", "seed"} <= set(params)
+    assert "encoder._target_" not in params and len(params) < len(flat) / 2
+    # the resume hash still covers keys that are no longer params
+    assert tracking.config_hash(cfg) != tracking.config_hash(compose("encoder=baseline", "encoder.grids=[1,2]"))
+
+
+def test_quiet_console_drops_the_chatter_and_keeps_other_warnings(caplog):
+    import logging
+    import warnings
+
+    from cbir import console
+
+    console.quiet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        console.quiet()  # catch_warnings reset the filters: install them again inside
+        warnings.warn("The specified dataset source can be interpreted in multiple ways: A, B.", UserWarning)
+        warnings.warn("index.params.nlist is larger than the index", UserWarning)
+    assert [str(w.message) for w in caught] == ["index.params.nlist is larger than the index"]
+    with caplog.at_level(logging.INFO):
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        rank_zero.info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)")
+        rank_zero.info("GPU available: False, used: False")
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]

@@ -1,0 +1,177 @@
+"""Multi-label metrics (cbir/metrics_multilabel.py) against independent computations:
+sklearn's ndcg_score / average_precision_score per query, plain loops, hand-worked cases, and
+the single-label modified P@N of cbir.metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbir.metrics import evaluate
+from cbir.metrics_multilabel import evaluate_multilabel, per_query
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def frame(rows):
+    """rows: "MOD/anatomy/f1|f2" -> a manifest-like frame (label = the exact set)."""
+    parts = [r.split("/", 2) for r in rows]
+    return pd.DataFrame({"modality": [p[0] for p in parts], "anatomy": [p[1] for p in parts],
+                         "label": rows, "findings": [p[2] for p in parts]})
+
+
+def finding_sets(table):
+    return [{f"{m}/{a}/{f}" for f in fs.split("|")} for m, a, fs in
+            zip(table["modality"], table["anatomy"], table["findings"])]
+
+
+def random_case(rng, n_index=40, n_query=25, findings="abcde"):
+    def draw():
+        modality = rng.choice(["CT", "XR"])
+        k = rng.choice([1, 1, 2, 3])
+        return f"{modality}/x/" + "|".join(sorted(rng.choice(list(findings), k, replace=False)))
+    return frame([draw() for _ in range(n_index)]), frame([draw() for _ in range(n_query)])
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
+
+
+def test_ndcg_and_ap_equal_sklearn_per_query_on_full_rankings():
+    rng = np.random.default_rng(0)
+    index, query = random_case(rng)
+    n = len(index)
+    neighbours = np.stack([rng.permutation(n) for _ in range(len(query))])
+    values, _, n_rel = per_query(query, index, neighbours, ns=[3, 10, n])
+    qs, ix = finding_sets(query), finding_sets(index)
+    checked = 0
+    for q in range(len(query)):
+        gains = np.array([jaccard(qs[q], ix[i]) for i in range(n)])
+        score = np.empty(n)
+        score[neighbours[q]] = -np.arange(n)  # our ranking as strictly decreasing scores
+        if gains.sum() == 0:
+            assert np.isnan(values[f"nDCG_at_{n}"][q]) and n_rel[q] == 0
+            continue
+        checked += 1
+        for k in (3, 10, n):
+            expected = sklearn_metrics.ndcg_score(gains[None], score[None], k=k)
+            assert values[f"nDCG_at_{k}"][q] == pytest.approx(expected, abs=1e-12)
+        ap = sklearn_metrics.average_precision_score(gains > 0, score)
+        assert values[f"mAP_at_{n}"][q] == pytest.approx(ap, abs=1e-12)
+        assert n_rel[q] == (gains > 0).sum()
+    assert checked > 15
+
+
+def test_truncated_ap_precision_and_r_precision_equal_plain_loops():
+    rng = np.random.default_rng(1)
+    index, query = random_case(rng, n_index=60, n_query=30)
+    neighbours = np.stack([rng.permutation(60)[:12] for _ in range(len(query))])
+    values, _, _ = per_query(query, index, neighbours, ns=[1, 5, 10])
+    qs, ix = finding_sets(query), finding_sets(index)
+    for q in range(len(query)):
+        relevant_rows = [i for i in range(60) if qs[q] & ix[i]]
+        rel = [1 if qs[q] & ix[i] else 0 for i in neighbours[q]]
+        r = len(relevant_rows)
+        if r == 0:
+            continue
+        for big_n in (1, 5, 10):
+            n = min(big_n, r)
+            assert values[f"P_at_{big_n}"][q] == pytest.approx(sum(rel[:n]) / n)
+            ap = sum(rel[i] * sum(rel[: i + 1]) / (i + 1) for i in range(big_n)) / min(big_n, r)
+            assert values[f"mAP_at_{big_n}"][q] == pytest.approx(ap)
+        depth = min(r, 12)  # R-precision: P@R, R capped at the 12 neighbours searched
+        assert values["R_precision"][q] == pytest.approx(sum(rel[:depth]) / depth)
+
+
+def test_tied_similarities_through_the_real_search():
+    """Duplicate embeddings tie in similarity; the search orders them by index row and the
+    metrics score that order (checked against sklearn fed with the independently sorted order)."""
+    from cbir.index import build_index, l2_normalise, search
+
+    rng = np.random.default_rng(2)
+    index, query = random_case(rng, n_index=30, n_query=12, findings="abc")
+    base = l2_normalise(rng.normal(size=(5, 8)))
+    vectors = base[rng.integers(0, 5, size=30)]           # only 5 distinct vectors: many ties
+    queries = base[rng.integers(0, 5, size=12)]
+    _, neighbours = search(build_index(vectors, use_gpu=False), queries, 30)
+    values, _, _ = per_query(query, index, neighbours, ns=[5, 30])
+    qs, ix = finding_sets(query), finding_sets(index)
+    for q in range(12):
+        similarity = (vectors @ queries[q]).round(5)
+        order = np.lexsort((np.arange(30), -similarity))    # score descending, then index row
+        assert list(neighbours[q]) == list(order)
+        gains = np.array([jaccard(qs[q], ix[i]) for i in range(30)])
+        if gains.sum() == 0:
+            continue
+        score = np.empty(30)
+        score[order] = -np.arange(30)
+        for k in (5, 30):
+            assert values[f"nDCG_at_{k}"][q] == pytest.approx(sklearn_metrics.ndcg_score(gains[None], score[None], k=k))
+        assert values["mAP_at_30"][q] == pytest.approx(sklearn_metrics.average_precision_score(gains > 0, score))
+
+
+def test_query_in_index_leaves_itself_out_of_relevant_and_ideal():
+    index = frame(["XR/chest/A|B", "XR/chest/A", "XR/chest/C"])
+    query = frame(["XR/chest/A|B"])
+    # the query is index row 0; the search removed it: neighbours A, C
+    result = evaluate_multilabel(query, index, np.array([[1, 2]]), query_in_index=np.array([0]), ns=[1, 2])
+    m = result.metrics
+    assert m["ml/micro/P_at_1"] == 1.0 and m["ml/micro/P_at_2"] == 1.0  # n_rel = 1 (itself not counted)
+    assert m["ml/micro/nDCG_at_2"] == pytest.approx(1.0)  # ideal without itself: 0.5 first
+    assert m["ml/micro/R_precision"] == 1.0
+
+
+def test_graded_gain_is_jaccard_and_per_finding_means_queries_that_have_it():
+    index = frame(["XR/chest/A", "XR/chest/A|B", "XR/chest/B", "CT/chest/A"])
+    query = frame(["XR/chest/A|B", "XR/chest/B", "CT/chest/B"])
+    neighbours = np.array([[0, 2, 1, 3], [3, 1, 2, 0], [0, 1, 2, 3]])
+    result = evaluate_multilabel(query, index, neighbours, ns=[1, 2])
+    m = result.metrics
+    # q0 {A,B}: rows 0 (A), 2 (B), 1 (A,B) are relevant (CT/chest/A is another modality): P@2 = 1
+    # nDCG@2: gains 0.5, 0.5 vs ideal 1, 0.5
+    d = 1 / np.log2(3)
+    q0 = (0.5 + 0.5 * d) / (1 + 0.5 * d)
+    # q1 {B}: CT row, then A|B (gain 0.5), ideal B (1) then A|B (0.5)
+    q1 = (0.5 * d) / (1 + 0.5 * d)
+    assert m["ml/micro/nDCG_at_2"] == pytest.approx((q0 + q1) / 2)
+    assert m["ml/queries/excluded"] == 1  # CT/chest/B shares nothing with the index
+    assert m["ml/micro/P_at_1"] == pytest.approx(0.5)  # q0 hit, q1 miss
+    table = result.per_finding.set_index("finding")
+    assert table.loc["XR/chest/A", "queries"] == 1 and table.loc["XR/chest/B", "queries"] == 2
+    assert table.loc["XR/chest/B", "P@1"] == pytest.approx(0.5)  # mean of q0 (1) and q1 (0)
+    assert table.loc["XR/chest/A", "n_index"] == 2 and table.loc["XR/chest/B", "n_index"] == 2
+    # macro over findings: A -> 1.0, B -> 0.5
+    assert m["ml/macro/P_at_1"] == pytest.approx(0.75)
+    assert m["ml/queries/multi_finding"] == 1 and m["ml/index/multi_finding"] == 1
+
+
+def test_single_label_data_gives_todays_modified_precision_exactly():
+    rng = np.random.default_rng(3)
+    labels = np.array([f"CT/abd/{c}" for c in "abcdefg"] + ["XR/chest/a", "XR/chest/No Finding"])
+    def single(n):
+        rows = list(rng.choice(labels, n, p=[0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05]))
+        parts = [r.split("/") for r in rows]
+        return pd.DataFrame({"label": rows, "modality": [p[0] for p in parts], "anatomy": [p[1] for p in parts]})
+    index, query = single(80), single(60)
+    neighbours = np.stack([rng.permutation(80)[:10] for _ in range(60)])
+    ns = [1, 3, 5, 10]
+    today = evaluate(query, index, neighbours, ns=ns, levels=[]).metrics
+    multi = evaluate_multilabel(query, index, neighbours, ns=ns).metrics
+    for key, value in today.items():
+        if "P_at_" in key and "_std" not in key and not key.startswith("level/"):
+            assert multi["ml/" + key] == value, key   # bit for bit, not approximately
+
+
+def test_blocks_and_chunks_do_not_change_the_values():
+    """More than 256 distinct query sets (the overlap is computed in blocks) and query chunks."""
+    rng = np.random.default_rng(4)
+    index, query = random_case(rng, n_index=300, n_query=600, findings="abcdefghijklmno")
+    neighbours = np.stack([rng.permutation(300)[:10] for _ in range(600)])
+    whole, sets, n_rel = per_query(query, index, neighbours, ns=[1, 10])
+    assert len(np.unique(sets.query_combo)) > 256
+    chunked, _, _ = per_query(query, index, neighbours, ns=[1, 10], chunk=7)
+    for name in whole:
+        np.testing.assert_array_equal(whole[name], chunked[name])
+    qs, ix = finding_sets(query), finding_sets(index)
+    assert list(n_rel) == [sum(bool(q & i) for i in ix) for q in qs]

@@ -1,0 +1,330 @@
+"""The study's published artifacts (split CSVs, HDF5 embeddings) as inputs, export back to them,
+and the embedding parity check, on fabricated files in exactly the study's shape."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from cbir.bench_published import fabricate
+from cbir.checks import DataError
+from cbir.data.manifest import ManifestError
+from cbir.data.study_splits import StudySplitsDataset
+from cbir.encoders.base import EncoderError
+from cbir.encoders.precomputed import PrecomputedEncoder
+from cbir.export import export_embeddings, manifest_and_embeddings
+from cbir.extract import extract_embeddings
+from cbir.parity import compare
+from cbir.retrieval import choose_rows, run_retrieval
+from cbir.store import EmbeddingStore
+from conftest import compose, run_cbir
+
+EXTRACT = OmegaConf.create(dict(batch_size=32, num_workers=0, accelerator="cpu", devices=1,
+                                strategy="auto", precision="32-true", progress=False))
+HEADER = "filepath,dataset,split,modality,anatomic_region"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """datasets/{nih14,radimagenet}.csv and embeddings/BiomedCLIPVitB16_224/{nih14,radiology_ai}.h5;
+    300 rows, 16-d, plus 2 NIH rows with the study's `File Missing` path."""
+    out = tmp_path_factory.mktemp("published")
+    fabricate(out, rows=300, dim=16, file_missing=2)
+    return out
+
+
+def reader(published: Path, **kw) -> StudySplitsDataset:
+    return StudySplitsDataset(root=kw.pop("root", published), dir=published / "datasets", images_needed=False, **kw)
+
+
+def h5_files(published: Path) -> list[Path]:
+    return sorted((published / "embeddings" / "BiomedCLIPVitB16_224").glob("*.h5"))
+
+
+def load(encoder, manifest, tmp_path, on_error="raise"):
+    return extract_embeddings(encoder, manifest, EmbeddingStore(tmp_path / "cache"), EXTRACT, on_error=on_error)
+
+
+# ------------------------------------------------------------------------------ split CSVs
+def test_one_hot_columns_become_the_label_by_arg_max(tmp_path):
+    csv = tmp_path / "mimic.csv"
+    csv.write_text(f"{HEADER},XR/chest/Edema,XR/chest/No Finding,XR/chest/Pleural Effusion\n"
+                   "mimic/a.jpg,mimic,train,XR,chest,0.0,1.0,0.0\n"
+                   "mimic/b.jpg,mimic,test,XR,chest,1,0,0\n"
+                   "mimic/c.jpg,mimic,val,XR,chest,,,1.0\n")  # blanks (combined CSVs) count as 0
+    table = StudySplitsDataset(root=tmp_path, files=[csv], images_needed=False).load_manifest().table
+    assert table["label"].tolist() == ["XR/chest/No Finding", "XR/chest/Edema", "XR/chest/Pleural Effusion"]
+    assert table["split"].tolist() == ["train", "test", "val"]
+    assert set(table["anatomy"]) == {"chest"} and set(table["dataset"]) == {"mimic"}
+
+    csv.write_text(f"{HEADER},XR/chest/Edema,XR/chest/No Finding\n"
+                   "mimic/a.jpg,mimic,train,XR,chest,1,0\n"
+                   "mimic/b.jpg,mimic,train,XR,chest,1,1\n"
+                   "mimic/c.jpg,mimic,train,XR,chest,0,0\n")
+    with pytest.raises(ManifestError, match=r"2 row\(s\) do not hold exactly one 1.*lines \[3, 4\]"):
+        StudySplitsDataset(root=tmp_path, files=[csv], images_needed=False).load_manifest()
+
+
+def test_a_csv_without_the_study_header_is_refused(tmp_path):
+    csv = tmp_path / "x.csv"
+    csv.write_text("path,split,label\na.png,train,XR/chest/Edema\n")
+    with pytest.raises(ManifestError, match="x.csv: not a study split CSV"):
+        StudySplitsDataset(root=tmp_path, files=[csv], images_needed=False).load_manifest()
+
+
+def test_file_missing_rows_are_dropped_and_counted(published):
+    data = reader(published)
+    manifest = data.load_manifest()
+    assert len(manifest) == 300 and "File Missing" not in set(manifest.table["path"])
+    assert data.last_scan.dropped == {"rows with filepath 'File Missing' (images the study did not find)": 2}
+    csv = pd.read_csv(published / "datasets" / "nih14.csv")
+    nih = manifest.table[manifest.table["dataset"] == "nih14"]
+    assert len(nih) == len(csv) - 2  # every other row kept, split and anatomy carried over
+    first = csv.iloc[0]
+    row = manifest.table.set_index("path").loc[first["filepath"]]
+    assert (row["split"], row["anatomy"]) == (first["split"], first["anatomic_region"])
+
+
+def test_image_files_are_checked_only_when_an_encoder_reads_images(published, tmp_path):
+    absent_root = tmp_path / "no_images"
+    # precomputed embeddings: no image check, the root need not even exist
+    assert len(reader(published, root=absent_root).load_manifest()) == 300
+    with pytest.raises(ManifestError, match=r"300 image\(s\) listed in the metadata are missing"):
+        StudySplitsDataset(root=published, dir=published / "datasets", images_needed=True).load_manifest()
+    image = published / reader(published).load_manifest().table["path"].iloc[0]
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(b"png")
+    try:
+        data = StudySplitsDataset(root=published, dir=published / "datasets", images_needed=True, missing="drop")
+        assert len(data.load_manifest()) == 1 and data.last_scan.dropped["image file missing"] == 299
+    finally:
+        image.unlink()
+
+
+def test_config_wires_the_image_check_to_the_encoder():
+    assert compose("dataset=study_splits", "encoder=precomputed").dataset.images_needed is False
+    assert compose("dataset=study_splits", "encoder=baseline").dataset.images_needed is True
+
+
+# ------------------------------------------------------------------------ precomputed encoder
+def test_precomputed_embeddings_land_in_the_cache_by_key(published, tmp_path):
+    manifest = reader(published).load_manifest()
+    encoder = PrecomputedEncoder("biomedclip", dir=published / "embeddings")
+    assert encoder.files == h5_files(published) and encoder.dim == 16
+    first = load(encoder, manifest, tmp_path)
+    assert not first.cache_hit and first.valid.all()
+    with h5py.File(published / "embeddings" / "BiomedCLIPVitB16_224" / "radiology_ai.h5") as h5:
+        for row in [0, 7, 299]:
+            path = manifest.table["path"].iloc[row]
+            if path.startswith("radiology_ai/"):
+                np.testing.assert_array_equal(first.embeddings[row], h5[path][()])
+    assert load(PrecomputedEncoder("biomedclip", dir=published / "embeddings"), manifest, tmp_path).cache_hit
+    # the files' identity keys the entry: a rewritten file is a new entry
+    copy = tmp_path / "copy"
+    shutil.copytree(published / "embeddings", copy)
+    moved = PrecomputedEncoder("biomedclip", dir=copy)
+    assert moved.cache_key() != encoder.cache_key()
+
+
+def test_rows_without_an_embedding_stop_the_run_or_are_counted(published, tmp_path):
+    manifest = reader(published).load_manifest()
+    only_nih = PrecomputedEncoder("biomedclip", files=[published / "embeddings/BiomedCLIPVitB16_224/nih14.h5"])
+    n_rad = int((manifest.table["dataset"] == "radiology_ai").sum())
+    with pytest.raises(DataError, match=rf"{n_rad} of 300 manifest rows have no embedding.*'radiology_ai/"):
+        load(only_nih, manifest, tmp_path, on_error="raise")
+    skipped = load(only_nih, manifest, tmp_path / "skip", on_error="skip")
+    assert (~skipped.valid).sum() == n_rad
+    listed = pd.read_csv(skipped.cached.path / "skipped.csv")
+    assert len(listed) == n_rad and listed["path"].str.startswith("radiology_ai/").all()
+
+
+def test_a_corrupt_or_truncated_hdf5_file_is_a_clear_error(published, tmp_path):
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file" * 100)
+    with pytest.raises(EncoderError, match="garbage.h5: not a readable HDF5 file"):
+        PrecomputedEncoder("biomedclip", files=[garbage])
+    good = published / "embeddings/BiomedCLIPVitB16_224/nih14.h5"
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(EncoderError, match="truncated.h5: not a readable HDF5 file"):
+        PrecomputedEncoder("biomedclip", files=[truncated])
+
+
+def test_a_key_in_two_files_is_an_error(published, tmp_path):
+    manifest = reader(published).load_manifest()
+    nih = published / "embeddings/BiomedCLIPVitB16_224/nih14.h5"
+    again = tmp_path / "nih14_again.h5"
+    shutil.copy(nih, again)
+    encoder = PrecomputedEncoder("biomedclip", files=[*h5_files(published), again])
+    with pytest.raises(DataError, match=r"appear in more than one file, e\.g\. 'nih14/.*nih14\.h5 and .*nih14_again\.h5"):
+        load(encoder, manifest, tmp_path)
+
+
+def test_files_of_different_dimensions_are_an_error(published, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5:
+        h5.create_dataset("CheXpert/x.jpg", data=np.ones(8, np.float32))
+    with pytest.raises(EncoderError, match=r"different lengths \(.*nih14.h5: 16.*other.h5: 8"):
+        PrecomputedEncoder("biomedclip", files=[*h5_files(published), other])
+    # one odd vector inside a file: caught while reading, naming the key
+    odd = tmp_path / "odd.h5"
+    shutil.copy(published / "embeddings/BiomedCLIPVitB16_224/nih14.h5", odd)
+    manifest = reader(published).load_manifest()
+    key = max(p for p in manifest.table["path"] if p.startswith("nih14/"))  # not the first one visited
+    with h5py.File(odd, "a") as h5:
+        del h5[key]
+        h5.create_dataset(key, data=np.ones(8, np.float32))
+    rad = published / "embeddings/BiomedCLIPVitB16_224/radiology_ai.h5"
+    with pytest.raises(DataError, match=rf"embedding '{key}' has shape \(8,\), the others \(16,\)"):
+        load(PrecomputedEncoder("biomedclip", files=[rad, odd]), manifest, tmp_path)
+
+
+def test_precomputed_encoder_cannot_embed_images(published):
+    with pytest.raises(EncoderError, match="cannot embed new images"):
+        PrecomputedEncoder("biomedclip", dir=published / "embeddings").transform()
+
+
+# ------------------------------------------------------------------- round trip and parity
+@pytest.fixture(scope="module")
+def baseline_export(tmp_path_factory, shared_data_dir):
+    """The baseline encoder on the small synthetic set, extracted once and exported."""
+    work = tmp_path_factory.mktemp("roundtrip")
+    cfg = compose("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={work / 'cache'}",
+                  "encoder=baseline")
+    manifest, encoder, extraction = manifest_and_embeddings(cfg)
+    files = export_embeddings(manifest.table, extraction.embeddings, extraction.valid, work / "export", encoder.name)
+    return cfg, manifest, extraction, work, files
+
+
+def metrics(cfg, manifest, embeddings, valid) -> dict:
+    setup = choose_rows(manifest.table, valid, "train", "test", None, 0)
+    return run_retrieval(manifest.table, embeddings, setup, cfg.index, [1, 3, 5, 10], 20).metrics
+
+
+def test_export_then_import_gives_identical_metrics(baseline_export):
+    cfg, manifest, extraction, work, files = baseline_export
+    assert [f.name for f in files["csv"]] == ["synthetic.csv"]
+    assert [f.relative_to(work / "export").as_posix() for f in files["h5"]] == ["embeddings/baseline/synthetic.h5"]
+    header = pd.read_csv(files["csv"][0], nrows=0).columns.tolist()
+    assert header[:5] == ["filepath", "dataset", "split", "modality", "anatomic_region"]
+    again = compose("debug=smoke", f"paths.cache_dir={work / 'cache'}", "dataset=study_splits",
+                    f"dataset.files=[{files['csv'][0]}]", f"dataset.root={work / 'nowhere'}",
+                    "encoder=precomputed", "encoder.name=baseline", f"encoder.dir={work / 'export' / 'embeddings'}")
+    manifest2, _, imported = manifest_and_embeddings(again)
+    pd.testing.assert_frame_equal(manifest2.table, manifest.table)
+    assert metrics(cfg, manifest, extraction.embeddings, extraction.valid) == \
+        metrics(again, manifest2, imported.embeddings, imported.valid)
+
+
+def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(baseline_export):
+    cfg, manifest, extraction, work, files = baseline_export
+    published = PrecomputedEncoder("baseline", files=files["h5"])
+    theirs = extract_embeddings(published, manifest, EmbeddingStore(work / "cache"), EXTRACT, on_error="skip")
+    same = compare(manifest.table, extraction.embeddings, extraction.valid, theirs.embeddings, theirs.valid)
+    assert same.passed and same.compared == len(manifest) and same.summary["min"].min() > 0.9999
+    assert set(same.summary["modality"]) == {"CT", "MR", "US", "XR", "all"}
+
+    resized = compose("debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
+                      "encoder=baseline", "encoder.image_size=40")  # the deliberate preprocessing error
+    _, _, wrong = manifest_and_embeddings(resized)
+    report = compare(manifest.table, wrong.embeddings, wrong.valid, theirs.embeddings, theirs.valid, threshold=0.99)
+    assert not report.passed and report.verdict == "FAIL"
+    overall = report.summary.set_index("dataset").loc["all"]
+    assert overall["p1"] < 0.99 and overall["below_threshold"] > 0
+    assert len(report.worst) == 20 and report.worst["cosine"].is_monotonic_increasing
+    assert report.worst["cosine"].iloc[0] == pytest.approx(overall["min"])
+
+    with pytest.raises(DataError, match="8-d, the published ones"):
+        compare(manifest.table, np.ones((len(manifest), 8), np.float32), extraction.valid,
+                theirs.embeddings, theirs.valid)
+
+
+@pytest.fixture(scope="module")
+def two_models(published, tmp_path_factory) -> Path:
+    """The published set with a second model folder (the same vectors under the DINOv2 name)."""
+    out = tmp_path_factory.mktemp("two_models")
+    shutil.copytree(published, out, dirs_exist_ok=True)
+    shutil.copytree(out / "embeddings" / "BiomedCLIPVitB16_224", out / "embeddings" / "DINOv2ViTB14")
+    return out
+
+
+@pytest.mark.slow
+def test_cbir_run_sweeps_published_embeddings(two_models, tmp_path):
+    """The user's command: a sweep over two published models and two index sizes, no images."""
+    run_cbir(tmp_path, "-m", "debug=smoke", "dataset=study_splits", f"dataset.dir={two_models / 'datasets'}",
+             f"dataset.root={tmp_path / 'no_images'}", "encoder=precomputed", f"encoder.dir={two_models / 'embeddings'}",
+             "encoder.name=biomedclip,dinov2", "index.per_class=5,null", "eval.gallery=false")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cbir").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags["encoder"] for r in children} == {"biomedclip", "dinov2"}
+    # same vectors under both names: both full-index runs score the same
+    full = {r.data.tags["encoder"]: r.data.metrics["micro/P_at_1"] for r in children if r.data.tags["per_class"] == "all"}
+    assert full["biomedclip"] == full["dinov2"]
+    for name in ("biomedclip", "dinov2"):  # the second index size of a model reuses its cache entry
+        assert sorted(r.data.tags["cache"] for r in children if r.data.tags["encoder"] == name) == ["hit", "miss"]
+
+
+@pytest.mark.slow
+def test_paper_table1_from_published_embeddings(two_models, tmp_path):
+    import sys
+
+    from conftest import PROJECT
+
+    sys.path.insert(0, str(PROJECT))
+    from experiments import paper_table1
+    from experiments.common import load_config
+
+    cfg = load_config("paper_table1", ["source=published", f"published_dir={two_models}", f"workdir={tmp_path}",
+                                       "cbir=['debug=smoke']"])
+    files = paper_table1.run(cfg)
+    table = pd.read_csv(files["table1.csv"]).set_index("encoder")
+    assert sorted(table.index) == ["biomedclip", "dinov2"]
+    comparison = pd.read_csv(files["comparison.csv"]).set_index("encoder")
+    measured = table.loc["biomedclip", "micro P@1"]
+    assert comparison.loc["biomedclip", "micro P@1"] == f"{measured:.3f} ({measured - 0.594:+.3f} vs 0.594)"
+
+
+@pytest.mark.slow
+def test_scale_benchmark_measures_every_step(tmp_path):
+    from cbir.bench_published import benchmark
+
+    result = benchmark(rows=3000, dim=16, workdir=tmp_path, per_class=50, nprobe=4)
+    load, evaluation = result["measured"]["load"], result["measured"]["evaluate"]
+    assert load["rows"] == 3000 and load["dim"] == 16 and not load["cache_hit"]
+    assert evaluation["cache_hit"]  # the evaluation reads the entry the load step wrote
+    assert evaluation["per_class"]["index_rows"] <= 12 * 50 < evaluation["exact"]["index_rows"]
+    assert 0 < evaluation["ivf"]["recall_at_10"] <= 1
+    estimate = result["study_estimate"]
+    factor = 1_600_000 / 3000
+    assert estimate["hdf5_to_cache_s"] == pytest.approx(load["hdf5_to_cache_s"] * factor)
+    assert estimate["exact_s"] == pytest.approx(evaluation["exact"]["seconds"] * factor ** 2)
+    assert (tmp_path / "published_scale.json").is_file()
+
+
+def test_export_and_parity_commands_from_their_configs(baseline_export, tmp_path):
+    """`python -m cbir.export` / `python -m cbir.parity` as composed from conf/export.yaml and
+    conf/parity.yaml (the run's own overrides pick its cache entry)."""
+    from cbir.export import export_command
+    from cbir.parity import parity_command
+
+    cfg, manifest, extraction, work, files = baseline_export
+    common = ["debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
+              "encoder=baseline"]
+    written = export_command(compose(*common, f"export.dir={tmp_path / 'export'}", config_name="export"))
+    assert [f.name for f in written["h5"]] == ["synthetic.h5"]
+    parity = compose(*common, f"parity.dir={tmp_path / 'export' / 'embeddings'}",
+                     f"parity.output_dir={tmp_path / 'parity'}", config_name="parity")
+    report = parity_command(parity)
+    assert report.passed and report.compared == len(manifest)
+    saved = pd.read_csv(tmp_path / "parity" / "parity_summary.csv")
+    assert saved["rows"].iloc[-1] == len(manifest) and (tmp_path / "parity" / "parity.json").is_file()
