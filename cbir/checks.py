@@ -4,9 +4,6 @@ one line that names the key or file and the fix."""
 from __future__ import annotations
 
 import logging
-import urllib.error
-import urllib.request
-
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -117,19 +114,12 @@ def check_index_type(cfg: DictConfig, dim: int | None = None) -> None:
 
 
 def check_tracking(cfg: DictConfig) -> None:
-    """An MLflow server that does not answer fails now, not after an hour of extraction
-    (MLflow's own client would retry for minutes)."""
-    uri = str(cfg.tracking.uri)
-    if not cfg.tracking.enabled or not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError(
-            f"tracking.uri={uri}: MLflow server not reachable ({reason}); start it, fix the URI, "
-            "or use the default tracking.uri=sqlite:///mlruns/mlflow.db"
-        ) from None
+    """A tracking store that cannot work (unwritable or misnamed SQLite file, unreachable server,
+    missing database driver) fails now, not after an hour of extraction."""
+    from cbir.tracking_store import check_uri, resolve_uri
+
+    if cfg.tracking.enabled:
+        check_uri(resolve_uri(str(cfg.tracking.uri)), cfg.tracking.get("artifact_root"))
 
 
 def drop_duplicate_paths(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -274,7 +274,7 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 
 
 class SweepSummary(_HydraCallback):
-    """Hydra callback (listed after cbir.tracking.SweepCallback, whose parent run it uses):
+    """Hydra callback (listed after cbir.sweep.SweepCallback, whose parent run it uses):
     names the swept keys for the jobs' run names; when the sweep ends, or stops on a failed
     job, prints one table across jobs and where to look next, and puts the comparison table
     and figure on the parent run."""

@@ -44,5 +44,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from cbir.data.manifest import ManifestError
     from cbir.encoders.base import EncoderError
     from cbir.store import CacheSpaceError
+    from cbir.tracking_store import TrackingUnavailable
 
-    return checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, CacheSpaceError
+    return (checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, CacheSpaceError,
+            TrackingUnavailable)

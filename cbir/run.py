@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, reporting, retrieval, tasks, tracking  # noqa: E402
+from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
 from cbir import search as cbir_search  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -55,12 +55,11 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     }
     run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
         tags["task"] if tags["task"] != "retrieval" else "", "multi-label" if tags["labels"] == "multi" else "") if word))
-    if cfg.tracking.get("skip_finished", True):
-        done = tracker.finished_run(tags["config_hash"])
-        if done is not None:
-            log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
-                     run_name, done.info.run_id)
-            return None
+    skip_finished = bool(cfg.tracking.get("skip_finished", True))
+    if tracker.enabled:
+        log.info("MLflow store %s, experiment %s", tracking.tracking_store.shown(tracker.uri), tracker.experiment)
+    if skip_finished and skipped(run_name, tracker.finished_run(tags["config_hash"])):  # cheap early look
+        return None
     manifest, n_duplicates = load_job_manifest(cfg)
     tasks.check_data(cfg, manifest.table, manifest.source)
     checks.validate_data(manifest.table, cfg, manifest.source)
@@ -70,6 +69,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
 
     console.quiet()  # again, now that Lightning is imported
 
+    if skipped(run_name, tracker.claim(run_name, tags, skip_finished)):  # finished meanwhile by an identical job
+        return None
     # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
     with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
         dashboard.annotate_run(tracker, cfg, out)
@@ -127,13 +128,25 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     return result
 
 
+def skipped(run_name: str, done) -> bool:
+    if done is not None:
+        log.info("skipping %s: already FINISHED as run %s (tracking.skip_finished=false forces)",
+                 run_name, done.info.run_id)
+    return done is not None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    process.handle_sigterm()  # Slurm's time limit, `kill`: the run ends KILLED, partial embeddings stay
     try:
         result = run(cfg)
-    except user_errors() as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the launcher records the failed job and the sweep goes on
+    except BaseException as e:
+        if process.terminated():
+            log.error("stopped by SIGTERM: the run is marked KILLED and the embeddings computed so far are "
+                      "kept; the same command resumes")
+            sys.exit(143)
+        if not isinstance(e, user_errors()) or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # in a sweep, the launcher records the failed job and the sweep goes on
         log.error("%s", e)
         sys.exit(2)
     return None if result is None else result.metrics["micro/P_at_1"]

@@ -1,12 +1,11 @@
 """MLflow tracking: one run per job, params = the flattened resolved config.
 
-The default store is SQLite (`sqlite:///mlruns/mlflow.db`) with artifacts under
-`mlruns/artifacts`; `tracking.uri` may name an MLflow server instead.
+The store (SQLite under `tracking.dir` by default, or a server) is checked, located and locked in
+`cbir.tracking_store`; the process behind each run (host, pid, heartbeat, SIGTERM) in `cbir.process`.
 """
 
 from __future__ import annotations
 
-import atexit
 import fnmatch
 import hashlib
 import json
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from cbir import process, tracking_store
+from cbir.tracking_store import resolve_uri  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
 
@@ -67,85 +69,175 @@ def git_commit() -> str | None:
         return None
 
 
-def resolve_uri(uri: str) -> str:
-    """Make a relative SQLite URI absolute and create its folder (SQLite won't)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path = Path(uri[len(prefix):])
-        path = path if path.is_absolute() else Path.cwd() / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return uri
+WAIT_SECONDS = 2  # how often a job waiting for an identical running job looks again
 
 
 def retry_locked(fn, *args, attempts: int = 8, **kwargs):
-    """Call fn, retrying while a parallel job holds the SQLite write lock."""
+    """Call fn, retrying while a parallel job holds the SQLite write lock. A server that stopped
+    answering (after MLflow's own retries) becomes one clear TrackingUnavailable error."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # sqlalchemy/mlflow wrap the sqlite error in several types
-            if "locked" not in str(e).lower() or attempt == attempts - 1:
+            text = str(e)
+            if _connection_failed(text):
+                raise _unavailable(text) from None
+            if "locked" not in text.lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
+
+
+def _connection_failed(text: str) -> bool:
+    return "Max retries exceeded" in text or "Connection refused" in text
+
+
+def _unavailable(text: str) -> tracking_store.TrackingUnavailable:
+    import mlflow
+
+    reason = "connection refused" if "refused" in text.lower() else "no answer"
+    return tracking_store.TrackingUnavailable(
+        f"MLflow server {tracking_store.shown(mlflow.get_tracking_uri())} stopped answering ({reason}); "
+        "the embeddings computed so far are kept: start the server again and re-run the same command")
 
 
 class Tracker:
     """A thin layer over MLflow; `enabled=False` turns every call into a no-op."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None,
-                 run_name: str | None = None, enabled: bool = True) -> None:
+                 run_name: str | None = None, enabled: bool = True, lock_dir: str | None = None) -> None:
         self.enabled = enabled
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.artifact_root = artifact_root
         self.run_name = run_name
+        self.lock_dir = lock_dir
         self.run_id: str | None = None
+        self._claimed = False
+        self._experiment_id: str | None = None
+        database = tracking_store.sqlite_path(self.uri)
+        if enabled and database is not None:
+            try:
+                database.parent.mkdir(parents=True, exist_ok=True)  # SQLite will not create it
+            except OSError:
+                pass  # reported in one line by tracking_store.check_uri
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Tracker":
         t = cfg.tracking
         return cls(uri=t.uri, experiment=t.experiment, artifact_root=t.get("artifact_root"),
-                   run_name=t.get("run_name"), enabled=bool(t.enabled))
+                   run_name=t.get("run_name"), enabled=bool(t.enabled),
+                   lock_dir=OmegaConf.select(cfg, "paths.cache_dir"))
+
+    def lock(self):
+        return tracking_store.store_lock(self.uri, self.lock_dir)
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        with self.lock():  # the first client of a process opens the store: on a new SQLite file, creates it
+            return MlflowClient(self.uri)
 
     def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            with self.lock():  # the first call on a new SQLite file creates its schema
+                self._experiment_id = retry_locked(tracking_store.experiment_id, self.client(), self.experiment,
+                                                   self.artifact_root, self.uri)
+        return self._experiment_id
+
+    def claim(self, run_name: str, tags: dict[str, Any], skip_finished: bool = True) -> Any:
+        """Create this job's run, or return the FINISHED run of the same config under the same sweep
+        parent (`skip_finished`: the caller skips the job). Under the store lock: RUNNING runs of this
+        config whose process is gone are marked KILLED first, and while an identical job of the same
+        sweep is still running (two identical sweeps at once), this one waits for it instead of
+        running it a second time."""
+        if not self.enabled:
+            return None
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        existing = mlflow.get_experiment_by_name(self.experiment)
-        if existing is not None:
-            return existing.experiment_id
-        location = None
-        if self.artifact_root and self.uri.startswith("sqlite:"):
-            location = (Path(self.artifact_root).resolve()).as_uri()
-        try:
-            return mlflow.create_experiment(self.experiment, artifact_location=location)
-        except Exception:  # created meanwhile by a parallel job
-            found = mlflow.get_experiment_by_name(self.experiment)
-            if found is None:
-                raise
-            return found.experiment_id
+        client, experiment_id = self.client(), self.experiment_id()
+        parent = os.environ.get(PARENT_ENV)
+        config = tags.get("config_hash")  # None: a run that is not a job (the benchmark)
+        announced = None
+        while True:
+            with self.lock():
+                running = self._mark_dead_runs(client, experiment_id, str(config)) if config else []
+                busy = []
+                if parent and skip_finished and config:
+                    done = self.finished_run(config)
+                    if done is not None:
+                        return done
+                    busy = [r for r in running if r.data.tags.get("mlflow.parentRunId") == parent
+                            and process.is_alive(r.data.tags)]
+                if not busy:
+                    self.run_id = self._create_run(client, experiment_id, run_name, tags, parent)
+                    self._claimed = True
+                    return None
+            if announced != busy[0].info.run_id:
+                announced = busy[0].info.run_id
+                log.info("waiting for run %s (%s), which computes the same config, to end",
+                         announced, process.describe(busy[0].data.tags))
+            time.sleep(WAIT_SECONDS)
+
+    def _mark_dead_runs(self, client, experiment_id: str, config: str) -> list:
+        """Mark RUNNING runs of this config whose process is gone as KILLED; return the others."""
+        runs = retry_locked(client.search_runs, [experiment_id], max_results=1000,
+                            filter_string=f"tags.config_hash = '{config}' and attributes.status = 'RUNNING'")
+        alive = []
+        for run in runs:
+            if process.is_alive(run.data.tags) is not False:
+                alive.append(run)
+                continue
+            reason = (f"its process ({process.describe(run.data.tags)}) had ended without closing the run; "
+                      f"found by {process.hostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+            retry_locked(client.set_tag, run.info.run_id, "error", f"KILLED: {reason}")
+            retry_locked(client.set_terminated, run.info.run_id, status="KILLED")
+            log.warning("run %s was still RUNNING but %s: marked KILLED", run.info.run_id, reason)
+        return alive
+
+    def _create_run(self, client, experiment_id: str, run_name: str, tags: dict[str, Any], parent: str | None) -> str:
+        from mlflow.tracking.context import registry
+
+        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        tags.update(process.process_tags())
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        tags = registry.resolve_tags(tags)  # source, user, ... as mlflow.start_run would add
+        run = retry_locked(client.create_run, experiment_id, run_name=self.run_name or run_name, tags=tags)
+        return run.info.run_id
 
     @contextmanager
     def start(self, run_name: str, tags: dict[str, Any], params: dict[str, Any]):
+        """The run claimed by `claim` (claimed now if it was not), active for the body. It ends
+        FINISHED, FAILED (with the error as its `error` tag) or KILLED (SIGTERM, Ctrl-C, the
+        scheduler's time limit)."""
         if not self.enabled:
             yield self
             return
         import mlflow
 
-        experiment_id = retry_locked(self.experiment_id)
-        tags = {k: str(v) for k, v in tags.items() if v is not None}
-        if os.environ.get(PARENT_ENV):
-            tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
-        run = retry_locked(mlflow.start_run, experiment_id=experiment_id,
-                           run_name=self.run_name or run_name, tags=tags)
-        with run:
-            self.run_id = run.info.run_id
+        if not self._claimed:
+            self.claim(run_name, tags, skip_finished=False)
+        self._claimed = False
+        mlflow.set_tracking_uri(self.uri)
+        retry_locked(mlflow.start_run, run_id=self.run_id)
+        heartbeat = process.Heartbeat(self.uri, self.run_id)
+        try:
             self.log_params(params)
+            yield self
+        except BaseException as e:
+            status = "KILLED" if process.stopped_from_outside(e) else "FAILED"
             try:
-                yield self
-            except BaseException as e:  # the run context marks the run FAILED; say why
                 mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-                raise
+                mlflow.end_run(status)
+            except Exception as end_error:  # e.g. the server is gone: report the original error
+                reason = "the server stopped answering" if _connection_failed(str(end_error)) else str(end_error)[:300]
+                log.warning("could not mark run %s %s: %s", self.run_id, status, reason)
+            raise
+        else:
+            retry_locked(mlflow.end_run, "FINISHED")
+        finally:
+            heartbeat.stop()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
@@ -200,11 +292,9 @@ class Tracker:
         parent = os.environ.get(PARENT_ENV)
         if not self.enabled or not parent:
             return None
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.uri)
+        client = self.client()
         runs = retry_locked(
-            client.search_runs, [retry_locked(self.experiment_id)],
+            client.search_runs, [self.experiment_id()],
             filter_string=(f"tags.config_hash = '{config_hash}' and tags.`mlflow.parentRunId` = '{parent}' "
                            "and attributes.status = 'FINISHED'"),
             max_results=1,
@@ -215,122 +305,3 @@ class Tracker:
 def _param_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
-
-
-# ------------------------------------------------------------------------------ sweeps
-def sweep_key(config: DictConfig) -> str:
-    """Identity of a sweep: its command-line overrides and sweeper parameters. Running the
-    same command again finds the same parent run, so an interrupted sweep resumes under it."""
-    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    params = config.hydra.sweeper.get("params")
-    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
-    blob = json.dumps({"task": task, "params": params, "experiment": config.tracking.experiment}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def children_table(client, parent_id: str, experiment_id: str):
-    """One row per FINISHED child of a sweep: its tags and final metric values."""
-    import pandas as pd
-
-    runs = retry_locked(client.search_runs, [experiment_id],
-                        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
-                        max_results=5000)
-    rows = []
-    for run in runs:
-        tags = run.data.tags
-        rows.append({"run_id": run.info.run_id, "encoder": tags.get("encoder"), "dataset": tags.get("dataset"),
-                     "index_type": tags.get("index_type"), "per_class": tags.get("per_class"),
-                     "config_hash": tags.get("config_hash"), **run.data.metrics})
-    return pd.DataFrame(rows)
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a dependency; keeps the module importable
-    _HydraCallback = object
-
-
-class SweepCallback(_HydraCallback):
-    """Hydra callback: one MLflow parent run per multirun, created before any job starts.
-
-    Jobs (in this process or others) attach to it through the `CBIR_PARENT_RUN_ID`
-    environment variable. At the end the parent gets the saturation curves (P@N against
-    index size per encoder) as stepped metrics, a figure and a CSV. If the sweep stops on a
-    failed job, the parent is still finalised (FAILED) with what finished."""
-
-    def __init__(self) -> None:
-        self.parent_id: str | None = None
-        self.finished = False
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.tracking.enabled:
-            return
-        from mlflow.tracking import MlflowClient
-
-        tracker = Tracker.from_config(config)
-        # creating the SQLite schema here, once, avoids parallel jobs racing on its migration
-        experiment_id = retry_locked(tracker.experiment_id)
-        client = MlflowClient(tracker.uri)
-        key = sweep_key(config)
-        existing = retry_locked(client.search_runs, [experiment_id],
-                                filter_string=f"tags.`cbir.sweep_key` = '{key}'",
-                                order_by=["attributes.start_time DESC"], max_results=1)
-        overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)) or "(preset)"
-        if existing:
-            self.parent_id = existing[0].info.run_id
-            retry_locked(client.update_run, self.parent_id, status="RUNNING")
-            log.info("resuming sweep %s (parent run %s)", overrides, self.parent_id)
-        else:
-            run = retry_locked(client.create_run, experiment_id, run_name=f"sweep {overrides}"[:240],
-                               tags={"cbir.sweep_key": key, "cbir.role": "sweep", "sweep.overrides": overrides,
-                                     "git_commit": git_commit() or ""})
-            self.parent_id = run.info.run_id
-            log.info("sweep parent run %s", self.parent_id)
-        self.tracker, self.client, self.experiment_id = tracker, client, experiment_id
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        self.ns = list(config.eval.n)
-        os.environ[PARENT_ENV] = self.parent_id
-        atexit.register(self._finish, "FAILED")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._finish("FINISHED")
-
-    def _finish(self, status: str) -> None:
-        if self.parent_id is None or self.finished:
-            return
-        self.finished = True
-        os.environ.pop(PARENT_ENV, None)
-        try:
-            from cbir import reporting
-
-            children = children_table(self.client, self.parent_id, self.experiment_id)
-            # a resumed sweep with nothing new would log every curve point a second time
-            logged_for = hashlib.sha256(" ".join(sorted(children.get("run_id", []))).encode()).hexdigest()[:16]
-            previous = retry_locked(self.client.get_run, self.parent_id).data.tags.get("cbir.curves_of")
-            if len(children) and logged_for != previous:
-                curves = reporting.saturation_frame(children, self.ns)
-                if len(curves):  # none when no child ran retrieval
-                    self._log_curves(curves)
-                retry_locked(self.client.set_tag, self.parent_id, "cbir.curves_of", logged_for)
-        finally:
-            retry_locked(self.client.set_terminated, self.parent_id, status=status)
-
-    def _log_curves(self, curves) -> None:
-        from mlflow.entities import Metric
-
-        from cbir import reporting
-
-        stamp = int(time.time() * 1000)
-        metrics = [
-            Metric(f"saturation/{row.group}/{name}", float(row[name]), stamp, int(row.step))
-            for _, row in curves.iterrows() for name in reporting.curve_metric_names(self.ns)
-            if row[name] == row[name]
-        ]
-        for start in range(0, len(metrics), 1000):
-            retry_locked(self.client.log_batch, self.parent_id, metrics=metrics[start:start + 1000])
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        csv, png = self.sweep_dir / "saturation.csv", self.sweep_dir / "saturation.png"
-        curves.to_csv(csv, index=False)
-        reporting.plot_saturation(curves, png, self.ns)
-        for path in (csv, png):
-            retry_locked(self.client.log_artifact, self.parent_id, str(path))

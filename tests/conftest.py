@@ -11,9 +11,20 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# cbir honours these; tests use the default store in their own folder, never the user's server
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("CBIR_MLRUNS_DIR", None)
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT / "conf"
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_behind():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: a store set by one in-process test must
+    not receive the runs of a later test's cbir processes."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")
