@@ -27,7 +27,7 @@ SEPARATOR = " · "
 # Set by SweepSummary in the launching process: the config keys the sweep varies besides
 # encoder, index type and size, so every job's name says what makes it different.
 SWEPT_KEYS_ENV = "CBIR_SWEPT_KEYS"
-NAMED_ALWAYS = {"encoder", "encoder.name", "index", "index.type", "index.per_class"}
+NAMED_ALWAYS = {"encoder", "encoder.name", "index", "index.type", "index.per_class", "task", "dataset.labels"}
 
 # What a person filters and compares runs by; the rest of the config is in config/resolved.yaml.
 CURATED_PARAMS = ("encoder.name", "encoder.pretrained", "encoder.weights", "encoder.pool", "encoder.input_size",
@@ -53,7 +53,7 @@ def per_class_label(value: Any) -> str:
 
 def run_name(cfg: DictConfig, extra: tuple[str, ...] = ()) -> str:
     """`encoder · index type · rows per class`, plus the value of any other key the sweep varies
-    and the `extra` words (task, labels mode) not already named."""
+    and the `extra` words (task, labels mode, named whether swept or not)."""
     parts = [str(cfg.encoder.name), str(cfg.index.type), per_class_label(cfg.index.per_class)]
     for key in filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")):
         if key in NAMED_ALWAYS:
@@ -63,7 +63,7 @@ def run_name(cfg: DictConfig, extra: tuple[str, ...] = ()) -> str:
             parts.append(str(_group_choice(key) or value.get("name", key)))
         else:
             parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
-    parts += [word for word in extra if word not in parts]
+    parts += list(extra)
     return SEPARATOR.join(parts)
 
 

@@ -54,7 +54,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "labels": multilabel.labels_mode(cfg),
     }
     run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
-        tags["task"] if tags["task"] != "retrieval" else "", "multi-label" if tags["labels"] == "multi" else "") if word))
+        f"task={tags['task']}" if tags["task"] != "retrieval" else "",
+        "multi-label" if tags["labels"] == "multi" else "") if word))
     skip_finished = bool(cfg.tracking.get("skip_finished", True))
     if tracker.enabled:
         log.info("MLflow store %s, experiment %s", tracking.tracking_store.shown(tracker.uri), tracker.experiment)

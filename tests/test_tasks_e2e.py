@@ -40,7 +40,7 @@ def test_all_tasks_in_one_run(tmp_path, shared_data_dir):
     assert "knn_classification" in proc.stdout and "linear_probe" in proc.stdout and "P@1" in proc.stdout
     client, found = runs(tmp_path)
     (run,) = found
-    assert run.data.tags["task"] == "all" and run.info.run_name.endswith("-all")
+    assert run.data.tags["task"] == "all" and run.info.run_name.endswith(" · task=all")
     m = run.data.metrics
     for prefix in ("knn", "probe"):
         for name in classification.METRICS:
