@@ -1,6 +1,8 @@
-"""Sweeps: one MLflow parent run per multirun, created before any job starts, finalised with the
-saturation curves when the sweep ends. Jobs attach to it through the environment (`PARENT_ENV`),
-whichever launcher starts them (in-process, joblib workers, submitit, Slurm)."""
+"""The sweep's Hydra callbacks. `SweepCallback`: one MLflow parent run per multirun, created
+before any job starts, finalised with the saturation curves when the sweep ends; jobs attach to it
+through the environment (`PARENT_ENV`), whichever launcher starts them (in-process, joblib workers,
+submitit, Slurm). `SweepSummary`: the table across jobs and the parent's comparison (the content
+comes from cbir.dashboard)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cbir import process, tracking_store
+from cbir import dashboard, process, tracking_store
 from cbir.tracking import PARENT_ENV, Tracker, git_commit, retry_locked
 
 log = logging.getLogger(__name__)
@@ -150,3 +152,79 @@ class SweepCallback(_HydraCallback):
         reporting.plot_saturation(curves, png, self.ns)
         for path in (csv, png):
             retry_locked(self.client.log_artifact, self.parent_id, str(path))
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback (listed after cbir.sweep.SweepCallback, whose parent run it uses):
+    names the swept keys for the jobs' run names; when the sweep ends, or stops on a failed
+    job, prints one table across jobs and where to look next, and puts the comparison table
+    and figure on the parent run."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.done = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import atexit
+
+        from cbir import tracking
+
+        os.environ[dashboard.SWEPT_KEYS_ENV] = ",".join(dashboard.swept_keys(config))
+        self.parent_id = os.environ.get(tracking.PARENT_ENV) if config.tracking.enabled else None
+        if not self.parent_id:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.started_ms = int(time.time() * 1000)
+        self.tracker = tracking.Tracker.from_config(config)
+        self.client = MlflowClient(self.tracker.uri)
+        self.experiment_id = tracking.retry_locked(self.tracker.experiment_id)
+        dashboard.tag_experiment(self.client, self.experiment_id)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.ns = list(config.eval.n)
+        atexit.register(self.finish)  # runs before SweepCallback's (atexit is last-in, first-out)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done or not self.parent_id:
+            return
+        self.done = True
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:  # piped or a log file: no need to squeeze the table into 80 columns
+            console = Console(width=max(console.width, 140))
+        try:
+            jobs = dashboard.sweep_jobs(self.client, self.parent_id, self.experiment_id, self.started_ms)
+            if jobs.empty:
+                console.print("[yellow]no job of this sweep started a run; see the errors above[/]")
+                return
+            console.print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
+            for _, failed in jobs[jobs["status"] == "FAILED"].iterrows():
+                console.print(f"[red]{failed['run']}[/]: {failed['error'][:300]}")
+            files = dashboard.log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns)
+            write_summary_log(jobs, self.sweep_dir)
+        except Exception as e:  # the summary must not hide the sweep's own outcome
+            log.warning("sweep summary incomplete: %s", e)
+            files = {}
+        start_ui, page = dashboard.ui_address(self.tracker.uri, self.experiment_id, self.parent_id)
+        lines = [f"Parent run  {self.parent_id}  (experiment '{self.tracker.experiment}')",
+                 f"Job files   {self.sweep_dir.resolve()}/<job number>/ (run.log, metrics.json, per_class.csv, ...)",
+                 *([f"Comparison  {', '.join(str(p.resolve()) for p in files.values())}"] if files else []),
+                 f"Report      python -m cbir.report report.runs={self.parent_id}",
+                 *([f"Dashboard   {start_ui}"] if start_ui else []),
+                 f"            then open {page}"]
+        console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def write_summary_log(jobs, folder: Path) -> Path:
+    """The across-jobs table as plain text next to the job folders (sweep_summary.txt)."""
+    from rich.console import Console
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep_summary.txt"
+    with path.open("w") as f:
+        Console(file=f, width=140, color_system=None).print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
+    return path
