@@ -1,4 +1,6 @@
-"""Shared extraction: one pass over the manifest feeds several encoders.
+"""Shared extraction: one pass over the manifest feeds several encoders. (One module past 300
+lines on purpose: the dataset, the Lightning module and the writer of the shared pass only make
+sense together.)
 
 Each image is read and decoded once; every distinct preprocessing of the group (resize, crop,
 normalisation, size) is applied to that one decoded image, and every encoder writes its rows

@@ -1,4 +1,5 @@
-"""Content-keyed embedding cache on disk.
+"""Content-keyed embedding cache on disk. (One module past 300 lines on purpose: the entry's on-disk
+format is written, checked and read back only here, so a change to it stays in one place.)
 
 One folder per key (encoder identity x which images, see `cbir.extract.cache_key`):
 `embeddings.npy` (float32, rows in manifest order), `valid.npy` (rows whose image loaded),

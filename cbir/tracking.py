@@ -1,4 +1,5 @@
-"""MLflow tracking: one run per job, params = the flattened resolved config.
+"""MLflow tracking: one run per job; its params are a curated part of the resolved config
+(cbir.dashboard), the whole of it is an artifact.
 
 The store (SQLite under `tracking.dir` by default, or a server) is checked, located and locked in
 `cbir.tracking_store`; the process behind each run (host, pid, heartbeat, SIGTERM) in `cbir.process`.
