@@ -157,24 +157,22 @@ def per_image_parts(paths: list[Path], repeats: int = 3) -> dict:
     from cbir.data.images import load_image
     from cbir.encoders.preprocess import Preprocess
 
-    sample = paths[: min(len(paths), 8)]
-    decode = []
-    for _ in range(repeats):
-        for p in sample:
-            start = time.perf_counter()
-            load_image(p)
-            decode.append(time.perf_counter() - start)
-    images = [load_image(p) for p in sample]
-    out = {"decode_ms": 1000 * statistics.median(decode), "file_kb": float(np.mean([p.stat().st_size for p in sample]) / 1024)}
-    for size in PREPROCESS_SIZES:
-        transform = Preprocess(mode="shortest", resize=size, crop=size, interpolation="bicubic").build()
+    def median_ms(function, items) -> float:
         times = []
         for _ in range(repeats):
-            for image in images:
+            for item in items:
                 start = time.perf_counter()
-                transform(image)
+                function(item)
                 times.append(time.perf_counter() - start)
-        out[f"preprocess_{size}_ms"] = 1000 * statistics.median(times)
+        return 1000 * statistics.median(times)
+
+    sample = paths[: min(len(paths), 8)]
+    images = [load_image(p) for p in sample]
+    out = {"decode_ms": median_ms(load_image, sample),
+           "file_kb": float(np.mean([p.stat().st_size for p in sample]) / 1024)}
+    for size in PREPROCESS_SIZES:
+        transform = Preprocess(mode="shortest", resize=size, crop=size, interpolation="bicubic").build()
+        out[f"preprocess_{size}_ms"] = median_ms(transform, images)
     return out
 
 

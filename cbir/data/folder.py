@@ -85,28 +85,27 @@ class FolderDataset(DatasetReader):
     def _read_findings_file(self) -> dict[str, str]:
         if self.findings_file is None:
             return {}
-        if not self.findings_file.is_file():
-            raise ManifestError(f"dataset.findings_file={self.findings_file}: file not found; give a CSV with "
-                                "columns path,findings (findings joined by |), or null")
-        table = pd.read_csv(self.findings_file, dtype=str, keep_default_na=False)
-        missing = [c for c in ("path", "findings") if c not in table.columns]
-        if missing:
-            raise ManifestError(f"{self.findings_file}: missing column(s) {missing}; the findings file needs "
-                                "columns path,findings")
+        table = _read_path_table(self.findings_file, "dataset.findings_file", "findings",
+                                 "path,findings (findings joined by |)")
         paths = [PurePosixPath(p.replace("\\", "/")).as_posix() for p in table["path"]]
         return {p: f for p, f in zip(paths, table["findings"]) if f.strip()}
 
     def _read_split_file(self) -> dict[str, str]:
-        if not self.split_file.is_file():
-            raise ManifestError(f"dataset.split_file={self.split_file}: file not found; give a CSV with "
-                                "columns path,split (paths relative to dataset.root), or null")
-        table = pd.read_csv(self.split_file, dtype=str, keep_default_na=False)
-        missing = [c for c in ("path", "split") if c not in table.columns]
-        if missing:
-            raise ManifestError(f"{self.split_file}: missing column(s) {missing}; the split file needs "
-                                "columns path,split")
+        table = _read_path_table(self.split_file, "dataset.split_file", "split",
+                                 "path,split (paths relative to dataset.root)")
         bad = sorted(set(table["split"]) - set(SPLITS))
         if bad:
             raise ManifestError(f"{self.split_file}: unknown split value(s) {bad}; use {list(SPLITS)}")
         paths = [PurePosixPath(p.replace("\\", "/")).as_posix() for p in table["path"]]  # "./a/b" -> "a/b"
         return dict(zip(paths, table["split"]))
+
+
+def _read_path_table(path: Path, key: str, column: str, columns_help: str) -> pd.DataFrame:
+    """A side CSV of the folder dataset (columns path and `column`), read as text."""
+    if not path.is_file():
+        raise ManifestError(f"{key}={path}: file not found; give a CSV with columns {columns_help}, or null")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("path", column) if c not in table.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; the file {key} names needs columns path,{column}")
+    return table
