@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import math
 
 from conftest import run_cbir
+
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
 SECTIONS = ("extraction", "sweep", "search", "metrics", "memory", "scale")
 

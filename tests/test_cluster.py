@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_cbir
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher (test extra) not installed")
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 
 import pandas as pd
@@ -10,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from cbir.data.synthetic import SyntheticDataset
 from conftest import run_cbir
 from fixtures_datasets import make_study_data
+
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
 DATASETS = ["radimagenet", "nih14", "mimic_cxr", "chexpert", "combined", "folder", "csv"]
 

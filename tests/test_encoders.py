@@ -94,6 +94,7 @@ def test_every_config_is_covered_and_the_study_is_complete():
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
+@pytest.mark.slow
 def test_encoder_config_extracts_through_lightning(name, manifest, tmp_path):
     with no_network():
         encoder, cfg = build(name)
@@ -158,6 +159,7 @@ def test_resnet_embedding_is_the_pooled_2048_feature_not_logits():
         torch.testing.assert_close(gem(x), expected)
 
 
+@pytest.mark.slow
 def test_mae_runs_with_masking_off_and_a_fixed_patch_order():
     encoder, _ = build("mae")
     assert encoder.model.config.mask_ratio == 0.0
@@ -172,6 +174,7 @@ def test_mae_runs_with_masking_off_and_a_fixed_patch_order():
         build("mae", "encoder.model_config.mask_ratio=0.75")
 
 
+@pytest.mark.slow
 def test_vit_pool_override_cls_and_mean():
     encoder, _ = build("dinov2_small")
     mean, _ = build("dinov2_small", "encoder.pool=mean")
@@ -262,6 +265,7 @@ def outputs(encoder, x):
     ("sam", "segment_anything"),  # segment-anything layout remapped by timm
     ("ark", "ark"),               # Ark training checkpoint: teacher, module. prefix, projector
 ])
+@pytest.mark.slow
 def test_local_weights_reproduce_the_saved_model(name, layout, tmp_path):
     small = ARK_SMALL if name == "ark" else []
     source, _ = build(name, *small)

@@ -16,6 +16,8 @@ sys.path.insert(0, str(PROJECT))
 from experiments import multilabel  # noqa: E402
 from experiments.common import load_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 
 @pytest.mark.slow
 def test_multilabel_experiment_side_by_side(tmp_path, shared_data_dir):

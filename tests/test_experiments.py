@@ -22,6 +22,8 @@ from experiments import (embedding_space, index_types, paper_table1, pooling_res
                          saturation)
 from experiments.common import load_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

@@ -26,6 +26,7 @@ def _extract(cache, data_dir, *overrides, encoder=None):
     return extraction, cache
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_equal_one(tmp_path, shared_data_dir):
     """A real CNN (it runs OpenMP in the launching process before the ranks start), 2 ranks."""
     one, _ = _extract(tmp_path / "one", shared_data_dir, encoder=TINY_TIMM)
@@ -51,6 +52,7 @@ def test_ddp_sampler_does_not_pad(tmp_path, shared_data_dir):
     assert sorted(parts[0] + parts[1]) == list(range(369))
 
 
+@pytest.mark.slow
 def test_compile_and_channels_last_match_eager(tmp_path, shared_data_dir):
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile is not available in this torch build")

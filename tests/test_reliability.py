@@ -53,6 +53,7 @@ def damaged_data(tmp_path):
     return data, paths[:4]
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, damaged_data):
     data, broken = damaged_data
     proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1")
@@ -68,6 +69,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, damaged_data
     assert run.data.metrics["queries/total"] + run.data.metrics["index/size"] <= 6 * 36 - 4
 
 
+@pytest.mark.slow
 def test_on_error_raise_names_the_file(tmp_path, damaged_data):
     data, broken = damaged_data
     proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.on_error=raise", check=False)
@@ -77,6 +79,7 @@ def test_on_error_raise_names_the_file(tmp_path, damaged_data):
     assert "Traceback" not in text
 
 
+@pytest.mark.slow
 def test_on_error_raise_also_stops_on_a_cache_hit_holding_skipped_rows(tmp_path, damaged_data):
     data, broken = damaged_data
     run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1", "tracking.enabled=false")
@@ -87,6 +90,7 @@ def test_on_error_raise_also_stops_on_a_cache_hit_holding_skipped_rows(tmp_path,
     assert Path(broken[0]).name in text and "data.on_error=skip" in text  # the first failed row
 
 
+@pytest.mark.slow
 def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     data, _ = damaged_data
     proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.001", check=False)
@@ -114,6 +118,7 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     # the baseline's dimension is known once it is built (cheap): still before any extraction
     (["index=ivfpq"], "index.params.m=16: must divide the embedding dimension"),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
     start = time.perf_counter()
     proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", *overrides, check=False)
@@ -175,6 +180,7 @@ def test_damaged_cache_is_detected_and_recomputed(tmp_path):
     assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data_dir):
     """SIGKILL in the middle of extraction; the re-run finishes the missing rows only."""
     overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "encoder=resnet50", "encoder.pretrained=false",
@@ -207,6 +213,7 @@ def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data
     assert np.allclose(resumed_embeddings, np.load(clean / "embeddings.npy"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_extract_a_key_once(tmp_path, shared_data_dir):
     overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=false", "extract.batch_size=4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -29,6 +29,7 @@ def first_run(tmp_path_factory, shared_data_dir):
     return cwd, proc
 
 
+@pytest.mark.slow
 def test_run_logs_metrics_params_and_artifacts(first_run):
     cwd, proc = first_run
     assert "P@1" in proc.stdout and "micro/macro" in proc.stdout  # the rich summary table
@@ -70,6 +71,7 @@ def test_run_logs_metrics_params_and_artifacts(first_run):
     assert per_class["queries"].sum() == run.data.metrics["queries/total"]
 
 
+@pytest.mark.slow
 def test_second_identical_run_does_not_extract_again(first_run, shared_data_dir):
     cwd, _ = first_run
     run_cbir(cwd, "debug=smoke", f"paths.data_dir={shared_data_dir}", "index.per_class=3")
@@ -82,6 +84,7 @@ def test_second_identical_run_does_not_extract_again(first_run, shared_data_dir)
     assert latest.data.metrics["index/size"] <= 3 * 36
 
 
+@pytest.mark.slow
 def test_anatomy_is_easier_than_pathology_and_baseline_beats_chance(tmp_path, shared_data_dir):
     """The metrics discriminate: the baseline scores far above chance, the random control at
     chance (computed from the class frequencies), and coarse levels are easier."""

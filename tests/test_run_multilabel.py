@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from cbir import multilabel, retrieval
 from conftest import compose, run_cbir
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 
 @pytest.fixture(scope="module")
 def multi_sweep(tmp_path_factory):

@@ -14,6 +14,8 @@ from PIL import Image
 from conftest import run_cbir
 from cbir.gallery import HIT, MISS, draw_gallery, figure_size, sample_queries
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 ENCODERS = {
     # a random-init network: the search must rebuild the very same weights from the saved seed
     # (the harder case; the weights-free baseline takes the same path without it)

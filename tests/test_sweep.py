@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import compose, run_cbir
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 SWEEP = ["-m", "debug=smoke", "encoder=baseline,random", "index.per_class=3,10"]
 
 

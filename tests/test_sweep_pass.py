@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_cbir
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 TINY_VIT = """\
 _target_: cbir.encoders.timm_encoder.TimmEncoder
 name: tiny_vit

@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from cbir import classification
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
+
 QUICK = ["debug=smoke", "++task.probe.max_epochs=3"]  # ++: the probe node exists only in some tasks
 
 

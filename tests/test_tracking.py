@@ -83,6 +83,7 @@ def test_sqlite_under_a_read_only_folder_is_a_one_line_error(tmp_path):
         folder.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_environment_store_is_used_and_checked_before_any_work(tmp_path, shared_data_dir):
     folder = tmp_path / "store_folder"
     folder.mkdir()
@@ -125,6 +126,7 @@ def test_processes_starting_together_on_a_new_store_all_succeed(tmp_path):
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
 
 
+@pytest.mark.slow
 def test_claim_marks_dead_runs_killed_and_waits_for_a_live_twin(tmp_path, monkeypatch):
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "cbir")
     client, experiment_id = tracker.client(), tracker.experiment_id()
