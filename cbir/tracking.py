@@ -37,7 +37,10 @@ MAX_PARAM_LENGTH = 6000
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a.b.c": value}; lists become their JSON text."""
+    """Nested dicts -> {"a.b.c": value}; lists become their JSON text.
+
+    Not pandas.json_normalize: it leaves lists as objects and drops empty dicts, so it would need
+    this same pass over its result (MLflow params are text; the config hash must see every key)."""
     out: dict[str, Any] = {}
     if isinstance(config, dict):
         for key, value in config.items():
@@ -75,7 +78,12 @@ WAIT_SECONDS = 2  # how often a job waiting for an identical running job looks a
 
 def retry_locked(fn, *args, attempts: int = 8, **kwargs):
     """Call fn, retrying while a parallel job holds the SQLite write lock. A server that stopped
-    answering (after MLflow's own retries) becomes one clear TrackingUnavailable error."""
+    answering (after MLflow's own retries) becomes one clear TrackingUnavailable error.
+
+    Creating the store, experiments and runs is serialised by the store's file lock
+    (cbir.tracking_store); this covers the writes that stay concurrent (metrics, tags). Not
+    tenacity: it would replace only the loop, while the decision stays this text test, because
+    MLflow and SQLAlchemy wrap SQLite's "database is locked" in different exception types."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
