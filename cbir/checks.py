@@ -4,19 +4,14 @@ one line that names the key or file and the fix."""
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cbir.errors import ConfigError, DataError  # noqa: F401 (raised here, and imported from here)
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work."""
-
-
-class DataError(ValueError):
-    """Data that cannot give a meaningful result (empty splits, too many unreadable files)."""
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -67,7 +67,7 @@ def check_params(type: str, params: dict | None, dim: int | None = None) -> None
     """Reject index.params that FAISS would refuse late (or crash on): unknown keys, values that
     are not integers or below FAISS's minimum, and (when `dim` is known) a PQ size `m` that does
     not divide the embedding dimension."""
-    from cbir.checks import ConfigError
+    from cbir.errors import ConfigError
 
     params = dict(params or {})
     known = set(FACTORY_PARAMS) | set(RUNTIME_PARAMS) | {"shard"}
@@ -125,7 +125,7 @@ def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params:
         params["nlist"] = max(1, len(vectors) // 39)
     nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
     if "{nbits}" in INDEX_TYPES.get(type, "") and len(vectors) < 2 ** nbits:
-        from cbir.checks import ConfigError
+        from cbir.errors import ConfigError
 
         raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index rows "
                           f"to train, the index has {len(vectors)}; lower nbits or use index=ivf")

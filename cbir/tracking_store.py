@@ -71,7 +71,7 @@ def check_uri(uri: str, artifact_root: str | None = None) -> None:
 
 
 def _error(uri: str, problem: str):
-    from cbir.checks import ConfigError
+    from cbir.errors import ConfigError
 
     return ConfigError(f"tracking.uri={shown(uri)}: {problem}")
 
@@ -151,7 +151,7 @@ def experiment_id(client, name: str, artifact_root: str | None, uri: str) -> str
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         if existing.lifecycle_stage == "deleted":
-            from cbir.checks import ConfigError
+            from cbir.errors import ConfigError
 
             raise ConfigError(f"tracking.experiment={name}: deleted in MLflow; restore it "
                               f"(mlflow experiments restore --experiment-id {existing.experiment_id}) or choose another name")
