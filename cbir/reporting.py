@@ -90,14 +90,15 @@ def saturation_frame(runs: pd.DataFrame, ns) -> pd.DataFrame:
     first = f"micro/{metric_name(min(ns))}"
     # runs of other tasks (k-NN classification, linear probe) have no P@N: no point on a curve
     runs = runs[runs[first].notna()].copy() if first in runs else runs.iloc[:0].copy()
-    parts = ["encoder"] + [c for c in ("index_type", "dataset") if c in runs and runs[c].nunique() > 1]
+    parts = ["encoder"] + [c for c in ("index_type", "dataset", "labels") if c in runs and runs[c].nunique() > 1]
     runs["group"] = runs[parts].astype(str).agg("/".join, axis=1)
     numeric = pd.to_numeric(runs["per_class"], errors="coerce")
     whole = runs.get("index/max_per_class", pd.Series(np.nan, index=runs.index))
     runs["step"] = numeric.fillna(whole).astype(int)
     columns = [c for c in curve_metric_names(ns) if c in runs]
     table = runs[["group", "per_class", "step"] + columns].sort_values(["group", "step"])
-    return table.reset_index(drop=True)
+    # task=retrieval and task=all of one config share one search: the same point, drawn once
+    return table.drop_duplicates(["group", "step", *columns]).reset_index(drop=True)
 
 
 def plot_saturation(curves: pd.DataFrame, path: Path, ns) -> Path:

@@ -45,7 +45,8 @@ def children_table(client, parent_id: str, experiment_id: str):
         tags = run.data.tags
         rows.append({"run_id": run.info.run_id, "encoder": tags.get("encoder"), "dataset": tags.get("dataset"),
                      "index_type": tags.get("index_type"), "per_class": tags.get("per_class"),
-                     "config_hash": tags.get("config_hash"), **run.data.metrics})
+                     "labels": tags.get("labels") or "single", "config_hash": tags.get("config_hash"),
+                     **run.data.metrics})
     return pd.DataFrame(rows)
 
 
