@@ -42,6 +42,11 @@ def trusted_class(target: Any, package: str) -> bool:
             and callable(getattr(cls, TRUSTED_PACKAGES[package], None)))
 
 
+# Options the encoders pass on to their library (model_config, model_kwargs) that would make it run
+# code from a hub repository or unpickle a file: never taken from a file read back.
+CODE_LOADING_KEYS = {"trust_remote_code", "checkpoint_path", "pretrained_cfg_overlay", "pretrained_cfg"}
+
+
 def _check_node(node: dict, package: str, source: str, where: str) -> None:
     target = node.get("_target_")
     if not trusted_class(target, package):
@@ -56,9 +61,9 @@ def _check_plain(value: Any, package: str, source: str, where: str = "") -> None
             _check_node(value, package, source, where)
             return
         for key, item in value.items():
-            if not isinstance(key, str) or (key.startswith("_") and key.endswith("_")):
+            if not isinstance(key, str) or (key.startswith("_") and key.endswith("_")) or key in CODE_LOADING_KEYS:
                 raise ConfigError(f"{source}: key {where}{key!r} is not allowed in a file read back "
-                                  "(plain values only)")
+                                  "(plain values only; no option that makes a library load code or a pickle)")
             _check_plain(item, package, source, f"{where}{key}.")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):

@@ -73,6 +73,11 @@ def test_an_intact_folder_loads_and_finds_its_own_images(index_folder):
     {**BASELINE, "_args_": ["VICTIM"]},
     {**BASELINE, "grids": {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]}},  # nested
     {**BASELINE, "name": "${oc.env:HOME}"},
+    # a shipped encoder class, but options that make its library run hub code or unpickle a file
+    {"_target_": "cbir.encoders.transformers_encoder.TransformersEncoder", "name": "x", "model_class": "AutoModel",
+     "hub_id": "VICTIM/repo", "model_config": {"trust_remote_code": True}},
+    {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "x", "model_name": "resnet18",
+     "model_kwargs": {"checkpoint_path": "VICTIM"}},
 ])
 def test_a_crafted_encoder_block_is_refused_before_anything_is_called(index_folder, tmp_path, encoder_block):
     victim = tmp_path / "victim.txt"

@@ -38,14 +38,16 @@ def load_image(path: str | Path) -> Image.Image:
     without the 128-byte preamble."""
     path = Path(path)
     try:
-        if _is_dicom(path):  # DICOM files often have no (or another) extension
-            return _load_dicom(path)
-        try:
-            return _load_raster(path)
-        except UnidentifiedImageError:
-            if path.suffix.lower() in DICOM_SUFFIXES:
+        with open(path, "rb") as f:  # one open per image: sniff, then decode from the same handle
+            if f.read(132)[128:132] == b"DICM":  # DICOM files often have no (or another) extension
                 return _load_dicom(path)
-            raise
+            f.seek(0)
+            try:
+                return _load_raster(f)
+            except UnidentifiedImageError:
+                if path.suffix.lower() in DICOM_SUFFIXES:
+                    return _load_dicom(path)
+                raise
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
@@ -54,13 +56,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _is_dicom(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(132)[128:132] == b"DICM"
-
-
-def _load_raster(path: Path) -> Image.Image:
-    with Image.open(path) as im:
+def _load_raster(file) -> Image.Image:
+    with Image.open(file) as im:
         im.load()
         if im.mode in ("L", "RGB"):
             return im.copy()
