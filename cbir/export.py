@@ -69,19 +69,15 @@ def manifest_and_embeddings(cfg: DictConfig, encoder_cfg=None):
     cache entry a run with the same dataset/encoder overrides made (extracted now if absent)."""
     import torch
 
-    from cbir import checks
     from cbir.extract import extract_embeddings
-    from cbir.jobs import build
+    from cbir.jobs import build, load_job_manifest
     from cbir.store import EmbeddingStore
 
-    manifest = build(cfg.dataset).load_manifest()
-    table, duplicates = checks.drop_duplicate_paths(manifest.table)
-    if duplicates:
-        manifest = manifest.with_table(table)
+    manifest, _ = load_job_manifest(cfg)
     torch.manual_seed(int(cfg.seed))  # as cbir.run: random-init encoders get the run's weights
     encoder = build(encoder_cfg if encoder_cfg is not None else cfg.encoder)
     extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
-                                    on_error=cfg.data.on_error)
+                                    on_error=cfg.data.on_error, retry_failed=bool(cfg.data.get("retry_failed", False)))
     log.info("embeddings %s (%s)", extraction.cached.key, "cache hit" if extraction.cache_hit else "extracted now")
     return manifest, encoder, extraction
 

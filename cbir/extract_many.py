@@ -91,7 +91,8 @@ def decode_only(mode: str):
 
 
 class SharedImageRows(Dataset):
-    """Yields (row, inputs, ok, error, seconds): one decode, then each worker transform.
+    """Yields (row, inputs, ok, error, seconds): one decode, then each worker transform; `ok[k]`
+    says whether worker input k was made (a failed decode fails them all).
     `seconds` = [decode, transform 0, transform 1, ...] for the timing split."""
 
     def __init__(self, paths: list[Path], rows: np.ndarray, transforms: list) -> None:
@@ -106,26 +107,29 @@ class SharedImageRows(Dataset):
         row = int(self.rows[i])
         seconds = torch.zeros(1 + len(self.transforms), dtype=torch.float64)
         start = time.perf_counter()
+        ok = torch.ones(len(self.transforms), dtype=torch.bool)  # per worker input: its encoders' rows
         try:
             image = load_image(self.paths[row])  # the one decode of this image
         except ImageLoadError as e:
-            return row, self.placeholders, False, str(e), seconds
+            return row, self.placeholders, ~ok, str(e), seconds
         seconds[0] = time.perf_counter() - start
-        inputs = []
-        try:
-            for k, transform in enumerate(self.transforms):
-                start = time.perf_counter()
+        inputs, error = [], ""
+        for k, transform in enumerate(self.transforms):
+            start = time.perf_counter()
+            try:
                 inputs.append(transform(image))
-                seconds[1 + k] = time.perf_counter() - start
-        except Exception as e:  # a transform failing on an odd image (e.g. 1x1) is the image's fault
-            return row, self.placeholders, False, f"{self.paths[row]}: {type(e).__name__}: {e}", seconds
-        return row, tuple(inputs), True, "", seconds
+            except Exception as e:  # a transform failing on an odd image fails only its own encoders,
+                ok[k] = False       # as in a single-encoder extraction
+                inputs.append(self.placeholders[k])
+                error = error or f"{self.paths[row]}: {type(e).__name__}: {e}"
+            seconds[1 + k] = time.perf_counter() - start
+        return row, tuple(inputs), ok, error, seconds
 
 def collate_unstacked(items):
     """Rows, ok, errors and timings stacked; images kept as lists (sizes differ)."""
     rows, inputs, ok, errors, seconds = zip(*items)
     per_input = tuple(list(images) for images in zip(*inputs))
-    return torch.tensor(rows), per_input, torch.tensor(ok), list(errors), torch.stack(seconds)
+    return torch.tensor(rows), per_input, torch.stack(ok), list(errors), torch.stack(seconds)
 
 
 def prepare_on_device(images: list[torch.Tensor], steps) -> torch.Tensor:
@@ -182,9 +186,10 @@ class SharedArrayWriter(BasePredictionWriter):
     Under DDP each rank writes its own rows into every array (the writers reopen the on-disk
     arrays in spawned ranks, as the single-encoder writer does)."""
 
-    def __init__(self, writers: list[ArrayWriter], needed: list[np.ndarray]) -> None:
+    def __init__(self, writers: list[ArrayWriter], needed: list[np.ndarray], columns: list[int]) -> None:
         super().__init__(write_interval="batch")
         self.writers, self.needed = writers, needed
+        self.columns = columns  # encoder e's rows loaded when worker input columns[e] was made
         self.decodes = 0
         self.worker_seconds: np.ndarray | None = None
         self.write_seconds = np.zeros(len(writers))
@@ -203,7 +208,7 @@ class SharedArrayWriter(BasePredictionWriter):
             if keep.any():
                 picked = np.flatnonzero(keep)
                 try:
-                    writer.write(rows[picked], values.detach().cpu().numpy()[picked], ok[picked],
+                    writer.write(rows[picked], values.detach().cpu().numpy()[picked], ok[picked, self.columns[e]],
                                  [errors[i] for i in picked])
                 except ImageLoadError as err:  # every encoder keeps this batch's good rows first
                     failure = failure or err
@@ -285,7 +290,8 @@ def _run_pass(encoders, partials, needed, manifest, cfg, on_error):
         return 0, {}
     plan = plan_inputs(encoders, bool(cfg.get("device_preprocess", False)))
     dataset = SharedImageRows(paths, rows, plan.worker_transforms)
-    writer = SharedArrayWriter([ArrayWriter(p, paths, on_error) for p in partials], needed)
+    columns = [plan.device_steps[k][0] if plan.device_steps is not None else k for k in plan.encoder_input]
+    writer = SharedArrayWriter([ArrayWriter(p, paths, on_error) for p in partials], needed, columns)
     trainer = make_trainer(cfg, [writer])
     channels_last = False
     for encoder in encoders:

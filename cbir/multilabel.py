@@ -10,6 +10,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from cbir import retrieval
 from cbir.metrics import metric_name
 from cbir.metrics_multilabel import PREFIX, MultiLabelResult, evaluate_multilabel
 
@@ -22,9 +23,8 @@ def evaluate_search(table: pd.DataFrame, search, ns) -> MultiLabelResult:
     """Multi-label metrics of a run's SearchOutput (same neighbours as the single-label metrics)."""
     columns = [c for c in ("label", "modality", "anatomy", "findings") if c in table.columns]
     setup = search.setup
-    own = pd.Series(range(len(setup.index_rows)), index=setup.index_rows).reindex(setup.query_rows)
     return evaluate_multilabel(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
-                               search.neighbours, own.fillna(-1).astype(int).to_numpy(), ns)
+                               search.neighbours, retrieval.own_positions(setup.index_rows, setup.query_rows), ns)
 
 
 def job_outputs(table: pd.DataFrame, search, ns, tracker, out: Path, title: str) -> dict[str, Path]:

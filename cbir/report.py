@@ -151,7 +151,7 @@ def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
         return pd.DataFrame()
     runs = runs[runs[f"{prefix}/accuracy"].notna()]
     ident = identity_columns(runs)
-    chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch"}}[prefix]
+    chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch (from 0)"}}[prefix]
     columns = {f"{prefix}/{name}": classification.LABELS[name] for name in classification.METRICS}
     columns.update(chosen)
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
@@ -185,7 +185,7 @@ def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
         match = ref[ref["encoder"] == row["encoder"]]
         if match.empty:
             continue
-        item = {"encoder": row["encoder"]}
+        item = {c: row[c] for c in table.columns if "P@" not in str(c)}  # the run's identity (encoder, ...)
         for avg in ("micro", "macro"):
             for n in ns:
                 column = f"{avg}_p{n}"
@@ -216,7 +216,8 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
               "probe_per_modality": classification_per_modality(runs, "probe")}
     tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
     if cfg.report.get("reference"):
-        tables["comparison"] = comparison(tables["table1"], Path(cfg.report.reference), ns)
+        single = runs[runs["labels"] == "single"] if "labels" in runs else runs  # the study's setting
+        tables["comparison"] = comparison(table1(single, ns), Path(cfg.report.reference), ns)
     titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
               "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers",
               "multilabel": "Multi-label retrieval (dataset.labels=multi): relevant = shares a finding; macro over "

@@ -105,6 +105,7 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
     size_cap = int(cfg.get("group_size") or 0) or len(jobs)
     byte_cap = float(cfg.get("group_memory_gb") or 0) * 1e9 or float("inf")
     passes, group, group_bytes, seen = [], [], 0, set()
+    group_keys: set[str] = set()  # cache keys of `group` (a key hashes every manifest path: computed once)
 
     def flush() -> None:
         nonlocal group, group_bytes
@@ -112,6 +113,7 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
             passes.append(extract_shared(group, manifest, store, cfg, on_error=str(first.data.on_error),
                                          retry_failed=retry_failed, files=files))
         group, group_bytes = [], 0
+        group_keys.clear()
 
     for job in jobs:
         identity = json.dumps([OmegaConf.to_container(job.encoder, resolve=True), job.seed], sort_keys=True, default=str)
@@ -129,12 +131,13 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
         cached = store.load(key)
         if cached is not None and not len(cached.stale_rows(files, retry_failed)):
             continue
-        if any(cache_key(e, manifest) == key for e in group):
+        if key in group_keys:
             continue
         size = weight_bytes(encoder)
         if group and (len(group) >= size_cap or group_bytes + size > byte_cap):
             flush()
         group.append(encoder)
+        group_keys.add(key)
         group_bytes += size
     flush()
     return passes

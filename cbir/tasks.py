@@ -237,7 +237,7 @@ def summary_table(output: TaskOutput, title: str) -> Table:
     from cbir import classification
 
     m, c = output.result.metrics, output.counts
-    chosen = f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch']} of {c['epochs']}"
+    chosen = f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch'] + 1} of {c['epochs']}"
     table = Table(title=title, caption=f"µ micro, M macro; {c['queries']} test queries, {c['excluded_queries']} excluded "
                                        f"(class not in the training split); {chosen}")
     table.add_column("subset")

@@ -153,3 +153,28 @@ def test_ddp_ranks_write_every_encoders_rows(setup, singles, tmp_path):
         assert got.valid.all() and not got.cache_hit
         np.testing.assert_allclose(np.asarray(got.embeddings), np.asarray(singles[name].embeddings),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_transform_failing_on_an_image_fails_only_its_own_input(tmp_path):
+    """As in single-encoder extraction: an image one preprocessing cannot handle is a failed row
+    for the encoders fed by that preprocessing only, not for every encoder of the pass."""
+    from PIL import Image
+
+    from cbir.extract_many import SharedImageRows
+
+    def fails_on_small(image):
+        if min(image.size) < 16:
+            raise ValueError("too small for this preprocessing")
+        return torch.zeros(1, 4, 4)
+
+    def always_works(image):
+        return torch.ones(1, 4, 4)
+
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    Image.new("L", (32, 32)).save(tmp_path / "large.png")
+    dataset = SharedImageRows([tmp_path / "small.png", tmp_path / "large.png", tmp_path / "absent.png"],
+                              np.arange(3), [always_works, fails_on_small])
+    (_, _, ok_small, error, _), (_, _, ok_large, _, _), (_, _, ok_absent, _, _) = (dataset[i] for i in range(3))
+    assert ok_small.tolist() == [True, False] and "too small" in error
+    assert ok_large.tolist() == [True, True]
+    assert ok_absent.tolist() == [False, False]  # not decoded: no input can be made
