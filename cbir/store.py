@@ -17,8 +17,10 @@ One folder per key (encoder identity x which images, see `cbir.extract.cache_key
   never sees half an array; a per-key file lock makes concurrent jobs wait for one extraction
   instead of repeating it. Refreshing stale rows builds a new partial entry from a copy of the old
   one and swaps it in; processes still reading the old arrays keep their (unlinked) files.
-- Disk space for a new entry is checked and reserved before writing: writing into a sparse
-  memory-mapped file on a full disk would kill the process with SIGBUS.
+- Disk space for a new entry (arrays, and room for what the commit writes) is checked and
+  reserved before writing: writing into a sparse memory-mapped file on a full disk would kill
+  the process with SIGBUS. A disk that fills up anyway during the commit is a one-line error
+  that keeps the partial entry, so the next run finishes it without recomputing.
 Arrays load with `allow_pickle=False`.
 """
 
@@ -133,12 +135,18 @@ class EmbeddingStore:
         if partial is None:
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
-            need = n * dim * 4 + n + files.nbytes + 4096
-            check_space(path, need, self.cache_dir)
-            if base is not None:
-                partial = PartialEntry.copy_of(base, path, self.cache_dir)
-            else:
-                partial = PartialEntry.create(path, n, dim, self.cache_dir)
+            check_space(path, entry_bytes(path, n, dim), self.cache_dir)
+            try:
+                if base is not None:
+                    partial = PartialEntry.copy_of(base, path, self.cache_dir)
+                else:
+                    partial = PartialEntry.create(path, n, dim, self.cache_dir)
+            except OSError as e:  # the disk filled up since the check: nothing computed yet, start again later
+                if e.errno != errno.ENOSPC:
+                    raise
+                shutil.rmtree(path, ignore_errors=True)
+                raise _space_error(self.cache_dir, entry_bytes(self.root, n, dim),
+                                   shutil.disk_usage(self.root).free) from None
             written = files if base is None else base.files
         else:
             written = partial.written_files()
@@ -155,10 +163,20 @@ class EmbeddingStore:
         meta = {**meta, "version": META_VERSION, "complete": True, "n": partial.n, "dim": partial.dim,
                 "bytes": size, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         valid = partial.valid_mask()
-        np.save(partial.path / "valid.npy", valid)
-        partial.tidy_skipped(valid)
-        meta["checksum"] = checksum(partial.embeddings, valid, partial.files)
-        (partial.path / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        try:
+            np.save(partial.path / "valid.npy", valid)
+            partial.tidy_skipped(valid)
+            meta["checksum"] = checksum(partial.embeddings, valid, partial.files)
+            (partial.path / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        except OSError as e:  # done.npy is still there: the partial entry resumes, nothing is recomputed
+            if e.errno != errno.ENOSPC:
+                raise
+            free = shutil.disk_usage(partial.path).free
+            raise CacheSpaceError(
+                f"disk full in {self.cache_dir} while finishing embedding cache entry {partial.path.name} "
+                f"(have {_size(free)}, need about {_size(COMMIT_BYTES + partial.n)} more); its "
+                f"{int((np.asarray(partial.done) != 0).sum())} rows are kept: free some space there and run again "
+                "to finish it without recomputing") from None
         partial.close()
         target, old = self.folder(key), None
         if target.exists():  # a damaged or out-of-date entry: swap, readers keep their open files
@@ -201,6 +219,19 @@ def _space_error(cache_dir: Path, need: int, free: int) -> CacheSpaceError:
     return CacheSpaceError(
         f"not enough space in {cache_dir}: need {_size(need)}, have {_size(free)}; free some space there "
         "or set paths.cache_dir=<folder on a larger disk>")
+
+
+COMMIT_BYTES = 64 << 10  # room kept for meta.json and skipped.csv, written when an entry is committed
+
+
+def entry_bytes(folder: Path, n: int, dim: int) -> int:
+    """Disk space a new entry takes until its commit, counted in the file system's blocks (a
+    small file still takes a whole block): the arrays, valid.npy and room for meta.json and the
+    skipped list, so a disk that passes the check does not run out while committing."""
+    block = max(512, os.statvfs(folder).f_frsize) if hasattr(os, "statvfs") else 4096
+    header = 128  # an .npy header
+    files = (n * dim * 4 + header, n + header, n * 16 + header, n + header)  # embeddings, done, files, valid
+    return sum(-(-size // block) * block for size in files) + COMMIT_BYTES
 
 
 def check_space(folder: Path, need: int, cache_dir: Path) -> None:
@@ -313,10 +344,15 @@ class PartialEntry:
         for row, path, reason in read_skipped(self.skipped_file):
             latest[row] = (row, path, reason)
         rows = [latest[r] for r in sorted(latest) if r < len(valid) and not valid[r]]
-        with self.skipped_file.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["row", "path", "reason"])
-            writer.writerows(rows)
+        tmp = self.skipped_file.with_name("skipped.csv.tmp")  # a full disk leaves the list as it was
+        try:
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["row", "path", "reason"])
+                writer.writerows(rows)
+            os.replace(tmp, self.skipped_file)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def valid_mask(self) -> np.ndarray:
         return np.asarray(self.done) == 1

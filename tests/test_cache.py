@@ -154,6 +154,77 @@ def test_a_new_entry_has_its_disk_blocks_reserved(tmp_path):
     assert stat.st_size >= 20_000 * 64 * 4 and stat.st_blocks * 512 >= stat.st_size
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 512 KB file system (tmpfs), unmounted afterwards; skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                          check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({(done.stderr or done.stdout).strip()[:120]})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of the file system: the next write fails with ENOSPC."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 512):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_disk_filling_up_before_the_commit_loses_no_computed_row(small_disk):
+    from cbir.jobs import user_errors
+    from cbir.store import CacheSpaceError
+
+    store, n, dim = EmbeddingStore(small_disk / "cache"), 300, 256  # 300 KB of embeddings
+    values = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    partial = store.open_partial("k", n, dim)
+    partial.write(np.arange(n), values, np.ones(n, bool))
+    partial.record_skips([])
+    filler = fill(small_disk)  # another program takes the rest of the disk
+    with pytest.raises(CacheSpaceError, match=rf"disk full in {store.cache_dir} .*300 rows are kept: free some "
+                                              "space there and run again") as caught:
+        store.commit("k", partial, {})
+    assert isinstance(caught.value, user_errors())  # one line and exit code 2, no traceback
+    assert store.load("k") is None and (store.root / "k.partial" / "done.npy").exists()
+    del partial
+    filler.unlink()  # space freed: the next run resumes with nothing left to compute
+    resumed = store.open_partial("k", n, dim)
+    assert len(resumed.remaining()) == 0
+    assert np.array_equal(store.commit("k", resumed, {}).embeddings, values)
+
+
+def test_the_space_check_counts_what_the_commit_writes(small_disk):
+    """An entry whose arrays fit but whose commit files would not is refused before any row."""
+    from cbir.store import CacheSpaceError, entry_bytes
+
+    store = EmbeddingStore(small_disk / "cache")
+    free = shutil.disk_usage(small_disk).free
+    # the most rows whose bytes fit (embeddings, done and files arrays, a page), leaving no room to commit
+    n = max(n for n in range(100, 2000) if n * 256 * 4 + n + n * 16 + 4096 <= free)
+    assert entry_bytes(small_disk, n, 256) > free
+    with pytest.raises(CacheSpaceError, match=rf"not enough space in {store.cache_dir}: need .*KB, have .*KB"):
+        store.open_partial("k", n, 256)
+    assert not list(store.root.glob("*.partial"))
+    fits = n - 80  # 80 KB less: what fits is committed
+    partial = store.open_partial("k", fits, 256)
+    partial.write(np.arange(fits), np.ones((fits, 256), np.float32), np.ones(fits, bool))
+    assert store.commit("k", partial, {"note": "x" * 2000}).valid.all()
+
+
 # ---------------------------------------------------------------------------- hub revisions
 def _fake_hub(cache: Path, repo: str, commits: list[str], save) -> Path:
     """A local hub cache as huggingface_hub lays it out: refs/main -> snapshots/<commit>/."""
