@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cbir.data.images import ImageLoadError, load_image
 from cbir.data.manifest import Manifest
 from cbir.encoders.base import Encoder
+from cbir.errors import DataError
 from cbir.store import CachedEmbeddings, EmbeddingStore
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,18 @@ class ArrayWriter(BasePredictionWriter):
         self.write(rows, prediction["embedding"].detach().cpu().numpy(), ok, list(prediction["errors"]))
 
     def write(self, rows: np.ndarray, values: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
+        finite = np.isfinite(values).all(axis=1)
+        if not finite[ok].all():  # a NaN index row is never retrieved, a NaN query never hits: a failed row
+            errors = [f"{self.paths[r]}: the encoder's embedding holds NaN or inf values" if good and not fin else e
+                      for r, good, fin, e in zip(rows, ok, finite, errors)]
+            ok = ok & finite
+            values = np.where(finite[:, None], values, 0).astype(np.float32)
         if self.on_error == "raise" and not ok.all():
             good = ok.nonzero()[0]
             self.partial.write(rows[good], values[good], ok[good])  # keep what this batch did compute
             first = int((~ok).nonzero()[0][0])
             raise ImageLoadError(f"{errors[first]} (data.on_error=raise; "
-                                 "use data.on_error=skip to skip and count unreadable files)")
+                                 "use data.on_error=skip to skip and count unreadable files and failed embeddings)")
         self.partial.write(rows, values, ok)
         self.partial.record_skips(
             [(int(r), str(self.paths[r]), e) for r, good, e in zip(rows, ok, errors) if not good]
@@ -150,13 +157,13 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
     files = manifest.no_file_stats() if encoder.precomputed else manifest.file_stats()
     cached = store.load(key)
     if cached is not None and not len(cached.stale_rows(files, retry_failed)):
-        return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error)
+        return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error, encoder)
     with store.lock(key):
         cached = store.load(key)  # another job may have finished or refreshed it while we waited
         if cached is not None:
             stale = cached.stale_rows(files, retry_failed)
             if not len(stale):
-                return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error)
+                return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error, encoder)
             log.info("embeddings %s: %d of %d rows are out of date (their file changed%s); extracting them again",
                      key, len(stale), len(manifest), ", or they failed and data.retry_failed=true" if retry_failed else "")
         partial = store.open_partial(key, len(manifest), encoder.dim, files, base=cached, retry_failed=retry_failed)
@@ -168,18 +175,25 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
         elif len(rows):
             _predict(encoder, manifest, partial, rows, cfg, on_error)
         cached = store.commit(key, partial, entry_meta(key, encoder, manifest))
-    return _finish(Extraction(cached, False, time.perf_counter() - start, int(len(rows))), manifest, on_error)
+    return _finish(Extraction(cached, False, time.perf_counter() - start, int(len(rows))), manifest, on_error, encoder)
 
 
-def _finish(extraction: Extraction, manifest: Manifest, on_error: str) -> Extraction:
+def _finish(extraction: Extraction, manifest: Manifest, on_error: str, encoder: Encoder | None = None) -> Extraction:
     """`data.on_error=raise` also stops on failed rows kept from an earlier extraction."""
     if on_error == "raise" and not extraction.valid.all():
         skipped = extraction.cached.skipped()
         if skipped:
-            row, _, reason = skipped[0]
+            row, path, reason = skipped[0]
         else:  # an entry without its list: name the file from the manifest
             row = int(np.flatnonzero(~extraction.valid)[0])
-            reason = f"{manifest.paths()[row]}: could not be loaded"
+            path, reason = str(manifest.paths()[row]), "could not be loaded"
+        if encoder is not None and encoder.precomputed:  # no image involved: the HDF5 key and files
+            raise DataError(
+                f"key {path!r}: {reason} (row {row}, recorded when these files were read; data.on_error=raise; "
+                "add or fix the HDF5 file holding this key in encoder.files (changed or added files are read "
+                "again), or use data.on_error=skip to skip and count rows without a usable embedding)")
+        if not reason.startswith(path):
+            reason = f"{path}: {reason}"
         raise ImageLoadError(
             f"{reason} (row {row}, failed in an earlier extraction and unchanged since; data.on_error=raise; "
             "fix the file (changed files are read again), set data.retry_failed=true to retry it as it is, "

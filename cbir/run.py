@@ -87,7 +87,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                              "data/skipped": n_skipped, "data/duplicate_paths": n_duplicates})
         if n_skipped:
             skipped_csv = extraction.cached.path / "skipped.csv"
-            log.warning("%d images could not be loaded and are left out; list: %s", n_skipped, skipped_csv)
+            log.warning("%d images could not be loaded (or had no embedding, or a NaN/inf one) and are left out; "
+                        "list: %s", n_skipped, skipped_csv)
             tracker.log_artifact(skipped_csv)
             checks.check_skipped(n_skipped, len(manifest), cfg, skipped_csv)
 

@@ -108,6 +108,36 @@ def test_on_error_raise_stops_on_failed_rows_from_an_earlier_run(tiny):
         extract_embeddings(encoder, manifest, store, EXTRACT, on_error="raise")
 
 
+class UnstableEncoder(ClassicalEncoder):
+    """Divides by the image's spread, as a careless normalisation would: a uniform image gives NaN."""
+
+    def forward(self, images):
+        spread = images.flatten(1).std(1, keepdim=True)
+        return super().forward(images) * (spread / spread)
+
+
+def test_nan_embeddings_are_failed_rows_counted_listed_and_left_out(tiny):
+    from PIL import Image
+
+    from cbir.retrieval import choose_rows
+
+    manifest, _, store = tiny
+    path = manifest.paths()[4]
+    Image.new("L", (32, 32), 128).save(path)  # uniform: the encoder returns NaN for it
+    with pytest.raises(ImageLoadError, match=rf"{path.name}: the encoder's embedding holds NaN or inf.*on_error=raise"):
+        extract_embeddings(UnstableEncoder(), manifest, EmbeddingStore(store.cache_dir / "raise"), EXTRACT,
+                           on_error="raise")
+    skipped = extract_embeddings(UnstableEncoder(), manifest, store, EXTRACT, on_error="skip")
+    assert np.flatnonzero(~skipped.valid).tolist() == [4]
+    assert np.isfinite(skipped.embeddings).all()
+    assert [(row, reason) for row, _, reason in skipped.cached.skipped()] == [
+        (4, f"{path}: the encoder's embedding holds NaN or inf values")]
+    setup = choose_rows(manifest.table, skipped.valid, "train", "test", None, 0)
+    assert 4 not in set(setup.index_rows) | set(setup.query_rows)
+    with pytest.raises(ImageLoadError, match=rf"{path.name}: the encoder's embedding holds NaN.*\(row 4, failed in an"):
+        extract_embeddings(UnstableEncoder(), manifest, store, EXTRACT, on_error="raise")  # a cache hit
+
+
 # ---------------------------------------------------------------------------- integrity
 def test_the_integrity_check_covers_every_row(tmp_path):
     """6,000 rows: more than the 4,096 rows a sampled check would read."""

@@ -144,6 +144,44 @@ def test_rows_without_an_embedding_stop_the_run_or_are_counted(published, tmp_pa
     assert len(listed) == n_rad and listed["path"].str.startswith("radiology_ai/").all()
 
 
+def test_a_cached_missing_key_under_on_error_raise_names_the_key_and_the_files(published, tmp_path):
+    manifest = reader(published).load_manifest()
+    nih = published / "embeddings/BiomedCLIPVitB16_224/nih14.h5"
+    only_nih = PrecomputedEncoder("biomedclip", files=[nih])
+    load(only_nih, manifest, tmp_path, on_error="skip")
+    first = next(p for p in manifest.table["path"] if p.startswith("radiology_ai/"))
+    with pytest.raises(DataError, match=rf"key '{first}': no embedding under this key in {nih} \(row .*"
+                                        r"on_error=raise; add or fix the HDF5 file holding this key in encoder.files") as e:
+        load(only_nih, manifest, tmp_path, on_error="raise")  # the failure is cached: no image, no image advice
+    advice = str(e.value).split("on_error=raise")[1]
+    assert "image" not in advice and "retry_failed" not in advice
+
+
+def test_nan_or_inf_embeddings_are_failed_rows_or_stop_naming_file_and_key(published, tmp_path):
+    from cbir.retrieval import choose_rows
+
+    manifest = reader(published).load_manifest()
+    nih = tmp_path / "nih14.h5"
+    shutil.copy(published / "embeddings/BiomedCLIPVitB16_224/nih14.h5", nih)
+    keys = sorted(p for p in manifest.table["path"] if p.startswith("nih14/"))[3:5]
+    with h5py.File(nih, "a") as h5:
+        h5[keys[0]][0] = np.nan
+        h5[keys[1]][5] = np.inf
+    files = [published / "embeddings/BiomedCLIPVitB16_224/radiology_ai.h5", nih]
+    with pytest.raises(DataError, match=rf"{nih}: the embedding under key '{keys[0]}' holds NaN or inf values"):
+        load(PrecomputedEncoder("biomedclip", files=files), manifest, tmp_path / "raise", on_error="raise")
+    loaded = load(PrecomputedEncoder("biomedclip", files=files), manifest, tmp_path, on_error="skip")
+    bad = [int(np.flatnonzero(manifest.table["path"] == k)[0]) for k in keys]
+    assert sorted(np.flatnonzero(~loaded.valid).tolist()) == sorted(bad)
+    assert np.isfinite(loaded.embeddings).all()
+    listed = pd.read_csv(loaded.cached.path / "skipped.csv")
+    assert sorted(listed["path"]) == keys and listed["reason"].str.contains("NaN or inf").all()
+    setup = choose_rows(manifest.table, loaded.valid, "train", "test", None, 0)
+    assert not set(bad) & (set(setup.index_rows) | set(setup.query_rows))
+    with pytest.raises(DataError, match=rf"key '{keys[0]}': the embedding in {nih} holds NaN or inf"):
+        load(PrecomputedEncoder("biomedclip", files=files), manifest, tmp_path, on_error="raise")  # a cache hit
+
+
 def test_a_corrupt_or_truncated_hdf5_file_is_a_clear_error(published, tmp_path):
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an hdf5 file" * 100)

@@ -129,8 +129,9 @@ class PrecomputedEncoder(Encoder):
                                 "(or data.on_error=skip to count and skip those rows)")
             log.warning("%s; skipped (data.on_error=skip)", message)
             partial.write(absent, np.zeros((len(absent), self.dim), np.float32), np.zeros(len(absent), bool))
-            partial.record_skips([(int(i), keys[i], "no embedding under this key in encoder.files") for i in absent])
-        _read_into(partial, plan, wanted, self.dim)
+            where = ", ".join(str(f) for f in self.files)
+            partial.record_skips([(int(i), keys[i], f"no embedding under this key in {where}") for i in absent])
+        _read_into(partial, plan, wanted, self.dim, on_error)
 
 
 def _opened(file: Path):
@@ -140,7 +141,7 @@ def _opened(file: Path):
         raise DataError(str(e)) from None
 
 
-def _read_into(partial, plan, wanted: np.ndarray, dim: int) -> None:
+def _read_into(partial, plan, wanted: np.ndarray, dim: int, on_error: str = "skip") -> None:
     from rich.progress import Progress
 
     total = int(sum(wanted[found].sum() for _, _, found in plan))
@@ -154,7 +155,27 @@ def _read_into(partial, plan, wanted: np.ndarray, dim: int) -> None:
                 try:
                     for start, block in read_vectors(h5, file, names, dim):
                         rows = found[start:start + len(block)]
-                        partial.write(rows, block, np.ones(len(rows), dtype=bool))
+                        finite = np.isfinite(block).all(axis=1)
+                        partial.write(rows[finite], block[finite], np.ones(int(finite.sum()), dtype=bool))
+                        if not finite.all():
+                            _not_finite(partial, file, names[start:start + len(block)], rows, finite, dim, on_error)
                         progress.advance(task, len(rows))
                 except StudyFormatError as e:
                     raise DataError(str(e)) from None
+
+
+def _not_finite(partial, file: Path, names: list[bytes], rows: np.ndarray, finite: np.ndarray, dim: int,
+                on_error: str) -> None:
+    """Embeddings holding NaN or inf: a NaN index row is never retrieved and a NaN query never
+    hits, so such rows are failed rows (counted, listed, left out), or stop the run."""
+    bad = np.flatnonzero(~finite)
+    keys = [names[i].decode() for i in bad]
+    if on_error == "raise":
+        raise DataError(f"{file}: the embedding under key {keys[0]!r} holds NaN or inf values "
+                        f"({len(bad)} such in this block; data.on_error=raise); export it again from the model, "
+                        "or use data.on_error=skip to count and skip such rows")
+    log.warning("%d embeddings in %s hold NaN or inf values, e.g. %s; skipped (data.on_error=skip)",
+                len(bad), file, keys[:3])
+    partial.write(rows[bad], np.zeros((len(bad), dim), np.float32), np.zeros(len(bad), bool))
+    partial.record_skips([(int(rows[i]), key, f"the embedding in {file} holds NaN or inf values")
+                          for i, key in zip(bad, keys)])
