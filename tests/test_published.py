@@ -283,6 +283,44 @@ def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(bas
                 theirs.embeddings, theirs.valid)
 
 
+def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path):
+    from cbir.checks import ConfigError
+    from cbir.parity import parity_command, write_report
+
+    cfg, manifest, extraction, work, files = baseline_export
+    theirs = extract_embeddings(PrecomputedEncoder("baseline", files=files["h5"]), manifest,
+                                EmbeddingStore(work / "cache"), EXTRACT, on_error="skip")
+    n = len(manifest)
+    one = np.zeros(n, bool)
+    one[0] = True  # the published files hold a single row: identical, but it says nothing about the rest
+    report = compare(manifest.table, extraction.embeddings, extraction.valid, theirs.embeddings, one)
+    assert not report.passed and report.verdict == "FAIL" and report.compared == 1
+    assert report.summary.set_index("dataset").loc["all", "p1"] > 0.9999
+    assert report.coverage().startswith(f"1 of {n} rows compared; not compared: {n - 1} rows without a published "
+                                        "embedding, 0 rows cbir could not embed")
+    assert "FAIL: fewer than parity.min_compared=0.95 of the rows compared in" in report.coverage()
+    saved = write_report(report, tmp_path / "out")["json"].read_text()
+    assert f'"manifest_rows": {n}' in saved and '"verdict": "FAIL"' in saved
+
+    # enough rows overall, but one dataset/modality group short of its share
+    modality = manifest.table["modality"].to_numpy()
+    group = np.flatnonzero(modality == "CT")
+    most = np.ones(n, bool)
+    most[group[: max(1, len(group) // 10)]] = False
+    report = compare(manifest.table, extraction.embeddings, most, theirs.embeddings, theirs.valid)
+    shares = report.summary.set_index("modality")["share"]
+    assert shares["all"] >= 0.95 and shares["CT"] < 0.95 and not report.passed
+    assert "rows cbir could not embed" in report.coverage() and "synthetic/CT" in report.coverage()
+    assert compare(manifest.table, extraction.embeddings, most, theirs.embeddings, theirs.valid,
+                   min_compared=0.8).passed  # the key lowers the bar
+
+    assert compose("encoder=baseline", config_name="parity").parity.min_compared == 0.95
+    with pytest.raises(ConfigError, match=r"parity.min_compared=2: give the share of rows that must be compared"):
+        parity_command(compose("encoder=baseline", "parity.min_compared=2", f"paths.data_dir={tmp_path / 'no'}",
+                               config_name="parity"))
+    assert not (tmp_path / "no").exists()  # refused before any work
+
+
 @pytest.fixture(scope="module")
 def two_models(published, tmp_path_factory) -> Path:
     """The published set with a second model folder (the same vectors under the DINOv2 name)."""
