@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cbir.data.images import ImageLoadError
+from cbir.data.manifest import ManifestError
 from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
 from cbir.extract import cache_key, extract_embeddings
@@ -136,6 +137,55 @@ def test_nan_embeddings_are_failed_rows_counted_listed_and_left_out(tiny):
     assert 4 not in set(setup.index_rows) | set(setup.query_rows)
     with pytest.raises(ImageLoadError, match=rf"{path.name}: the encoder's embedding holds NaN.*\(row 4, failed in an"):
         extract_embeddings(UnstableEncoder(), manifest, store, EXTRACT, on_error="raise")  # a cache hit
+
+
+# ---------------------------------------------------------------------------- cached manifests
+def edit_keeping_size_and_mtime(path: Path, old: str, new: str) -> None:
+    """An edit no size/mtime check sees (a copy with times kept, a coarse-clock file system)."""
+    text, stat = path.read_text(), path.stat()
+    assert len(old) == len(new) and text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_an_edited_csv_manifest_is_read_again_even_with_the_same_size_and_mtime(tmp_path):
+    from cbir.data.csv_manifest import CSVManifestDataset
+
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("path,split,modality,anatomy,label\n"
+                   "a.png,train,CT,head,CT/head/normal\nb.png,test,CT,head,CT/head/lesion\n")
+    data = CSVManifestDataset(file=csv, cache_dir=tmp_path / "cache", missing="keep")
+    assert data.load_manifest().table["label"].tolist() == ["CT/head/normal", "CT/head/lesion"]
+    edit_keeping_size_and_mtime(csv, "a.png,train,CT,head,CT/head/normal", "a.png,train,CT,head,CT/head/lesion")
+    assert data.load_manifest().table["label"].tolist() == ["CT/head/lesion", "CT/head/lesion"]
+    assert len(list((tmp_path / "cache").glob("*.parquet"))) == 2  # a new entry, the old one untouched
+
+
+@pytest.mark.parametrize("side", ["split_file", "findings_file"])
+def test_an_edited_side_file_of_a_folder_dataset_is_read_again(tmp_path, side):
+    from cbir.data.folder import FolderDataset
+
+    root = tmp_path / "images"
+    for rel in ("CT/head/normal/a.png", "CT/head/lesion/b.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"png")
+    split_file, findings_file = tmp_path / "splits.csv", tmp_path / "findings.csv"
+    split_file.write_text("path,split\nCT/head/normal/a.png,train\nCT/head/lesion/b.png,val\n")
+    findings_file.write_text("path,findings\nCT/head/normal/a.png,Edema\nCT/head/lesion/b.png,Mass\n")
+    data = FolderDataset(root, cache_dir=tmp_path / "cache", split_file=str(split_file),
+                         labels="multi", findings_file=str(findings_file))
+    before = data.load_manifest().table
+    if side == "split_file":
+        edit_keeping_size_and_mtime(split_file, "b.png,val", "b.png,tes")  # same size: any edit must be seen
+        with pytest.raises(ManifestError, match=r"unknown split value\(s\) \['tes'\]"):
+            data.load_manifest()
+        return
+    edit_keeping_size_and_mtime(findings_file, "a.png,Edema", "a.png,Other")
+    after = data.load_manifest().table
+    a = "CT/head/normal/a.png"
+    assert dict(zip(before["path"], before["findings"]))[a] == "Edema"
+    assert dict(zip(after["path"], after["findings"]))[a] == "Other"
 
 
 # ---------------------------------------------------------------------------- integrity
