@@ -213,6 +213,31 @@ def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data
 
 
 @pytest.mark.slow
+def test_a_full_cache_disk_is_one_line_and_the_same_command_works_once_there_is_room(tmp_path, shared_data_dir):
+    """The cache on a real 432 KB file system (tmpfs), then grown to 4 MB. The 369 x 285 float32
+    embeddings (421 KB) fit, the files the commit writes do not: that must be refused before any
+    row is computed, not lost at the commit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=432k", "tmpfs", str(disk)],
+                             check=False, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({(mounted.stderr or mounted.stdout).strip()[:120]})")
+    try:
+        overrides = ["debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={disk}",
+                     "tracking.enabled=false"]
+        proc = run_cbir(tmp_path, *overrides, check=False)
+        text = output(proc)
+        assert proc.returncode == 2 and "Traceback" not in text
+        assert re.search(rf"not enough space in {disk}: need .*KB, have .*KB; free some space there", text)
+        assert not list(disk.glob("embeddings/*.partial"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        assert "micro" in output(run_cbir(tmp_path, *overrides))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
 def test_concurrent_jobs_extract_a_key_once(tmp_path, shared_data_dir):
     overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=false", "extract.batch_size=4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
