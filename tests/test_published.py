@@ -283,7 +283,7 @@ def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(bas
                 theirs.embeddings, theirs.valid)
 
 
-def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path):
+def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path, caplog):
     from cbir.checks import ConfigError
     from cbir.parity import parity_command, write_report
 
@@ -301,6 +301,15 @@ def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path):
     assert "FAIL: fewer than parity.min_compared=0.95 of the rows compared in" in report.coverage()
     saved = write_report(report, tmp_path / "out")["json"].read_text()
     assert f'"manifest_rows": {n}' in saved and '"verdict": "FAIL"' in saved
+    # the command: published files holding that one row
+    export_embeddings(manifest.table, extraction.embeddings, one, tmp_path / "one", "baseline")
+    common = ["debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
+              "encoder=baseline"]
+    with caplog.at_level("ERROR", logger="cbir.parity"):
+        report = parity_command(compose(*common, f"parity.dir={tmp_path / 'one' / 'embeddings'}",
+                                        f"parity.output_dir={tmp_path / 'parity'}", config_name="parity"))
+    assert not report.passed and report.compared == 1
+    assert f"1 of {n} rows compared" in caplog.text and "skipped.csv" in caplog.text
 
     # enough rows overall, but one dataset/modality group short of its share
     modality = manifest.table["modality"].to_numpy()
