@@ -148,6 +148,31 @@ def test_predict_gives_the_neighbours_of_cbir_search(loaded_model, index_folder)
     assert first["label"].tolist() == saved.manifest["label"].iloc[[0, 5, 9]].tolist()
 
 
+def test_dicom_and_jpeg_queries_are_decoded_as_cbir_search_decodes_files(
+    loaded_model, index_folder, tmp_path
+):
+    from test_images import write_dicom
+
+    from cbir.search import SavedIndex
+
+    saved = SavedIndex.load(index_folder)
+    pixels = _pattern("disc", 99).astype(np.uint16) * 200  # 16-bit CT-like values
+    files = [write_dicom(tmp_path / "scan.dcm", pixels), tmp_path / "photo.jpg"]
+    Image.fromarray(_pattern("checks", 98)).save(files[1], quality=90)
+    answer = loaded_model.predict(
+        pd.DataFrame(
+            {"image": [encoded(f) for f in files], "name": [f.name for f in files]}
+        ),
+        params={"k": 3},
+    )
+    _, positions = saved.search(files, 3)
+    assert answer["index_row"].tolist() == positions.ravel().tolist()
+    assert answer.loc[answer["rank"] == 1, "label"].tolist() == [
+        "CT/abd/lesion",
+        "MR/head/normal",
+    ]
+
+
 @pytest.mark.parametrize(
     "image, message",
     [
