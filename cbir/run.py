@@ -44,6 +44,10 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     """One job. Returns None when a sweep re-run finds this config already finished."""
     checks.validate_config(cfg)
     tasks.check_config(cfg)
+    # imported here, not at the top: mlflow.pyfunc takes seconds to import
+    from cbir import serving
+
+    serving.check_config(cfg)
     out = job_dir()
     tracker = tracking.Tracker.from_config(cfg)
     per_class = retrieval.per_class_value(cfg.index.per_class)
@@ -108,6 +112,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                 tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
             files.update(reporting.write_job_files(result, out))
             files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
+            serving.job_outputs(cfg, manifest, search, out, run_name, tracker)  # tracking.log_model: the `retriever` model
             if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
                 files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
                                                     f"{run_name}  (multi-label: shares a finding)"))
