@@ -20,7 +20,7 @@ from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
 from cbir.extract import extract_embeddings
 from cbir.store import EmbeddingStore
-from conftest import PROJECT, run_cbir
+from conftest import PROJECT, run_cbir, run_cbir_hang_guarded
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
 EXTRACT = OmegaConf.create(dict(batch_size=8, num_workers=0, accelerator="cpu", devices=1,
@@ -103,6 +103,26 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     latest = client.search_runs([client.get_experiment_by_name("cbir").experiment_id],
                                 order_by=["attributes.start_time DESC"])[0]
     assert latest.data.tags["cache"] == "hit" and latest.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_a_fifo_named_like_an_image_is_a_failed_row_not_a_hang(tmp_path, on_error):
+    """Reading a FIFO waits for a writer forever: only regular files are opened."""
+    root = SyntheticDataset(root=tmp_path / "synthetic", max_per_class=6, min_per_class=4,
+                            image_size=48).load_manifest().root
+    os.mkfifo(root / "CT" / "chest" / "lesion" / "x.png")
+    proc = run_cbir_hang_guarded(tmp_path, "debug=smoke", "encoder=baseline", "dataset=folder", f"dataset.root={root}",
+                                 "extract.num_workers=1", "data.max_skip_fraction=0.1", f"data.on_error={on_error}",
+                                 "tracking.enabled=false")
+    text = output(proc)
+    assert "Traceback" not in text
+    if on_error == "raise":
+        assert proc.returncode == 2 and "x.png: a FIFO (named pipe), not an image file" in text
+        return
+    assert proc.returncode == 0 and "1 images could not be loaded" in text
+    skipped = pd.read_csv(tmp_path / re.search(r"list: (\S+skipped\.csv)", text).group(1))
+    assert [Path(p).name for p in skipped["path"]] == ["x.png"] and "FIFO" in skipped["reason"].iloc[0]
 
 
 # ---------------------------------------------------------------------------- bad config
