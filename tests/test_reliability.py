@@ -199,6 +199,20 @@ def test_damaged_cache_is_detected_and_recomputed(tmp_path):
     assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
 
 
+def test_a_damaged_entry_is_reported_once(tmp_path, caplog):
+    manifest = SyntheticDataset(root=tmp_path / "d", max_per_class=3, min_per_class=3, image_size=32).load_manifest()
+    encoder, store = ClassicalEncoder(), EmbeddingStore(tmp_path / "cache")
+    path = extract_embeddings(encoder, manifest, store, EXTRACT).cached.path / "embeddings.npy"
+    for damage in range(2):  # each damage is news: one line each, though the entry is looked at twice
+        data = bytearray(path.read_bytes())
+        data[-64:] = bytes([damage + 1]) * 64
+        path.write_bytes(bytes(data))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cbir.store"):
+            assert not extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
+        assert sum("is damaged" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data_dir):
     """SIGKILL in the middle of extraction; the re-run finishes the missing rows only."""

@@ -70,6 +70,10 @@ def test_an_intact_folder_loads_and_finds_its_own_images(index_folder):
     {"_target_": "os.system", "_args_": ["touch VICTIM"]},
     {"_target_": "cbir.encoders.base.weights_identity", "weights": "VICTIM", "pretrained": False},  # not a class
     {"_target_": "cbir.encoders.base.Path", "_args_": ["VICTIM"]},  # a class, but not an encoder
+    # cbir's encoder interfaces: defined in cbir, but they leave the work to subclasses
+    {"_target_": "cbir.encoders.base.Encoder"},
+    {**BASELINE, "_target_": "cbir.encoders.base.Encoder"},
+    {"_target_": "cbir.encoders.base.PretrainedEncoder", "name": "VICTIM"},
     {**BASELINE, "_args_": ["VICTIM"]},
     {**BASELINE, "grids": {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]}},  # nested
     {**BASELINE, "name": "${oc.env:HOME}"},
@@ -181,6 +185,7 @@ def test_dataset_and_encoder_configs_of_cbir_are_trusted():
 @pytest.mark.parametrize("overrides", [
     ["encoder._target_=builtins.exec"],
     ["dataset._target_=cbir.encoders.classical.ClassicalEncoder"],  # a cbir class, but of the wrong kind
+    ["dataset._target_=cbir.data.base.DatasetReader"],  # the readers' interface: cannot be built
     ["+dataset.extra._target_=os.system"],
     ["dataset=combined", "dataset.parts.nih14._target_=subprocess.call"],
 ])
