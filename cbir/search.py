@@ -86,7 +86,10 @@ def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_n
 
 
 def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
+    """SHA-256 of a regular file (anything else is an ImageLoadError, see open_regular)."""
+    from cbir.data.images import open_regular
+
+    with open_regular(path) as f:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -94,14 +97,13 @@ def fingerprint(index_rows: np.ndarray, embeddings: np.ndarray, paths: list[Path
     """A few index positions, spread over the index, with the SHA-256 of their image and their stored
     (L2-normalised) embedding; rows whose image cannot be read now are left out."""
     from cbir import index as cbir_index
-    from cbir.data.images import ImageLoadError, open_regular
+    from cbir.data.images import ImageLoadError
 
     out = []
     for position in np.unique(np.linspace(0, len(index_rows) - 1, FINGERPRINT_ROWS).round().astype(int)):
         row = int(index_rows[position])
         try:
-            with open_regular(paths[row]) as f:
-                digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            digest = file_digest(paths[row])
         except (OSError, ImageLoadError):
             continue
         vector = cbir_index.l2_normalise(np.asarray(embeddings[row:row + 1]))[0]
@@ -200,24 +202,22 @@ class SavedIndex:
     def check_encoder(self, encoder) -> None:
         """The encoder is the one the index rows were embedded with: same identity as recorded, and the
         fingerprint rows whose image is unchanged give their stored vectors again."""
-        from cbir.data.images import ImageLoadError, open_regular
+        from cbir.data.images import ImageLoadError
 
         source = self.folder / META_FILE
         if encoder.cache_key() != self.meta["encoder_key"]:
             raise SearchError(f"{source}: the encoder it describes ({encoder.name}, key {encoder.cache_key()}) is not "
                               f"the one the index was made with (key {self.meta['encoder_key']}); {self.rebuild_hint()}")
-        images, stored, positions = [], [], []
+        images, stored = [], []
         for entry in self.meta["fingerprint"]:
             path = self.root / self.manifest["path"].iat[entry["position"]]
             try:
-                with open_regular(path) as f:
-                    unchanged = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == entry["image_sha256"]
+                unchanged = file_digest(path) == entry["image_sha256"]
             except (OSError, ImageLoadError):
                 unchanged = False
             if unchanged:
                 images.append(path)
                 stored.append(entry["embedding"])
-                positions.append(entry["position"])
         if not images:
             log.warning("%s: none of its fingerprint images is unchanged under %s; the encoder is checked by its "
                         "identity only", source, self.root)
