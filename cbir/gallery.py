@@ -7,6 +7,7 @@ not, grey when the query's class is unknown (an outside image given to `cbir.sea
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ DPI = 80
 CAPTION_POINTS = 9     # 10 px high at DPI: readable in the MLflow artifact viewer without zooming
 CAPTION_CHARS = 22     # longer class names are shortened to fit under a panel
 HIT, MISS, UNKNOWN = "#1a9e3a", "#d62728", "#888888"
+
+log = logging.getLogger(__name__)
 
 
 def figure_size(n_queries: int, k: int) -> tuple[int, int]:
@@ -63,15 +66,17 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
     paths = table["path"].astype(str).to_numpy()
     labels = table["label"].fillna("").astype(str).to_numpy()
     root = Path(root)
+    unreadable: dict[int, str] = {}
 
     def show(ax, row: int, caption: str, color: str | None) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
-        try:
+        try:  # only regular files are opened: a FIFO among the rows is a panel saying so, not a hang
             image = load_image(root / paths[row])
             image.thumbnail((120, 120))
             ax.imshow(np.asarray(image), cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
-        except ImageLoadError:
+        except ImageLoadError as e:
+            unreadable[row] = str(e)
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=CAPTION_POINTS)
         ax.set_xlabel(caption, fontsize=CAPTION_POINTS, labelpad=2)
         for side in ax.spines.values():
@@ -96,6 +101,8 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
     inches = height / DPI
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - TITLE_INCHES / inches, bottom=CAPTION_INCHES / inches,
                         wspace=0.06, hspace=CAPTION_INCHES / PANEL_INCHES)
+    if unreadable:
+        log.warning("gallery: %d image(s) shown as 'unreadable', e.g. %s", len(unreadable), next(iter(unreadable.values())))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the size stays figure_size()

@@ -111,8 +111,10 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
             for row in result.curve.itertuples():
                 tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
             files.update(reporting.write_job_files(result, out))
-            files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
-            serving.job_outputs(cfg, manifest, search, out, run_name, tracker)  # tracking.log_model: the `retriever` model
+            files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker, encoder,  # gallery, saved index
+                                                 extraction.embeddings))
+            serving.job_outputs(cfg, manifest, search, out, run_name, tracker, encoder,  # tracking.log_model: the `retriever` model
+                                extraction.embeddings)
             if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
                 files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
                                                     f"{run_name}  (multi-label: shares a finding)"))

@@ -37,8 +37,10 @@ def trusted_class(target: Any, package: str) -> bool:
         cls = getattr(importlib.import_module(f"{package}.{match.group(2)}"), match.group(3), None)
     except ImportError:
         return False
-    # defined in the package itself (not merely imported into it, as Path or torch) and of its kind
-    return (isinstance(cls, type) and cls.__module__.startswith(package + ".")
+    # defined in the package itself (not merely imported into it, as Path or torch) and of its kind, but
+    # not one of the interfaces in its `base` module (Encoder, PretrainedEncoder, DatasetReader): those
+    # leave methods to their subclasses and cannot be built
+    return (isinstance(cls, type) and cls.__module__.startswith(package + ".") and cls.__module__ != f"{package}.base"
             and callable(getattr(cls, TRUSTED_PACKAGES[package], None)))
 
 

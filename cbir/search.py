@@ -4,14 +4,26 @@ A run with `index.save=true` writes the index folder (into its job dir and to ML
     index.faiss    the FAISS index (CPU form), vectors L2-normalised, inner product = cosine
     manifest.csv   the indexed rows in index order (path relative to `root`, split, classes)
     index.json     the encoder config and seed (to rebuild the same encoder), the image root,
-                   index type and parameters, and where the index came from
+                   index type and parameters, where the index came from, and what ties the
+                   folder together (see check_files and check_encoder)
+
+What is checked before a search answers, so that it never serves another index's neighbours:
+- at load: SHA-256 of index.faiss and manifest.csv against index.json (a file swapped or edited
+  since saving), the row counts and dimension, and every manifest path inside the image root;
+- when the encoder is built, before any query is embedded: its identity (the key of its embedding
+  cache entry) against index.json, then a fingerprint: a few index rows whose image is unchanged
+  (same SHA-256) are embedded again and must give the stored vectors (cosine >= FINGERPRINT_COSINE);
+  where the index gives back a row's vector (flat, HNSW), the stored vectors must match it too.
+A mismatch is a SearchError naming the file and the command that rebuilds the index.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +36,10 @@ import pandas as pd  # noqa: E402
 log = logging.getLogger("cbir.search")
 INDEX_FILE, MANIFEST_FILE, META_FILE = "index.faiss", "manifest.csv", "index.json"
 MANIFEST_COLUMNS = ["path", "dataset", "split", "modality", "anatomy", "label"]
+FINGERPRINT_ROWS = 4  # index rows embedded again when the encoder is built
+# the same image through the same encoder: 1 up to float noise (a GPU bf16 run read back on a CPU stays
+# above 0.99); another encoder of the same dimension gives unrelated vectors (about 0 to 0.5)
+FINGERPRINT_COSINE = 0.98
 
 
 class SearchError(ValueError):
@@ -31,8 +47,10 @@ class SearchError(ValueError):
 
 
 # ------------------------------------------------------------------ saving (cbir.run side)
-def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_name: str) -> Path:
-    """Write the index folder of a run. `search` is the run's cbir.retrieval.SearchOutput."""
+def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_name: str, encoder,
+               embeddings: np.ndarray) -> Path:
+    """Write the index folder of a run. `search` is the run's cbir.retrieval.SearchOutput, `embeddings`
+    the run's embeddings of every manifest row (a few index rows are kept as the fingerprint)."""
     import faiss
     from omegaconf import OmegaConf
 
@@ -58,12 +76,55 @@ def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_n
         "dataset": str(cfg.dataset.name),
         "run_name": run_name,
         "similarity": "cosine (inner product of L2-normalised embeddings)",
+        "command": rebuild_command(cfg),
+        "files": {name: file_digest(folder / name) for name in (INDEX_FILE, MANIFEST_FILE)},
+        "encoder_key": encoder.cache_key(),
+        "fingerprint": fingerprint(search.setup.index_rows, embeddings, [Path(root) / p for p in table["path"]]),
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
     return folder
 
 
-def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker) -> dict[str, Path]:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a regular file (anything else is an ImageLoadError, see open_regular)."""
+    from cbir.data.images import open_regular
+
+    with open_regular(path) as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(index_rows: np.ndarray, embeddings: np.ndarray, paths: list[Path]) -> list[dict]:
+    """A few index positions, spread over the index, with the SHA-256 of their image and their stored
+    (L2-normalised) embedding; rows whose image cannot be read now are left out."""
+    from cbir import index as cbir_index
+    from cbir.data.images import ImageLoadError
+
+    out = []
+    for position in np.unique(np.linspace(0, len(index_rows) - 1, FINGERPRINT_ROWS).round().astype(int)):
+        row = int(index_rows[position])
+        try:
+            digest = file_digest(paths[row])
+        except (OSError, ImageLoadError):
+            continue
+        vector = cbir_index.l2_normalise(np.asarray(embeddings[row:row + 1]))[0]
+        out.append({"position": int(position), "image_sha256": digest,
+                    "embedding": [round(float(v), 6) for v in vector]})
+    return out
+
+
+def rebuild_command(cfg) -> str:
+    """The command that makes this index again: the job's overrides plus index.save=true."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (called from Python)
+        overrides = [f"dataset={cfg.dataset.name}", f"encoder={cfg.encoder.name}"]
+    overrides = [o for o in overrides if not o.startswith("index.save=")] + ["index.save=true"]
+    return "python -m cbir.run " + " ".join(shlex.quote(o) for o in overrides)
+
+
+def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker, encoder, embeddings) -> dict[str, Path]:
     """What a person uses of a run beyond its metrics: the gallery (eval.gallery) and the saved
     index (index.save, logged as the MLflow artifact folder `index`). Returns the gallery files."""
     files: dict[str, Path] = {}
@@ -73,7 +134,7 @@ def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker) -> dic
         files = gallery_for_run(manifest.table, manifest.root, search, int(cfg.eval.get("gallery_queries", 8)),
                                 int(cfg.eval.get("gallery_k", 5)), out, seed=int(cfg.seed), title=run_name)
     if cfg.index.get("save", False):
-        folder = save_index(out / "index", search, manifest.table, manifest.root, cfg, run_name)
+        folder = save_index(out / "index", search, manifest.table, manifest.root, cfg, run_name, encoder, embeddings)
         tracker.log_artifact(folder, "index")
         log.info("index saved to %s (search it with: python -m cbir.search search.index_dir=%s "
                  "'search.images=[...]')", folder, folder)
@@ -87,6 +148,7 @@ class SavedIndex:
     manifest: pd.DataFrame
     meta: dict
     root: Path
+    folder: Path
 
     @classmethod
     def load(cls, folder: str | Path, root: str | Path | None = None) -> "SavedIndex":
@@ -98,18 +160,22 @@ class SavedIndex:
             raise SearchError(f"search.index_dir={folder}: missing {', '.join(missing)}; point it at the "
                               "`index` folder of a run made with index.save=true")
         meta = read_meta(folder / META_FILE)
-        manifest = read_index_manifest(folder / MANIFEST_FILE)
+        check_files(folder, meta)
+        root = Path(root) if root else Path(meta["root"])
+        manifest = read_index_manifest(folder / MANIFEST_FILE, root, meta)
         index = read_faiss(folder / INDEX_FILE)
         if index.ntotal != len(manifest) or index.ntotal != meta["rows"] or index.d != meta["dim"]:
             raise SearchError(f"{folder}: the index holds {index.ntotal} {index.d}-d vectors, manifest.csv "
                               f"{len(manifest)} rows, index.json says {meta['rows']} {meta['dim']}-d; "
                               "the folder is damaged, save the index again")
-        return cls(index, manifest, meta, Path(root) if root else Path(meta["root"]))
+        check_index_vectors(folder, index, meta)
+        return cls(index, manifest, meta, root, folder)
 
     def build_encoder(self):
         """The run's encoder: same config, same seed (hence the same random init if any). Only
         an encoder class shipped with cbir is built from index.json, with plain values."""
         import torch
+        from hydra.errors import InstantiationException
         from omegaconf import OmegaConf
 
         from cbir.jobs import build
@@ -117,12 +183,55 @@ class SavedIndex:
 
         check_trusted(self.meta["encoder"], "cbir.encoders", f"{META_FILE} encoder")
         torch.manual_seed(self.meta["seed"])
-        encoder = build(OmegaConf.create(self.meta["encoder"]))
+        try:
+            encoder = build(OmegaConf.create(self.meta["encoder"]))
+        except InstantiationException as e:  # e.g. an option the class does not take
+            reason = str(e.__cause__ or e).strip().splitlines()[-1][:200]
+            raise SearchError(f"{META_FILE} encoder: cannot build {self.meta['encoder'].get('_target_')} ({reason}); "
+                              f"{self.rebuild_hint()}") from None
         encoder.eval()
         if encoder.dim != self.index.d:
             raise SearchError(f"encoder {encoder.name} gives {encoder.dim}-d embeddings, the index holds "
                               f"{self.index.d}-d vectors")
+        self.check_encoder(encoder)
         return encoder
+
+    def rebuild_hint(self) -> str:
+        return f"rebuild the index: {self.meta['command']}"
+
+    def check_encoder(self, encoder) -> None:
+        """The encoder is the one the index rows were embedded with: same identity as recorded, and the
+        fingerprint rows whose image is unchanged give their stored vectors again."""
+        from cbir.data.images import ImageLoadError
+
+        source = self.folder / META_FILE
+        if encoder.cache_key() != self.meta["encoder_key"]:
+            raise SearchError(f"{source}: the encoder it describes ({encoder.name}, key {encoder.cache_key()}) is not "
+                              f"the one the index was made with (key {self.meta['encoder_key']}); {self.rebuild_hint()}")
+        images, stored = [], []
+        for entry in self.meta["fingerprint"]:
+            path = self.root / self.manifest["path"].iat[entry["position"]]
+            try:
+                unchanged = file_digest(path) == entry["image_sha256"]
+            except (OSError, ImageLoadError):
+                unchanged = False
+            if unchanged:
+                images.append(path)
+                stored.append(entry["embedding"])
+        if not images:
+            log.warning("%s: none of its fingerprint images is unchanged under %s; the encoder is checked by its "
+                        "identity only", source, self.root)
+            return
+        from cbir import index as cbir_index
+
+        stored = cbir_index.l2_normalise(np.asarray(stored, dtype=np.float32))
+        again = cbir_index.l2_normalise(embed_images(encoder, images))
+        worst = int(np.argmin((again * stored).sum(1)))
+        cosine = float((again[worst] * stored[worst]).sum())
+        if cosine < FINGERPRINT_COSINE:
+            raise SearchError(f"{source}: the encoder it describes does not give the index's vectors (cosine "
+                              f"{cosine:.3f} for {images[worst]}, expected >= {FINGERPRINT_COSINE}); "
+                              f"{self.rebuild_hint()}")
 
     def search(self, images: list[str | Path], k: int = 5, encoder=None, batch_size: int = 16):
         """(scores, positions) of the k nearest index rows for each image (positions into manifest)."""
@@ -146,10 +255,63 @@ def read_meta(path: Path) -> dict:
         if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), kind):
             raise SearchError(f"{path}: '{key}' is missing or not a {kind.__name__}; the index folder is damaged, "
                               "save the index again")
+    command = meta.get("command") if isinstance(meta.get("command"), str) else "python -m cbir.run ... index.save=true"
+    meta["command"] = " ".join(command.split())  # shown in messages: one line
+    ties = (isinstance(meta.get("files"), dict) and all(isinstance(meta["files"].get(n), str) for n in (INDEX_FILE, MANIFEST_FILE))
+            and isinstance(meta.get("encoder_key"), str) and isinstance(meta.get("fingerprint"), list)
+            and all(_fingerprint_entry(e, meta["rows"], meta["dim"]) for e in meta["fingerprint"]))
+    if not ties:
+        raise SearchError(f"{path}: no checksums, encoder key or fingerprint tie the folder's files to its rows "
+                          f"(saved by an older cbir, or edited); rebuild the index: {command}")
     return meta
 
 
-def read_index_manifest(path: Path) -> pd.DataFrame:
+def _fingerprint_entry(entry, rows: int, dim: int) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("position"), int) and 0 <= entry["position"] < rows
+            and isinstance(entry.get("image_sha256"), str) and isinstance(entry.get("embedding"), list)
+            and len(entry["embedding"]) == dim
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry["embedding"]))
+
+
+def check_files(folder: Path, meta: dict) -> None:
+    """index.faiss and manifest.csv are the files saved with index.json (their SHA-256 as recorded)."""
+    for name in (INDEX_FILE, MANIFEST_FILE):
+        if file_digest(folder / name) != meta["files"][name]:
+            raise SearchError(f"{folder / name}: not the file saved with {META_FILE} (its SHA-256 differs: replaced or "
+                              f"edited since); rebuild the index: {meta['command']}")
+
+
+def check_index_vectors(folder: Path, index, meta: dict) -> None:
+    """Where the index gives back a row's vector (flat, HNSW), the fingerprint rows must hold the
+    vectors index.json records: an index file swapped along with its checksum is caught too."""
+    positions = [entry["position"] for entry in meta["fingerprint"]]
+    kept = stored_vectors(index, positions)
+    if kept is None:
+        return
+    stored = np.asarray([entry["embedding"] for entry in meta["fingerprint"]], dtype=np.float32)
+    stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
+    if float((kept * stored).sum(1).min()) < FINGERPRINT_COSINE:
+        raise SearchError(f"{folder / INDEX_FILE}: does not hold the vectors {META_FILE} records for its rows "
+                          f"(another index); rebuild the index: {meta['command']}")
+
+
+def stored_vectors(index, positions: list[int]) -> np.ndarray | None:
+    """The vectors at these positions, when the index structure keeps them (None for IVF, PQ, ...)."""
+    import faiss
+
+    if not positions:
+        return None
+    inner = faiss.downcast_index(index)
+    storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    if not isinstance(storage, faiss.IndexFlat):
+        return None
+    return np.stack([index.reconstruct(int(p)) for p in positions])
+
+
+def read_index_manifest(path: Path, root: Path, meta: dict) -> pd.DataFrame:
+    """The indexed rows; every path must stay inside the image root, as in a CSV manifest."""
+    from cbir.data.manifest import path_inside
+
     try:
         manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
     except ValueError as e:  # pandas' ParserError, EmptyDataError, UnicodeDecodeError
@@ -158,6 +320,12 @@ def read_index_manifest(path: Path) -> pd.DataFrame:
     missing = [c for c in ("path", "label") if c not in manifest.columns]
     if missing:
         raise SearchError(f"{path}: missing column(s) {missing}; the index folder is damaged, save the index again")
+    inside = [path_inside(root, p) for p in manifest["path"]]
+    if None in inside:
+        row = inside.index(None)
+        raise SearchError(f"{path}, row {row + 2}: path {manifest['path'].iat[row]!r} is outside the image root "
+                          f"{os.path.abspath(root)}; rebuild the index: {meta['command']}")
+    manifest["path"] = inside
     return manifest
 
 
@@ -236,6 +404,11 @@ def search_command(cfg) -> pd.DataFrame:
     absent = [str(p) for p in images if not p.exists()]
     if absent:
         raise SearchError(f"search.images: no such file(s): {', '.join(absent)}")
+    from cbir.data.images import not_regular
+
+    odd = [f"{p} ({not_regular(p.stat().st_mode)})" for p in images if not_regular(p.stat().st_mode)]
+    if odd:
+        raise SearchError(f"search.images: not image file(s): {', '.join(odd)}; give PNG, JPEG or DICOM files")
     saved = SavedIndex.load(cfg.search.index_dir, cfg.search.get("root"))
     scores, positions = saved.search(images, k)
     results = results_table(saved, images, scores, positions)

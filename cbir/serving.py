@@ -329,7 +329,7 @@ def check_config(cfg) -> None:
             )
 
 
-def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker) -> None:
+def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker, encoder, embeddings) -> None:
     """The record step's hook: with tracking.log_model=true, the job's index (saved to <job>/index as
     index.save does, if it was not) is logged as the run's model `retriever`."""
     if not cfg.tracking.get("log_model", False) or not tracker.enabled:
@@ -338,7 +338,7 @@ def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker) -> Non
 
     folder = out / "index"
     if not cfg.index.get("save", False):
-        save_index(folder, search, manifest.table, manifest.root, cfg, run_name)
+        save_index(folder, search, manifest.table, manifest.root, cfg, run_name, encoder, embeddings)
     log_retriever(folder, cfg.tracking.get("register_model"))
 
 

@@ -36,6 +36,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from filelock import FileLock
@@ -78,6 +79,7 @@ class CachedEmbeddings:
 
 class EmbeddingStore:
     _verified: dict[tuple, str] = {}  # entries already checksummed in this process (by file identity)
+    _reported_damage: ClassVar[dict[str, str]] = {}  # damaged entry folder -> the reason already logged in this process
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
         self.cache_dir = Path(cache_dir)
@@ -99,7 +101,9 @@ class EmbeddingStore:
         try:
             return self._read(key, folder, verify=True)
         except Exception as e:  # any damage means: recompute
-            log.warning("embedding cache %s is damaged (%s); recomputing it", folder, e)
+            if self._reported_damage.get(str(folder)) != str(e):  # callers look again under the lock: say it once
+                self._reported_damage[str(folder)] = str(e)
+                log.warning("embedding cache %s is damaged (%s); recomputing it", folder, e)
             return None
 
     def _read(self, key: str, folder: Path, verify: bool) -> CachedEmbeddings:
@@ -183,6 +187,7 @@ class EmbeddingStore:
             old = self.root / f"{key}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(partial.path, target)
+        self._reported_damage.pop(str(target), None)  # a new entry: damage to it is news again
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         try:

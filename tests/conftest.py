@@ -51,3 +51,22 @@ def compose(*overrides: str, config_name: str = "config", hydra_node: bool = Fal
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def run_cbir_hang_guarded(cwd: Path, *overrides: str, module: str = "cbir.run", timeout: int = 120,
+                          env: dict | None = None) -> subprocess.CompletedProcess:
+    """run_cbir(check=False) for a case that once hung: in its own process group, and on timeout the
+    whole group (loader workers included) is killed and the test fails. The timeout guards against
+    a hang; it is not a speed limit (such a run takes seconds)."""
+    import signal
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=cwd, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"python -m {module} did not finish within {timeout} s (hung):\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

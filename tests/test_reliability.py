@@ -20,7 +20,7 @@ from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
 from cbir.extract import extract_embeddings
 from cbir.store import EmbeddingStore
-from conftest import PROJECT, run_cbir
+from conftest import PROJECT, run_cbir, run_cbir_hang_guarded
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
 EXTRACT = OmegaConf.create(dict(batch_size=8, num_workers=0, accelerator="cpu", devices=1,
@@ -105,6 +105,26 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     assert latest.data.tags["cache"] == "hit" and latest.info.status == "FINISHED"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_a_fifo_named_like_an_image_is_a_failed_row_not_a_hang(tmp_path, on_error):
+    """Reading a FIFO waits for a writer forever: only regular files are opened."""
+    root = SyntheticDataset(root=tmp_path / "synthetic", max_per_class=6, min_per_class=4,
+                            image_size=48).load_manifest().root
+    os.mkfifo(root / "CT" / "chest" / "lesion" / "x.png")
+    proc = run_cbir_hang_guarded(tmp_path, "debug=smoke", "encoder=baseline", "dataset=folder", f"dataset.root={root}",
+                                 "extract.num_workers=1", "data.max_skip_fraction=0.1", f"data.on_error={on_error}",
+                                 "tracking.enabled=false")
+    text = output(proc)
+    assert "Traceback" not in text
+    if on_error == "raise":
+        assert proc.returncode == 2 and "x.png: a FIFO (named pipe), not an image file" in text
+        return
+    assert proc.returncode == 0 and "1 images could not be loaded" in text
+    skipped = pd.read_csv(tmp_path / re.search(r"list: (\S+skipped\.csv)", text).group(1))
+    assert [Path(p).name for p in skipped["path"]] == ["x.png"] and "FIFO" in skipped["reason"].iloc[0]
+
+
 # ---------------------------------------------------------------------------- bad config
 @pytest.mark.parametrize("overrides,message", [
     (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
@@ -177,6 +197,20 @@ def test_damaged_cache_is_detected_and_recomputed(tmp_path):
     third = extract_embeddings(encoder, manifest, store, EXTRACT)
     assert not third.cache_hit and np.array_equal(np.asarray(third.embeddings), reference)
     assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
+
+
+def test_a_damaged_entry_is_reported_once(tmp_path, caplog):
+    manifest = SyntheticDataset(root=tmp_path / "d", max_per_class=3, min_per_class=3, image_size=32).load_manifest()
+    encoder, store = ClassicalEncoder(), EmbeddingStore(tmp_path / "cache")
+    path = extract_embeddings(encoder, manifest, store, EXTRACT).cached.path / "embeddings.npy"
+    for damage in range(2):  # each damage is news: one line each, though the entry is looked at twice
+        data = bytearray(path.read_bytes())
+        data[-64:] = bytes([damage + 1]) * 64
+        path.write_bytes(bytes(data))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cbir.store"):
+            assert not extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
+        assert sum("is damaged" in r.getMessage() for r in caplog.records) == 1
 
 
 @pytest.mark.slow

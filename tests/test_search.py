@@ -68,6 +68,23 @@ def test_search_returns_the_runs_neighbours(saved_run):
     assert Image.open(saved_run / "found.png").size == figure_size(4, 5)
 
 
+def test_search_refuses_the_runs_index_with_another_seed(saved_run, tmp_path):
+    """Another seed rebuilds another random-init network of the same dimension: its neighbours would
+    be unrelated, so the search stops before embedding any query."""
+    import shutil
+
+    folder = shutil.copytree(saved_run / "job" / "index", tmp_path / "index")
+    meta = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**meta, "seed": meta["seed"] + 1}))
+    query = Path(meta["root"]) / pd.read_csv(folder / "manifest.csv")["path"].iloc[0]
+    proc = run_cbir(tmp_path, f"search.index_dir={folder}", f"search.images=[{query}]", module="cbir.search",
+                    check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text and "similarity" not in text
+    assert "is not the one the index was made with" in text
+    assert "rebuild the index: python -m cbir.run debug=smoke encoder=dinov2_small" in text
+
+
 def test_search_without_index_fails_clearly(tmp_path):
     # through the `cbir` command's entry point (it imports cbir.search rather than running it as __main__)
     proc = run_cbir(tmp_path, "search", f"search.index_dir={tmp_path}", "search.images=[x.png]", module="cbir.cli",

@@ -4,6 +4,7 @@ the saved index folder of `cbir.search`, job overrides read back from MLflow by 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import pytest
 from PIL import Image
 
 from cbir.checks import ConfigError
+from cbir.gallery import figure_size
 from cbir.safe_config import check_trusted
 from cbir.search import INDEX_FILE, MANIFEST_FILE, META_FILE, SavedIndex, SearchError
-from conftest import compose, run_cbir
+from conftest import compose, run_cbir, run_cbir_hang_guarded
 
 BASELINE = {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "baseline", "image_size": 64,
             "grids": [1, 2, 4, 8], "orientation_bins": 8, "histogram_bins": 16}
@@ -22,35 +24,26 @@ BASELINE = {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "bas
 
 @pytest.fixture()
 def index_folder(tmp_path) -> Path:
-    """A saved index as `index.save=true` writes it: 6 images embedded by the baseline encoder."""
-    import faiss
-    import torch
-
-    from cbir.encoders.classical import ClassicalEncoder
-    from cbir.index import l2_normalise
+    """A saved index written by the code `index.save=true` runs: 6 images embedded by the baseline encoder."""
+    from cbir import index as cbir_index
+    from cbir.jobs import build_encoder
+    from cbir.retrieval import RetrievalSetup, SearchOutput
+    from cbir.search import embed_images, save_index
 
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(images / f"{i}.png")
-    encoder = ClassicalEncoder()
-    transform = encoder.transform()
-    from cbir.data.images import load_image
-
-    with torch.inference_mode():
-        vectors = encoder(torch.stack([transform(load_image(images / f"{i}.png")) for i in range(6)])).numpy()
-    index = faiss.IndexFlatIP(encoder.dim)
-    index.add(l2_normalise(vectors))
-    folder = tmp_path / "index"
-    folder.mkdir()
-    faiss.write_index(index, str(folder / INDEX_FILE))
-    pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "split": "train",
-                  "label": ["A", "A", "A", "B", "B", "B"]}).to_csv(folder / MANIFEST_FILE, index=False)
-    meta = {"encoder": BASELINE, "seed": 0, "root": str(images), "rows": 6, "dim": encoder.dim,
-            "index": {"type": "flat", "params": {}}, "run_name": "test"}
-    (folder / META_FILE).write_text(json.dumps(meta))
-    return folder
+    table = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "dataset": "test", "split": "train",
+                          "modality": "XR", "anatomy": "chest", "label": ["A", "A", "A", "B", "B", "B"]})
+    cfg = compose("encoder=baseline", "index.save=true")
+    encoder = build_encoder(cfg)
+    embeddings = embed_images(encoder, [images / p for p in table["path"]])
+    rows = np.arange(6)
+    index = cbir_index.build_index(cbir_index.l2_normalise(embeddings), "flat", use_gpu=False)
+    return save_index(tmp_path / "index", SearchOutput(RetrievalSetup(rows, rows), index, None, None), table, images,
+                      cfg, "test", encoder, embeddings)
 
 
 def edit_meta(folder: Path, **changes) -> None:
@@ -70,6 +63,10 @@ def test_an_intact_folder_loads_and_finds_its_own_images(index_folder):
     {"_target_": "os.system", "_args_": ["touch VICTIM"]},
     {"_target_": "cbir.encoders.base.weights_identity", "weights": "VICTIM", "pretrained": False},  # not a class
     {"_target_": "cbir.encoders.base.Path", "_args_": ["VICTIM"]},  # a class, but not an encoder
+    # cbir's encoder interfaces: defined in cbir, but they leave the work to subclasses
+    {"_target_": "cbir.encoders.base.Encoder"},
+    {**BASELINE, "_target_": "cbir.encoders.base.Encoder"},
+    {"_target_": "cbir.encoders.base.PretrainedEncoder", "name": "VICTIM"},
     {**BASELINE, "_args_": ["VICTIM"]},
     {**BASELINE, "grids": {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]}},  # nested
     {**BASELINE, "name": "${oc.env:HOME}"},
@@ -136,8 +133,8 @@ def test_a_damaged_folder_is_a_one_line_error_naming_the_file(index_folder, how)
     with pytest.raises(SearchError) as caught:
         SavedIndex.load(index_folder)
     message = str(caught.value)
-    assert "\n" not in message and "save the index again" in message
-    assert name in message or how == "manifest rows differ"
+    assert "\n" not in message and ("save the index again" in message or "rebuild the index: python -m cbir.run" in message)
+    assert name in message
 
 
 def test_the_search_command_reports_a_truncated_index_in_one_line(index_folder, tmp_path):
@@ -146,7 +143,125 @@ def test_the_search_command_reports_a_truncated_index_in_one_line(index_folder, 
                     module="cbir.search", check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text
-    assert f"{index_folder / INDEX_FILE}: not a readable FAISS index" in text
+    assert f"{index_folder / INDEX_FILE}: not the file saved with {META_FILE}" in text
+
+
+def reseal(folder: Path) -> None:
+    """Record the current index.faiss and manifest.csv in index.json, as an edit made consistently would."""
+    from cbir.search import file_digest
+
+    edit_meta(folder, files={name: file_digest(folder / name) for name in (INDEX_FILE, MANIFEST_FILE)})
+
+
+def test_an_index_file_swapped_for_another_of_the_same_shape_is_refused(index_folder):
+    import faiss
+
+    from cbir.index import l2_normalise
+
+    other = faiss.IndexFlatIP(SavedIndex.load(index_folder).index.d)  # same rows and dimension, other vectors
+    other.add(l2_normalise(np.random.default_rng(1).normal(size=(6, other.d))))
+    faiss.write_index(other, str(index_folder / INDEX_FILE))
+    with pytest.raises(SearchError, match=f"{INDEX_FILE}: not the file saved with {META_FILE}.*rebuild the index: "
+                                          "python -m cbir.run dataset=synthetic encoder=baseline index.save=true"):
+        SavedIndex.load(index_folder)
+    reseal(index_folder)  # checksum edited to match: the vectors still disagree with the recorded rows
+    with pytest.raises(SearchError, match=f"{INDEX_FILE}: does not hold the vectors {META_FILE} records"):
+        SavedIndex.load(index_folder)
+
+
+def test_an_encoder_swapped_for_another_of_the_same_dimension_is_refused(index_folder):
+    from cbir.encoders.classical import ClassicalEncoder
+
+    other = {**BASELINE, "image_size": 32}  # same 285-d output, other vectors
+    assert ClassicalEncoder(**{k: v for k, v in other.items() if k != "_target_"}).dim == SavedIndex.load(index_folder).index.d
+    edit_meta(index_folder, encoder=other)
+    with pytest.raises(SearchError, match="is not the one the index was made with.*rebuild the index"):
+        SavedIndex.load(index_folder).build_encoder()
+    # the encoder's key edited to match: its vectors for the fingerprint rows still differ
+    edit_meta(index_folder, encoder_key=ClassicalEncoder(image_size=32).cache_key())
+    with pytest.raises(SearchError, match=r"does not give the index's vectors \(cosine"):
+        SavedIndex.load(index_folder).build_encoder()
+
+
+def test_the_search_command_refuses_a_swapped_encoder_in_one_line(index_folder, tmp_path):
+    edit_meta(index_folder, encoder={**BASELINE, "image_size": 32})
+    proc = run_cbir(tmp_path, f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
+                    module="cbir.search", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text and "similarity" not in text
+    assert f"{index_folder / META_FILE}: the encoder it describes" in text and "rebuild the index" in text
+
+
+def test_changed_fingerprint_images_leave_the_identity_check(index_folder, caplog):
+    """Images edited since saving cannot re-check the encoder: a warning, and the search still works."""
+    for i in range(6):
+        Image.fromarray(np.full((32, 32), 10 * i, np.uint8)).save(index_folder.parent / "images" / f"{i}.png")
+    saved = SavedIndex.load(index_folder)
+    with caplog.at_level("WARNING", logger="cbir.search"):
+        saved.build_encoder()
+    assert "checked by its identity only" in caplog.text
+
+
+def test_a_folder_without_checksums_is_refused(index_folder):
+    meta = json.loads((index_folder / META_FILE).read_text())
+    for key in ("files", "encoder_key", "fingerprint"):
+        del meta[key]
+    (index_folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(SearchError, match="saved by an older cbir, or edited\\); rebuild the index"):
+        SavedIndex.load(index_folder)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../../outside.png", "../images/../../outside.png", "OUTSIDE"])
+def test_index_paths_outside_the_image_root_are_refused(index_folder, tmp_path, path):
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside)
+    manifest = pd.read_csv(index_folder / MANIFEST_FILE)
+    manifest.loc[2, "path"] = str(outside) if path == "OUTSIDE" else path
+    manifest.to_csv(index_folder / MANIFEST_FILE, index=False)
+    with pytest.raises(SearchError, match=f"{MANIFEST_FILE}: not the file saved with"):
+        SavedIndex.load(index_folder)
+    reseal(index_folder)  # even when the checksum is made to match, no row leaves the root
+    with pytest.raises(SearchError, match=f"{MANIFEST_FILE}, row 4: path .* is outside the image root"):
+        SavedIndex.load(index_folder)
+
+
+def test_an_unknown_encoder_option_is_a_one_line_error(index_folder):
+    edit_meta(index_folder, encoder={**BASELINE, "no_such_option": 1})
+    with pytest.raises(SearchError, match="index.json encoder: cannot build cbir.encoders.classical.ClassicalEncoder "
+                                          r"\(.*no_such_option.*\); rebuild the index") as caught:
+        SavedIndex.load(index_folder).build_encoder()
+    assert "\n" not in str(caught.value)
+
+
+def test_the_search_command_refuses_an_encoder_interface_in_one_line(index_folder, tmp_path):
+    edit_meta(index_folder, encoder={**BASELINE, "_target_": "cbir.encoders.base.Encoder"})
+    proc = run_cbir(tmp_path, f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
+                    module="cbir.search", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text
+    assert "_target_='cbir.encoders.base.Encoder' is not a cbir.encoders class shipped with cbir" in text
+
+
+def test_a_fifo_among_the_index_images_is_an_unreadable_panel_not_a_hang(index_folder, tmp_path):
+    """The FIFO replaces an indexed image (the folder itself is intact); the gallery must still be drawn."""
+    (index_folder.parent / "images" / "3.png").unlink()
+    os.mkfifo(index_folder.parent / "images" / "3.png")
+    proc = run_cbir_hang_guarded(tmp_path, f"search.index_dir={index_folder}", "search.k=6",
+                                 f"search.images=[{index_folder.parent}/images/0.png]", "search.gallery=hits.png",
+                                 module="cbir.search")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in text
+    assert "gallery: 1 image(s) shown as 'unreadable', e.g." in text and "3.png: a FIFO (named pipe)" in text
+    assert Image.open(tmp_path / "hits.png").size == figure_size(1, 6)
+
+
+def test_a_fifo_given_as_query_is_refused_before_any_work(index_folder, tmp_path):
+    from cbir.search import search_command
+
+    os.mkfifo(tmp_path / "query.png")
+    cfg = compose(f"search.index_dir={index_folder}", f"search.images=[{tmp_path / 'query.png'}]", config_name="search")
+    with pytest.raises(SearchError, match=r"search.images: not image file\(s\): .*query.png \(a FIFO \(named pipe\)\)"):
+        search_command(cfg)
 
 
 @pytest.mark.parametrize("k", [0, -2, "ten"])
@@ -181,6 +296,7 @@ def test_dataset_and_encoder_configs_of_cbir_are_trusted():
 @pytest.mark.parametrize("overrides", [
     ["encoder._target_=builtins.exec"],
     ["dataset._target_=cbir.encoders.classical.ClassicalEncoder"],  # a cbir class, but of the wrong kind
+    ["dataset._target_=cbir.data.base.DatasetReader"],  # the readers' interface: cannot be built
     ["+dataset.extra._target_=os.system"],
     ["dataset=combined", "dataset.parts.nih14._target_=subprocess.call"],
 ])

@@ -18,7 +18,7 @@ import pandas as pd
 
 from cbir.data.base import MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy
 from cbir.data.findings import fill_findings
-from cbir.data.manifest import MANIFEST_COLUMNS, ManifestError, class_name
+from cbir.data.manifest import MANIFEST_COLUMNS, ManifestError, class_name, path_inside
 
 REQUIRED = tuple(c for c in MANIFEST_COLUMNS if c != "dataset")
 # the texts pandas.read_csv reads as missing by default (its documented na_values), plus "none"
@@ -96,10 +96,10 @@ class CSVManifestDataset(DatasetReader):
         return position + (1 if self.file.suffix.lower() == ".parquet" else 2)
 
     def _inside_root(self, path: str, row: int) -> str:
-        root = os.path.abspath(self.root)
-        full = os.path.normpath(os.path.join(root, path.replace("\\", "/")))
-        if os.path.commonpath([root, full]) != root:
+        inside = path_inside(self.root, path)
+        if inside is None:
             raise ManifestError(
-                f"{self.file}, row {self._row_number(row)}: path {path!r} is outside the manifest root {root}; "
-                "make paths relative to dataset.root (default: the manifest's folder) or set dataset.root")
-        return Path(os.path.relpath(full, root)).as_posix()
+                f"{self.file}, row {self._row_number(row)}: path {path!r} is outside the manifest root "
+                f"{os.path.abspath(self.root)}; make paths relative to dataset.root (default: the manifest's "
+                "folder) or set dataset.root")
+        return inside

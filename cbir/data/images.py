@@ -8,6 +8,8 @@ then MONOCHROME1 inversion.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +33,47 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def not_regular(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path):
+    """The file opened for reading, only if it is a regular file. Reading a FIFO (or a device)
+    named like an image would wait for a writer forever: such a file is an ImageLoadError. It is
+    checked before opening, and again on the open handle (opened non-blocking, so a FIFO swapped
+    in meanwhile cannot block the open itself)."""
+    kind = not_regular(os.stat(path).st_mode)
+    if kind is None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        kind = not_regular(os.fstat(fd).st_mode)
+        if kind is None:
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+    raise ImageLoadError(f"{path}: {kind}, not an image file; only regular files are read")
+
+
 def load_image(path: str | Path) -> Image.Image:
     """The format is decided by the file's content, not its name: a PNG named .dcm is a PNG.
     DICOM is recognised by 'DICM' at byte 128; anything PIL identifies (PNG, JPEG, ... by their
     magic bytes) is a raster image; a .dcm/.dicom file PIL cannot identify is read as DICOM
-    without the 128-byte preamble."""
+    without the 128-byte preamble. Only regular files are opened (see open_regular)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:  # one open per image: sniff, then decode from the same handle
+        with open_regular(path) as f:  # one open per image: sniff, then decode from the same handle
             if f.read(132)[128:132] == b"DICM":  # DICOM files often have no (or another) extension
-                return _load_dicom(path)
+                return _load_dicom(f, path)
             f.seek(0)
             try:
                 return _load_raster(f)
             except UnidentifiedImageError:
                 if path.suffix.lower() in DICOM_SUFFIXES:
-                    return _load_dicom(path)
+                    return _load_dicom(f, path)
                 raise
     except ImageLoadError:
         raise
@@ -71,15 +98,17 @@ def _load_raster(file) -> Image.Image:
         return im.convert("RGB")
 
 
-def _load_dicom(path: Path) -> Image.Image:
+def _load_dicom(file, path: Path) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path)
+        file.seek(0)
+        ds = pydicom.dcmread(file)
     except InvalidDicomError:
-        ds = pydicom.dcmread(path, force=True)  # no 128-byte preamble: still DICOM
+        file.seek(0)
+        ds = pydicom.dcmread(file, force=True)  # no 128-byte preamble: still DICOM
     if "PixelData" not in ds:
         raise ImageLoadError(f"{path}: DICOM file has no pixel data")
     try:

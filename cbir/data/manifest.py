@@ -104,5 +104,15 @@ def validate_table(table: pd.DataFrame, source: str) -> None:
         raise ManifestError(f"{source}: internal error, manifest index must be 0..n-1")
 
 
+def path_inside(root: str | os.PathLike, path: str) -> str | None:
+    """`path` (relative to `root`, or absolute) as a POSIX path relative to `root`, or None when it
+    leaves `root` (`../..`, an absolute path elsewhere): manifests may only name files under their root."""
+    root = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(root, str(path).replace("\\", "/")))
+    if os.path.commonpath([root, full]) != root:
+        return None
+    return Path(os.path.relpath(full, root)).as_posix()
+
+
 def class_name(modality: str, anatomy: str, finding: str) -> str:
     return f"{modality}/{anatomy}/{finding}"
