@@ -40,16 +40,12 @@ def _pattern(kind: str, seed: int) -> np.ndarray:
 
 
 def make_index_folder(folder: Path, images: Path) -> Path:
-    """A saved index folder as `index.save=true` writes it, over fabricated images of three classes,
-    with the weights-free baseline encoder."""
-    import faiss
-    import torch
-    from omegaconf import OmegaConf
-
-    from cbir import CONFIG_DIR
+    """A saved index folder written by the code `index.save=true` runs (cbir.search.save_index), over
+    fabricated images of three classes, with the weights-free baseline encoder."""
     from cbir import index as cbir_index
-    from cbir.jobs import build
-    from cbir.search import embed_images
+    from cbir.jobs import build_encoder
+    from cbir.retrieval import RetrievalSetup, SearchOutput
+    from cbir.search import embed_images, save_index
 
     rows = []
     for label, kind in CLASSES.items():
@@ -57,39 +53,29 @@ def make_index_folder(folder: Path, images: Path) -> Path:
             path = Path(*label.split("/")) / f"{i}.png"
             (images / path).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(_pattern(kind, 10 * i + len(rows))).save(images / path)
+            modality, anatomy, _ = label.split("/")
             rows.append(
                 {
                     "path": path.as_posix(),
+                    "dataset": "fabricated",
                     "split": "train",
-                    "modality": label.split("/")[0],
+                    "modality": modality,
+                    "anatomy": anatomy,
                     "label": label,
                 }
             )
-    encoder_cfg = OmegaConf.to_container(
-        OmegaConf.load(Path(CONFIG_DIR) / "encoder" / "baseline.yaml")
+    table = pd.DataFrame(rows)
+    cfg = compose("encoder=baseline", "index.save=true")
+    encoder = build_encoder(cfg)
+    embeddings = embed_images(encoder, [images / p for p in table["path"]])
+    positions = np.arange(len(table))
+    index = cbir_index.build_index(
+        cbir_index.l2_normalise(embeddings), "flat", use_gpu=False
     )
-    torch.manual_seed(0)
-    encoder = build(OmegaConf.create(encoder_cfg))
-    vectors = cbir_index.l2_normalise(
-        embed_images(encoder, [images / r["path"] for r in rows])
+    search = SearchOutput(RetrievalSetup(positions, positions), index, None, None)
+    return save_index(
+        folder, search, table, images, cfg, "fabricated", encoder, embeddings
     )
-    folder.mkdir(parents=True)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    faiss.write_index(index, str(folder / "index.faiss"))
-    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
-    meta = {
-        "encoder": encoder_cfg,
-        "seed": 0,
-        "root": str(images),
-        "rows": len(rows),
-        "dim": int(vectors.shape[1]),
-        "index": {"type": "flat", "params": {}},
-        "dataset": "fabricated",
-        "run_name": "fabricated",
-    }
-    (folder / "index.json").write_text(json.dumps(meta))
-    return folder
 
 
 @pytest.fixture(scope="module")
