@@ -37,6 +37,8 @@ class RetrievalResult:
     n_queries: int
     n_excluded: int
     excluded_classes: list[str] = field(default_factory=list)
+    # one row per query: class, modality, anatomy, first (index position of the nearest row), P@N
+    per_query: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def modified_precision(hits: np.ndarray, n_relevant: np.ndarray, ns) -> np.ndarray:
@@ -179,7 +181,12 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     curve = (precision_curve(query, index, neighbours, query_in_index, curve_k)
              if curve_k > 0 else pd.DataFrame(columns=["N", "micro", "macro"]))
     excluded_classes = sorted(set(query.loc[excluded, "label"].astype(str)))
-    return RetrievalResult(metrics, per_class, curve, len(query), int(excluded.sum()), excluded_classes)
+    per_query = pd.DataFrame({"class": query["label"].astype(str).to_numpy(),
+                              "modality": query["modality"].astype(str).to_numpy(),
+                              "anatomy": query["anatomy"].astype(str).to_numpy(),
+                              "first": neighbours[:, 0] if neighbours.shape[1] else np.full(len(query), -1),
+                              **{f"P@{n}": p[j] for j, n in enumerate(ns)}})
+    return RetrievalResult(metrics, per_class, curve, len(query), int(excluded.sum()), excluded_classes, per_query)
 
 
 def _per_class_table(query, index, neighbours, p, q_codes, names, n_relevant, ns) -> pd.DataFrame:

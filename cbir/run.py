@@ -23,6 +23,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
+from cbir import per_query  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     """One job. Returns None when a sweep re-run finds this config already finished."""
     checks.validate_config(cfg)
     tasks.check_config(cfg)
+    per_query.check_config(cfg)
     out = job_dir()
     tracker = tracking.Tracker.from_config(cfg)
     per_class = retrieval.per_class_value(cfg.index.per_class)
@@ -98,18 +100,21 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                                            cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
                                            return_search=return_search)
 
-        result, search, files = None, None, {}
+        result, search, files, records = None, None, {}, []
         if "retrieval" in tasks.evaluations(cfg):
             result, search = evaluate(per_class, return_search=True)
+            records.append(per_query.retrieval_records(manifest.table, search, result))
+            per_query.add_retrieval_intervals(result, records[0], cfg)
             tracker.log_metrics(result.metrics)
             dashboard.describe_run(tracker, result.metrics, cfg.eval.n)
             for row in result.curve.itertuples():
                 tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
             files.update(reporting.write_job_files(result, out))
+            per_query.add_shown(files["metrics"])
             files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker))  # gallery, saved index
             if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
                 files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
-                                                    f"{run_name}  (multi-label: shares a finding)"))
+                                                    f"{run_name}  (multi-label: shares a finding)", cfg))
             sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
             if sizes:
                 curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
@@ -120,7 +125,9 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                 curves.to_csv(files["saturation_csv"], index=False)
                 files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
         files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
-                                              search, out, tracker, run_name))
+                                              search, out, tracker, run_name, records))
+        if (records_file := per_query.write(records, manifest.table, out)) is not None:
+            files["per_query"] = records_file
         for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")
