@@ -88,6 +88,8 @@ def report_table(runs: pd.DataFrame, ns, identity) -> pd.DataFrame:
     columns.update({f"{PREFIX}micro/mAP_at_{deepest}": f"micro mAP@{deepest}",
                     f"{PREFIX}micro/nDCG_at_{deepest}": f"micro nDCG@{deepest}",
                     f"{PREFIX}micro/R_precision": "micro R-precision"})
+    for name, label in [(k, v) for k, v in columns.items() if "/micro/" in k]:  # bounds shown by to_markdown
+        columns.update({f"{name}_ci_low": f"{label} low", f"{name}_ci_high": f"{label} high"})
     ident = identity(runs)
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     return table.sort_values(ident).reset_index(drop=True)

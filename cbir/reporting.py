@@ -45,7 +45,7 @@ def summary_table(result: RetrievalResult, ns, title: str) -> Table:
     caption = (f"micro/macro over {result.n_queries - result.n_excluded} queries; "
                "'by ...' rows count a hit at a coarser level")
     if any(name.endswith("_ci_low") for name in result.metrics):
-        caption += "; [low, high]: bootstrap interval over queries (eval.ci)"
+        caption += "; \\[low, high]: bootstrap interval over queries (eval.ci)"
     table = Table(title=title, caption=caption, show_lines=False)
     table.add_column("subset")
     for n in ns:

@@ -23,7 +23,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
-from cbir import per_query  # noqa: E402
+from cbir import comparisons, per_query  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -77,6 +77,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
     with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
         dashboard.annotate_run(tracker, cfg, out)
+        tracker.set_tags({comparisons.TAG: comparisons.query_set(cfg, manifest.digest())})  # paired comparisons
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,

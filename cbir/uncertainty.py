@@ -337,3 +337,14 @@ def fmt_interval(value, low=None, high=None, digits: int = 3) -> str:
 def with_interval(metrics: dict, name: str, digits: int = 3) -> str:
     """A metric from a dict of metrics, with its `_ci_low`/`_ci_high` when logged."""
     return fmt_interval(metrics.get(name), metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high"), digits)
+
+
+def merge_interval_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """For tables people read: each column `X` that has `X low` and `X high` beside it becomes
+    the text `0.409 [0.37, 0.45]` and the two bound columns go."""
+    frame = frame.copy()
+    for column in [c for c in frame.columns if f"{c} low" in frame and f"{c} high" in frame]:
+        frame[column] = [fmt_interval(v, lo, hi) for v, lo, hi in
+                         zip(frame[column], frame[f"{column} low"], frame[f"{column} high"])]
+        frame = frame.drop(columns=[f"{column} low", f"{column} high"])
+    return frame
