@@ -23,7 +23,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
-from cbir import comparisons, per_query  # noqa: E402
+from cbir import audit, comparisons, per_query  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -99,7 +99,11 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                                           cfg.eval.query_split, size, cfg.index.seed)
             return retrieval.run_retrieval(manifest.table, extraction.embeddings, setup, cfg.index, cfg.eval.n,
                                            cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
-                                           return_search=return_search)
+                                           return_search=return_search, patients=excluded_patients)
+
+        excluded_patients = audit.patient_ids(manifest.table) if cfg.eval.get("exclude_same_patient") else None
+        if cfg.eval.get("exclude_same_patient") and excluded_patients is None:
+            log.warning("eval.exclude_same_patient=true, but the manifest has no patient ids: nothing is excluded")
 
         result, search, files, records = None, None, {}, []
         if "retrieval" in tasks.evaluations(cfg):
@@ -127,6 +131,9 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                 files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
         files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
                                               search, out, tracker, run_name, records))
+        audit_setup = search.setup if search is not None else retrieval.choose_rows(
+            manifest.table, extraction.valid, cfg.index.split, cfg.eval.query_split, per_class, cfg.index.seed)
+        files.update(audit.job_audit(cfg, manifest, audit_setup, search, out, tracker))  # leakage, every job
         if (records_file := per_query.write(records, manifest.table, out)) is not None:
             files["per_query"] = records_file
         for path in files.values():
