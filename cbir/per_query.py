@@ -44,8 +44,8 @@ def check_config(cfg: DictConfig) -> None:
 
 def ci_settings(cfg: DictConfig) -> tuple[int, float, int]:
     """(resamples, level, seed); resamples 0 turns intervals off."""
-    ci = cfg.eval.get("ci") or {}
-    return int(ci.get("resamples", 0) or 0), float(ci.get("level", 0.95)), int(cfg.seed)
+    ci = (cfg.get("eval") or {}).get("ci") or {}
+    return int(ci.get("resamples", 0) or 0), float(ci.get("level", 0.95)), int(cfg.get("seed", 0))
 
 
 def retrieval_records(table: pd.DataFrame, search, result) -> pd.DataFrame:

@@ -125,6 +125,10 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
         setup, index = search.setup, search.index
     labels = table["label"].astype(str).to_numpy()
     classes, index_codes = np.unique(labels[setup.index_rows], return_inverse=True)
+    sorted_classes, rank = classes, np.arange(len(classes))
+    if (order := study_class_order(cfg)) is not None:  # ties as the study's arg-max breaks them
+        classes, rank = knn.in_column_order(classes, order)
+        index_codes = rank[index_codes]
     n_index = np.bincount(index_codes, minlength=len(classes))
 
     def neighbours(rows: np.ndarray, k: int):
@@ -136,7 +140,8 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
         else:
             queries = cbir_index.l2_normalise(embeddings[rows])
             found = cbir_index.search(index, queries, k, int(cfg.eval.search_batch_size), exclude=own)[1]
-        truth = class_codes(labels[rows], classes)
+        truth = class_codes(labels[rows], sorted_classes)
+        truth = np.where(truth >= 0, rank[np.clip(truth, 0, None)], -1)
         n_relevant = np.where(truth >= 0, n_index[np.clip(truth, 0, None)] - (own >= 0), 0)
         keep = n_relevant > 0
         return knn.neighbour_codes(index_codes, found[keep]), truth[keep], n_relevant[keep], keep
@@ -163,6 +168,17 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
     return TaskOutput("knn", result, counts, history, "k",
                       per_query.classification_records("knn", test_rows[keep], truth, probabilities, classes),
                       truth, probabilities, table["modality"].to_numpy()[test_rows[keep]])
+
+
+def study_class_order(cfg: DictConfig) -> list[str] | None:
+    """With `dataset=study_splits`, the class columns of its split CSVs (the study's tie order)."""
+    dataset = cfg.get("dataset")
+    if dataset is None or not str(dataset.get("_target_", "")).endswith("StudySplitsDataset"):
+        return None
+    from cbir.data.study_splits import StudySplitsDataset
+    from cbir.study_format import class_columns
+
+    return class_columns(StudySplitsDataset._find_files(dataset.get("files"), dataset.get("dir")))
 
 
 def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray) -> TaskOutput:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import fixtures_datasets as fx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 from mlflow.tracking import MlflowClient
 
-import fixtures_datasets as fx
 from cbir import audit, retrieval
 from cbir.metrics import evaluate
-from conftest import compose, run_cbir
 
 
 def leaky_dataset(root: Path) -> Path:
