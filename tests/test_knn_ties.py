@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from conftest import compose
 
 from cbir import tasks
 from cbir.data.study_splits import StudySplitsDataset
 from cbir.study_format import write_split_csv
-from conftest import compose
 
 CSV_ORDER = ["XR/chest/No Finding", "XR/chest/Atelectasis", "XR/chest/Edema"]  # not sorted by name
 

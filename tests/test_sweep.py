@@ -75,7 +75,9 @@ def test_report_matches_logged_metrics(sweep):
     _, _, children = runs(sweep)
     assert len(table) == 4
     assert list(table.columns[:2]) == ["encoder", "per_class"]
-    assert [c for c in table.columns if "P@" in c] == [f"{a} P@{n}" for a in ("micro", "macro") for n in (1, 3, 5, 10)]
+    assert [c for c in table.columns if "P@" in c and not c.endswith((" low", " high"))] == \
+        [f"{a} P@{n}" for a in ("micro", "macro") for n in (1, 3, 5, 10)]
+    assert table["micro P@1 low"].le(table["micro P@1"]).all()  # bootstrap bounds beside each value
     for child in children:
         row = table[(table.encoder == child.data.tags["encoder"]) & (table.per_class.astype(str) == child.data.tags["per_class"])]
         assert row["micro P@1"].item() == pytest.approx(child.data.metrics["micro/P_at_1"])
