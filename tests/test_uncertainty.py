@@ -185,3 +185,13 @@ def test_interval_formatting():
     assert uncertainty.fmt_interval(0.409) == "0.409"
     assert uncertainty.with_interval({"m": 0.5}, "m") == "0.500"
     assert uncertainty.with_interval({}, "m") == "-"
+
+
+@pytest.mark.slow
+def test_the_95_percent_interval_covers_the_population_value_in_93_to_97_percent_of_datasets():
+    """Repeated datasets with the synthetic generator's classes (36, 120 down to 12 queries)."""
+    from cbir.bench.uncertainty import coverage
+
+    result = coverage(datasets=2000, resamples=1000, populations=8)
+    assert 0.93 <= result["micro_coverage"] <= 0.97
+    assert 0.93 <= result["macro_coverage"] <= 0.97
