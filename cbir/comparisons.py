@@ -26,22 +26,53 @@ from cbir import uncertainty
 log = logging.getLogger(__name__)
 TAG = "cbir.query_set"
 METRICS = (("micro", "P@1"), ("macro", "P@1"), ("micro", "P@10"), ("macro", "P@10"))
-SHORT = {"micro P@1": "µP@1", "macro P@1": "MP@1", "micro P@10": "µP@10", "macro P@10": "MP@10"}
-PAIR_COLUMNS = ["group", "metric", "a", "b", "a_value", "b_value", "difference", "ci_low", "ci_high", "p", "p_holm"]
+SHORT = {
+    "micro P@1": "µP@1",
+    "macro P@1": "MP@1",
+    "micro P@10": "µP@10",
+    "macro P@10": "MP@10",
+}
+PAIR_COLUMNS = [
+    "group",
+    "metric",
+    "a",
+    "b",
+    "a_value",
+    "b_value",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+]
 
 
 def query_set(cfg, manifest_digest: str) -> str:
     """Identity of the queries a job answered and the index they were answered against."""
-    blob = json.dumps({"manifest": manifest_digest, "query_split": str(cfg.eval.query_split),
-                       "index_split": str(cfg.index.split), "per_class": str(cfg.index.per_class),
-                       "index_seed": int(cfg.index.seed), "index_type": str(cfg.index.type),
-                       "labels": str(cfg.dataset.get("labels") or "single"),
-                       "exclude_same_patient": bool(cfg.eval.get("exclude_same_patient", False))}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "manifest": manifest_digest,
+            "query_split": str(cfg.eval.query_split),
+            "index_split": str(cfg.index.split),
+            "per_class": str(cfg.index.per_class),
+            "index_seed": int(cfg.index.seed),
+            "index_type": str(cfg.index.type),
+            "labels": str(cfg.dataset.get("labels") or "single"),
+            "exclude_same_patient": bool(cfg.eval.get("exclude_same_patient", False)),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def compare_groups(runs: pd.DataFrame, records: dict[str, pd.DataFrame], resamples: int, level: float,
-                   flips: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compare_groups(
+    runs: pd.DataFrame,
+    records: dict[str, pd.DataFrame],
+    resamples: int,
+    level: float,
+    flips: int,
+    seed: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """runs: one row per run with columns name, group (its query set) and run_id; records: run_id ->
     per-query records. Returns (pairs, verdicts): the pair table (PAIR_COLUMNS) and one row per
     (group, metric, run) with value and tied_for_best."""
@@ -52,38 +83,72 @@ def compare_groups(runs: pd.DataFrame, records: dict[str, pd.DataFrame], resampl
         by_name = _same_queries(by_name, group)
         if len(by_name) < 2:
             continue
-        metrics = [(avg, column) for avg, column in METRICS if all(column in r for r in by_name.values())]
-        table = uncertainty.compare_runs(by_name, metrics, resamples, level, flips, seed)
-        points = {f"{avg} {column}": {name: _point(r, avg, column) for name, r in by_name.items()}
-                  for avg, column in metrics}
+        metrics = [
+            (avg, column)
+            for avg, column in METRICS
+            if all(column in r for r in by_name.values())
+        ]
+        table = uncertainty.compare_runs(
+            by_name, metrics, resamples, level, flips, seed
+        )
+        points = {
+            f"{avg} {column}": {
+                name: _point(r, avg, column) for name, r in by_name.items()
+            }
+            for avg, column in metrics
+        }
         table["a_value"] = [points[m][a] for m, a in zip(table["metric"], table["a"])]
         table["b_value"] = [points[m][b] for m, b in zip(table["metric"], table["b"])]
         table.insert(0, "group", group)
         pairs.append(table)
         for metric, values in points.items():
-            tied = set(uncertainty.tied_for_best(values, table[table["metric"] == metric]))
+            tied = set(
+                uncertainty.tied_for_best(values, table[table["metric"] == metric])
+            )
             best = max(values, key=lambda name: (values[name], name))
-            verdicts += [{"group": group, "metric": metric, "run": name, "value": value, "best": name == best,
-                          "tied_for_best": name in tied} for name, value in values.items()]
-    pair_table = pd.concat(pairs, ignore_index=True)[PAIR_COLUMNS] if pairs else pd.DataFrame(columns=PAIR_COLUMNS)
-    return pair_table, pd.DataFrame(verdicts, columns=["group", "metric", "run", "value", "best", "tied_for_best"])
+            verdicts += [
+                {
+                    "group": group,
+                    "metric": metric,
+                    "run": name,
+                    "value": value,
+                    "best": name == best,
+                    "tied_for_best": name in tied,
+                }
+                for name, value in values.items()
+            ]
+    pair_table = (
+        pd.concat(pairs, ignore_index=True)[PAIR_COLUMNS]
+        if pairs
+        else pd.DataFrame(columns=PAIR_COLUMNS)
+    )
+    return pair_table, pd.DataFrame(
+        verdicts, columns=["group", "metric", "run", "value", "best", "tied_for_best"]
+    )
 
 
 def _point(records: pd.DataFrame, average: str, column: str) -> float:
     ok = records[column].notna()
-    micro, macro = uncertainty.point_micro_macro(records.loc[ok, column].to_numpy(), records.loc[ok, "class"].to_numpy())
+    micro, macro = uncertainty.point_micro_macro(
+        records.loc[ok, column].to_numpy(), records.loc[ok, "class"].to_numpy()
+    )
     return micro if average == "micro" else macro
 
 
-def _same_queries(by_name: dict[str, pd.DataFrame], group: str) -> dict[str, pd.DataFrame]:
+def _same_queries(
+    by_name: dict[str, pd.DataFrame], group: str
+) -> dict[str, pd.DataFrame]:
     """The runs whose query rows equal those of the group's most common set (failed images can
     leave a run with fewer queries: it is not comparable and is left out, with a warning)."""
     keys = {name: tuple(sorted(r["row"].tolist())) for name, r in by_name.items()}
     common = pd.Series(list(keys.values())).value_counts().index[0] if keys else ()
     left_out = sorted(name for name, key in keys.items() if key != common)
     if left_out:
-        log.warning("comparisons: %s answered other queries than the rest of group %s; left out of the comparison",
-                    ", ".join(left_out), group)
+        log.warning(
+            "comparisons: %s answered other queries than the rest of group %s; left out of the comparison",
+            ", ".join(left_out),
+            group,
+        )
     return {name: r for name, r in by_name.items() if keys[name] == common}
 
 
@@ -103,29 +168,41 @@ def summary_lines(verdicts: pd.DataFrame) -> list[str]:
     groups = verdicts["group"].unique()
     for (group, metric), rows in verdicts.groupby(["group", "metric"], sort=False):
         rows = rows.sort_values("value", ascending=False)
-        tied = [f"{r.run} ({r.value:.3f})" for r in rows.itertuples() if r.tied_for_best]
+        tied = [
+            f"{r.run} ({r.value:.3f})" for r in rows.itertuples() if r.tied_for_best
+        ]
         where = f" [queries {group}]" if len(groups) > 1 else ""
         lines.append(f"{metric}{where}: tied for best: {', '.join(tied)}")
     return lines
 
 
-def download_records(client, run_ids, folder: Path | None = None) -> dict[str, pd.DataFrame]:
+def download_records(
+    client, run_ids, folder: Path | None = None
+) -> dict[str, pd.DataFrame]:
     """per_query.parquet of each run that has one (runs from before it, or of other tasks, have none)."""
     from cbir.per_query import FILE
     from cbir.tracking import retry_locked
 
     folder = Path(folder or tempfile.mkdtemp(prefix="cbir-records-"))
     out = {}
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # one bar per run otherwise
     for run_id in run_ids:
         try:
             names = {a.path for a in retry_locked(client.list_artifacts, run_id)}
             if FILE not in names:
                 continue
-            path = retry_locked(client.download_artifacts, run_id, FILE, str(folder / run_id))
+            path = retry_locked(
+                client.download_artifacts, run_id, FILE, str(folder / run_id)
+            )
             frame = pd.read_parquet(path)
         except Exception as e:  # noqa: BLE001 - one unreadable run must not stop the others' comparison
-            log.warning("comparisons: could not read the per-query records of run %s: %s", run_id, str(e)[:200])
+            log.warning(
+                "comparisons: could not read the per-query records of run %s: %s",
+                run_id,
+                str(e)[:200],
+            )
             continue
         if "P@1" in frame:
             out[run_id] = frame
@@ -135,17 +212,31 @@ def download_records(client, run_ids, folder: Path | None = None) -> dict[str, p
 def ci_settings(cfg) -> tuple[int, float, int, int]:
     """(resamples, level, flips, seed) from a config with eval.ci and seed (defaults otherwise)."""
     ci = cfg.get("eval", {}).get("ci") or {} if cfg is not None else {}
-    return (int(ci.get("resamples", 1000)), float(ci.get("level", 0.95)), int(ci.get("flips", 10000)),
-            int(cfg.get("seed", 42)) if cfg is not None else 42)
+    return (
+        int(ci.get("resamples", 1000)),
+        float(ci.get("level", 0.95)),
+        int(ci.get("flips", 10000)),
+        int(cfg.get("seed", 42)) if cfg is not None else 42,
+    )
 
 
-def for_jobs(client, jobs: pd.DataFrame, settings: tuple[int, float, int, int],
-             folder: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def for_jobs(
+    client,
+    jobs: pd.DataFrame,
+    settings: tuple[int, float, int, int],
+    folder: Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparisons of a sweep's finished jobs (dashboard.sweep_jobs rows)."""
-    done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])] if "status" in jobs else jobs
+    done = (
+        jobs[jobs["status"].isin(["FINISHED", "done earlier"])]
+        if "status" in jobs
+        else jobs
+    )
     if "query_set" not in done or done["query_set"].isna().all():
         return pd.DataFrame(columns=PAIR_COLUMNS), pd.DataFrame()
     done = done.dropna(subset=["query_set"])
     records = download_records(client, done["run_id"], folder)
-    runs = pd.DataFrame({"name": done["run"], "group": done["query_set"], "run_id": done["run_id"]})
+    runs = pd.DataFrame(
+        {"name": done["run"], "group": done["query_set"], "run_id": done["run_id"]}
+    )
     return compare_groups(runs, records, *settings)
