@@ -91,9 +91,8 @@ def write_resolved_config(cfg: DictConfig, folder: Path) -> Path:
 
 def headline(metrics: dict[str, float], ns) -> str:
     """Markdown: micro and macro P@N of all queries, then micro P@1 per modality."""
-    def fmt(name: str) -> str:
-        value = metrics.get(name)
-        return "-" if value is None or value != value else f"{value:.3f}"
+    def fmt(name: str) -> str:  # `0.409 [0.37, 0.45]` when the run logged the interval
+        return uncertainty.with_interval(metrics, name)
 
     lines = ["| | " + " | ".join(f"P@{n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for avg in ("micro", "macro"):

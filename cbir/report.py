@@ -119,19 +119,23 @@ def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
         return pd.DataFrame()
     ident = identity_columns(runs)
     rows = []
+    bounds = {"": "", "_ci_low": " low", "_ci_high": " high"}  # interval bounds, shown by to_markdown
     for _, run in runs.iterrows():
         for key in run.index:
             parts = str(key).split("/")
+            suffix = next((b for b in ("_ci_low", "_ci_high") if parts[-1].endswith(b)), "")
             if len(parts) == 4 and parts[0] == "modality" and parts[2] in ("micro", "macro") \
-                    and parts[3] in {metric_name(n) for n in ns} and run[key] == run[key]:
+                    and parts[3].removesuffix(suffix) in {metric_name(n) for n in ns} and run[key] == run[key]:
                 rows.append({**{c: run[c] for c in ident}, "modality": parts[1], "average": parts[2],
-                             "N": int(parts[3].rsplit("_", 1)[1]), "value": run[key]})
+                             "N": int(parts[3].removesuffix(suffix).rsplit("_", 1)[1]), "bound": bounds[suffix],
+                             "value": run[key]})
     if not rows:
         return pd.DataFrame()
     long = pd.DataFrame(rows)
-    wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N"], values="value")
-    wide.columns = [f"{avg} P@{n}" for avg, n in wide.columns]
-    ordered = [f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns if f"{avg} P@{n}" in wide]  # as table1
+    wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N", "bound"], values="value")
+    wide.columns = [f"{avg} P@{n}{bound}" for avg, n, bound in wide.columns]
+    ordered = [f"{avg} P@{n}{bound}" for avg in ("micro", "macro") for n in ns for bound in bounds.values()
+               if f"{avg} P@{n}{bound}" in wide]  # as table1
     return wide[ordered].reset_index().sort_values(ident + ["modality"], key=_natural).reset_index(drop=True)
 
 

@@ -284,3 +284,24 @@ def test_the_95_percent_interval_covers_the_population_value_in_93_to_97_percent
     result = coverage(datasets=2000, resamples=1000, populations=8)
     assert 0.93 <= result["micro_coverage"] <= 0.97
     assert 0.93 <= result["macro_coverage"] <= 0.97
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "eval.ci.resamples=-1",
+        "eval.ci.level=1.5",
+        "eval.ci.flips=0",
+        "eval.audit.near_duplicate=2",
+        "eval.exclude_same_patient=maybe",
+    ],
+)
+def test_bad_interval_and_audit_settings_are_config_errors(override):
+    from conftest import compose
+
+    from cbir import per_query
+    from cbir.checks import ConfigError
+
+    per_query.check_config(compose("debug=smoke"))  # the defaults are fine
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        per_query.check_config(compose("debug=smoke", override))
