@@ -196,7 +196,17 @@ def download_records(
             path = retry_locked(
                 client.download_artifacts, run_id, FILE, str(folder / run_id)
             )
-            frame = pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(
+                path
+            ).names  # P@N only: class probabilities can be most of the file
+            frame = pd.read_parquet(
+                path,
+                columns=[
+                    c for c in names if c in ("row", "class") or c.startswith("P@")
+                ],
+            )
         except Exception as e:  # noqa: BLE001 - one unreadable run must not stop the others' comparison
             log.warning(
                 "comparisons: could not read the per-query records of run %s: %s",

@@ -406,6 +406,13 @@ def compare_runs(
     names = sorted(records)
     rows = []
     aligned = {n: records[n].sort_values("row").reset_index(drop=True) for n in names}
+    for name in names[1:]:
+        if not np.array_equal(
+            aligned[name]["row"].to_numpy(), aligned[names[0]]["row"].to_numpy()
+        ):
+            raise ValueError(
+                f"runs {names[0]} and {name} answered different queries: not a paired comparison"
+            )
     for average, column in metrics:
         label = f"{average} {column}"
         for a, b in itertools.combinations(names, 2):
