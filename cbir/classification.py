@@ -10,7 +10,8 @@ training split (the index). As the study computes them with scikit-learn:
 - micro / macro F1, macro precision, macro recall, accuracy: on the arg-max of the probabilities
   against the true class. Macro averages run over the classes that occur in the truth or the
   prediction (scikit-learn's default); a class never predicted scores 0 precision.
-- The arg-max takes the first class in class order (sorted names) when several tie.
+- The arg-max takes the first class in class order when several tie: sorted names, or the split
+  CSV's class columns with dataset=study_splits (cbir.knn).
 """
 
 from __future__ import annotations

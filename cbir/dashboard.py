@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from cbir import uncertainty
 from cbir.metrics import metric_name
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,8 @@ def write_resolved_config(cfg: DictConfig, folder: Path) -> Path:
 
 def headline(metrics: dict[str, float], ns) -> str:
     """Markdown: micro and macro P@N of all queries, then micro P@1 per modality."""
-    def fmt(name: str) -> str:
-        value = metrics.get(name)
-        return "-" if value is None or value != value else f"{value:.3f}"
+    def fmt(name: str) -> str:  # `0.409 [0.37, 0.45]` when the run logged the interval
+        return uncertainty.with_interval(metrics, name)
 
     lines = ["| | " + " | ".join(f"P@{n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for avg in ("micro", "macro"):
@@ -142,6 +142,9 @@ def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None 
                      "per_class": tags.get("per_class"), "task": tags.get("task") or "retrieval",
                      "labels": tags.get("labels") or "single",
                      **{m: run.data.metrics.get(m, float("nan")) for m in HEADLINE_METRICS},
+                     **{f"{m}_ci_{side}": run.data.metrics[f"{m}_ci_{side}"] for m in HEADLINE_METRICS
+                        for side in ("low", "high") if f"{m}_ci_{side}" in run.data.metrics},
+                     "query_set": tags.get("cbir.query_set"),
                      "cache": tags.get("cache", "-"), "seconds": (end - info.start_time) / 1000,
                      "status": status, "run_id": info.run_id, "error": tags.get("error", ""),
                      "config_hash": tags.get("config_hash", info.run_id), "start": info.start_time,
@@ -171,6 +174,21 @@ def comparison_table(jobs: pd.DataFrame) -> pd.DataFrame:
     table = jobs[list(names)].rename(columns=names)
     for column in ("micro P@1", "macro P@1", "micro P@10", "macro P@10", "seconds"):
         table[column] = table[column].astype(float).round(4 if "P@" in column else 1)
+    return add_interval_columns(table, jobs)
+
+
+def add_interval_columns(table: pd.DataFrame, jobs: pd.DataFrame) -> pd.DataFrame:
+    """`micro P@1 low` / `high` right after each headline column (when logged), and the
+    `tied for best` column of the sweep's paired comparisons (when computed)."""
+    readable = {"micro/P_at_1": "micro P@1", "macro/P_at_1": "macro P@1", "micro/P_at_10": "micro P@10",
+                "macro/P_at_10": "macro P@10"}
+    for metric, column in readable.items():
+        for offset, side in enumerate(("low", "high"), start=1):
+            if f"{metric}_ci_{side}" in jobs:
+                table.insert(table.columns.get_loc(column) + offset, f"{column} {side}",
+                             jobs[f"{metric}_ci_{side}"].astype(float).round(4).to_numpy())
+    if "tied for best" in jobs:
+        table.insert(table.columns.get_loc("cache"), "tied for best", jobs["tied for best"].fillna("").to_numpy())
     return table
 
 
@@ -182,16 +200,20 @@ def console_table(jobs: pd.DataFrame, title: str):
     table = Table(title=title, caption="modified P@N; cache: embeddings reused (hit) or computed (miss)",
                   box=box.SIMPLE_HEAD)
     extra = extra_columns(jobs)
+    tied = ["tied for best"] if "tied for best" in jobs else []
     for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"),
                             *((c, "left") for c in extra), ("micro P@1", "right"),
                             ("macro P@1", "right"), ("micro P@10", "right"), ("macro P@10", "right"),
-                            ("cache", "left"), ("sec", "right"), ("status", "left")):
+                            *((c, "left") for c in tied), ("cache", "left"), ("sec", "right"), ("status", "left")):
         table.add_column(column, justify=justify, no_wrap=True)
+    if tied or any(f"{m}_ci_low" in jobs for m in HEADLINE_METRICS):
+        table.caption += ("; \\[low, high]: bootstrap interval (eval.ci.level); tied for best: not distinguishable from the best "
+                          "(paired test, Holm-adjusted p >= 0.05; µ micro, M macro)")
     for _, row in jobs.iterrows():
-        metrics = ["-" if row[m] != row[m] else f"{row[m]:.3f}" for m in HEADLINE_METRICS]
+        metrics = [uncertainty.with_interval(row, m) for m in HEADLINE_METRICS]
         colour = colours.get(row["status"], "white")
         table.add_row(str(row["encoder"]), str(row["index_type"]), str(row["per_class"]),
-                      *(str(row[c]) for c in extra), *metrics,
+                      *(str(row[c]) for c in extra), *metrics, *(str(row[c] or "") for c in tied),
                       str(row["cache"]), f"{row['seconds']:.1f}", f"[{colour}]{row['status']}[/]")
     return table
 
@@ -236,7 +258,8 @@ def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> tuple
             f"http://127.0.0.1:5000/#/experiments/{experiment_id}{run}")
 
 
-def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns) -> dict[str, Path]:
+def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pairs=None,
+               verdicts=None) -> dict[str, Path]:
     """Comparison table (artifact viewer renders it), CSV, figure and description on the parent run."""
     from cbir import figures
     from cbir.report import to_markdown
@@ -250,6 +273,9 @@ def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns) -> 
     if not long.empty:
         files["comparison.png"] = figures.comparison_bars(long, folder / "comparison.png",
                                                           "micro and macro P@1 by encoder and index size")
+    if pairs is not None and len(pairs):  # paired comparisons of the jobs that answered the same queries
+        files["comparisons.csv"] = folder / "comparisons.csv"
+        pairs.to_csv(files["comparisons.csv"], index=False)
     for path in files.values():
         retry_locked(client.log_artifact, parent_id, str(path))
     existing = {a.path for a in retry_locked(client.list_artifacts, parent_id)}
@@ -259,10 +285,16 @@ def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns) -> 
         retry_locked(client.log_artifact, parent_id, str(path))
     else:
         retry_locked(client.log_table, parent_id, data=table, artifact_file="comparison_table.json")
-    shown = table.drop(columns=["run", "run_id", "cache", "seconds"])  # narrow enough for the run page
+    shown = uncertainty.merge_interval_columns(table.drop(columns=["run", "run_id", "cache", "seconds"]))  # narrow
     note = ("Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
             "comparison.png (micro/macro P@1 per modality), saturation.png (P@N against index size).\n\n"
             + to_markdown(shown))
+    if verdicts is not None and len(verdicts):
+        from cbir import comparisons
+
+        note += ("\nPaired comparisons (comparisons.csv: difference, interval, sign-flip p, Holm-adjusted p; "
+                 "tied for best = Holm-adjusted p >= 0.05 against the best):\n\n"
+                 + "\n".join(f"- {line}" for line in comparisons.summary_lines(verdicts)) + "\n")
     retry_locked(client.set_tag, parent_id, "mlflow.note.content", note)
     return files
 

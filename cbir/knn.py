@@ -8,6 +8,9 @@ A query's class-probability vector is the mean one-hot label of its first n neig
 k is chosen on the val split by micro-F1 over k = 1..k_max; the smallest best k wins a tie. (The
 study's code keeps the 0-based row of the best k, i.e. one less than the k that scored best; cbir
 uses the k that scored best.)
+Tied votes go to the first class in class order: sorted names, or with `dataset=study_splits`
+the order of the split CSV's class columns (the study's arg-max over its columns, e.g. `No
+Finding` first), so cbir reproduces the study's k-NN numbers from its published files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ import numpy as np
 import pandas as pd
 
 MODES = ("study", "plain")
+
+
+def in_column_order(classes: np.ndarray, order) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted `classes` rearranged into `order` (e.g. the study's CSV columns; classes not in
+    it last, by name), and rank: new code of each sorted code. The arg-max then breaks a tie
+    towards the class that comes first in `order`, as numpy's arg-max over the study's columns."""
+    position = {str(c): i for i, c in enumerate(order)}
+    new_order = np.argsort([position.get(str(c), len(position)) for c in classes], kind="stable")
+    rank = np.empty(len(classes), dtype=np.int64)
+    rank[new_order] = np.arange(len(classes))
+    return np.asarray(classes)[new_order], rank
 
 
 def neighbour_codes(index_codes: np.ndarray, neighbours: np.ndarray) -> np.ndarray:

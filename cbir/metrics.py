@@ -37,6 +37,8 @@ class RetrievalResult:
     n_queries: int
     n_excluded: int
     excluded_classes: list[str] = field(default_factory=list)
+    # one row per query: class, modality, anatomy, first (index position of the nearest row), P@N
+    per_query: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def modified_precision(hits: np.ndarray, n_relevant: np.ndarray, ns) -> np.ndarray:
@@ -76,14 +78,25 @@ def _level_key(frame: pd.DataFrame, level: str) -> pd.Series:
     return key.reset_index(drop=True)
 
 
+def removed_relevant(q_codes: np.ndarray, i_codes: np.ndarray, removed_pairs) -> np.ndarray:
+    """Per query, how many of its removed index rows (pairs of query and index positions, e.g.
+    its patient's other images) match its key: they leave n_c as they leave its neighbours."""
+    if removed_pairs is None:
+        return np.zeros(len(q_codes), dtype=np.int64)
+    q_pos, i_pos = removed_pairs
+    same = i_codes[i_pos] == q_codes[q_pos]
+    return np.bincount(q_pos[same], minlength=len(q_codes))
+
+
 def level_precision(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
-                    query_in_index: np.ndarray, ns, level: str = "class"):
+                    query_in_index: np.ndarray, ns, level: str = "class", removed_pairs=None):
     """Per-query P@N at a level. Returns (P (len(ns), Q), query codes, code names, n_relevant)."""
     codes, names = _codes(_level_key(query, level), _level_key(index, level))
     q_codes, i_codes = codes[: len(query)], codes[len(query):]
     neighbour_codes = np.where(neighbours >= 0, i_codes[np.clip(neighbours, 0, None)], -1)
     hits = neighbour_codes == q_codes[:, None]
     n_relevant = np.bincount(i_codes, minlength=len(names))[q_codes] - (query_in_index >= 0)
+    n_relevant = n_relevant - removed_relevant(q_codes, i_codes, removed_pairs)
     return modified_precision(hits, n_relevant, ns), q_codes, names, n_relevant
 
 
@@ -105,10 +118,12 @@ def summarise(p: np.ndarray, q_codes: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
 
 
-def precision_curve(query, index, neighbours, query_in_index, k: int, chunk: int = 65536) -> pd.DataFrame:
+def precision_curve(query, index, neighbours, query_in_index, k: int, chunk: int = 65536,
+                    removed_pairs=None) -> pd.DataFrame:
     """micro and macro P@N for N = 1..k, computed in query chunks (bounded memory)."""
     codes, names = _codes(_level_key(query, "class"), _level_key(index, "class"))
     q_codes, i_codes = codes[: len(query)], codes[len(query):]
+    removed = removed_relevant(q_codes, i_codes, removed_pairs)
     n_index = np.bincount(i_codes, minlength=len(names))
     k = min(k, neighbours.shape[1])
     class_sum = np.zeros((len(names), k))
@@ -119,7 +134,7 @@ def precision_curve(query, index, neighbours, query_in_index, k: int, chunk: int
         nb = neighbours[sl, :k]
         nb_codes = np.where(nb >= 0, i_codes[np.clip(nb, 0, None)], -1)
         qc = q_codes[sl]
-        n_rel = n_index[qc] - (query_in_index[sl] >= 0)
+        n_rel = n_index[qc] - (query_in_index[sl] >= 0) - removed[sl]
         ok = n_rel > 0
         hits = (nb_codes == qc[:, None])[ok]
         n_rel, qc = n_rel[ok], qc[ok]
@@ -138,12 +153,14 @@ def precision_curve(query, index, neighbours, query_in_index, k: int, chunk: int
 
 def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
              query_in_index: np.ndarray | None = None, ns=(1, 3, 5, 10),
-             levels=("modality", "anatomy"), curve_k: int = 0) -> RetrievalResult:
+             levels=("modality", "anatomy"), curve_k: int = 0, removed_pairs=None) -> RetrievalResult:
     """All metrics of one retrieval run.
 
     query, index: frames with label, modality, anatomy (row order = positions).
     neighbours: (Q, k) positions into `index`, nearest first, -1 for none; the query itself
-    already removed when it is in the index (its position then given in query_in_index)."""
+    already removed when it is in the index (its position then given in query_in_index).
+    removed_pairs: (query positions, index positions) also removed from the neighbours (e.g. the
+    query's patient's other images, eval.exclude_same_patient): n_c is counted without them."""
     query = query.reset_index(drop=True)
     index = index.reset_index(drop=True)
     ns = sorted(int(n) for n in ns)
@@ -152,7 +169,8 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     query_in_index = np.asarray(query_in_index)
     metrics: dict[str, float] = {}
 
-    p, q_codes, names, n_relevant = level_precision(query, index, neighbours, query_in_index, ns)
+    p, q_codes, names, n_relevant = level_precision(query, index, neighbours, query_in_index, ns,
+                                                    removed_pairs=removed_pairs)
     excluded = np.isnan(p[0]) if len(ns) else np.zeros(len(query), bool)
 
     def put(prefix: str, stats: dict[str, np.ndarray], spread: bool = False) -> None:
@@ -166,7 +184,7 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
             mask = (query[column].astype(str) == value).to_numpy()
             put(f"{prefix}/{value}/", summarise(p[:, mask], q_codes[mask]))
     for level in levels:
-        lp, lq, _, _ = level_precision(query, index, neighbours, query_in_index, ns, level)
+        lp, lq, _, _ = level_precision(query, index, neighbours, query_in_index, ns, level, removed_pairs)
         put(f"level/{level}/", summarise(lp, lq))
 
     metrics["queries/total"] = float(len(query))
@@ -176,10 +194,15 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     metrics["index/max_per_class"] = float(index["label"].value_counts().max()) if len(index) else 0.0
 
     per_class = _per_class_table(query, index, neighbours, p, q_codes, names, n_relevant, ns)
-    curve = (precision_curve(query, index, neighbours, query_in_index, curve_k)
+    curve = (precision_curve(query, index, neighbours, query_in_index, curve_k, removed_pairs=removed_pairs)
              if curve_k > 0 else pd.DataFrame(columns=["N", "micro", "macro"]))
     excluded_classes = sorted(set(query.loc[excluded, "label"].astype(str)))
-    return RetrievalResult(metrics, per_class, curve, len(query), int(excluded.sum()), excluded_classes)
+    per_query = pd.DataFrame({"class": query["label"].astype(str).to_numpy(),
+                              "modality": query["modality"].astype(str).to_numpy(),
+                              "anatomy": query["anatomy"].astype(str).to_numpy(),
+                              "first": neighbours[:, 0] if neighbours.shape[1] else np.full(len(query), -1),
+                              **{f"P@{n}": p[j] for j, n in enumerate(ns)}})
+    return RetrievalResult(metrics, per_class, curve, len(query), int(excluded.sum()), excluded_classes, per_query)
 
 
 def _per_class_table(query, index, neighbours, p, q_codes, names, n_relevant, ns) -> pd.DataFrame:

@@ -26,7 +26,7 @@ Ties in similarity are ordered by index row (as the search returns them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,7 @@ class MultiLabelResult:
     per_finding: pd.DataFrame
     n_queries: int
     n_excluded: int
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)  # metric name -> (Q,) values, NaN excluded
 
 
 @dataclass
@@ -244,4 +245,4 @@ def evaluate_multilabel(query: pd.DataFrame, index: pd.DataFrame, neighbours: np
     for name in names:
         table[name.replace("_at_", "@")] = _finding_means(values[name], pairs, everyone).reindex(table.index)
     table = table[table["queries"] > 0].reset_index(drop=True)
-    return MultiLabelResult(metrics, table, len(query), int(excluded.sum()))
+    return MultiLabelResult(metrics, table, len(query), int(excluded.sum()), values)

@@ -10,9 +10,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cbir import retrieval
+from cbir import per_query, retrieval
 from cbir.metrics import metric_name
 from cbir.metrics_multilabel import PREFIX, MultiLabelResult, evaluate_multilabel
+from cbir.uncertainty import with_interval
 
 
 def labels_mode(cfg) -> str:
@@ -27,14 +28,18 @@ def evaluate_search(table: pd.DataFrame, search, ns) -> MultiLabelResult:
                                search.neighbours, retrieval.own_positions(setup.index_rows, setup.query_rows), ns)
 
 
-def job_outputs(table: pd.DataFrame, search, ns, tracker, out: Path, title: str) -> dict[str, Path]:
+def job_outputs(table: pd.DataFrame, search, ns, tracker, out: Path, title: str, cfg=None) -> dict[str, Path]:
     result = evaluate_search(table, search, ns)
+    if cfg is not None:
+        result.metrics.update(per_query.multilabel_intervals(result.per_query, table.iloc[search.setup.query_rows], cfg))
     tracker.log_metrics(result.metrics)
     out.mkdir(parents=True, exist_ok=True)
     files = {"multilabel_metrics": out / "multilabel_metrics.json", "per_finding": out / "per_finding.csv"}
     files["multilabel_metrics"].write_text(json.dumps(
         {"metrics": result.metrics, "queries": result.n_queries, "excluded_queries": result.n_excluded}, indent=1))
     result.per_finding.to_csv(files["per_finding"], index=False)
+    if cfg is not None:
+        per_query.add_shown(files["multilabel_metrics"])
     Console(width=max(Console().width, 120)).print(summary_table(result, ns, title))  # 8 columns
     return files
 
@@ -55,6 +60,10 @@ def summary_table(result: MultiLabelResult, ns, title: str) -> Table:
         cells = []
         for _, name in columns:
             values = [m.get(f"{PREFIX}{prefix}{avg}/{name}") for avg in ("micro", "macro")]
+            if f"{PREFIX}{prefix}micro/{name}_ci_low" in m:  # micro with its interval above macro
+                cells.append(with_interval(m, f"{PREFIX}{prefix}micro/{name}") + "\n"
+                             + ("-" if values[1] is None or values[1] != values[1] else f"{values[1]:.3f}"))
+                continue
             cells.append("/".join("-" if v is None or v != v else f"{v:.3f}" for v in values))
         table.add_row(label, *cells)
 
@@ -79,6 +88,8 @@ def report_table(runs: pd.DataFrame, ns, identity) -> pd.DataFrame:
     columns.update({f"{PREFIX}micro/mAP_at_{deepest}": f"micro mAP@{deepest}",
                     f"{PREFIX}micro/nDCG_at_{deepest}": f"micro nDCG@{deepest}",
                     f"{PREFIX}micro/R_precision": "micro R-precision"})
+    for name, label in [(k, v) for k, v in columns.items() if "/micro/" in k]:  # bounds shown by to_markdown
+        columns.update({f"{name}_ci_low": f"{label} low", f"{name}_ci_high": f"{label} high"})
     ident = identity(runs)
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     return table.sort_values(ident).reset_index(drop=True)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import CONFIG_DIR, classification, console, multilabel, reporting, tracking
+from cbir import CONFIG_DIR, classification, console, multilabel, reporting, tracking, uncertainty
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
@@ -51,6 +51,7 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
     found = client.search_runs([eid], filter_string=" and ".join(filters),
                                order_by=["attributes.start_time DESC"], max_results=50000)
     rows = [{"run_id": r.info.run_id, **{k: r.data.tags.get(k) for k in IDENTITY + ["config_hash"]},
+             "query_set": r.data.tags.get("cbir.query_set"), "run": r.data.tags.get("mlflow.runName", r.info.run_id),
              **r.data.metrics} for r in found]
     table = pd.DataFrame(rows)
     if len(table):
@@ -99,7 +100,8 @@ def retrieval_runs(runs: pd.DataFrame, ns) -> pd.DataFrame:
 def table1(runs: pd.DataFrame, ns) -> pd.DataFrame:
     runs = retrieval_runs(runs, ns)
     ident = identity_columns(runs)
-    columns = {f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
+    columns = {f"{avg}/{metric_name(n)}{suffix}": f"{avg} P@{n}{label}" for avg in ("micro", "macro") for n in ns
+               for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))}  # bounds: see to_markdown
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     return table.sort_values(ident, key=_natural).reset_index(drop=True)
 
@@ -117,19 +119,23 @@ def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
         return pd.DataFrame()
     ident = identity_columns(runs)
     rows = []
+    bounds = {"": "", "_ci_low": " low", "_ci_high": " high"}  # interval bounds, shown by to_markdown
     for _, run in runs.iterrows():
         for key in run.index:
             parts = str(key).split("/")
+            suffix = next((b for b in ("_ci_low", "_ci_high") if parts[-1].endswith(b)), "")
             if len(parts) == 4 and parts[0] == "modality" and parts[2] in ("micro", "macro") \
-                    and parts[3] in {metric_name(n) for n in ns} and run[key] == run[key]:
+                    and parts[3].removesuffix(suffix) in {metric_name(n) for n in ns} and run[key] == run[key]:
                 rows.append({**{c: run[c] for c in ident}, "modality": parts[1], "average": parts[2],
-                             "N": int(parts[3].rsplit("_", 1)[1]), "value": run[key]})
+                             "N": int(parts[3].removesuffix(suffix).rsplit("_", 1)[1]), "bound": bounds[suffix],
+                             "value": run[key]})
     if not rows:
         return pd.DataFrame()
     long = pd.DataFrame(rows)
-    wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N"], values="value")
-    wide.columns = [f"{avg} P@{n}" for avg, n in wide.columns]
-    ordered = [f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns if f"{avg} P@{n}" in wide]  # as table1
+    wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N", "bound"], values="value")
+    wide.columns = [f"{avg} P@{n}{bound}" for avg, n, bound in wide.columns]
+    ordered = [f"{avg} P@{n}{bound}" for avg in ("micro", "macro") for n in ns for bound in bounds.values()
+               if f"{avg} P@{n}{bound}" in wide]  # as table1
     return wide[ordered].reset_index().sort_values(ident + ["modality"], key=_natural).reset_index(drop=True)
 
 
@@ -152,7 +158,8 @@ def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
     runs = runs[runs[f"{prefix}/accuracy"].notna()]
     ident = identity_columns(runs)
     chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch (from 0)"}}[prefix]
-    columns = {f"{prefix}/{name}": classification.LABELS[name] for name in classification.METRICS}
+    columns = {f"{prefix}/{name}{suffix}": classification.LABELS[name] + label for name in classification.METRICS
+               for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))}
     columns.update(chosen)
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     for column in chosen.values():
@@ -197,8 +204,11 @@ def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A Markdown (pipe) table, floats to 3 decimals: pandas through tabulate."""
-    return frame.to_markdown(index=False, floatfmt=".3f") + "\n"
+    """A Markdown (pipe) table, floats to 3 decimals: pandas through tabulate. A column with
+    `<column> low` / `<column> high` beside it (bootstrap bounds) is shown as `0.409 [0.37, 0.45]`."""
+    from cbir.uncertainty import merge_interval_columns
+
+    return merge_interval_columns(frame).to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
 def write_report(cfg: DictConfig) -> dict[str, Path]:
@@ -215,6 +225,7 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
               "knn_per_modality": classification_per_modality(runs, "knn"),
               "probe_per_modality": classification_per_modality(runs, "probe")}
     tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
+    tables["paired_comparisons"], tables["tied_for_best"] = paired_comparisons(cfg, runs, ns)
     if cfg.report.get("reference"):
         single = runs[runs["labels"] == "single"] if "labels" in runs else runs  # the study's setting
         tables["comparison"] = comparison(table1(single, ns), Path(cfg.report.reference), ns)
@@ -224,7 +235,10 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
                             "findings; nDCG gain = Jaccard overlap of the finding sets",
               "knn_classification": "k-NN classification (test split; k chosen on val)",
               "linear_probe": "Linear probe (test split; epoch chosen on val)",
-              "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality"}
+              "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality",
+              "tied_for_best": "Tied for best (paired sign-flip test against the best, Holm-adjusted p >= 0.05)",
+              "paired_comparisons": "Paired comparisons (runs that answered the same queries; difference A - B with "
+                                    "its bootstrap interval, sign-flip p and Holm-adjusted p)"}
     files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
     for name, frame in tables.items():
         if frame.empty:
@@ -241,18 +255,42 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     return files
 
 
+def paired_comparisons(cfg: DictConfig, runs: pd.DataFrame, ns) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(pairs, tied-for-best table) of the retrieval runs that answered the same queries."""
+    from mlflow.tracking import MlflowClient
+
+    from cbir import comparisons
+
+    runs = retrieval_runs(runs, ns)
+    if "query_set" not in runs or runs["query_set"].isna().all():
+        return pd.DataFrame(), pd.DataFrame()
+    runs = runs.dropna(subset=["query_set"]).drop_duplicates(["query_set", "run"])
+    records = comparisons.download_records(MlflowClient(tracking.Tracker.from_config(cfg).uri), runs["run_id"])
+    settings = comparisons.ci_settings(cfg)
+    pairs, verdicts = comparisons.compare_groups(
+        pd.DataFrame({"name": runs["run"], "group": runs["query_set"], "run_id": runs["run_id"]}), records, *settings)
+    if verdicts.empty:
+        return pairs, pd.DataFrame()
+    tied = verdicts[verdicts["tied_for_best"]].sort_values(["group", "metric", "value"], ascending=[True, True, False])
+    return pairs, tied.drop(columns="tied_for_best").rename(columns={"group": "queries"}).reset_index(drop=True)
+
+
 def _print(frame: pd.DataFrame, where: str, ns) -> None:
     """Console view of Table 1; cells micro/macro so it fits a terminal."""
-    table = Table(title=f"modified P@N — {where}", caption="cells: micro/macro")
+    table = Table(title=f"modified P@N — {where}", caption="cells: micro/macro" + (
+        "; \\[low, high]: bootstrap interval" if "micro P@1 low" in frame else ""))
     ident = [c for c in frame.columns if "P@" not in str(c)]
     for column in ident:
         table.add_column(str(column))
     for n in ns:
         table.add_column(f"P@{n}", justify="center")
     for _, row in frame.iterrows():
-        cells = [f"{row.get(f'micro P@{n}', float('nan')):.3f}/{row.get(f'macro P@{n}', float('nan')):.3f}" for n in ns]
+        cells = ["\n".join(uncertainty.fmt_interval(row.get(f"{avg} P@{n}"), row.get(f"{avg} P@{n} low"),
+                                                   row.get(f"{avg} P@{n} high")) for avg in ("micro", "macro"))
+                 if f"micro P@{n} low" in row else
+                 f"{row.get(f'micro P@{n}', float('nan')):.3f}/{row.get(f'macro P@{n}', float('nan')):.3f}" for n in ns]
         table.add_row(*[str(row[c]) for c in ident], *cells)
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="report")

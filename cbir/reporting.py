@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cbir.metrics import RetrievalResult, metric_name
+from cbir.uncertainty import with_interval
 
 console = Console()
 
@@ -43,6 +44,8 @@ def summary_table(result: RetrievalResult, ns, title: str) -> Table:
     """Rows: all queries, each modality, the coarser matching levels; cells: micro / macro."""
     caption = (f"micro/macro over {result.n_queries - result.n_excluded} queries; "
                "'by ...' rows count a hit at a coarser level")
+    if any(name.endswith("_ci_low") for name in result.metrics):
+        caption += "; \\[low, high]: bootstrap interval over queries (eval.ci)"
     table = Table(title=title, caption=caption, show_lines=False)
     table.add_column("subset")
     for n in ns:
@@ -50,7 +53,10 @@ def summary_table(result: RetrievalResult, ns, title: str) -> Table:
     m = result.metrics
 
     def cell(prefix: str, n: int) -> str:
-        values = [m.get(f"{prefix}{avg}/{metric_name(n)}") for avg in ("micro", "macro")]
+        names = [f"{prefix}{avg}/{metric_name(n)}" for avg in ("micro", "macro")]
+        if f"{names[0]}_ci_low" in m:  # with intervals: micro above macro, `value [low, high]`
+            return "\n".join(with_interval(m, name) for name in names)
+        values = [m.get(name) for name in names]
         return "/".join("-" if v is None or v != v else f"{v:.3f}" for v in values)
 
     def row(label: str, prefix: str) -> None:
@@ -69,7 +75,8 @@ def print_summary(result: RetrievalResult, ns, title: str) -> None:
     from cbir.console import to_log_files
 
     table = summary_table(result, ns, title)
-    console.print(table)
+    wide = any(name.endswith("_ci_low") for name in result.metrics)  # `value [low, high]` cells
+    (Console(width=max(console.width, 150)) if wide else console).print(table)
     to_log_files(table)
     if result.n_excluded:
         console.print(

@@ -23,6 +23,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
+from cbir import audit, comparisons, per_query  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     """One job. Returns None when a sweep re-run finds this config already finished."""
     checks.validate_config(cfg)
     tasks.check_config(cfg)
+    per_query.check_config(cfg)
     # imported here, not at the top: mlflow.pyfunc takes seconds to import
     from cbir import serving
 
@@ -79,6 +81,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
     with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
         dashboard.annotate_run(tracker, cfg, out)
+        tracker.set_tags({comparisons.TAG: comparisons.query_set(cfg, manifest.digest())})  # paired comparisons
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
@@ -101,23 +104,30 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                                           cfg.eval.query_split, size, cfg.index.seed)
             return retrieval.run_retrieval(manifest.table, extraction.embeddings, setup, cfg.index, cfg.eval.n,
                                            cfg.eval.curve_k, cfg.eval.levels, cfg.eval.search_batch_size,
-                                           return_search=return_search)
+                                           return_search=return_search, patients=excluded_patients)
 
-        result, search, files = None, None, {}
+        excluded_patients = audit.patient_ids(manifest.table) if cfg.eval.get("exclude_same_patient") else None
+        if cfg.eval.get("exclude_same_patient") and excluded_patients is None:
+            log.warning("eval.exclude_same_patient=true, but the manifest has no patient ids: nothing is excluded")
+
+        result, search, files, records = None, None, {}, []
         if "retrieval" in tasks.evaluations(cfg):
             result, search = evaluate(per_class, return_search=True)
+            records.append(per_query.retrieval_records(manifest.table, search, result))
+            per_query.add_retrieval_intervals(result, records[0], cfg)
             tracker.log_metrics(result.metrics)
             dashboard.describe_run(tracker, result.metrics, cfg.eval.n)
             for row in result.curve.itertuples():
                 tracker.log_metrics({"curve/micro": row.micro, "curve/macro": row.macro}, step=int(row.N))
             files.update(reporting.write_job_files(result, out))
+            per_query.add_shown(files["metrics"])
             files.update(cbir_search.job_outputs(cfg, manifest, search, out, run_name, tracker, encoder,  # gallery, saved index
                                                  extraction.embeddings))
             serving.job_outputs(cfg, manifest, search, out, run_name, tracker, encoder,  # tracking.log_model: the `retriever` model
                                 extraction.embeddings)
             if multilabel.labels_mode(cfg) == "multi":  # ml/ metrics on the same neighbours
                 files.update(multilabel.job_outputs(manifest.table, search, cfg.eval.n, tracker, out,
-                                                    f"{run_name}  (multi-label: shares a finding)"))
+                                                    f"{run_name}  (multi-label: shares a finding)", cfg))
             sizes = [retrieval.per_class_value(v) for v in cfg.eval.get("saturation") or []]
             if sizes:
                 curves = reporting.saturation_in_run(sizes, evaluate, cfg.eval.n, cfg.encoder.name)
@@ -128,7 +138,12 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                 curves.to_csv(files["saturation_csv"], index=False)
                 files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
         files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
-                                              search, out, tracker, run_name))
+                                              search, out, tracker, run_name, records))
+        audit_setup = search.setup if search is not None else retrieval.choose_rows(
+            manifest.table, extraction.valid, cfg.index.split, cfg.eval.query_split, per_class, cfg.index.seed)
+        files.update(audit.job_audit(cfg, manifest, audit_setup, search, out, tracker))  # leakage, every job
+        if (records_file := per_query.write(records, manifest.table, out)) is not None:
+            files["per_query"] = records_file
         for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")

@@ -92,6 +92,16 @@ def read_split_csv(file: Path, chunk_rows: int = 200_000) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def class_columns(files) -> list[str]:
+    """The class columns of split CSVs, in file order then column order (first occurrence): the
+    order the study's arg-max breaks ties in."""
+    order: dict[str, None] = {}
+    for file in files:
+        header = list(pd.read_csv(file, nrows=0).columns)
+        order.update(dict.fromkeys(header[len(SPLIT_COLUMNS):]))
+    return list(order)
+
+
 def _chunks(reader) -> Iterator[tuple[int, pd.DataFrame]]:
     start = 0
     for chunk in reader:

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cbir import dashboard, process, tracking_store
+from cbir import comparisons, dashboard, process, tracking_store
 from cbir.tracking import PARENT_ENV, Tracker, git_commit, retry_locked
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class SweepSummary(_HydraCallback):
         dashboard.tag_experiment(self.client, self.experiment_id)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.ns = list(config.eval.n)
+        self.ci = comparisons.ci_settings(config)
         atexit.register(self.finish)  # runs before SweepCallback's (atexit is last-in, first-out)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -196,16 +197,19 @@ class SweepSummary(_HydraCallback):
 
         console = Console()
         if not console.is_terminal:  # piped or a log file: no need to squeeze the table into 80 columns
-            console = Console(width=max(console.width, 140))
+            console = Console(width=max(console.width, 190))  # 190: metric cells carry intervals
         try:
             jobs = dashboard.sweep_jobs(self.client, self.parent_id, self.experiment_id, self.started_ms)
             if jobs.empty:
                 console.print("[yellow]no job of this sweep started a run; see the errors above[/]")
                 return
+            pairs, verdicts = compare_jobs(self.client, jobs, self.ci, self.sweep_dir)
             console.print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
+            for line in comparisons.summary_lines(verdicts) if len(verdicts) else []:
+                console.print(line, highlight=False)
             for _, failed in jobs[jobs["status"] == "FAILED"].iterrows():
                 console.print(f"[red]{failed['run']}[/]: {failed['error'][:300]}")
-            files = dashboard.log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns)
+            files = dashboard.log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns, pairs, verdicts)
             write_summary_log(jobs, self.sweep_dir)
         except Exception as e:  # the summary must not hide the sweep's own outcome
             log.warning("sweep summary incomplete: %s", e)
@@ -220,6 +224,24 @@ class SweepSummary(_HydraCallback):
         console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
+def compare_jobs(client, jobs, settings, folder: Path):
+    """Paired comparisons of the jobs (cbir.comparisons); adds the `tied for best` column to jobs.
+    A failure here is one warning: the table and the parent run still get everything else."""
+    import tempfile
+
+    import pandas as pd
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="cbir-records-") as downloads:  # records are read into memory
+            pairs, verdicts = comparisons.for_jobs(client, jobs, settings, Path(downloads))
+    except Exception as e:
+        log.warning("paired comparisons skipped: %s", str(e)[:300])
+        return pd.DataFrame(), pd.DataFrame()
+    if len(verdicts):
+        jobs["tied for best"] = jobs["run"].map(comparisons.tied_labels(verdicts)).fillna("")
+    return pairs, verdicts
+
+
 def write_summary_log(jobs, folder: Path) -> Path:
     """The across-jobs table as plain text next to the job folders (sweep_summary.txt)."""
     from rich.console import Console
@@ -227,5 +249,5 @@ def write_summary_log(jobs, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep_summary.txt"
     with path.open("w") as f:
-        Console(file=f, width=140, color_system=None).print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
+        Console(file=f, width=190, color_system=None).print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
     return path

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import knn
+from cbir import knn, per_query
 from cbir.checks import ConfigError, DataError
 
 if TYPE_CHECKING:  # imported where used: scikit-learn takes seconds to import
@@ -93,6 +93,10 @@ class TaskOutput:
     counts: dict[str, float]                      # k or best epoch, queries, excluded queries, ...
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # stepped values (k on val, epochs)
     step: str = ""                                # the history column used as MLflow step
+    records: pd.DataFrame = field(default_factory=pd.DataFrame)  # per test query (cbir.per_query)
+    truth: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # for the intervals
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    modality: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
 
 
 def class_codes(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -121,6 +125,10 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
         setup, index = search.setup, search.index
     labels = table["label"].astype(str).to_numpy()
     classes, index_codes = np.unique(labels[setup.index_rows], return_inverse=True)
+    sorted_classes, rank = classes, np.arange(len(classes))
+    if (order := study_class_order(cfg)) is not None:  # ties as the study's arg-max breaks them
+        classes, rank = knn.in_column_order(classes, order)
+        index_codes = rank[index_codes]
     n_index = np.bincount(index_codes, minlength=len(classes))
 
     def neighbours(rows: np.ndarray, k: int):
@@ -132,7 +140,8 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
         else:
             queries = cbir_index.l2_normalise(embeddings[rows])
             found = cbir_index.search(index, queries, k, int(cfg.eval.search_batch_size), exclude=own)[1]
-        truth = class_codes(labels[rows], classes)
+        truth = class_codes(labels[rows], sorted_classes)
+        truth = np.where(truth >= 0, rank[np.clip(truth, 0, None)], -1)
         n_relevant = np.where(truth >= 0, n_index[np.clip(truth, 0, None)] - (own >= 0), 0)
         keep = n_relevant > 0
         return knn.neighbour_codes(index_codes, found[keep]), truth[keep], n_relevant[keep], keep
@@ -156,7 +165,20 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
                                      n_index)
     counts = {"k": k, "queries": len(truth), "excluded_queries": int((~keep).sum()), "val_queries": n_val,
               "train_rows": len(setup.index_rows), "classes": len(classes)}
-    return TaskOutput("knn", result, counts, history, "k")
+    return TaskOutput("knn", result, counts, history, "k",
+                      per_query.classification_records("knn", test_rows[keep], truth, probabilities, classes),
+                      truth, probabilities, table["modality"].to_numpy()[test_rows[keep]])
+
+
+def study_class_order(cfg: DictConfig) -> list[str] | None:
+    """With `dataset=study_splits`, the class columns of its split CSVs (the study's tie order)."""
+    dataset = cfg.get("dataset")
+    if dataset is None or not str(dataset.get("_target_", "")).endswith("StudySplitsDataset"):
+        return None
+    from cbir.data.study_splits import StudySplitsDataset
+    from cbir.study_format import class_columns
+
+    return class_columns(StudySplitsDataset._find_files(dataset.get("files"), dataset.get("dir")))
 
 
 def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray) -> TaskOutput:
@@ -188,13 +210,19 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
     counts = {"best_epoch": epoch, "epochs": len(history), "fit_seconds": round(time.perf_counter() - started, 2),
               "queries": len(test_rows), "excluded_queries": excluded, "val_queries": len(val_rows),
               "train_rows": len(train_rows), "classes": len(classes)}
-    return TaskOutput("probe", result, counts, history, "epoch")
+    return TaskOutput("probe", result, counts, history, "epoch",
+                      per_query.classification_records("probe", test_rows, test_codes, probabilities, classes),
+                      test_codes, probabilities, table["modality"].to_numpy()[test_rows])
 
 
 def run_classification(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray,
-                       search, out: Path, tracker, title: str) -> dict[str, Path]:
-    """The classification evaluations of this run: metrics to MLflow, files into `out`."""
+                       search, out: Path, tracker, title: str, records: list | None = None) -> dict[str, Path]:
+    """The classification evaluations of this run: metrics to MLflow, files into `out`; each
+    task's per-query records are appended to `records`."""
+    from cbir import uncertainty
+
     files: dict[str, Path] = {}
+    resamples, level, seed = per_query.ci_settings(cfg)
     for name in evaluations(cfg):
         if name == "knn_classification":
             output = run_knn(cfg, table, embeddings, valid, search)
@@ -202,9 +230,13 @@ def run_classification(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndar
             output = run_probe(cfg, table, embeddings, valid)
         else:
             continue
+        output.result.metrics.update(uncertainty.classification_intervals(
+            output.truth, output.probabilities, resamples, level, seed, output.modality))
+        if records is not None:
+            records.append(output.records)
         log_output(output, tracker)
         files.update(write_files(output, out))
-        Console().print(summary_table(output, f"{title}  ({name})"))
+        Console(width=max(Console().width, 140)).print(summary_table(output, f"{title}  ({name})"))
     return files
 
 
@@ -224,6 +256,7 @@ def write_files(output: TaskOutput, out: Path) -> dict[str, Path]:
     files = {f"{p}_metrics": out / f"{p}_metrics.json", f"{p}_per_class": out / f"{p}_per_class.csv",
              f"{p}_confusion": out / f"{p}_confusion.csv"}
     files[f"{p}_metrics"].write_text(json.dumps({"metrics": output.result.metrics, **output.counts}, indent=1))
+    per_query.add_shown(files[f"{p}_metrics"])
     output.result.per_class.to_csv(files[f"{p}_per_class"], index=False)
     output.result.confusion.to_csv(files[f"{p}_confusion"], index=False)
     if len(output.history):
@@ -234,7 +267,7 @@ def write_files(output: TaskOutput, out: Path) -> dict[str, Path]:
 
 def summary_table(output: TaskOutput, title: str) -> Table:
     """Rows: all test queries and each modality; columns: the metrics."""
-    from cbir import classification
+    from cbir import classification, uncertainty
 
     m, c = output.result.metrics, output.counts
     chosen = f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch'] + 1} of {c['epochs']}"
@@ -247,6 +280,5 @@ def summary_table(output: TaskOutput, title: str) -> Table:
         table.add_column(short[name], justify="center")
     modalities = sorted({k.split("/")[1] for k in m if k.startswith("modality/")})
     for label, prefix in [("all queries", "")] + [(f"  {mod}", f"modality/{mod}/") for mod in modalities]:
-        values = [m.get(prefix + name, float("nan")) for name in classification.METRICS]
-        table.add_row(label, *["-" if pd.isna(v) else f"{v:.3f}" for v in values])
+        table.add_row(label, *[uncertainty.with_interval(m, prefix + name) for name in classification.METRICS])
     return table

@@ -11,7 +11,7 @@ from conftest import run_cbir
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
-SECTIONS = ("extraction", "sweep", "search", "metrics", "memory", "scale")
+SECTIONS = ("extraction", "sweep", "search", "metrics", "memory", "scale", "uncertainty")
 
 
 def test_quick_benchmark_writes_all_sections(tmp_path, shared_data_dir):
@@ -22,7 +22,8 @@ def test_quick_benchmark_writes_all_sections(tmp_path, shared_data_dir):
                     "bench.sweep.encoders=[baseline]", "bench.sweep.per_class=[3,all]", "bench.small.search_index=5000",
                     "bench.small.search_queries=500", "bench.small.naive_search_queries=20",
                     "bench.small.metrics_queries=[2000]", "bench.small.memory_images=20",
-                    "bench.small.scale_index=5000", "bench.small.scale_queries=100", module="cbir.bench")
+                    "bench.small.scale_index=5000", "bench.small.scale_queries=100",
+                    "bench.small.uncertainty_queries=[20000]", "bench.small.coverage_datasets=20", module="cbir.bench")
     results = json.loads((out / "bench.json").read_text())
     for section in SECTIONS:
         ratio = results[section]["ratio"]
@@ -34,6 +35,7 @@ def test_quick_benchmark_writes_all_sections(tmp_path, shared_data_dir):
     assert all(r["loop_agrees"] and r["peak_rss_mb"] > 0 for r in results["metrics"]["sizes"])
     assert [r["images"] for r in results["memory"]["runs"]] == [20, 200]
     assert "skipped" in results["scale"]["gpu"] or results["scale"]["gpu"]
+    assert results["uncertainty"]["sizes"][0]["pairs"] == 4 and results["uncertainty"]["coverage"]["datasets"] == 20
     assert "extraction resnet50" in proc.stdout and (out / "bench.md").exists()
     # logged to MLflow, experiment cbir-bench
     from mlflow.tracking import MlflowClient

@@ -57,7 +57,8 @@ def test_dashboard_through_the_rest_api(sweep):
             metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
             assert 0 <= metrics["micro/P_at_1"] <= 1 and "macro/P_at_1" in metrics
             note = tags_of(child)["mlflow.note.content"]
-            assert f"| micro | {metrics['micro/P_at_1']:.3f} |" in note  # headline numbers first on the page
+            # headline numbers first on the page, with their bootstrap interval
+            assert f"| micro | {metrics['micro/P_at_1']:.3f} [{metrics['micro/P_at_1_ci_low']:.2f}, " in note
             files = api(url, f"artifacts/list?run_id={child['info']['run_id']}&path=config", method="GET")["files"]
             assert "config/resolved.yaml" in {f["path"] for f in files}
         files = {f["path"] for f in api(url, f"artifacts/list?run_id={parent_id}", method="GET")["files"]}

@@ -75,14 +75,18 @@ def test_report_matches_logged_metrics(sweep):
     _, _, children = runs(sweep)
     assert len(table) == 4
     assert list(table.columns[:2]) == ["encoder", "per_class"]
-    assert [c for c in table.columns if "P@" in c] == [f"{a} P@{n}" for a in ("micro", "macro") for n in (1, 3, 5, 10)]
+    assert [c for c in table.columns if "P@" in c and not c.endswith((" low", " high"))] == \
+        [f"{a} P@{n}" for a in ("micro", "macro") for n in (1, 3, 5, 10)]
+    assert table["micro P@1 low"].le(table["micro P@1"]).all()  # bootstrap bounds beside each value
     for child in children:
         row = table[(table.encoder == child.data.tags["encoder"]) & (table.per_class.astype(str) == child.data.tags["per_class"])]
         assert row["micro P@1"].item() == pytest.approx(child.data.metrics["micro/P_at_1"])
         assert row["macro P@10"].item() == pytest.approx(child.data.metrics["macro/P_at_10"])
     assert list(table["per_class"]) == [3, 10, 3, 10]  # index sizes in numeric order, not as text
     per_modality = pd.read_csv(sweep / "rep" / "per_modality.csv")
-    assert [c for c in per_modality.columns if "P@" in c][:2] == ["micro P@1", "micro P@3"]  # as table1
+    assert [c for c in per_modality.columns if "P@" in c and not c.endswith((" low", " high"))][:2] == \
+        ["micro P@1", "micro P@3"]  # as table1
+    assert "micro P@1 low" in per_modality  # bootstrap bounds beside each value
     assert list(per_modality["per_class"][:8]) == [3, 3, 3, 3, 10, 10, 10, 10]
     _, parents, _ = runs(sweep)
     client = MlflowClient(f"sqlite:///{sweep}/mlruns/mlflow.db")

@@ -16,6 +16,8 @@ shared machine are context only.
    when present);
 7. serving (opt-in, `bench.sections=[serving]`): a job's `retriever` model behind `mlflow models
    serve` on loopback, images/s and latency p50/p95 at batch 1 and 32, over in-process predict.
+8. uncertainty: bootstrap intervals and paired comparisons over per-query records up to 1.6M
+   queries, over explicit index-array resampling; coverage of the 95 % interval.
 
 One module per section (`measure` returns the section's figures, `rows` its table lines); the
 shared plumbing (child processes, synthetic data, encoders) is in `common.py`.
@@ -38,11 +40,11 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cbir import CONFIG_DIR  # noqa: E402
-from cbir.bench import extraction, memory, metrics, scale, search, serving, sweep  # noqa: E402
+from cbir.bench import extraction, memory, metrics, scale, search, serving, sweep, uncertainty  # noqa: E402
 
 log = logging.getLogger("cbir.bench")
 SECTIONS = {"extraction": extraction, "sweep": sweep, "search": search, "metrics": metrics, "memory": memory,
-            "scale": scale, "serving": serving}
+            "scale": scale, "serving": serving, "uncertainty": uncertainty}
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:

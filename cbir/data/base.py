@@ -28,7 +28,7 @@ from cbir.data.manifest import MANIFEST_COLUMNS, Manifest, ManifestError, valida
 log = logging.getLogger(__name__)
 
 # Bump when a reader's rules change, so manifests cached by an older version are rebuilt.
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: manifests keep a patient column
 MISSING_POLICIES = ("drop", "error", "keep")
 
 
@@ -122,6 +122,7 @@ class DatasetReader:
     def _checked_scan(self) -> Scan:
         scan = self.scan()
         columns = list(MANIFEST_COLUMNS) + (["findings"] if self.labels == "multi" else [])
+        columns += ["patient"] if "patient" in scan.table else []  # optional: the leakage audit reads it
         table = scan.table.loc[:, columns].reset_index(drop=True)
         validate_table(table, self.describe())
         scan.table = table.astype(str)

@@ -114,6 +114,7 @@ class CheXpertDataset(DatasetReader):
         scan.table = pd.DataFrame({
             "path": table["Path"], "dataset": self.name, "split": table["split"], "modality": "XR",
             "anatomy": "chest", **label_columns("XR", "chest", table["finding"], self.labels),
+            "patient": table["Path"].map(_patient_of),  # for the leakage audit
         })
         apply_missing_policy(scan, self.manifest_root, self.missing, self.name)
         return scan
@@ -126,6 +127,11 @@ class CheXpertDataset(DatasetReader):
             raise ManifestError(f"{csv}: header starts {list(table.columns[:5])}; expected the official CheXpert "
                                 f"header {list(METADATA_COLUMNS)} followed by the 14 label columns")
         return table
+
+
+def _patient_of(path: str) -> str:
+    """`CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg` -> patient00001 ('' if none)."""
+    return next((part for part in PurePosixPath(path).parts if part.startswith("patient")), "")
 
 
 def _split_rest(patients, train_fraction: float, seed: int):

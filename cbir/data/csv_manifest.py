@@ -7,6 +7,8 @@ a path that leaves `root` is an error. `label` is the retrieval class, best writ
 With `labels=multi` a `findings` column is required: the image's finding names joined by `|`
 (e.g. `Edema|Pleural Effusion`; empty = the finding of `label`); `label` then becomes
 `<MODALITY>/<anatomy>/<sorted findings>`.
+An optional `patient` column (patient id, blank = unknown) lets the leakage audit report queries
+whose patient also has index rows, and `eval.exclude_same_patient=true` leave those rows out.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ class MimicCXRDataset(DatasetReader):
             "path": "files/p" + subject.str[:2] + "/p" + subject + "/s" + study + "/" + table["dicom_id"] + ".jpg",
             "dataset": self.name, "split": table["split"].map(SPLIT_VALUES), "modality": "XR", "anatomy": "chest",
             **label_columns("XR", "chest", positive_lists(positive), self.labels),
+            "patient": subject,  # for the leakage audit
         }).reset_index(drop=True)
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan

@@ -88,6 +88,7 @@ class NIH14Dataset(DatasetReader):
             "path": table["Image Index"].map(lambda n: paths.get(n, "images/" + n)),
             "dataset": self.name, "split": table["split"], "modality": "XR", "anatomy": "chest",
             **label_columns("XR", "chest", findings, self.labels),
+            "patient": table["Patient ID"].astype(str),  # for the leakage audit
         }).reset_index(drop=True)
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan

@@ -1,0 +1,122 @@
+"""Paired comparisons across runs that answered the same queries: the sweep's table, its parent
+run and cbir.report name the encoders tied for best."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose, run_cbir
+from mlflow.tracking import MlflowClient
+
+from cbir import comparisons
+
+
+def records(seed: int, rate: float, n: int = 500, rows=None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    shared = np.random.default_rng(
+        0
+    )  # the same queries and a shared "easiness" across runs
+    classes = shared.choice(["a", "b", "c"], n)
+    easy = shared.random(n)
+    hit1 = np.where(rng.random(n) < 0.2, rng.random(n) < rate, easy < rate).astype(
+        float
+    )
+    return pd.DataFrame(
+        {
+            "row": np.arange(n) if rows is None else rows,
+            "class": classes,
+            "P@1": hit1,
+            "P@10": np.clip(hit1 * 0.5 + rng.integers(0, 6, n) / 10, 0, 1),
+        }
+    )
+
+
+def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied():
+    runs = pd.DataFrame(
+        {
+            "name": [
+                "enc_a",
+                "enc_a_again",
+                "enc_worse",
+                "other_index",
+                "fewer_queries",
+            ],
+            "group": ["g1", "g1", "g1", "g2", "g1"],
+            "run_id": ["r1", "r2", "r3", "r4", "r5"],
+        }
+    )
+    data = {
+        "r1": records(1, 0.6),
+        "r2": records(2, 0.6),
+        "r3": records(3, 0.4),
+        "r4": records(4, 0.9),
+        "r5": records(5, 0.9).iloc[:400],
+    }
+    pairs, verdicts = comparisons.compare_groups(runs, data, 300, 0.95, 5000, seed=0)
+    assert set(pairs["group"]) == {
+        "g1"
+    }  # g2 has one run; r5 answered other queries: left out
+    assert not {"other_index", "fewer_queries"} & (set(pairs["a"]) | set(pairs["b"]))
+    assert len(pairs) == 3 * 4  # 3 pairs x micro/macro P@1/P@10
+    labels = comparisons.tied_labels(verdicts)
+    assert labels["enc_worse"] == ""
+    assert "µP@1" in labels["enc_a"] and "µP@1" in labels["enc_a_again"]
+    lines = comparisons.summary_lines(verdicts)
+    assert any(
+        line.startswith("micro P@1: tied for best:") and "enc_worse" not in line
+        for line in lines
+    )
+
+
+def test_query_set_tells_index_sizes_and_types_apart():
+    base = compose("debug=smoke")
+    key = comparisons.query_set(base, "digest")
+    assert key == comparisons.query_set(
+        compose("debug=smoke", "encoder=random"), "digest"
+    )  # encoders compare
+    assert key != comparisons.query_set(
+        compose("debug=smoke", "index.per_class=5"), "digest"
+    )
+    assert key != comparisons.query_set(compose("debug=smoke", "index=hnsw"), "digest")
+    assert key != comparisons.query_set(base, "other manifest")
+
+
+@pytest.mark.slow
+def test_sweep_names_the_encoders_tied_for_best(tmp_path, shared_data_dir):
+    proc = run_cbir(
+        tmp_path,
+        "-m",
+        "debug=smoke",
+        "encoder=baseline,random",
+        f"paths.data_dir={shared_data_dir}",
+    )
+    assert "micro P@1: tied for best: baseline" in proc.stdout
+    assert (
+        "tied for best" in proc.stdout and "[0." in proc.stdout
+    )  # the column and the intervals
+    (csv,) = (tmp_path / "multirun").glob("*/*/comparisons.csv")
+    pairs = pd.read_csv(csv)
+    assert set(pairs["metric"]) == {
+        "micro P@1",
+        "macro P@1",
+        "micro P@10",
+        "macro P@10",
+    }
+    assert (pairs["p_holm"] < 0.05).all() and (
+        pairs["ci_low"] > 0
+    ).all()  # baseline beats random everywhere
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("cbir").experiment_id],
+        filter_string="tags.`cbir.role` = 'sweep'",
+    )
+    assert "comparisons.csv" in {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    assert "tied for best: baseline" in parent.data.tags["mlflow.note.content"]
+    run_cbir(tmp_path, "report.output_dir=rep", module="cbir.report")
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "Tied for best" in report and "] |" in report  # intervals in table 1
+    tied = pd.read_csv(tmp_path / "rep" / "tied_for_best.csv")
+    assert set(tied["run"].str.split(" ").str[0]) == {"baseline"}

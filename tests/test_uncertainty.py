@@ -1,0 +1,307 @@
+"""Intervals and paired comparisons over per-query records (SPEC section 11)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.metrics import f1_score, roc_auc_score
+
+from cbir import uncertainty
+
+
+def scipy_interval(values, resamples=20000, seed=1):
+    ci = stats.bootstrap(
+        (values,),
+        np.mean,
+        method="percentile",
+        n_resamples=resamples,
+        random_state=seed,
+    )
+    return ci.confidence_interval.low, ci.confidence_interval.high
+
+
+@pytest.mark.parametrize("kind", ["binary", "continuous", "p_at_10"])
+def test_interval_agrees_with_scipy_percentile_bootstrap(kind):
+    rng = np.random.default_rng(3)
+    values = {
+        "binary": (rng.random(150) < 0.4).astype(float),
+        "continuous": rng.beta(2, 5, 400),
+        "p_at_10": rng.integers(0, 11, 300) / 10,
+    }[kind]
+    bounds = uncertainty.mean_intervals(
+        values, np.zeros(len(values), int), 20000, 0.95, uncertainty.rng_for(7, kind)
+    )
+    low, high = scipy_interval(values)
+    width = high - low
+    # Monte-Carlo error of a 2.5 % quantile with 20,000 resamples is ~1 % of the width
+    assert bounds["micro"][0] == pytest.approx(low, abs=0.04 * width)
+    assert bounds["micro"][1] == pytest.approx(high, abs=0.04 * width)
+    assert bounds["macro"] == bounds["micro"]  # one class: macro is micro
+
+
+def test_stratified_resamples_keep_every_class_and_its_count():
+    values = np.r_[np.ones(5), np.zeros(95)]
+    classes = np.r_[np.zeros(5, int), np.ones(95, int)]
+    sums, counts = uncertainty.class_resample_sums(
+        values, classes, 500, uncertainty.rng_for(0, "t")
+    )
+    assert list(counts) == [5, 95]
+    assert np.all(sums[:, 0] == 5) and np.all(
+        sums[:, 1] == 0
+    )  # a class never loses its queries
+    # macro is then the same in every resample: mean of 1.0 and 0.0
+    micro, macro = uncertainty.micro_macro_samples(
+        values, classes, 500, uncertainty.rng_for(0, "t")
+    )
+    assert np.allclose(macro, 0.5) and np.allclose(micro, 0.05)
+
+
+def test_stratified_interval_matches_index_resampling_within_each_class():
+    """The multinomial-over-distinct-values draw is the distribution of a resample of queries:
+    the interval agrees with explicit per-class index resampling (scipy, stratified by hand)."""
+    rng = np.random.default_rng(5)
+    classes = np.repeat(np.arange(4), [10, 30, 60, 200])
+    values = rng.integers(0, 6, len(classes)) / 5
+    bounds = uncertainty.mean_intervals(
+        values, classes, 20000, 0.95, uncertainty.rng_for(1, "m")
+    )
+    by_class = [values[classes == c] for c in range(4)]
+    ci = stats.bootstrap(
+        by_class,
+        lambda *parts: np.mean([p.mean() for p in parts]),
+        method="percentile",
+        n_resamples=20000,
+        random_state=2,
+    ).confidence_interval  # each sample resampled alone
+    width = ci.high - ci.low
+    assert bounds["macro"][0] == pytest.approx(ci.low, abs=0.04 * width)
+    assert bounds["macro"][1] == pytest.approx(ci.high, abs=0.04 * width)
+
+
+def test_many_distinct_values_use_index_resampling_with_the_same_result():
+    rng = np.random.default_rng(9)
+    values = rng.random(2000)  # > MAX_DISTINCT distinct values: index-array path
+    low, high = scipy_interval(values)
+    bounds = uncertainty.mean_intervals(
+        values, np.zeros(2000, int), 20000, 0.95, uncertainty.rng_for(3, "x")
+    )
+    assert bounds["micro"][0] == pytest.approx(low, abs=0.04 * (high - low))
+    assert bounds["micro"][1] == pytest.approx(high, abs=0.04 * (high - low))
+
+
+def test_retrieval_intervals_bracket_the_point_estimate_and_are_seeded():
+    rng = np.random.default_rng(0)
+    records = pd.DataFrame(
+        {
+            "class": rng.choice(list("abcd"), 300),
+            "modality": rng.choice(["CT", "MR"], 300),
+            "P@1": (rng.random(300) < 0.5).astype(float),
+            "P@10": rng.integers(0, 11, 300) / 10,
+        }
+    )
+    records.loc[:4, "P@1"] = np.nan  # excluded queries
+    first = uncertainty.retrieval_intervals(records, [1, 10], 300, 0.95, seed=42)
+    assert first == uncertainty.retrieval_intervals(
+        records, [1, 10], 300, 0.95, seed=42
+    )
+    assert first != uncertainty.retrieval_intervals(
+        records, [1, 10], 300, 0.95, seed=43
+    )
+    assert "modality/CT/macro/P_at_10_ci_high" in first
+    ok = records["P@1"].notna()
+    micro, macro = uncertainty.point_micro_macro(
+        records["P@1"][ok].to_numpy(), records["class"][ok].to_numpy()
+    )
+    assert first["micro/P_at_1_ci_low"] < micro < first["micro/P_at_1_ci_high"]
+    assert first["macro/P_at_1_ci_low"] < macro < first["macro/P_at_1_ci_high"]
+    assert (
+        uncertainty.retrieval_intervals(records, [1], 0, 0.95, seed=42) == {}
+    )  # resamples=0: off
+
+
+def test_resampled_confusions_give_sklearn_macro_f1_and_weighted_auc_equals_sklearn_on_repeated_rows():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 4, 120)
+    probabilities = rng.dirichlet(np.ones(4), 120)
+    probabilities[np.arange(60), truth[:60]] += 0.5
+    # one resample drawn as weights, then the same rows repeated for scikit-learn
+    weights = uncertainty._stratified_weights(truth, 1, np.random.default_rng(2))
+    repeated = np.repeat(np.arange(120), weights[0].astype(int))
+    one_hot = np.eye(4, dtype=bool)[truth]
+    for c in range(4):
+        assert uncertainty.weighted_auc(probabilities[:, c], one_hot[:, c], weights)[
+            0
+        ] == pytest.approx(
+            roc_auc_score(one_hot[repeated, c], probabilities[repeated, c])
+        )
+    assert uncertainty.weighted_auc(
+        probabilities.ravel(), one_hot.ravel(), np.repeat(weights, 4, axis=1)
+    )[0] == pytest.approx(
+        roc_auc_score(one_hot[repeated], probabilities[repeated], average="micro")
+    )
+    predicted = probabilities.argmax(1)
+    matrix = np.zeros((1, 4, 4))
+    np.add.at(matrix[0], (truth[repeated], predicted[repeated]), 1)
+    f1 = uncertainty.f1_from_confusions(matrix)
+    assert f1["macro_f1"][0] == pytest.approx(
+        f1_score(truth[repeated], predicted[repeated], average="macro")
+    )
+    bounds = uncertainty.classification_intervals(
+        truth, probabilities, 200, 0.95, 0, modality=np.array(["A", "B"] * 60)
+    )
+    for name in (
+        "accuracy",
+        "macro_f1",
+        "micro_roc_auc",
+        "macro_roc_auc",
+        "modality/A/macro_f1",
+    ):
+        assert bounds[f"{name}_ci_low"] <= bounds[f"{name}_ci_high"]
+    assert (
+        bounds["macro_f1_ci_low"]
+        < f1_score(truth, predicted, average="macro")
+        < bounds["macro_f1_ci_high"]
+    )
+
+
+def test_sign_flip_exact_for_few_differences_and_matches_enumeration():
+    d = np.array([0.3, -0.1, 0.2, 0.0, 0.4])
+    # by hand: 16 sign patterns of the 4 nonzero |d|, |sum| >= 0.8
+    patterns = np.array(
+        [
+            [s1, s2, s3, s4]
+            for s1 in (1, -1)
+            for s2 in (1, -1)
+            for s3 in (1, -1)
+            for s4 in (1, -1)
+        ]
+    )
+    expected = np.mean(np.abs(patterns @ np.array([0.3, 0.1, 0.2, 0.4])) >= 0.8 - 1e-12)
+    p = uncertainty.sign_flip_p(
+        d, np.zeros(5, int), "micro", 10000, uncertainty.rng_for(0, "f")
+    )
+    assert p == pytest.approx(expected)
+
+
+def test_sign_flip_monte_carlo_agrees_with_scipy_permutation_test():
+    rng = np.random.default_rng(4)
+    d = rng.integers(-1, 2, 200) * (rng.random(200) < 0.5) + (rng.random(200) < 0.06)
+    ours = uncertainty.sign_flip_p(
+        d, np.zeros(200, int), "micro", 20000, uncertainty.rng_for(0, "f")
+    )
+    theirs = stats.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=20000, random_state=0
+    ).pvalue
+    assert ours == pytest.approx(theirs, abs=0.02)
+
+
+def test_holm_matches_the_textbook_example():
+    assert np.allclose(
+        uncertainty.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02]
+    )
+    assert np.allclose(uncertainty.holm([0.5, 0.9]), [1.0, 1.0])
+
+
+def paired_records(
+    seed: int, rates: dict[str, float], n: int = 600
+) -> dict[str, pd.DataFrame]:
+    """Per-query P@1 of several runs on the same queries: a run hits with its rate, and runs
+    with equal rates are independent draws (two runs of one encoder with different noise)."""
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(["c0", "c1", "c2"], n)
+    base = rng.random(n)
+    out = {}
+    for name, rate in rates.items():
+        noise = rng.random(n) < 0.15  # some queries flip between runs
+        hit = np.where(noise, rng.random(n) < rate, base < rate).astype(float)
+        out[name] = pd.DataFrame({"row": np.arange(n), "class": classes, "P@1": hit})
+    return out
+
+
+def test_paired_comparison_finds_a_planted_difference_and_ties_two_runs_of_one_encoder():
+    records = paired_records(2, {"good": 0.6, "good_again": 0.6, "worse": 0.45})
+    table = uncertainty.compare_runs(
+        records, [("micro", "P@1"), ("macro", "P@1")], 500, 0.95, 10000, seed=1
+    )
+    assert len(table) == 6  # 3 pairs x 2 metrics
+    for metric in ("micro P@1", "macro P@1"):
+        rows = table[table["metric"] == metric]
+        values = {name: float(r["P@1"].mean()) for name, r in records.items()}
+        tied = uncertainty.tied_for_best(values, rows)
+        assert set(tied) == {"good", "good_again"}
+        planted = rows[(rows["a"] == "good") & (rows["b"] == "worse")].iloc[0]
+        assert planted["p_holm"] < 0.05 and planted["ci_low"] > 0
+        same = rows[(rows["a"] == "good") & (rows["b"] == "good_again")].iloc[0]
+        assert same["p_holm"] >= 0.05 and same["ci_low"] <= 0 <= same["ci_high"]
+
+
+def test_sign_flip_p_is_calibrated_under_no_difference():
+    """Two runs of one encoder (same rate, independent noise): p < 0.05 in about 5 % of datasets."""
+    rejected = []
+    for seed in range(200):
+        records = paired_records(seed, {"a": 0.6, "b": 0.6}, n=300)
+        d = records["a"]["P@1"].to_numpy() - records["b"]["P@1"].to_numpy()
+        rejected.append(
+            uncertainty.sign_flip_p(
+                d,
+                records["a"]["class"].to_numpy(),
+                "micro",
+                2000,
+                uncertainty.rng_for(seed, "null"),
+            )
+            < 0.05
+        )
+    assert 0.015 <= np.mean(rejected) <= 0.10
+
+
+def test_scale_of_the_vectorised_bootstrap_is_independent_of_query_count_for_p_at_n():
+    """1.6M queries: the draws are per (class, distinct value), not per query (memory stays small)."""
+    rng = np.random.default_rng(0)
+    q = 1_600_000
+    classes = rng.integers(0, 165, q)
+    values = rng.integers(0, 11, q) / 10
+    bounds = uncertainty.mean_intervals(
+        values, classes, 200, 0.95, uncertainty.rng_for(0, "big")
+    )
+    assert bounds["micro"][0] < values.mean() < bounds["micro"][1]
+    assert bounds["micro"][1] - bounds["micro"][0] < 0.002
+
+
+def test_interval_formatting():
+    assert uncertainty.fmt_interval(0.409, 0.3712, 0.4488) == "0.409 [0.37, 0.45]"
+    assert uncertainty.fmt_interval(0.409) == "0.409"
+    assert uncertainty.with_interval({"m": 0.5}, "m") == "0.500"
+    assert uncertainty.with_interval({}, "m") == "-"
+
+
+@pytest.mark.slow
+def test_the_95_percent_interval_covers_the_population_value_in_93_to_97_percent_of_datasets():
+    """Repeated datasets with the synthetic generator's classes (36, 120 down to 12 queries)."""
+    from cbir.bench.uncertainty import coverage
+
+    result = coverage(datasets=2000, resamples=1000, populations=8)
+    assert 0.93 <= result["micro_coverage"] <= 0.97
+    assert 0.93 <= result["macro_coverage"] <= 0.97
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "eval.ci.resamples=-1",
+        "eval.ci.level=1.5",
+        "eval.ci.flips=0",
+        "eval.audit.near_duplicate=2",
+        "eval.exclude_same_patient=maybe",
+    ],
+)
+def test_bad_interval_and_audit_settings_are_config_errors(override):
+    from conftest import compose
+
+    from cbir import per_query
+    from cbir.checks import ConfigError
+
+    per_query.check_config(compose("debug=smoke"))  # the defaults are fine
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        per_query.check_config(compose("debug=smoke", override))
