@@ -23,6 +23,9 @@ from conftest import compose
     (["eval.curve_k=many"], "eval.curve_k=many: give an integer >= 0"),
     (["eval.levels=[modality,organ]"], "eval.levels=['modality', 'organ']: unknown level(s) ['organ']"),
     (["seed=abc"], "seed=abc: give an integer"),
+    (["seed=-1"], "seed=-1: give an integer >= 0"),  # numpy refuses it in the gallery
+    (["index.seed=-1"], "index.seed=-1: give an integer >= 0"),  # and in the index sampling
+    (["extract.accelerator=tpux"], "extract.accelerator=tpux: use one of ['auto', 'cpu', 'gpu', 'cuda', 'mps']"),
     (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),
     (["index=hnsw", "index.params.M=1"], "index.params.M=1: give an integer >= 2"),
     (["index=ivf", "index.params.nlist=0"], "index.params.nlist=0: give an integer >= 1"),
@@ -103,3 +106,46 @@ def test_every_shipped_encoder_and_index_preset_passes():
                 validate_config(cfg)
                 checked += 1
     assert checked >= 4 * 14
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_a_gpu_accelerator_without_a_gpu_is_a_config_error(accelerator):
+    with pytest.raises(ConfigError, match=f"extract.accelerator={accelerator}: PyTorch sees no such device"):
+        validate_config(compose("tracking.enabled=false", f"extract.accelerator={accelerator}"))
+
+
+@pytest.mark.parametrize("key", ["paths.cache_dir", "paths.data_dir"])
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_a_folder_that_is_a_file_or_lies_beneath_one_is_a_config_error(tmp_path, key, below):
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    path = file / below if below else file
+    with pytest.raises(ConfigError) as caught:
+        validate_config(compose("tracking.enabled=false", "dataset=synthetic_small", f"{key}={path}"))
+    message = str(caught.value)
+    assert f"{file} is a file, not a folder" in message and "\n" not in message
+    assert key in message  # paths.data_dir is named through the dataset's root inside it
+    assert list(tmp_path.iterdir()) == [file]  # nothing created
+
+
+def test_a_folder_on_a_read_only_file_system_is_a_config_error(tmp_path):
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=False,
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        for key, shown in (("paths.cache_dir", "paths.cache_dir="), ("paths.data_dir", "dataset.root=")):
+            with pytest.raises(ConfigError, match=f"{shown}{mount}.*: {mount} is on a read-only file system"):
+                validate_config(compose("tracking.enabled=false", "dataset=synthetic_small", f"{key}={mount}/x"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_dataset_that_only_reads_its_folder_does_not_need_it_writable(tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    validate_config(compose("tracking.enabled=false", "dataset=csv", f"paths.data_dir={file}/sub"))

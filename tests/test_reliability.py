@@ -127,6 +127,27 @@ def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_da
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no run created
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["seed=-1"], "seed=-1: give an integer >= 0"),  # crashed in the gallery, after extraction
+    (["index.seed=-1", "index.per_class=5"], "index.seed=-1: give an integer >= 0"),  # crashed sampling the index
+    (["extract.accelerator=gpu"], "extract.accelerator=gpu: PyTorch sees no such device"),  # Lightning traceback
+    (["paths.cache_dir={file}"], "paths.cache_dir={file}: {file} is a file, not a folder"),
+    (["paths.cache_dir={file}/cache"], "paths.cache_dir={file}/cache: {file} is a file, not a folder"),
+])
+@pytest.mark.slow
+def test_config_errors_come_before_data_generation(tmp_path, overrides, message):
+    if "gpu" in str(overrides) and __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    file = tmp_path / "a_file"
+    file.write_text("")
+    overrides = [o.format(file=file) for o in overrides]
+    proc = run_cbir(tmp_path, "dataset=synthetic_small", "paths.data_dir=data", *overrides, check=False)
+    assert proc.returncode == 2 and "Traceback" not in output(proc)
+    assert message.format(file=file) in output(proc)
+    assert not (tmp_path / "data").exists() and not (tmp_path / ".cache").exists()  # no data, no cache entry
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
 def test_unknown_encoder_lists_the_choices(tmp_path):
     proc = run_cbir(tmp_path, "encoder=nope", check=False)
     assert proc.returncode != 0
