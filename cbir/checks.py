@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from cbir.errors import ConfigError, DataError  # noqa: F401 (raised here, and imported from here)
 
@@ -195,14 +195,47 @@ def validate_data(table: pd.DataFrame, cfg: DictConfig, source: str) -> None:
         raise DataError(f"index.split={index_split}: {source} has no rows in that split (it has {splits})")
     if not (table["split"] == query_split).any():
         raise DataError(f"eval.query_split={query_split}: {source} has no rows in that split (it has {splits})")
-    cap = per_class_value(cfg.index.per_class)
-    size = int(np.minimum(counts.to_numpy(), cap).sum()) if cap else int(counts.sum())
+    size = planned_index_rows(counts, per_class_value(cfg.index.per_class))
     largest = max(int(n) for n in cfg.eval.n)
     if largest > size:
         raise ConfigError(
             f"eval.n={list(cfg.eval.n)}: N={largest} is larger than the index ({size} rows); "
             "lower eval.n or raise index.per_class"
         )
+
+
+def planned_index_rows(counts: pd.Series, per_class: int | None) -> int:
+    """Rows of the index built from a split with these class counts (before any image fails)."""
+    return int(np.minimum(counts.to_numpy(), per_class).sum()) if per_class else int(counts.sum())
+
+
+def settle_index_params(cfg: DictConfig, table: pd.DataFrame, dim: int) -> None:
+    """Decide, before extraction, the index parameters that depend on the index size and the
+    embedding size (cbir.index.settled_params), and write them into cfg.index.params, so that the
+    run logs the values it uses. Also refuses a product quantiser that an eval.saturation size
+    leaves too few rows to train."""
+    from cbir.index import FACTORY_PARAMS, INDEX_TYPES, settled_params
+    from cbir.retrieval import per_class_value
+
+    index_type = str(cfg.index.type)
+    if index_type not in INDEX_TYPES:
+        return
+    counts = table.loc[table["split"] == cfg.index.split, "label"].value_counts()
+    requested = OmegaConf.to_container(cfg.index.get("params") or OmegaConf.create({}), resolve=True)
+    params = settled_params(index_type, requested, planned_index_rows(counts, per_class_value(cfg.index.per_class)), dim)
+    nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
+    for size in cfg.eval.get("saturation") or []:
+        rows = planned_index_rows(counts, per_class_value(size))
+        if "{nbits}" in INDEX_TYPES[index_type] and rows < 2 ** nbits:
+            raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index "
+                              f"rows to train, eval.saturation size {size} gives {rows}; lower nbits, leave that "
+                              "size out or use index=ivf")
+    changed = {k: v for k, v in params.items() if requested.get(k) != v}
+    if changed:
+        with open_dict(cfg):
+            if cfg.index.get("params") is None:
+                cfg.index.params = {}
+            cfg.index.params.update(changed)
 
 
 def check_skipped(n_skipped: int, n_total: int, cfg: DictConfig, skipped_csv) -> None:

@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     checks.validate_data(manifest.table, cfg, manifest.source)
     encoder = build_encoder(cfg)
     checks.check_index_type(cfg, encoder.dim)  # encoders whose config does not state their dim
+    checks.settle_index_params(cfg, manifest.table, encoder.dim)  # nlist, m: logged as used
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
     console.quiet()  # again, now that Lightning is imported

@@ -116,7 +116,11 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
     (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),  # FAISS would abort
     # the baseline's dimension is known once it is built (cheap): still before any extraction
-    (["index=ivfpq"], "index.params.m=16: must divide the embedding dimension"),
+    (["index=ivfpq", "index.params.m=16"], "index.params.m=16: must divide the embedding dimension 285; use one of "
+                                           "[1, 3, 5, 15, 19, 57, 95, 285]"),
+    # the index size is known from the manifest and index.per_class: PQ training needs 2^nbits rows
+    (["index=ivfpq", "index.params.m=5", "index.params.nbits=12"], "index.params.nbits=12: product quantisation "
+                                                                   "needs at least 4096 index rows"),
 ])
 @pytest.mark.slow
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
@@ -146,6 +150,23 @@ def test_config_errors_come_before_data_generation(tmp_path, overrides, message)
     assert message.format(file=file) in output(proc)
     assert not (tmp_path / "data").exists() and not (tmp_path / ".cache").exists()  # no data, no cache entry
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_index_params_are_decided_before_extraction_and_logged_as_used(tmp_path, shared_data_dir):
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", "index=ivf", "index.params.nlist=100000")
+    text = output(proc)
+    warning = "index.params.nlist=100000 > "
+    assert text.count(warning) == 1 and text.index(warning) < text.index("embeddings baseline-")
+    _, run = only_run(tmp_path)
+    rows = int(run.data.metrics["index/size"])
+    assert run.data.params["index.params.nlist"] == str(rows // 39)  # the value used, not the one asked for
+    # the ivfpq preset works with the baseline's 285-d embeddings (m from its divisors)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    run_cbir(folder, *SMALL, f"paths.data_dir={shared_data_dir}", "index=ivfpq", "index.params.nbits=4")
+    _, run = only_run(folder)
+    assert run.info.status == "FINISHED" and run.data.params["index.params.m"] == "15"
 
 
 def test_unknown_encoder_lists_the_choices(tmp_path):
