@@ -168,10 +168,11 @@ def check_index_type(cfg: DictConfig, dim: int | None = None) -> None:
 def check_tracking(cfg: DictConfig) -> None:
     """A tracking store that cannot work (unwritable or misnamed SQLite file, unreachable server,
     missing database driver) fails now, not after an hour of extraction."""
-    from cbir.tracking_store import check_uri, resolve_uri
+    from cbir.tracking_store import artifact_root, check_uri, resolve_uri
 
     if cfg.tracking.enabled:
-        check_uri(resolve_uri(str(cfg.tracking.uri)), cfg.tracking.get("artifact_root"))
+        uri = resolve_uri(str(cfg.tracking.uri))
+        check_uri(uri, artifact_root(uri, cfg.tracking.get("artifact_root")))
 
 
 def drop_duplicate_paths(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:

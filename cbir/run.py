@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "multi-label" if tags["labels"] == "multi" else "") if word))
     skip_finished = bool(cfg.tracking.get("skip_finished", True))
     if tracker.enabled:
-        log.info("MLflow store %s, experiment %s", tracking.tracking_store.shown(tracker.uri), tracker.experiment)
+        log.info("%s", tracker.describe())
     if skip_finished and skipped(run_name, tracker.finished_run(tags["config_hash"])):  # cheap early look
         return None
     manifest, n_duplicates = load_job_manifest(cfg)

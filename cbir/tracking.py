@@ -117,7 +117,7 @@ class Tracker:
         self.enabled = enabled
         self.uri = resolve_uri(uri)
         self.experiment = experiment
-        self.artifact_root = artifact_root
+        self.artifact_root = tracking_store.artifact_root(self.uri, artifact_root)
         self.run_name = run_name
         self.lock_dir = lock_dir
         self.run_id: str | None = None
@@ -136,6 +136,11 @@ class Tracker:
         return cls(uri=t.uri, experiment=t.experiment, artifact_root=t.get("artifact_root"),
                    run_name=t.get("run_name"), enabled=bool(t.enabled),
                    lock_dir=OmegaConf.select(cfg, "paths.cache_dir"))
+
+    def describe(self) -> str:
+        """The store for the first lines of a run or sweep: URI, experiment and where artifacts go."""
+        where = f", artifacts in {self.artifact_root}" if self.artifact_root else ""
+        return f"MLflow store {tracking_store.shown(self.uri)}, experiment {self.experiment}{where}"
 
     def lock(self):
         return tracking_store.store_lock(self.uri, self.lock_dir)

@@ -10,6 +10,7 @@ one file lock: beside the SQLite file, or in the shared cache folder for a serve
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import urllib.error
@@ -18,6 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from filelock import FileLock
+
+log = logging.getLogger(__name__)
 
 SQLITE = "sqlite:///"
 DATABASE_SCHEMES = ("mysql", "mariadb", "postgresql", "postgres", "mssql")
@@ -45,6 +48,16 @@ def resolve_uri(uri: str) -> str:
         return uri
     query = uri.split("?", 1)[1] if "?" in uri else None
     return SQLITE + str(path) + (f"?{query}" if query else "")
+
+
+def artifact_root(uri: str, configured: str | None = None) -> str | None:
+    """Where the artifacts of a SQLite store go: `tracking.artifact_root` when set, else
+    `artifacts/` beside the database file, whichever setting named it (tracking.dir, tracking.uri,
+    $MLFLOW_TRACKING_URI). None for a server or database, which keeps its own."""
+    if configured:
+        return str(Path(configured).absolute())
+    path = sqlite_path(uri)
+    return None if path is None else str(path.parent / "artifacts")
 
 
 def shown(uri: str) -> str:
@@ -155,6 +168,10 @@ def experiment_id(client, name: str, artifact_root: str | None, uri: str) -> str
 
             raise ConfigError(f"tracking.experiment={name}: deleted in MLflow; restore it "
                               f"(mlflow experiments restore --experiment-id {existing.experiment_id}) or choose another name")
+        wanted = Path(artifact_root).resolve().as_uri() if artifact_root and uri.startswith(SQLITE) else None
+        if wanted and existing.artifact_location != wanted:
+            log.info("experiment %s keeps its artifacts in %s (set when it was created)", name,
+                     existing.artifact_location)
         return existing.experiment_id
     location = None
     if artifact_root and uri.startswith(SQLITE):

@@ -40,10 +40,34 @@ def test_store_location_follows_the_environment(monkeypatch):
     monkeypatch.setenv("CBIR_MLRUNS_DIR", "/srv/cbir/mlruns")
     cfg = compose()
     assert cfg.tracking.uri == "sqlite:////srv/cbir/mlruns/mlflow.db"
-    assert cfg.tracking.artifact_root == "/srv/cbir/mlruns/artifacts"
+    assert Tracker.from_config(cfg).artifact_root == "/srv/cbir/mlruns/artifacts"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert compose().tracking.uri == "http://mlflow.example:5000"
     assert compose("tracking.uri=sqlite:///x.db").tracking.uri == "sqlite:///x.db"  # the command line wins
+
+
+def test_artifacts_go_beside_the_named_database(monkeypatch, tmp_path):
+    monkeypatch.delenv("CBIR_MLRUNS_DIR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/env.db")
+    assert Tracker.from_config(compose()).artifact_root == "/x/artifacts"  # not ./mlruns/artifacts
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert Tracker.from_config(compose("tracking.uri=sqlite:////y/z/t.db")).artifact_root == "/y/z/artifacts"
+    assert Tracker.from_config(compose()).artifact_root == str(Path.cwd() / "mlruns" / "artifacts")
+    assert Tracker.from_config(compose(f"tracking.artifact_root={tmp_path}/a")).artifact_root == f"{tmp_path}/a"
+    assert Tracker.from_config(compose("tracking.uri=http://mlflow.example:5000")).artifact_root is None
+
+
+@pytest.mark.slow
+def test_a_store_named_by_the_environment_keeps_its_artifacts_beside_it(tmp_path, shared_data_dir):
+    database = tmp_path / "elsewhere" / "env.db"
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    proc = run_cbir(launch, *SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=true",
+                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{database}"})
+    assert f"artifacts in {database.parent / 'artifacts'}" in output(proc)  # said at start
+    _, (run,) = all_runs(f"sqlite:///{database}")
+    assert run.info.artifact_uri.startswith((database.parent / "artifacts").as_uri())
+    assert (database.parent / "artifacts").is_dir() and not (launch / "mlruns").exists()
 
 
 # ---------------------------------------------------------------------------- stores that cannot work
