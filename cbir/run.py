@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     if skipped(run_name, tracker.claim(run_name, tags, skip_finished)):  # finished meanwhile by an identical job
         return None
     # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
-    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
+    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg))), files_in=out):
         dashboard.annotate_run(tracker, cfg, out)
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})
         tracker.log_dataset(manifest, cfg.dataset.name, out / "dataset")

@@ -30,7 +30,7 @@ DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "psycopg": "p
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server stopped answering while a job was running."""
+    """The tracking server stopped answering, or the SQLite store stayed locked, while a job ran."""
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -112,6 +112,30 @@ def _check_sqlite(uri: str, artifact_root: str | None) -> None:
             header = f.read(16)
         if header and header != b"SQLite format 3\x00":
             raise _error(uri, f"{path} is not a SQLite database; name a new or existing MLflow database file")
+        if header and not _can_write(path):
+            raise _error(uri, f"{path} {LOCKED}, and it is still held after {LOCK_WAIT_SECONDS} s; close it (or let it "
+                              "finish) and run the same command again, or use another store (tracking.dir=...)")
+
+
+LOCKED = "is locked by another process (a write transaction kept open, e.g. by a sqlite3 shell or a database browser)"
+LOCK_WAIT_SECONDS = 10  # MLflow's own writes hold the lock for milliseconds
+
+
+def _can_write(path: Path) -> bool:
+    """Whether a write transaction can start on the SQLite file within LOCK_WAIT_SECONDS."""
+    import sqlite3
+
+    connection = sqlite3.connect(path, timeout=LOCK_WAIT_SECONDS, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            return False
+        raise _error(f"{SQLITE}{path}", f"{path} cannot be opened as a SQLite database ({e})") from None
+    finally:
+        connection.close()
 
 
 def _check_server(uri: str) -> None:
