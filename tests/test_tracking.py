@@ -176,16 +176,16 @@ def test_a_store_locked_during_a_run_lets_the_job_write_its_files_then_says_so(t
     tracker = Tracker(f"sqlite:///{database}", "cbir", artifact_root=str(tmp_path / "artifacts"))
     tracker.claim("job", {"config_hash": "c1"})
     out = tmp_path / "job"
-    with pytest.raises(cbir.tracking.tracking_store.TrackingUnavailable) as caught:
-        with tracker.start("job", {"config_hash": "c1"}, {"p": 1}, files_in=out):
-            holder = StoreHeldLocked(database)
-            try:
-                tracker.log_metrics({"micro/P_at_1": 0.5})  # the store is locked: not recorded ...
-                out.mkdir()
-                (out / "metrics.json").write_text("{}")  # ... and the job still writes its files
-                tracker.log_artifact(out / "metrics.json")  # not tried again
-            finally:
-                holder.release()
+    with (pytest.raises(cbir.tracking.tracking_store.TrackingUnavailable) as caught,
+          tracker.start("job", {"config_hash": "c1"}, {"p": 1}, files_in=out)):
+        holder = StoreHeldLocked(database)
+        try:
+            tracker.log_metrics({"micro/P_at_1": 0.5})  # the store is locked: not recorded ...
+            out.mkdir()
+            (out / "metrics.json").write_text("{}")  # ... and the job still writes its files
+            tracker.log_artifact(out / "metrics.json")  # not tried again
+        finally:
+            holder.release()
     message = str(caught.value)
     assert "\n" not in message and f"sqlite:///{database} is locked by another process" in message
     assert message.endswith(f"this job's files are in {out}") and (out / "metrics.json").exists()
