@@ -24,6 +24,9 @@ from cbir import process, tracking_store
 from cbir.tracking_store import resolve_uri  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
+# MLflow logs a traceback for each database error it then raises (a locked SQLite file: on every
+# retry); the error itself reaches cbir, which reports it in one line
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # Set by the sweep callback in the launching process; inherited by every job process
 # (basic, joblib and Slurm launchers alike), it makes each job a child of the sweep's run.
@@ -290,7 +293,7 @@ class Tracker:
             retry_locked(fn, *args, **kwargs)
         except tracking_store.TrackingUnavailable as e:
             self.lost = e
-            log.warning("%s: no more recording in this run, the job goes on and writes its files", e)
+            log.warning("%s (recording stops here; the job goes on and writes its files)", e)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
