@@ -24,8 +24,7 @@ from cbir import process, tracking_store
 from cbir.tracking_store import resolve_uri  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
-# MLflow logs a traceback for each database error it then raises (a locked SQLite file: on every
-# retry); the error itself reaches cbir, which reports it in one line
+# a locked SQLite file: MLflow logs a traceback on every retry (as cbir.console.quiet() also says)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # Set by the sweep callback in the launching process; inherited by every job process
@@ -79,7 +78,7 @@ def git_commit() -> str | None:
 WAIT_SECONDS = 2  # how often a job waiting for an identical running job looks again
 
 
-LOCK_ATTEMPTS = 8  # tries of a store write while SQLite reports it locked (about a minute and a half in all)
+LOCK_ATTEMPTS = 8  # tries of a store write while SQLite reports it locked (each waits MLflow's 20 s busy timeout)
 
 
 def retry_locked(fn, *args, attempts: int | None = None, **kwargs):
