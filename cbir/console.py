@@ -13,7 +13,10 @@ DROPPED_LOG_LINES = (
     ("lightning.pytorch.utilities.rank_zero", "litlogger"),   # "Tip: ... try installing litlogger"
     ("lightning.fabric.utilities.rank_zero", "litlogger"),
 )
-QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration", "alembic")  # schema creation/migration
+# schema creation/migration; MLflow's database layer also logs a traceback for each database error it
+# then raises (a locked SQLite file: on every retry), which cbir reports in one line
+QUIET_LOGGERS = {"mlflow.store.db.utils": logging.CRITICAL, "alembic.runtime.migration": logging.WARNING,
+                 "alembic": logging.WARNING}
 DROPPED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*is deprecated",        # Lightning on recent torch
     r"The specified dataset source can be interpreted in multiple ways",  # MLflow, for every local dataset
@@ -35,8 +38,8 @@ def quiet() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropContaining) and f.text == text for f in logger.filters):
             logger.addFilter(_DropContaining(text))
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     for pattern in DROPPED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     # Lightning prints through its own stderr handler and, via the root logger, again through

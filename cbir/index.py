@@ -51,7 +51,8 @@ def gpu_available() -> bool:
 # index.type names; anything else is passed to faiss.index_factory as it is
 INDEX_TYPES = {"flat": "Flat", "ivf": "IVF{nlist},Flat", "hnsw": "HNSW{M},Flat", "ivfpq": "IVF{nlist},PQ{m}x{nbits}"}
 # build-time parameters that go into the factory string, with defaults
-FACTORY_PARAMS = {"nlist": 1024, "M": 32, "m": 16, "nbits": 8}
+FACTORY_PARAMS = {"nlist": 1024, "M": 32, "m": None, "nbits": 8}  # m=None: pq_size(dim)
+MAX_PQ_SIZE = 16
 # search/build-time parameters set on the index (through faiss.ParameterSpace, so they reach
 # the IVF/HNSW level inside wrappers); efConstruction must be set before adding vectors
 RUNTIME_PARAMS = ("nprobe", "efSearch", "efConstruction")
@@ -84,11 +85,42 @@ def check_params(type: str, params: dict | None, dim: int | None = None) -> None
         raise ConfigError(f"index.params.shard={params['shard']}: give true or false")
     if int(params.get("nbits", FACTORY_PARAMS["nbits"])) > MAX_NBITS:
         raise ConfigError(f"index.params.nbits={params['nbits']}: give at most {MAX_NBITS} (8 is usual)")
-    m = int(params.get("m", FACTORY_PARAMS["m"]))
-    if dim and "{m}" in INDEX_TYPES.get(type, "") and dim % m:
-        divisors = [d for d in (4, 8, 16, 32, 64) if dim % d == 0]
-        raise ConfigError(f"index.params.m={m}: must divide the embedding dimension {dim}; "
-                          f"use e.g. one of {divisors or [1]}")
+    m = params.get("m")
+    if dim and m is not None and "{m}" in INDEX_TYPES.get(type, "") and dim % int(m):
+        raise ConfigError(f"index.params.m={m}: must divide the embedding dimension {dim}; use one of "
+                          f"{divisors(dim)}, or leave it unset (null) to take {pq_size(dim)}")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pq_size(dim: int) -> int:
+    """index.params.m when unset: the largest divisor of the embedding dimension up to 16 (16 for
+    the usual 384/512/768/1024/2048-d embeddings, 15 for the baseline's 285)."""
+    return max(d for d in divisors(dim) if d <= MAX_PQ_SIZE)
+
+
+def settled_params(type: str, params: dict | None, n_rows: int, dim: int) -> dict:
+    """index.params as an index of `n_rows` rows of `dim`-d vectors is built with them: an unset
+    PQ size chosen from the dimension, nlist lowered (with a warning) when it exceeds the rows,
+    and a ConfigError when product quantisation has too few rows to train. A run settles them
+    before extraction (from the planned index size), so the values used are the ones logged."""
+    from cbir.errors import ConfigError
+
+    params = dict(params or {})
+    factory = INDEX_TYPES.get(type, "")
+    if "{m}" in factory and params.get("m") is None:
+        params["m"] = pq_size(dim)
+    nlist = int(params.get("nlist", FACTORY_PARAMS["nlist"]))
+    if "{nlist}" in factory and nlist > n_rows:
+        params["nlist"] = max(1, n_rows // 39)  # FAISS wants >= 39 training vectors per list
+        log.warning("index.params.nlist=%d > %d index rows: using nlist=%d", nlist, n_rows, params["nlist"])
+    nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
+    if "{nbits}" in factory and n_rows < 2 ** nbits:
+        raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index rows "
+                          f"to train, the index has {n_rows}; lower nbits or use index=ivf")
+    return params
 
 
 def factory_string(type: str, params: dict | None = None) -> str:
@@ -119,16 +151,7 @@ def build_index(vectors: np.ndarray, type: str = "flat", use_gpu="auto", params:
     params = dict(params or {})
     dim = vectors.shape[1]
     check_params(type, params, dim)
-    if "{nlist}" in INDEX_TYPES.get(type, "") and int(params.get("nlist", FACTORY_PARAMS["nlist"])) > len(vectors):
-        log.warning("index.params.nlist=%s > %d index rows: using nlist=%d", params.get("nlist", FACTORY_PARAMS["nlist"]),
-                    len(vectors), max(1, len(vectors) // 39))
-        params["nlist"] = max(1, len(vectors) // 39)
-    nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
-    if "{nbits}" in INDEX_TYPES.get(type, "") and len(vectors) < 2 ** nbits:
-        from cbir.errors import ConfigError
-
-        raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index rows "
-                          f"to train, the index has {len(vectors)}; lower nbits or use index=ivf")
+    params = settled_params(type, params, len(vectors), dim)
     factory = factory_string(type, params)
     if factory == "Flat":
         index = faiss.IndexFlatIP(dim)

@@ -89,9 +89,10 @@ class Heartbeat:
     def _beat(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(self.uri)
+        client = None
         while not self._stop.wait(self.every):
             try:
+                client = client or MlflowClient(self.uri)  # opening the store may fail too (locked)
                 client.set_tag(self.run_id, HEARTBEAT, str(int(time.time())))
             except Exception as e:  # a busy or unreachable store: the next beat may pass
                 log.debug("heartbeat of run %s failed: %s", self.run_id, e)

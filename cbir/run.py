@@ -64,7 +64,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "multi-label" if tags["labels"] == "multi" else "") if word))
     skip_finished = bool(cfg.tracking.get("skip_finished", True))
     if tracker.enabled:
-        log.info("MLflow store %s, experiment %s", tracking.tracking_store.shown(tracker.uri), tracker.experiment)
+        log.info("%s", tracker.describe())
     if skip_finished and skipped(run_name, tracker.finished_run(tags["config_hash"])):  # cheap early look
         return None
     manifest, n_duplicates = load_job_manifest(cfg)
@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     checks.validate_data(manifest.table, cfg, manifest.source)
     encoder = build_encoder(cfg)
     checks.check_index_type(cfg, encoder.dim)  # encoders whose config does not state their dim
+    checks.settle_index_params(cfg, manifest.table, encoder.dim)  # nlist, m: logged as used
     from cbir.extract import extract_embeddings  # Lightning takes seconds to import: not before the checks
 
     console.quiet()  # again, now that Lightning is imported
@@ -79,7 +80,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
     if skipped(run_name, tracker.claim(run_name, tags, skip_finished)):  # finished meanwhile by an identical job
         return None
     # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
-    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))):
+    with tracker.start(run_name, tags, dashboard.curated_params(tracking.flatten(tracking.resolved(cfg))), files_in=out):
         dashboard.annotate_run(tracker, cfg, out)
         tracker.set_tags({comparisons.TAG: comparisons.query_set(cfg, manifest.digest())})  # paired comparisons
         tracker.log_params({f"encoder_info.{k}": v for k, v in encoder.info().items()})

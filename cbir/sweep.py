@@ -82,7 +82,7 @@ class SweepCallback(_HydraCallback):
             log.error("%s", e)
             sys.exit(2)
         mlflow.set_tracking_uri(tracker.uri)
-        log.info("MLflow store %s, experiment %s", tracking_store.shown(tracker.uri), tracker.experiment)
+        log.info("%s", tracker.describe())
         experiment_id = tracker.experiment_id()  # creates a new SQLite store once, before any job
         client = tracker.client()
         key = sweep_key(config)

@@ -24,6 +24,8 @@ from cbir import process, tracking_store
 from cbir.tracking_store import resolve_uri  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
+# a locked SQLite file: MLflow logs a traceback on every retry (as cbir.console.quiet() also says)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 # Set by the sweep callback in the launching process; inherited by every job process
 # (basic, joblib and Slurm launchers alike), it makes each job a child of the sweep's run.
@@ -76,7 +78,10 @@ def git_commit() -> str | None:
 WAIT_SECONDS = 2  # how often a job waiting for an identical running job looks again
 
 
-def retry_locked(fn, *args, attempts: int = 8, **kwargs):
+LOCK_ATTEMPTS = 8  # tries of a store write while SQLite reports it locked (each waits MLflow's 20 s busy timeout)
+
+
+def retry_locked(fn, *args, attempts: int | None = None, **kwargs):
     """Call fn, retrying while a parallel job holds the SQLite write lock. A server that stopped
     answering (after MLflow's own retries) becomes one clear TrackingUnavailable error.
 
@@ -84,6 +89,7 @@ def retry_locked(fn, *args, attempts: int = 8, **kwargs):
     (cbir.tracking_store); this covers the writes that stay concurrent (metrics, tags). Not
     tenacity: it would replace only the loop, while the decision stays this text test, because
     MLflow and SQLAlchemy wrap SQLite's "database is locked" in different exception types."""
+    attempts = attempts or LOCK_ATTEMPTS
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
@@ -91,8 +97,10 @@ def retry_locked(fn, *args, attempts: int = 8, **kwargs):
             text = str(e)
             if _connection_failed(text):
                 raise _unavailable(text) from None
-            if "locked" not in text.lower() or attempt == attempts - 1:
+            if "locked" not in text.lower():
                 raise
+            if attempt == attempts - 1:
+                raise _still_locked() from None
             time.sleep(0.2 * 2**attempt)
 
 
@@ -109,6 +117,14 @@ def _unavailable(text: str) -> tracking_store.TrackingUnavailable:
         "the embeddings computed so far are kept: start the server again and re-run the same command")
 
 
+def _still_locked() -> tracking_store.TrackingUnavailable:
+    import mlflow
+
+    return tracking_store.TrackingUnavailable(
+        f"MLflow store {tracking_store.shown(mlflow.get_tracking_uri())} {tracking_store.LOCKED}; close it "
+        "and run the same command again (finished jobs are skipped, extracted embeddings kept)")
+
+
 class Tracker:
     """A thin layer over MLflow; `enabled=False` turns every call into a no-op."""
 
@@ -117,10 +133,11 @@ class Tracker:
         self.enabled = enabled
         self.uri = resolve_uri(uri)
         self.experiment = experiment
-        self.artifact_root = artifact_root
+        self.artifact_root = tracking_store.artifact_root(self.uri, artifact_root)
         self.run_name = run_name
         self.lock_dir = lock_dir
         self.run_id: str | None = None
+        self.lost: tracking_store.TrackingUnavailable | None = None  # the store failed during the run
         self._claimed = False
         self._experiment_id: str | None = None
         database = tracking_store.sqlite_path(self.uri)
@@ -137,14 +154,21 @@ class Tracker:
                    run_name=t.get("run_name"), enabled=bool(t.enabled),
                    lock_dir=OmegaConf.select(cfg, "paths.cache_dir"))
 
+    def describe(self) -> str:
+        """The store for the first lines of a run or sweep: URI, experiment and where artifacts go."""
+        where = f", artifacts in {self.artifact_root}" if self.artifact_root else ""
+        return f"MLflow store {tracking_store.shown(self.uri)}, experiment {self.experiment}{where}"
+
     def lock(self):
         return tracking_store.store_lock(self.uri, self.lock_dir)
 
     def client(self):
+        import mlflow
         from mlflow.tracking import MlflowClient
 
+        mlflow.set_tracking_uri(self.uri)  # the store a failure message names
         with self.lock():  # the first client of a process opens the store: on a new SQLite file, creates it
-            return MlflowClient(self.uri)
+            return retry_locked(MlflowClient, self.uri)
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -216,10 +240,11 @@ class Tracker:
         return run.info.run_id
 
     @contextmanager
-    def start(self, run_name: str, tags: dict[str, Any], params: dict[str, Any]):
+    def start(self, run_name: str, tags: dict[str, Any], params: dict[str, Any], files_in: Path | None = None):
         """The run claimed by `claim` (claimed now if it was not), active for the body. It ends
         FINISHED, FAILED (with the error as its `error` tag) or KILLED (SIGTERM, Ctrl-C, the
-        scheduler's time limit)."""
+        scheduler's time limit). A store that stops working during the body is reported at its end,
+        naming `files_in`, the folder the job wrote its files to."""
         if not self.enabled:
             yield self
             return
@@ -231,22 +256,43 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         retry_locked(mlflow.start_run, run_id=self.run_id)
         heartbeat = process.Heartbeat(self.uri, self.run_id)
+        self.lost = None
         try:
             self.log_params(params)
             yield self
+            if self.lost is not None:  # the job's files are written: now report the store
+                raise self._lost_with(files_in)
         except BaseException as e:
             status = "KILLED" if process.stopped_from_outside(e) else "FAILED"
             try:
-                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-                mlflow.end_run(status)
+                if self.lost is None:
+                    mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+                mlflow.end_run(status)  # also leaves the run in this process, should the store not answer
             except Exception as end_error:  # e.g. the server is gone: report the original error
-                reason = "the server stopped answering" if _connection_failed(str(end_error)) else str(end_error)[:300]
-                log.warning("could not mark run %s %s: %s", self.run_id, status, reason)
+                log.warning("could not mark run %s %s: %s", self.run_id, status, _short_reason(str(end_error)))
             raise
         else:
-            retry_locked(mlflow.end_run, "FINISHED")
+            self._record(_end_run, self.run_id, "FINISHED")
+            if self.lost is not None:
+                raise self._lost_with(files_in)
         finally:
             heartbeat.stop()
+
+    def _lost_with(self, files_in: Path | None) -> tracking_store.TrackingUnavailable:
+        where = f"; this job's files are in {files_in}" if files_in else ""
+        return tracking_store.TrackingUnavailable(f"{self.lost}{where}")
+
+    def _record(self, fn, *args, **kwargs) -> None:
+        """A write to the store during the run. If the store stops working (a server gone, a SQLite
+        file held locked), the job goes on without recording and writes its files; the run then
+        ends with the store's error (Tracker.start)."""
+        if self.lost is not None:
+            return
+        try:
+            retry_locked(fn, *args, **kwargs)
+        except tracking_store.TrackingUnavailable as e:
+            self.lost = e
+            log.warning("%s (recording stops here; the job goes on and writes its files)", e)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
@@ -255,19 +301,19 @@ class Tracker:
             import mlflow
 
             finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-            retry_locked(mlflow.log_metrics, finite, step=step)
+            self._record(mlflow.log_metrics, finite, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
             import mlflow
 
-            retry_locked(mlflow.log_params, {k: _param_value(v) for k, v in params.items()})
+            self._record(mlflow.log_params, {k: _param_value(v) for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
             import mlflow
 
-            retry_locked(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+            self._record(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
@@ -275,9 +321,9 @@ class Tracker:
 
             p = Path(path)
             if p.is_dir():
-                retry_locked(mlflow.log_artifacts, str(p), artifact_path)
+                self._record(mlflow.log_artifacts, str(p), artifact_path)
             elif p.exists():
-                retry_locked(mlflow.log_artifact, str(p), artifact_path)
+                self._record(mlflow.log_artifact, str(p), artifact_path)
 
     def log_dataset(self, manifest, name: str, folder: Path) -> None:
         """The manifest as an MLflow dataset input (with its content digest) plus class counts."""
@@ -294,7 +340,7 @@ class Tracker:
         if self.enabled:
             import mlflow
 
-            retry_locked(mlflow.log_input, mlflow_dataset(manifest, name), context="retrieval")
+            self._record(mlflow.log_input, mlflow_dataset(manifest, name), context="retrieval")
 
     def finished_run(self, config_hash: str) -> Any:
         """A FINISHED run of this config under the current sweep parent, if any (resume)."""
@@ -309,6 +355,26 @@ class Tracker:
             max_results=1,
         )
         return runs[0] if runs else None
+
+
+def _end_run(run_id: str, status: str) -> None:
+    """mlflow.end_run, retried: it leaves the run in this process before it writes the status, so a
+    retry after a failed write sets the status directly."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_terminated(run_id, status)
+
+
+def _short_reason(text: str) -> str:
+    if _connection_failed(text):
+        return "the server stopped answering"
+    return "the store is locked" if "locked" in text.lower() else text.splitlines()[0][:300] if text else "?"
 
 
 def _param_value(value: Any) -> str:

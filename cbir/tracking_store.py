@@ -10,6 +10,7 @@ one file lock: beside the SQLite file, or in the shared cache folder for a serve
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import urllib.error
@@ -19,6 +20,8 @@ from urllib.parse import urlparse
 
 from filelock import FileLock
 
+log = logging.getLogger(__name__)
+
 SQLITE = "sqlite:///"
 DATABASE_SCHEMES = ("mysql", "mariadb", "postgresql", "postgres", "mssql")
 # the pip package that provides a missing database driver module
@@ -27,7 +30,7 @@ DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "psycopg": "p
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server stopped answering while a job was running."""
+    """The tracking server stopped answering, or the SQLite store stayed locked, while a job ran."""
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -45,6 +48,16 @@ def resolve_uri(uri: str) -> str:
         return uri
     query = uri.split("?", 1)[1] if "?" in uri else None
     return SQLITE + str(path) + (f"?{query}" if query else "")
+
+
+def artifact_root(uri: str, configured: str | None = None) -> str | None:
+    """Where the artifacts of a SQLite store go: `tracking.artifact_root` when set, else
+    `artifacts/` beside the database file, whichever setting named it (tracking.dir, tracking.uri,
+    $MLFLOW_TRACKING_URI). None for a server or database, which keeps its own."""
+    if configured:
+        return str(Path(configured).absolute())
+    path = sqlite_path(uri)
+    return None if path is None else str(path.parent / "artifacts")
 
 
 def shown(uri: str) -> str:
@@ -99,6 +112,30 @@ def _check_sqlite(uri: str, artifact_root: str | None) -> None:
             header = f.read(16)
         if header and header != b"SQLite format 3\x00":
             raise _error(uri, f"{path} is not a SQLite database; name a new or existing MLflow database file")
+        if header and not _can_write(path):
+            raise _error(uri, f"{path} {LOCKED}, and it is still held after {LOCK_WAIT_SECONDS} s; close it (or let it "
+                              "finish) and run the same command again, or use another store (tracking.dir=...)")
+
+
+LOCKED = "is locked by another process (a write transaction kept open, e.g. by a sqlite3 shell or a database browser)"
+LOCK_WAIT_SECONDS = 10  # MLflow's own writes hold the lock for milliseconds
+
+
+def _can_write(path: Path) -> bool:
+    """Whether a write transaction can start on the SQLite file within LOCK_WAIT_SECONDS."""
+    import sqlite3
+
+    connection = sqlite3.connect(path, timeout=LOCK_WAIT_SECONDS, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            return False
+        raise _error(f"{SQLITE}{path}", f"{path} cannot be opened as a SQLite database ({e})") from None
+    finally:
+        connection.close()
 
 
 def _check_server(uri: str) -> None:
@@ -155,6 +192,10 @@ def experiment_id(client, name: str, artifact_root: str | None, uri: str) -> str
 
             raise ConfigError(f"tracking.experiment={name}: deleted in MLflow; restore it "
                               f"(mlflow experiments restore --experiment-id {existing.experiment_id}) or choose another name")
+        wanted = Path(artifact_root).resolve().as_uri() if artifact_root and uri.startswith(SQLITE) else None
+        if wanted and existing.artifact_location != wanted:
+            log.info("experiment %s keeps its artifacts in %s (set when it was created)", name,
+                     existing.artifact_location)
         return existing.experiment_id
     location = None
     if artifact_root and uri.startswith(SQLITE):

@@ -23,6 +23,9 @@ from conftest import compose
     (["eval.curve_k=many"], "eval.curve_k=many: give an integer >= 0"),
     (["eval.levels=[modality,organ]"], "eval.levels=['modality', 'organ']: unknown level(s) ['organ']"),
     (["seed=abc"], "seed=abc: give an integer"),
+    (["seed=-1"], "seed=-1: give an integer >= 0"),  # numpy refuses it in the gallery
+    (["index.seed=-1"], "index.seed=-1: give an integer >= 0"),  # and in the index sampling
+    (["extract.accelerator=tpux"], "extract.accelerator=tpux: use one of ['auto', 'cpu', 'gpu', 'cuda', 'mps']"),
     (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),
     (["index=hnsw", "index.params.M=1"], "index.params.M=1: give an integer >= 2"),
     (["index=ivf", "index.params.nlist=0"], "index.params.nlist=0: give an integer >= 1"),
@@ -62,12 +65,16 @@ def test_dimension_dependent_checks_run_once_the_encoder_is_built():
     from cbir.encoders.classical import ClassicalEncoder
 
     dim = ClassicalEncoder().dim
-    assert dim % 16  # the preset's m=16 does not divide it
-    cfg = compose("tracking.enabled=false", "encoder=baseline", "index=ivfpq")
+    assert dim == 285  # 16 does not divide it
+    cfg = compose("tracking.enabled=false", "encoder=baseline", "index=ivfpq", "index.params.m=16")
     validate_config(cfg)  # nothing to say yet
-    with pytest.raises(ConfigError, match=f"index.params.m=16: must divide the embedding dimension {dim}"):
+    with pytest.raises(ConfigError) as caught:
         check_index_type(cfg, dim)
-    check_index_type(compose("encoder=baseline", "index=ivfpq", f"index.params.m={dim // 3 if dim % 3 == 0 else 1}"), dim)
+    # the real divisors, not a guess among powers of two
+    assert str(caught.value) == ("index.params.m=16: must divide the embedding dimension 285; use one of "
+                                 "[1, 3, 5, 15, 19, 57, 95, 285], or leave it unset (null) to take 15")
+    check_index_type(compose("encoder=baseline", "index=ivfpq", "index.params.m=19"), dim)
+    check_index_type(compose("encoder=baseline", "index=ivfpq"), dim)  # the preset's m is chosen from the dimension
 
 
 def test_build_index_refuses_what_would_crash_faiss():
@@ -83,7 +90,7 @@ def test_build_index_refuses_what_would_crash_faiss():
 
 def test_every_shipped_encoder_and_index_preset_passes():
     """No false alarms: the presets' defaults fit every encoder whose config states its dimension
-    (the baseline's 285-d descriptor is the one that needs m to be set for ivfpq, checked above)."""
+    (the baseline's 285-d descriptor, whose ivfpq size comes from its dimension, is checked above)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -103,3 +110,104 @@ def test_every_shipped_encoder_and_index_preset_passes():
                 validate_config(cfg)
                 checked += 1
     assert checked >= 4 * 14
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_a_gpu_accelerator_without_a_gpu_is_a_config_error(accelerator):
+    with pytest.raises(ConfigError, match=f"extract.accelerator={accelerator}: PyTorch sees no such device"):
+        validate_config(compose("tracking.enabled=false", f"extract.accelerator={accelerator}"))
+
+
+@pytest.mark.parametrize("key", ["paths.cache_dir", "paths.data_dir"])
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_a_folder_that_is_a_file_or_lies_beneath_one_is_a_config_error(tmp_path, key, below):
+    file = tmp_path / "a_file"
+    file.write_text("not a folder")
+    path = file / below if below else file
+    with pytest.raises(ConfigError) as caught:
+        validate_config(compose("tracking.enabled=false", "dataset=synthetic_small", f"{key}={path}"))
+    message = str(caught.value)
+    assert f"{file} is a file, not a folder" in message and "\n" not in message
+    assert key in message  # paths.data_dir is named through the dataset's root inside it
+    assert list(tmp_path.iterdir()) == [file]  # nothing created
+
+
+def test_a_folder_on_a_read_only_file_system_is_a_config_error(tmp_path):
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=False,
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        for key, shown in (("paths.cache_dir", "paths.cache_dir="), ("paths.data_dir", "dataset.root=")):
+            with pytest.raises(ConfigError, match=f"{shown}{mount}.*: {mount} is on a read-only file system"):
+                validate_config(compose("tracking.enabled=false", "dataset=synthetic_small", f"{key}={mount}/x"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_dataset_that_only_reads_its_folder_does_not_need_it_writable(tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    validate_config(compose("tracking.enabled=false", "dataset=csv", f"paths.data_dir={file}/sub"))
+
+
+def _table(per_class: dict[str, int]):
+    """A manifest table with these train rows per class and one test row per class."""
+    import pandas as pd
+
+    rows = [(f"{label}/{i}.png", "train", label) for label, n in per_class.items() for i in range(n)]
+    rows += [(f"{label}/q.png", "test", label) for label in per_class]
+    return pd.DataFrame(rows, columns=["path", "split", "label"])
+
+
+def test_index_params_are_settled_before_extraction_and_written_where_they_are_logged(caplog):
+    from cbir.checks import settle_index_params
+
+    table = _table({"a": 200, "b": 56})  # 256 index rows
+    cfg = compose("tracking.enabled=false", "index=ivf", "index.params.nlist=100000")
+    with caplog.at_level("WARNING"):
+        settle_index_params(cfg, table, 285)
+    assert cfg.index.params.nlist == 256 // 39 and cfg.index.params.nprobe == 32
+    assert [r.getMessage() for r in caplog.records] == ["index.params.nlist=100000 > 256 index rows: using nlist=6"]
+    cfg = compose("tracking.enabled=false", "index=ivf", "index.params.nlist=100000", "index.per_class=20")
+    settle_index_params(cfg, table, 285)
+    assert cfg.index.params.nlist == 1  # 40 rows: per_class counts
+
+    cfg = compose("tracking.enabled=false", "index=ivfpq")
+    settle_index_params(cfg, table, 285)
+    assert cfg.index.params.m == 15  # the preset works for the baseline's 285-d embeddings
+    settle_index_params(cfg, table, 768)
+    assert cfg.index.params.m == 15  # settled once: an explicit value is kept
+    cfg = compose("tracking.enabled=false", "index=ivfpq")
+    settle_index_params(cfg, table, 768)
+    assert cfg.index.params.m == 16
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["index.params.m=5", "index.params.nbits=12"],
+     "index.params.nbits=12: product quantisation needs at least 4096 index rows to train, the index has 256"),
+    (["eval.saturation=[1,null]"],
+     "index.params.nbits=8: product quantisation needs at least 256 index rows to train, eval.saturation size 1 gives 2"),
+])
+def test_a_product_quantiser_without_enough_rows_is_refused_before_extraction(overrides, message):
+    from cbir.checks import settle_index_params
+
+    cfg = compose("tracking.enabled=false", "index=ivfpq", *overrides)
+    with pytest.raises(ConfigError) as caught:
+        settle_index_params(cfg, _table({"a": 200, "b": 56}), 285)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_build_index_chooses_the_pq_size_from_the_dimension():
+    from cbir.index import build_index, pq_size
+
+    assert [pq_size(d) for d in (285, 768, 2048, 384, 7)] == [15, 16, 16, 16, 7]
+    vectors = np.random.default_rng(0).normal(size=(64, 285)).astype(np.float32)
+    index = build_index(vectors, "ivfpq", use_gpu=False, params={"nlist": 1, "nbits": 4})
+    import faiss
+
+    assert faiss.downcast_index(faiss.extract_index_ivf(index)).pq.M == 15 and index.ntotal == 64

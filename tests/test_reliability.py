@@ -136,7 +136,11 @@ def test_a_fifo_named_like_an_image_is_a_failed_row_not_a_hang(tmp_path, on_erro
     (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
     (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),  # FAISS would abort
     # the baseline's dimension is known once it is built (cheap): still before any extraction
-    (["index=ivfpq"], "index.params.m=16: must divide the embedding dimension"),
+    (["index=ivfpq", "index.params.m=16"], "index.params.m=16: must divide the embedding dimension 285; use one of "
+                                           "[1, 3, 5, 15, 19, 57, 95, 285]"),
+    # the index size is known from the manifest and index.per_class: PQ training needs 2^nbits rows
+    (["index=ivfpq", "index.params.m=5", "index.params.nbits=12"], "index.params.nbits=12: product quantisation "
+                                                                   "needs at least 4096 index rows"),
 ])
 @pytest.mark.slow
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
@@ -145,6 +149,44 @@ def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_da
     assert message in output(proc) and "Traceback" not in output(proc)
     assert not (tmp_path / ".cache" / "cbir" / "embeddings").exists()  # no extraction
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no run created
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["seed=-1"], "seed=-1: give an integer >= 0"),  # crashed in the gallery, after extraction
+    (["index.seed=-1", "index.per_class=5"], "index.seed=-1: give an integer >= 0"),  # crashed sampling the index
+    (["extract.accelerator=gpu"], "extract.accelerator=gpu: PyTorch sees no such device"),  # Lightning traceback
+    (["paths.cache_dir={file}"], "paths.cache_dir={file}: {file} is a file, not a folder"),
+    (["paths.cache_dir={file}/cache"], "paths.cache_dir={file}/cache: {file} is a file, not a folder"),
+])
+@pytest.mark.slow
+def test_config_errors_come_before_data_generation(tmp_path, overrides, message):
+    if "gpu" in str(overrides) and __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    file = tmp_path / "a_file"
+    file.write_text("")
+    overrides = [o.format(file=file) for o in overrides]
+    proc = run_cbir(tmp_path, "dataset=synthetic_small", "paths.data_dir=data", *overrides, check=False)
+    assert proc.returncode == 2 and "Traceback" not in output(proc)
+    assert message.format(file=file) in output(proc)
+    assert not (tmp_path / "data").exists() and not (tmp_path / ".cache").exists()  # no data, no cache entry
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_index_params_are_decided_before_extraction_and_logged_as_used(tmp_path, shared_data_dir):
+    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", "index=ivf", "index.params.nlist=100000")
+    text = output(proc)
+    warning = "index.params.nlist=100000 > "
+    assert text.count(warning) == 1 and text.index(warning) < text.index("embeddings baseline-")
+    _, run = only_run(tmp_path)
+    rows = int(run.data.metrics["index/size"])
+    assert run.data.params["index.params.nlist"] == str(rows // 39)  # the value used, not the one asked for
+    # the ivfpq preset works with the baseline's 285-d embeddings (m from its divisors)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    run_cbir(folder, *SMALL, f"paths.data_dir={shared_data_dir}", "index=ivfpq", "index.params.nbits=4")
+    _, run = only_run(folder)
+    assert run.info.status == "FINISHED" and run.data.params["index.params.m"] == "15"
 
 
 def test_unknown_encoder_lists_the_choices(tmp_path):

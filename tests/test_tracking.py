@@ -40,10 +40,34 @@ def test_store_location_follows_the_environment(monkeypatch):
     monkeypatch.setenv("CBIR_MLRUNS_DIR", "/srv/cbir/mlruns")
     cfg = compose()
     assert cfg.tracking.uri == "sqlite:////srv/cbir/mlruns/mlflow.db"
-    assert cfg.tracking.artifact_root == "/srv/cbir/mlruns/artifacts"
+    assert Tracker.from_config(cfg).artifact_root == "/srv/cbir/mlruns/artifacts"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert compose().tracking.uri == "http://mlflow.example:5000"
     assert compose("tracking.uri=sqlite:///x.db").tracking.uri == "sqlite:///x.db"  # the command line wins
+
+
+def test_artifacts_go_beside_the_named_database(monkeypatch, tmp_path):
+    monkeypatch.delenv("CBIR_MLRUNS_DIR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/env.db")
+    assert Tracker.from_config(compose()).artifact_root == "/x/artifacts"  # not ./mlruns/artifacts
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert Tracker.from_config(compose("tracking.uri=sqlite:////y/z/t.db")).artifact_root == "/y/z/artifacts"
+    assert Tracker.from_config(compose()).artifact_root == str(Path.cwd() / "mlruns" / "artifacts")
+    assert Tracker.from_config(compose(f"tracking.artifact_root={tmp_path}/a")).artifact_root == f"{tmp_path}/a"
+    assert Tracker.from_config(compose("tracking.uri=http://mlflow.example:5000")).artifact_root is None
+
+
+@pytest.mark.slow
+def test_a_store_named_by_the_environment_keeps_its_artifacts_beside_it(tmp_path, shared_data_dir):
+    database = tmp_path / "elsewhere" / "env.db"
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    proc = run_cbir(launch, *SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=true",
+                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{database}"})
+    assert f"artifacts in {database.parent / 'artifacts'}" in output(proc)  # said at start
+    _, (run,) = all_runs(f"sqlite:///{database}")
+    assert run.info.artifact_uri.startswith((database.parent / "artifacts").as_uri())
+    assert (database.parent / "artifacts").is_dir() and not (launch / "mlruns").exists()
 
 
 # ---------------------------------------------------------------------------- stores that cannot work
@@ -97,6 +121,78 @@ def test_environment_store_is_used_and_checked_before_any_work(tmp_path, shared_
                     check=False)
     assert proc.returncode == 2 and "Traceback" not in output(proc)
     assert "tracking.uri=mysql://db.example/mlflow: the database driver is not installed" in output(proc)
+
+
+HOLD_LOCK = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # held until the test closes our stdin
+"""
+
+
+class StoreHeldLocked:
+    """Another process holding the SQLite file in an exclusive transaction (a sqlite3 shell, say)."""
+
+    def __init__(self, database: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(database)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_store_held_locked_at_start_is_one_line_before_any_work(tmp_path, shared_data_dir):
+    database = tmp_path / "mlruns" / "mlflow.db"
+    database.parent.mkdir()
+    sqlite3_file(database)
+    holder = StoreHeldLocked(database)
+    try:
+        proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", check=False)
+    finally:
+        holder.release()
+    assert proc.returncode == 2 and "Traceback" not in output(proc)
+    assert f"tracking.uri=sqlite:///{database}: {database} is locked by another process" in output(proc)
+    assert not (tmp_path / ".cache").exists()  # nothing extracted
+
+
+def sqlite3_file(path: Path) -> None:
+    import sqlite3
+
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE t (x)")
+    connection.close()
+
+
+def test_a_store_locked_during_a_run_lets_the_job_write_its_files_then_says_so(tmp_path, monkeypatch, capfd):
+    import cbir.tracking
+
+    monkeypatch.setattr(cbir.tracking, "LOCK_ATTEMPTS", 1)  # one wait on SQLite's busy timeout, not eight
+    database = tmp_path / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{database}", "cbir", artifact_root=str(tmp_path / "artifacts"))
+    tracker.claim("job", {"config_hash": "c1"})
+    out = tmp_path / "job"
+    with (pytest.raises(cbir.tracking.tracking_store.TrackingUnavailable) as caught,
+          tracker.start("job", {"config_hash": "c1"}, {"p": 1}, files_in=out)):
+        holder = StoreHeldLocked(database)
+        try:
+            tracker.log_metrics({"micro/P_at_1": 0.5})  # the store is locked: not recorded ...
+            out.mkdir()
+            (out / "metrics.json").write_text("{}")  # ... and the job still writes its files
+            tracker.log_artifact(out / "metrics.json")  # not tried again
+        finally:
+            holder.release()
+    message = str(caught.value)
+    assert "\n" not in message and f"sqlite:///{database} is locked by another process" in message
+    assert message.endswith(f"this job's files are in {out}") and (out / "metrics.json").exists()
+    assert "Traceback" not in capfd.readouterr().err  # MLflow logs one for each database error
+    import mlflow
+
+    assert mlflow.active_run() is None  # a next job in this process can start its run
 
 
 # ---------------------------------------------------------------------------- concurrency

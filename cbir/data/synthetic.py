@@ -41,6 +41,8 @@ GENERATOR_VERSION = 1
 
 
 class SyntheticDataset:
+    writes_root = True  # the images are generated into `root` (checked writable before any work)
+
     def __init__(
         self,
         root: str | os.PathLike,
