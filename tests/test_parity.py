@@ -1,0 +1,102 @@
+"""The parity verdict is per group: PASS only when the 1st percentile of EVERY (dataset, modality)
+group reaches the threshold, so one bad dataset or modality fails the check even when the overall
+numbers look fine; `python -m cbir.parity` exits 0 on PASS, 1 on FAIL."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbir.parity import compare
+from conftest import compose, run_cbir
+
+GROUPS = {("nih14", "XR"): 400, ("radiology_ai", "CT"): 400, ("radiology_ai", "MR"): 50}
+
+
+def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def three_groups():
+    """850 rows in three groups; 'published' equals 'ours' up to a tiny perturbation."""
+    table = pd.DataFrame([{"path": f"{d}/{m}/{i}.png", "dataset": d, "modality": m, "label": f"{m}/x/y"}
+                          for (d, m), n in GROUPS.items() for i in range(n)])
+    ours = unit_rows(len(table), 8, 0)
+    published = ours + 1e-4 * unit_rows(len(table), 8, 1)
+    return table, ours, published
+
+
+def test_every_group_passing_is_a_pass(three_groups):
+    table, ours, published = three_groups
+    report = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=0.99)
+    assert report.passed and report.verdict == "PASS" and report.compared == len(table)
+    summary = report.summary.set_index(["dataset", "modality"])
+    assert summary["rows"].to_dict() == {**GROUPS, ("all", "all"): 850}
+    assert (summary["p1"] > 0.999).all() and (summary["below_threshold"] == 0).all()
+
+
+def test_one_bad_group_fails_while_the_overall_numbers_pass(three_groups):
+    """3 of the 50 MR rows are another image's embedding: that group's 1st percentile is far below
+    the threshold, while the overall 1st percentile (3 of 850 rows, under 1%) and every median pass."""
+    table, ours, published = three_groups
+    mr = np.flatnonzero(table["modality"] == "MR")
+    published[mr[:3]] = unit_rows(3, 8, 2)
+    report = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=0.99)
+    assert not report.passed and report.verdict == "FAIL"
+    summary = report.summary.set_index(["dataset", "modality"])
+    cosine = np.einsum("ij,ij->i", ours, published / np.linalg.norm(published, axis=1, keepdims=True))
+    assert summary.loc[("radiology_ai", "MR"), "p1"] == pytest.approx(np.percentile(cosine[mr], 1))
+    assert summary.loc[("radiology_ai", "MR"), "p1"] < 0.99
+    assert summary.loc[("radiology_ai", "MR"), "below_threshold"] == 3
+    assert summary.loc[("all", "all"), "p1"] >= 0.99 and (summary["median"] > 0.999).all()
+    assert (summary.drop(("radiology_ai", "MR"))["p1"] >= 0.99).all()
+    assert sorted(report.worst["path"].head(3)) == sorted(table["path"].iloc[mr[:3]])
+
+
+def test_the_threshold_is_inclusive(three_groups):
+    table, ours, published = three_groups
+    report = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=0.99)
+    lowest_p1 = float(report.summary["p1"].min())
+    at = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=lowest_p1)
+    above = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=np.nextafter(lowest_p1, 2))
+    assert at.passed and not above.passed
+
+
+def test_nothing_compared_is_not_a_pass(three_groups):
+    table, ours, published = three_groups
+    report = compare(table, ours, np.zeros(len(table)), published, np.ones(len(table)))
+    assert not report.passed and report.compared == 0 and report.only_published == len(table)
+
+
+@pytest.mark.slow
+def test_parity_command_exit_codes(tmp_path, shared_data_dir):
+    """The published files are cbir's own export (PASS, exit 0); then one row of one modality is
+    replaced in the HDF5 file (FAIL, exit 1: that group's 1st percentile drops, the overall one
+    does not); a missing published folder is a user error (exit 2)."""
+    common = ["debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
+              "encoder=baseline"]
+    run_cbir(tmp_path, *common, f"export.dir={tmp_path / 'export'}", module="cbir.export")
+    parity = [*common, f"parity.dir={tmp_path / 'export' / 'embeddings'}", f"parity.output_dir={tmp_path / 'parity'}"]
+    passed = run_cbir(tmp_path, *parity, module="cbir.parity", check=False)
+    assert passed.returncode == 0, passed.stderr[-3000:]
+    assert '"verdict": "PASS"' in (tmp_path / "parity" / "parity.json").read_text()
+
+    manifest = compose(*common).dataset
+    csv = pd.read_csv(tmp_path / "export" / "datasets" / "synthetic.csv")
+    us_key = csv.loc[csv["modality"] == "US", "filepath"].iloc[0]
+    assert manifest.name == "synthetic" and (csv["modality"] == "US").sum() < 100  # one row is over 1% of US
+    (h5,) = (tmp_path / "export" / "embeddings").glob("*/synthetic.h5")
+    with h5py.File(h5, "r+") as f:
+        f[us_key][...] = -f[us_key][...]
+    failed = run_cbir(tmp_path, *parity, module="cbir.parity", check=False)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    summary = pd.read_csv(tmp_path / "parity" / "parity_summary.csv").set_index("modality")
+    assert summary.loc["US", "p1"] < 0.99 and summary.loc["all", "p1"] >= 0.99
+    assert (summary.drop("US")["p1"] >= 0.99).all()
+
+    missing = run_cbir(tmp_path, *common, f"parity.dir={tmp_path / 'nowhere'}", module="cbir.parity", check=False)
+    assert missing.returncode == 2, missing.stderr[-3000:]
