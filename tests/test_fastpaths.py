@@ -42,14 +42,64 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path, shared_data_dir):
     assert again.cache_hit
 
 
-def test_ddp_sampler_does_not_pad(tmp_path, shared_data_dir):
-    """369 rows over 2 ranks: a padding sampler would write one row twice; every row once."""
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
-    from torch.utils.data import SequentialSampler
+def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
+    """What each DDP rank does with cbir's writer: it receives the writer pickled (the on-disk
+    arrays reopened, not copied), predicts its share of the rows to extract (here a refresh's
+    scattered stale rows, one image broken) and writes each row at its manifest position. Two
+    forked processes, as on CPU: every row written once, at its place, the failure recorded."""
+    import multiprocessing
+    import pickle
 
-    parts = [list(UnrepeatedDistributedSamplerWrapper(SequentialSampler(range(369)), num_replicas=2, rank=r,
-                                                      shuffle=False)) for r in range(2)]
-    assert sorted(parts[0] + parts[1]) == list(range(369))
+    from lightning.pytorch.overrides.distributed import (
+        UnrepeatedDistributedSamplerWrapper,
+    )
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from cbir.data.images import load_image
+    from cbir.data.synthetic import SyntheticDataset
+    from cbir.encoders.classical import ClassicalEncoder
+    from cbir.extract import ArrayWriter, EmbeddingModule, ImageRows, _probe_shape
+    from cbir.store import PartialEntry, read_skipped
+
+    manifest = SyntheticDataset(root=tmp_path / "data", modalities=["CT", "MR"], anatomies=["head"],
+                                pathologies=["normal", "lesion"], max_per_class=3, min_per_class=3,
+                                image_size=32).load_manifest()
+    paths = manifest.paths()
+    paths[8].write_text("not an image")
+    rows = np.array([1, 4, 5, 8, 10])  # 5 rows over 2 ranks: 3 + 2, nothing padded
+    encoder = ClassicalEncoder()
+    transform = encoder.transform()
+    dataset = ImageRows(paths, rows, transform, _probe_shape(transform))
+    (tmp_path / "entry").mkdir()
+    partial = PartialEntry.create(tmp_path / "entry", len(paths), encoder.dim, tmp_path)
+    shipped = pickle.dumps(ArrayWriter(partial, paths))
+
+    def rank(r: int) -> None:
+        writer, module = pickle.loads(shipped), EmbeddingModule(encoder)
+        sampler = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=2, rank=r,
+                                                      shuffle=False)
+        for i, batch in enumerate(DataLoader(dataset, batch_size=2, sampler=sampler)):
+            with torch.inference_mode():
+                writer.write_on_batch_end(None, module, module.predict_step(batch, i), None, batch, i, 0)
+        writer.partial.flush()
+
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=rank, args=(r,)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+
+    done = np.load(tmp_path / "entry" / "done.npy")
+    assert np.flatnonzero(done == 1).tolist() == [1, 4, 5, 10] and np.flatnonzero(done == 2).tolist() == [8]
+    written = np.load(tmp_path / "entry" / "embeddings.npy")
+    with torch.inference_mode():
+        expected = encoder(torch.stack([transform(load_image(paths[r])) for r in (1, 4, 5, 10)])).numpy()
+    np.testing.assert_allclose(written[[1, 4, 5, 10]], expected, rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(len(paths)), rows)
+    assert not written[untouched].any()
+    assert [(row, path) for row, path, _ in read_skipped(tmp_path / "entry" / "skipped.csv")] == [(8, str(paths[8]))]
 
 
 @pytest.mark.slow
