@@ -59,6 +59,7 @@ def test_the_hand_written_files_are_what_the_study_writes(study_folder):
         stored = h5f[ROWS[0][0]]
         assert stored.dtype == np.float32 and stored.shape == (8,)
         assert np.linalg.norm(stored[()]) == pytest.approx(1.0, abs=1e-6)
+        np.testing.assert_array_equal(stored[()], vectors[0])
 
 
 def test_cbir_reads_the_split_csv_row_by_row(study_folder):
