@@ -25,6 +25,11 @@ MATTERS = [
 ]
 
 
+def test_flatten_names_every_key_and_writes_lists_as_json():
+    nested = {"a": {"b": [1, 2], "c": {"d": "x"}, "e": {}}, "f": 3, "g": None}
+    assert tracking.flatten(nested) == {"a.b": "[1, 2]", "a.c.d": "x", "a.e": "{}", "f": 3, "g": None}
+
+
 @pytest.mark.parametrize("override", COSMETIC)
 def test_cosmetic_keys_leave_the_hash_alone(override):
     assert config_hash(compose(*BASE, override)) == config_hash(compose(*BASE))
