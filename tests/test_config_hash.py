@@ -30,6 +30,15 @@ def test_flatten_names_every_key_and_writes_lists_as_json():
     assert tracking.flatten(nested) == {"a.b": "[1, 2]", "a.c.d": "x", "a.e": "{}", "f": 3, "g": None}
 
 
+def test_the_hash_is_16_hex_digits_and_ignores_key_order():
+    from omegaconf import OmegaConf
+
+    one = OmegaConf.create({"seed": 1, "index": {"type": "flat", "per_class": 10}})
+    other = OmegaConf.create({"index": {"per_class": 10, "type": "flat"}, "seed": 1})
+    assert config_hash(one) == config_hash(other)
+    assert len(config_hash(one)) == 16 and int(config_hash(one), 16) >= 0
+
+
 @pytest.mark.parametrize("override", COSMETIC)
 def test_cosmetic_keys_leave_the_hash_alone(override):
     assert config_hash(compose(*BASE, override)) == config_hash(compose(*BASE))

@@ -72,6 +72,61 @@ def test_nothing_compared_is_not_a_pass(three_groups):
     assert not report.passed and report.compared == 0 and report.only_published == len(table)
 
 
+def test_summary_worst_rows_and_counts_are_exact(three_groups):
+    """Defaults (threshold 0.99, 20 worst rows), a value at the threshold is not below it, rows
+    missing on one side are counted, the worst table lists rows (no stray index column)."""
+    table, ours, published = three_groups
+    n = len(table)
+    ours_valid, published_valid = np.ones(n, bool), np.ones(n, bool)
+    ours_valid[:5] = False  # cbir could not embed 5 rows
+    published_valid[-3:] = False  # 3 rows lack a published embedding
+    published[5:8] = unit_rows(3, 8, 4)  # 3 rows far off (all nih14/XR)
+    report = compare(table, ours, ours_valid, published, published_valid)
+    assert report.threshold == 0.99 and len(report.worst) == 20
+    assert (report.compared, report.only_ours, report.only_published) == (n - 8, 3, 5)
+    assert list(report.worst.columns) == ["path", "dataset", "modality", "label", "cosine"]
+    assert sorted(report.worst["path"].head(3)) == sorted(table["path"].iloc[5:8])
+    summary = report.summary.set_index(["dataset", "modality"])
+    rows = np.flatnonzero(ours_valid & published_valid)
+    unit = published / np.linalg.norm(published, axis=1, keepdims=True)
+    cosine = pd.Series(np.einsum("ij,ij->i", ours, unit)[rows], index=rows)
+    xr = cosine[table["modality"].iloc[rows].to_numpy() == "XR"]
+    assert summary.loc[("nih14", "XR"), "min"] == pytest.approx(xr.min())
+    assert summary.loc[("nih14", "XR"), "median"] == pytest.approx(np.median(xr))
+    assert summary.loc[("nih14", "XR"), "rows"] == len(xr) == 395
+    at_min = compare(table, ours, ours_valid, published, published_valid, threshold=float(xr.min()))
+    assert at_min.summary.set_index(["dataset", "modality"]).loc[("nih14", "XR"), "below_threshold"] == 0
+
+
+def test_an_empty_comparison_still_has_the_summary_columns(three_groups, tmp_path):
+    from cbir.parity import write_report
+
+    table, ours, published = three_groups
+    report = compare(table, ours, np.zeros(len(table)), published, np.ones(len(table)))
+    assert list(report.summary.columns) == ["dataset", "modality", "rows", "min", "p1", "median", "below_threshold"]
+    write_report(report, tmp_path)
+    assert pd.read_csv(tmp_path / "parity_summary.csv").columns.tolist() == list(report.summary.columns)
+
+
+def test_another_embedding_length_is_named(three_groups):
+    from cbir.checks import DataError
+
+    table, ours, published = three_groups
+    with pytest.raises(DataError, match=r"cbir's embeddings are 8-d, the published ones 4-d: a different model "
+                                        r"or embedding head \(e.g. projected vs CLS"):
+        compare(table, ours, np.ones(len(table)), published[:, :4], np.ones(len(table)))
+
+
+def test_cosine_rows_in_blocks_equals_one_pass(three_groups):
+    from cbir.parity import cosine_rows
+
+    _, ours, _ = three_groups
+    other = 3.0 * unit_rows(len(ours), 8, 5)  # unrelated vectors, not of unit length
+    rows = np.arange(3, 800, 7)
+    expected = np.einsum("ij,ij->i", ours[rows], other[rows] / 3.0)
+    np.testing.assert_allclose(cosine_rows(ours, other, rows, block=16), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_parity_command_exit_codes(tmp_path, shared_data_dir):
     """The published files are cbir's own export (PASS, exit 0); then one row of one modality is
