@@ -94,7 +94,8 @@ def test_summary_worst_rows_and_counts_are_exact(three_groups):
     assert summary.loc[("nih14", "XR"), "min"] == pytest.approx(xr.min())
     assert summary.loc[("nih14", "XR"), "median"] == pytest.approx(np.median(xr))
     assert summary.loc[("nih14", "XR"), "rows"] == len(xr) == 395
-    at_min = compare(table, ours, ours_valid, published, published_valid, threshold=float(xr.min()))
+    lowest = float(summary.loc[("nih14", "XR"), "min"])  # a value in the data, bit for bit
+    at_min = compare(table, ours, ours_valid, published, published_valid, threshold=lowest)
     assert at_min.summary.set_index(["dataset", "modality"]).loc[("nih14", "XR"), "below_threshold"] == 0
 
 
@@ -106,6 +107,26 @@ def test_an_empty_comparison_still_has_the_summary_columns(three_groups, tmp_pat
     assert list(report.summary.columns) == ["dataset", "modality", "rows", "min", "p1", "median", "below_threshold"]
     write_report(report, tmp_path)
     assert pd.read_csv(tmp_path / "parity_summary.csv").columns.tolist() == list(report.summary.columns)
+
+
+def test_report_files_hold_the_verdict_rule_counts_and_tables(three_groups, tmp_path):
+    import json
+
+    from cbir.parity import write_report
+
+    table, ours, published = three_groups
+    published[:10] = unit_rows(10, 8, 6)  # 2.5% of the XR group: its 1st percentile fails
+    report = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)))
+    files = write_report(report, tmp_path / "reports" / "parity")  # folders created as needed
+    assert sorted(p.name for p in files.values()) == ["parity.json", "parity_summary.csv", "parity_worst.csv"]
+    saved = json.loads(files["json"].read_text())
+    assert {k: saved[k] for k in ("verdict", "threshold", "rule", "compared", "only_ours", "only_published")} == {
+        "verdict": "FAIL", "threshold": 0.99, "rule": "1st percentile >= threshold in every group",
+        "compared": len(table), "only_ours": 0, "only_published": 0}
+    assert [(r["dataset"], r["modality"], r["rows"]) for r in saved["summary"]] == [
+        ("nih14", "XR", 400), ("radiology_ai", "CT", 400), ("radiology_ai", "MR", 50), ("all", "all", 850)]
+    pd.testing.assert_frame_equal(pd.read_csv(files["summary"]), report.summary, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(files["worst"]), report.worst, check_dtype=False)
 
 
 def test_another_embedding_length_is_named(three_groups):
