@@ -42,12 +42,8 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path, shared_data_dir):
     assert again.cache_hit
 
 
-def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
-    """What each DDP rank does with cbir's writer: it receives the writer pickled (the on-disk
-    arrays reopened, not copied), predicts its share of the rows to extract (here a refresh's
-    scattered stale rows, one image broken) and writes each row at its manifest position. Two
-    forked processes, as on CPU: every row written once, at its place, the failure recorded."""
-    import multiprocessing
+def _ddp_rank(rank: int, shipped: bytes, paths: list, rows, shape) -> None:
+    """One rank: the writer as a spawned rank receives it, its share of the rows, cbir's module."""
     import pickle
 
     from lightning.pytorch.overrides.distributed import (
@@ -55,10 +51,34 @@ def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
     )
     from torch.utils.data import DataLoader, SequentialSampler
 
+    from cbir.encoders.classical import ClassicalEncoder
+    from cbir.extract import EmbeddingModule, ImageRows
+
+    writer, encoder = pickle.loads(shipped), ClassicalEncoder()
+    module = EmbeddingModule(encoder)
+    dataset = ImageRows(paths, rows, encoder.transform(), shape)
+    sampler = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=2, rank=rank,
+                                                  shuffle=False)
+    for i, batch in enumerate(DataLoader(dataset, batch_size=2, sampler=sampler)):
+        with torch.inference_mode():
+            writer.write_on_batch_end(None, module, module.predict_step(batch, i), None, batch, i, 0)
+    writer.partial.flush()
+
+
+@pytest.mark.slow  # two spawned processes importing torch and Lightning
+def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
+    """What each DDP rank does with cbir's writer: it receives the writer pickled (the on-disk
+    arrays reopened, not copied), predicts its share of the rows to extract (here a refresh's
+    scattered stale rows, one image broken) and writes each row at its manifest position. Two
+    spawned processes (as on GPU; a fork would inherit this process's OpenMP threads): every row
+    written once, at its place, the failure recorded."""
+    import multiprocessing
+    import pickle
+
     from cbir.data.images import load_image
     from cbir.data.synthetic import SyntheticDataset
     from cbir.encoders.classical import ClassicalEncoder
-    from cbir.extract import ArrayWriter, EmbeddingModule, ImageRows, _probe_shape
+    from cbir.extract import ArrayWriter, _probe_shape
     from cbir.store import PartialEntry, read_skipped
 
     manifest = SyntheticDataset(root=tmp_path / "data", modalities=["CT", "MR"], anatomies=["head"],
@@ -69,26 +89,17 @@ def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
     rows = np.array([1, 4, 5, 8, 10])  # 5 rows over 2 ranks: 3 + 2, nothing padded
     encoder = ClassicalEncoder()
     transform = encoder.transform()
-    dataset = ImageRows(paths, rows, transform, _probe_shape(transform))
     (tmp_path / "entry").mkdir()
     partial = PartialEntry.create(tmp_path / "entry", len(paths), encoder.dim, tmp_path)
     shipped = pickle.dumps(ArrayWriter(partial, paths))
 
-    def rank(r: int) -> None:
-        writer, module = pickle.loads(shipped), EmbeddingModule(encoder)
-        sampler = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=2, rank=r,
-                                                      shuffle=False)
-        for i, batch in enumerate(DataLoader(dataset, batch_size=2, sampler=sampler)):
-            with torch.inference_mode():
-                writer.write_on_batch_end(None, module, module.predict_step(batch, i), None, batch, i, 0)
-        writer.partial.flush()
-
-    context = multiprocessing.get_context("fork")
-    ranks = [context.Process(target=rank, args=(r,)) for r in range(2)]
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=_ddp_rank, args=(r, shipped, paths, rows, _probe_shape(transform)))
+             for r in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:
-        process.join(120)
+        process.join(300)
     assert [p.exitcode for p in ranks] == [0, 0]
 
     done = np.load(tmp_path / "entry" / "done.npy")
