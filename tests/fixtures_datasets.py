@@ -162,6 +162,19 @@ def make_mimic_cxr(data_dir: Path, gz: bool = False) -> Path:
     return root
 
 
+def add_mimic_study(root: Path, study: int, subject: int, split: str, values: dict, n_images: int) -> None:
+    """One more study in a `make_mimic_cxr` folder (plain CSVs): its images, split and label rows."""
+    with (root / "mimic-cxr-2.0.0-split.csv").open("a", encoding="utf-8", newline="") as split_csv, \
+            (root / "mimic-cxr-2.0.0-chexpert.csv").open("a", encoding="utf-8", newline="") as label_csv:
+        for k in range(n_images):
+            dicom = mimic_dicom_id(study, k)
+            split_csv.write(f"{dicom},{study},{subject},{split}\n")
+            write_image(root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
+                        value=100 + 10 * k)
+        label_csv.write(f"{subject},{study}," + ",".join(str(values[c]) if c in values else "" for c in MIMIC_LABELS)
+                        + "\n")
+
+
 # ---------------------------------------------------------------- CheXpert v1.0
 CHEXPERT_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",

@@ -389,3 +389,26 @@ def test_timm_and_open_clip_weights_are_keyed_by_their_hub_commit(hub_cache):
 
     assert commit_of_file(repo / "snapshots" / B / "model.safetensors") == B
     assert commit_of_file(hub_cache / "elsewhere" / "model.safetensors") is None
+
+
+def test_an_image_edited_to_the_same_size_is_extracted_again(tiny):
+    """Only the modification time tells this edit apart: the cache must compare it, not only the size."""
+    from PIL import Image
+
+    manifest, encoder, store = tiny
+    path = manifest.paths()[0]
+    pixels = np.asarray(Image.open(path))
+    # uncompressed PNGs of the same shape have the same byte count whatever the pixels
+    Image.fromarray(pixels).save(path, compress_level=0)
+    before = np.array(extract_embeddings(encoder, manifest, store, EXTRACT).embeddings)
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.fromarray(255 - pixels).save(path, compress_level=0)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a clock that ticked between the two writes
+    assert path.stat().st_size == size
+    again = extract_embeddings(encoder, manifest, store, EXTRACT)
+    assert not again.cache_hit and again.rows_extracted == 1
+    fresh = ClassicalEncoder()
+    expected = extract_embeddings(fresh, manifest, EmbeddingStore(store.cache_dir.parent / "fresh_cache"), EXTRACT)
+    assert np.allclose(again.embeddings[0], expected.embeddings[0], atol=1e-6)
+    assert not np.allclose(again.embeddings[0], before[0], atol=1e-3)
+    assert np.array_equal(np.asarray(again.embeddings)[1:], before[1:])

@@ -126,3 +126,37 @@ def test_choose_k_takes_the_best_k_not_one_less_and_the_smallest_on_ties():
     assert k == 2
     assert table["micro_f1"].tolist() == pytest.approx([1 / 3, 1, 1, 1 / 3])
     assert table["k"].tolist() == [1, 2, 3, 4]
+
+
+def test_no_queries_one_query_and_one_class():
+    empty = classification.scores(np.zeros(0, int), np.zeros((0, 3)))
+    assert all(np.isnan(empty[m]) for m in classification.METRICS) and empty["roc_auc_classes"] == 0
+    one = classification.scores(np.array([1]), np.array([[0.2, 0.7, 0.1]]))
+    assert one["accuracy"] == 1.0 and one["macro_precision"] == 1.0 and one["roc_auc_classes"] == 0
+    assert one["micro_roc_auc"] == 1.0  # pooled cells: the true cell scores highest
+    single = classification.scores(np.array([0, 0]), np.ones((2, 1)))
+    assert np.isnan(single["micro_roc_auc"]) and single["accuracy"] == 1.0  # one class: no AUC
+
+
+def test_a_class_never_predicted_scores_zero_not_one():
+    """zero_division=0, as the study: class 2 is true once and never predicted; class 1 is
+    predicted once and never true."""
+    truth = np.array([0, 0, 2])
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.1, 0.6, 0.3]])
+    s = classification.scores(truth, probabilities)
+    assert s["macro_recall"] == pytest.approx((1 + 0 + 0) / 3)
+    assert s["macro_precision"] == pytest.approx((1 + 0 + 0) / 3)
+    assert s["macro_f1"] == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_per_class_table_covers_every_class_even_without_queries():
+    truth = np.array([0, 0, 1])
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.7, 0.0]])
+    result = classification.evaluate(truth, probabilities, ["CT/a/x", "CT/a/y", "MR/b/z"])
+    table = result.per_class
+    assert list(table.columns) == ["class", "queries", "train_rows", "precision", "recall", "f1",
+                                   "most_confused_with"]
+    assert table["class"].tolist() == ["CT/a/x", "CT/a/y", "MR/b/z"] and table["queries"].tolist() == [2, 1, 0]
+    assert table["train_rows"].tolist() == [0, 0, 0]
+    assert table["recall"].tolist() == pytest.approx([0.5, 1.0, 0.0])
+    assert table["most_confused_with"].tolist() == ["CT/a/y", "", ""]

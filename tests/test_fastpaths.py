@@ -42,14 +42,75 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path, shared_data_dir):
     assert again.cache_hit
 
 
-def test_ddp_sampler_does_not_pad(tmp_path, shared_data_dir):
-    """369 rows over 2 ranks: a padding sampler would write one row twice; every row once."""
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
-    from torch.utils.data import SequentialSampler
+def _ddp_rank(rank: int, shipped: bytes, paths: list, rows, shape) -> None:
+    """One rank: the writer as a spawned rank receives it, its share of the rows, cbir's module."""
+    import pickle
 
-    parts = [list(UnrepeatedDistributedSamplerWrapper(SequentialSampler(range(369)), num_replicas=2, rank=r,
-                                                      shuffle=False)) for r in range(2)]
-    assert sorted(parts[0] + parts[1]) == list(range(369))
+    from lightning.pytorch.overrides.distributed import (
+        UnrepeatedDistributedSamplerWrapper,
+    )
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    from cbir.encoders.classical import ClassicalEncoder
+    from cbir.extract import EmbeddingModule, ImageRows
+
+    writer, encoder = pickle.loads(shipped), ClassicalEncoder()
+    module = EmbeddingModule(encoder)
+    dataset = ImageRows(paths, rows, encoder.transform(), shape)
+    sampler = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=2, rank=rank,
+                                                  shuffle=False)
+    for i, batch in enumerate(DataLoader(dataset, batch_size=2, sampler=sampler)):
+        with torch.inference_mode():
+            writer.write_on_batch_end(None, module, module.predict_step(batch, i), None, batch, i, 0)
+    writer.partial.flush()
+
+
+@pytest.mark.slow  # two spawned processes importing torch and Lightning
+def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
+    """What each DDP rank does with cbir's writer: it receives the writer pickled (the on-disk
+    arrays reopened, not copied), predicts its share of the rows to extract (here a refresh's
+    scattered stale rows, one image broken) and writes each row at its manifest position. Two
+    spawned processes (as on GPU; a fork would inherit this process's OpenMP threads): every row
+    written once, at its place, the failure recorded."""
+    import multiprocessing
+    import pickle
+
+    from cbir.data.images import load_image
+    from cbir.data.synthetic import SyntheticDataset
+    from cbir.encoders.classical import ClassicalEncoder
+    from cbir.extract import ArrayWriter, _probe_shape
+    from cbir.store import PartialEntry, read_skipped
+
+    manifest = SyntheticDataset(root=tmp_path / "data", modalities=["CT", "MR"], anatomies=["head"],
+                                pathologies=["normal", "lesion"], max_per_class=3, min_per_class=3,
+                                image_size=32).load_manifest()
+    paths = manifest.paths()
+    paths[8].write_text("not an image")
+    rows = np.array([1, 4, 5, 8, 10])  # 5 rows over 2 ranks: 3 + 2, nothing padded
+    encoder = ClassicalEncoder()
+    transform = encoder.transform()
+    (tmp_path / "entry").mkdir()
+    partial = PartialEntry.create(tmp_path / "entry", len(paths), encoder.dim, tmp_path)
+    shipped = pickle.dumps(ArrayWriter(partial, paths))
+
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=_ddp_rank, args=(r, shipped, paths, rows, _probe_shape(transform)))
+             for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(300)
+    assert [p.exitcode for p in ranks] == [0, 0]
+
+    done = np.load(tmp_path / "entry" / "done.npy")
+    assert np.flatnonzero(done == 1).tolist() == [1, 4, 5, 10] and np.flatnonzero(done == 2).tolist() == [8]
+    written = np.load(tmp_path / "entry" / "embeddings.npy")
+    with torch.inference_mode():
+        expected = encoder(torch.stack([transform(load_image(paths[r])) for r in (1, 4, 5, 10)])).numpy()
+    np.testing.assert_allclose(written[[1, 4, 5, 10]], expected, rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(len(paths)), rows)
+    assert not written[untouched].any()
+    assert [(row, path) for row, path, _ in read_skipped(tmp_path / "entry" / "skipped.csv")] == [(8, str(paths[8]))]
 
 
 @pytest.mark.slow
@@ -93,10 +154,33 @@ def test_index_params_reject_unknown_keys():
 
 
 def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
-    """The preset's nlist is larger than the small index: it is reduced, and the run works."""
+    """The preset's nlist is larger than the small index: it is reduced, and the run works. Its
+    nprobe (32) then covers every list, so IVF finds what exact search finds: the same metrics as
+    index=flat on the same embeddings, the same neighbours."""
+    import faiss
+
+    from cbir import retrieval
     from cbir.run import run
 
-    cfg = compose("debug=smoke", "index=ivf", f"paths.data_dir={shared_data_dir}",
-                  f"paths.cache_dir={tmp_path / 'cache'}", "tracking.enabled=false")
-    result = run(cfg)
-    assert 0 <= result.metrics["micro/P_at_1"] <= 1
+    common = ("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
+              "tracking.enabled=false")
+    ivf_cfg, flat_cfg = compose(*common, "index=ivf"), compose(*common, "index=flat")
+    ivf, flat = run(ivf_cfg), run(flat_cfg)
+    p_at = sorted(k for k in flat.metrics if "P_at_" in k)
+    assert len(p_at) > 20 and flat.metrics["micro/P_at_1"] > 0
+    assert {k: ivf.metrics[k] for k in p_at} == pytest.approx({k: flat.metrics[k] for k in p_at}, abs=1e-9)
+
+    manifest = instantiate(flat_cfg.dataset).load_manifest()
+    torch.manual_seed(int(flat_cfg.seed))
+    embeddings = extract_embeddings(instantiate(flat_cfg.encoder), manifest, EmbeddingStore(tmp_path / "cache"),
+                                    flat_cfg.extract)
+    assert embeddings.cache_hit  # the very vectors both runs searched
+    setup = retrieval.choose_rows(manifest.table, embeddings.valid, "train", "test", None, 0)
+    found = {}
+    for name, cfg in (("ivf", ivf_cfg), ("flat", flat_cfg)):
+        _, found[name] = retrieval.run_retrieval(manifest.table, embeddings.embeddings, setup, cfg.index, [10],
+                                                 return_search=True)
+    inner = faiss.downcast_index(found["ivf"].index)
+    assert inner.nlist < 1024 and inner.nprobe >= inner.nlist  # reduced to the index's size, all lists probed
+    agree = (found["ivf"].neighbours == found["flat"].neighbours).mean()
+    assert agree >= 0.99, agree

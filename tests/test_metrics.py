@@ -107,6 +107,33 @@ def test_curve_equals_pointwise_precision():
         assert curve.loc[n - 1, "macro"] == pytest.approx(full[f"macro/P_at_{n}"])
 
 
+def test_curve_leaves_out_a_query_whose_class_the_index_lacks():
+    """The absent class sorts last (the highest class code, no index row): excluded, as in evaluate."""
+    index = frame(["CT/abd/a", "CT/abd/a", "CT/abd/b"])
+    query = frame(["CT/abd/a", "CT/abd/b", "CT/abd/z"])
+    neighbours = np.array([[0, 2, 1], [0, 2, 1], [2, 0, 1]])
+    curve = precision_curve(query, index, neighbours, np.full(3, -1), k=3)
+    # a: hits 1,0,1 with n_c=2 -> P@1 1, P@2 1/2, P@3 1/2 (first 2 only); b: hits 0,1,0, n_c=1 -> 0, 0, 0
+    assert curve["micro"].tolist() == pytest.approx([0.5, 0.25, 0.25])
+    assert curve["macro"].tolist() == pytest.approx([0.5, 0.25, 0.25])
+    full = evaluate(query, index, neighbours, ns=[1, 2, 3], levels=[]).metrics
+    assert [full[f"micro/P_at_{n}"] for n in (1, 2, 3)] == pytest.approx(curve["micro"].tolist())
+
+
+def test_curve_with_self_matches_and_padding_equals_pointwise_precision():
+    """Overlapping splits (own index positions, 0 among them) and fewer index rows than k (-1 padding)."""
+    index = frame(["CT/abd/a", "CT/abd/b", "CT/abd/b", "CT/abd/a"])
+    query = frame(["CT/abd/a", "CT/abd/b", "CT/abd/b", "CT/abd/a"])
+    own = np.array([0, 1, -1, 3])  # the third query is not an index row
+    neighbours = np.array([[3, 1, 2, -1], [2, 0, 3, -1], [1, 2, 0, 3], [0, 2, 1, -1]])
+    curve = precision_curve(query, index, neighbours, own, k=4)
+    full = evaluate(query, index, neighbours, own, ns=[1, 2, 3, 4], levels=[]).metrics
+    assert curve["micro"].tolist() == pytest.approx([full[f"micro/P_at_{n}"] for n in (1, 2, 3, 4)])
+    assert curve["macro"].tolist() == pytest.approx([full[f"macro/P_at_{n}"] for n in (1, 2, 3, 4)])
+    # by hand: n_c = 1, 1, 2, 1 -> P@1 = 1, 1, 1, 1 and P@4 = 1, 1, 2/2, 1
+    assert curve["micro"].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
+
+
 def test_matches_the_study_formula_on_random_data():
     """Reimplementation of the study's per-query loop (pandas apply) on random rankings."""
     rng = np.random.default_rng(1)

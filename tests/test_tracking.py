@@ -107,6 +107,48 @@ def test_sqlite_under_a_read_only_folder_is_a_one_line_error(tmp_path):
         folder.chmod(0o755)
 
 
+def as_an_ordinary_user() -> list[str]:
+    """Command prefix that runs a process without root's power to write anywhere: as root, the
+    same user with every capability dropped (setpriv); as anyone else, nothing."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv (util-linux) is not installed")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
+
+
+@pytest.mark.slow
+def test_a_read_only_store_is_a_one_line_error_before_any_work(tmp_path, shared_data_dir):
+    """The user's command against a store folder (then a database file) it may not write, also
+    when the tests run as root."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    database = tmp_path / "rw" / "mlflow.db"
+    database.parent.mkdir()
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:  # a SQLite file, as an earlier run leaves it
+        connection.execute("create table runs (id text)")
+    folder.chmod(0o555)
+    database.chmod(0o444)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    try:
+        for uri, message in ((f"sqlite:///{folder}/mlflow.db", f"the database folder {folder} is not writable"),
+                             (f"sqlite:///{database}", f"{database} is not writable by this user")):
+            proc = subprocess.run([*as_an_ordinary_user(), sys.executable, "-m", "cbir.run", *SMALL,
+                                   f"paths.data_dir={shared_data_dir}", f"tracking.uri={uri}"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 2, output(proc)[-3000:]
+            assert message in output(proc) and "Traceback" not in output(proc)
+            assert not (tmp_path / ".cache").exists()  # refused before any extraction
+    finally:
+        folder.chmod(0o755)
+        database.chmod(0o644)
+
+
 @pytest.mark.slow
 def test_environment_store_is_used_and_checked_before_any_work(tmp_path, shared_data_dir):
     folder = tmp_path / "store_folder"
