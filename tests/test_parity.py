@@ -104,7 +104,7 @@ def test_an_empty_comparison_still_has_the_summary_columns(three_groups, tmp_pat
 
     table, ours, published = three_groups
     report = compare(table, ours, np.zeros(len(table)), published, np.ones(len(table)))
-    assert list(report.summary.columns) == ["dataset", "modality", "rows", "min", "p1", "median", "below_threshold"]
+    assert list(report.summary.columns) == ["dataset", "modality", "rows", "of_rows", "share", "min", "p1", "median", "below_threshold"]
     write_report(report, tmp_path)
     assert pd.read_csv(tmp_path / "parity_summary.csv").columns.tolist() == list(report.summary.columns)
 
@@ -121,7 +121,7 @@ def test_report_files_hold_the_verdict_rule_counts_and_tables(three_groups, tmp_
     assert sorted(p.name for p in files.values()) == ["parity.json", "parity_summary.csv", "parity_worst.csv"]
     saved = json.loads(files["json"].read_text())
     assert {k: saved[k] for k in ("verdict", "threshold", "rule", "compared", "only_ours", "only_published")} == {
-        "verdict": "FAIL", "threshold": 0.99, "rule": "1st percentile >= threshold in every group",
+        "verdict": "FAIL", "threshold": 0.99, "rule": "1st percentile >= threshold and share compared >= min_compared, in every group",
         "compared": len(table), "only_ours": 0, "only_published": 0}
     assert [(r["dataset"], r["modality"], r["rows"]) for r in saved["summary"]] == [
         ("nih14", "XR", 400), ("radiology_ai", "CT", 400), ("radiology_ai", "MR", 50), ("all", "all", 850)]
