@@ -413,3 +413,25 @@ def test_export_and_parity_commands_from_their_configs(baseline_export, tmp_path
     assert report.passed and report.compared == len(manifest)
     saved = pd.read_csv(tmp_path / "parity" / "parity_summary.csv")
     assert saved["rows"].iloc[-1] == len(manifest) and (tmp_path / "parity" / "parity.json").is_file()
+
+
+def test_fast_reader_gives_what_hdf5_reads_for_every_layout_and_type(tmp_path):
+    """Contiguous little-endian float32 datasets (what write_h5 and h5py write) are copied from the
+    file's bytes at their offset; chunked, compressed, big-endian or float64 ones go through HDF5.
+    Every one must come back with the values h5py reads."""
+    from cbir.study_format import dataset_keys, read_vectors, write_h5
+
+    rng = np.random.default_rng(0)
+    file = write_h5(tmp_path / "mixed.h5", [f"nih14/images_00{i % 2}/{i}.png" for i in range(6)],
+                    rng.standard_normal((6, 8)).astype(np.float32))
+    with h5py.File(file, "a") as h5:
+        h5.create_dataset("radiology_ai/CT/f64.png", data=rng.standard_normal(8))  # float64
+        h5.create_dataset("radiology_ai/CT/be.png", data=rng.standard_normal(8).astype(">f4"))
+        h5.create_dataset("radiology_ai/MR/zip.png", data=rng.standard_normal(8).astype(np.float32),
+                          chunks=(8,), compression="gzip")
+    with h5py.File(file, "r") as h5:
+        keys = dataset_keys(h5)
+        expected = np.stack([h5[k][:].astype(np.float32) for k in keys])
+        read = np.concatenate([block.copy() for _, block in read_vectors(h5, file, keys, 8, batch=4)])
+    assert len(keys) == 9
+    np.testing.assert_array_equal(read, expected)

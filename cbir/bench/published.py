@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed:
     structure for IVF). `file_missing` NIH rows get the study's `File Missing` path (no embedding)."""
     import pandas as pd
 
-    from cbir.study_format import FILE_MISSING, STUDY_CSV_NAMES, write_h5
+    from cbir.study_format import FILE_MISSING, STUDY_CSV_NAMES
 
     rng = np.random.default_rng(seed)
     classes = [(ds, m, a, f"{m}/{a}/{f}") for ds, m, a, fs in FABRICATED for f in fs]
@@ -62,22 +63,40 @@ def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed:
     table["path"] = [f"{ds}/images_{i // 10000:03d}/{i:08d}.png" for i, ds in enumerate(table["dataset"])]
     files: dict = {"csv": [], "h5": []}
     model = model_folder(encoder)
-    for dataset, part in table.groupby("dataset", sort=False):
-        vectors = np.empty((len(part), dim), dtype=np.float32)
-        positions = part.index.to_numpy()
-        for start in range(0, len(part), 65536):  # bounded memory at any size
-            at = positions[start:start + 65536]
-            block = style_vectors[region[picked[at]], style[at]] + centroids[picked[at]]
-            block += noise * rng.standard_normal(block.shape).astype(np.float32)
-            vectors[start:start + len(at)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-        files["h5"].append(write_h5(out / "embeddings" / model / f"{dataset}.h5", part["path"], vectors))
-        csv_rows = part
-        if dataset == "nih14" and file_missing:
-            extra = part.iloc[:file_missing].copy()
-            extra["path"] = FILE_MISSING
-            csv_rows = pd.concat([part, extra], ignore_index=True)
-        files["csv"].append(write_split_csv(csv_rows.reset_index(drop=True), out / "datasets" / STUDY_CSV_NAMES[dataset]))
+    writes = []
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for dataset, part in table.groupby("dataset", sort=False):
+            vectors_file = out / "embeddings" / f".{dataset}.npy"  # handed to the writer without pickling GBs
+            vectors_file.parent.mkdir(parents=True, exist_ok=True)
+            vectors = np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(len(part), dim))
+            positions = part.index.to_numpy()
+            for start in range(0, len(part), 65536):  # bounded memory at any size
+                at = positions[start:start + 65536]
+                block = style_vectors[region[picked[at]], style[at]] + centroids[picked[at]]
+                block += noise * rng.standard_normal(block.shape).astype(np.float32)
+                vectors[start:start + len(at)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+            vectors.flush()
+            del vectors
+            # one file per process: HDF5 writing is one core's work per file
+            writes.append(pool.submit(_write_h5_from, out / "embeddings" / model / f"{dataset}.h5",
+                                      part["path"].tolist(), vectors_file))
+            csv_rows = part
+            if dataset == "nih14" and file_missing:
+                extra = part.iloc[:file_missing].copy()
+                extra["path"] = FILE_MISSING
+                csv_rows = pd.concat([part, extra], ignore_index=True)
+            files["csv"].append(write_split_csv(csv_rows.reset_index(drop=True),
+                                                out / "datasets" / STUDY_CSV_NAMES[dataset]))
+        files["h5"] = [w.result() for w in writes]
     return {"rows": rows, "dim": dim, "files": {k: [str(p) for p in v] for k, v in files.items()}}
+
+
+def _write_h5_from(file: Path, keys: list[str], vectors_file: Path) -> Path:
+    from cbir.study_format import write_h5
+
+    written = write_h5(file, keys, np.load(vectors_file, mmap_mode="r"))
+    vectors_file.unlink()
+    return written
 
 
 # ------------------------------------------------------------------------ measured steps
