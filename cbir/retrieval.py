@@ -57,18 +57,80 @@ def own_positions(index_rows: np.ndarray, query_rows: np.ndarray) -> np.ndarray:
     return position.reindex(query_rows).fillna(-1).astype(np.int64).to_numpy()
 
 
+class NormalisedRows:
+    """Rows `rows` of `embeddings` (an array or the cache's memory map), L2-normalised block by
+    block as they are read: the index is built and searched without a full normalised copy."""
+
+    def __init__(self, embeddings: np.ndarray, rows: np.ndarray) -> None:
+        self.embeddings, self.rows = embeddings, np.asarray(rows)
+        self.shape = (len(self.rows), embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, at) -> np.ndarray:
+        return cbir_index.l2_normalise(self.embeddings[self.rows[at]])
+
+
+RECALL_QUERIES = 1000  # queries whose approximate neighbours are checked against exact search
+RECALL_WARNING = 0.99
+
+
+def neighbour_recall(index_rows: NormalisedRows, queries: NormalisedRows, own: np.ndarray, neighbours: np.ndarray,
+                     k: int = 10, sample: int = RECALL_QUERIES, seed: int = 0, block: int = cbir_index.ADD_BLOCK) -> float:
+    """recall@k of an approximate search: the share of each sampled query's exact k nearest index
+    rows (exact inner product, scanned block by block) that the search returned in its first k."""
+    import faiss
+
+    picked = np.sort(np.random.default_rng(seed).permutation(len(queries))[:sample])
+    q = queries[picked]
+    k = min(k, len(index_rows), neighbours.shape[1])
+    best_s, best_i = [], []
+    for start in range(0, len(index_rows), block):
+        part = faiss.IndexFlatIP(q.shape[1])
+        part.add(index_rows[start:start + block])
+        local = np.where((own[picked] >= start) & (own[picked] < start + part.ntotal), own[picked] - start, -1)
+        s, i = cbir_index.search(part, q, min(k, part.ntotal), exclude=local)
+        best_s.append(s)
+        best_i.append(np.where(i >= 0, i + start, -1))
+    scores, ids = np.concatenate(best_s, axis=1), np.concatenate(best_i, axis=1)
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)[:, :k]
+    exact = np.take_along_axis(ids, order, 1)
+    found = neighbours[picked, :k]
+    hits = [len(set(e[e >= 0]) & set(f[f >= 0])) / max(1, int((e >= 0).sum())) for e, f in zip(exact, found)]
+    return float(np.mean(hits))
+
+
 def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalSetup, index_cfg,
                   ns, curve_k: int = 0, levels=("modality", "anatomy"), batch_size: int = 4096,
                   return_search: bool = False):
-    """Metrics of one index/query setup; with return_search=True, (metrics, SearchOutput)."""
-    vectors = cbir_index.l2_normalise(embeddings[setup.index_rows])
-    queries = cbir_index.l2_normalise(embeddings[setup.query_rows])
-    index = cbir_index.build_index(vectors, index_cfg.type, index_cfg.get("use_gpu", "auto"),
-                                   dict(index_cfg.get("params") or {}))
+    """Metrics of one index/query setup; with return_search=True, (metrics, SearchOutput).
+    The embeddings (a memory map of the cache) are read block by block: the index holds the only
+    full copy of the index rows, queries are normalised and searched `batch_size` at a time.
+    An approximate index also gets `index/recall_at_10` against exact search on a query sample
+    (a warning below 0.99)."""
+    vectors = NormalisedRows(embeddings, setup.index_rows)
+    queries = NormalisedRows(embeddings, setup.query_rows)
+    params = cbir_index.sized_params(index_cfg.type, dict(index_cfg.get("params") or {}), len(vectors))
+    index = cbir_index.build_index(vectors, index_cfg.type, index_cfg.get("use_gpu", "auto"), params)
     own = own_positions(setup.index_rows, setup.query_rows)
     k = max(max(ns), curve_k)
-    scores, neighbours = cbir_index.search(index, queries, k, batch_size, exclude=own)
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    neighbours = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch_size):
+        block = slice(start, start + batch_size)
+        scores[block], neighbours[block] = cbir_index.search(index, queries[block], k, batch_size, exclude=own[block])
     columns = ["label", "modality", "anatomy"]
     result = evaluate(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
                       neighbours, own, ns=ns, levels=levels, curve_k=curve_k)
+    if index_cfg.type != "flat":
+        recall = neighbour_recall(vectors, queries, own, neighbours)
+        result.metrics["index/recall_at_10"] = recall
+        if "nlist" in params:
+            log.info("index %s: nlist=%s nprobe=%s (from %d index rows where unset)", index_cfg.type,
+                     params["nlist"], params.get("nprobe"), len(vectors))
+        if recall < RECALL_WARNING:
+            log.warning("index=%s: recall@10 against exact search is %.3f (< %.2f) on %d sampled queries; the P@N "
+                        "values are approximate: raise index.params.nprobe (or use index=flat)", index_cfg.type,
+                        recall, RECALL_WARNING, min(RECALL_QUERIES, len(queries)))
     return (result, SearchOutput(setup, index, scores, neighbours)) if return_search else result
