@@ -13,7 +13,9 @@ shared machine are context only.
    the full `evaluate` time and peak RSS (each size in its own process);
 5. memory: peak RSS of an extraction of N and 10 x N images (each in its own process);
 6. scale: exact tiled search extrapolated to 1.6M queries x 1.6M index rows (GPU measured
-   when present).
+   when present);
+7. published (opt-in, bench.sections=[published]): the Table-1 evaluation on fabricated study
+   files at 1.6M rows, over exact flat search, and its peak RSS over the embedding matrix.
 
 One module per section (`measure` returns the section's figures, `rows` its table lines); the
 shared plumbing (child processes, synthetic data, encoders) is in `common.py`.
@@ -36,11 +38,11 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cbir import CONFIG_DIR  # noqa: E402
-from cbir.bench import extraction, memory, metrics, scale, search, sweep  # noqa: E402
+from cbir.bench import extraction, memory, metrics, published, scale, search, sweep  # noqa: E402
 
 log = logging.getLogger("cbir.bench")
 SECTIONS = {"extraction": extraction, "sweep": sweep, "search": search, "metrics": metrics, "memory": memory,
-            "scale": scale}
+            "scale": scale, "published": published}
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
