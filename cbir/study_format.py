@@ -169,9 +169,14 @@ def vector_dim(h5, file: Path) -> int | None:
 
 
 def read_vectors(h5, file: Path, keys: list[bytes], dim: int, batch: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (offset into keys, (b, dim) float32 block) for the given dataset keys, in order."""
+    """Yields (offset into keys, (b, dim) float32 block) for the given dataset keys, in order.
+    A dataset stored contiguously as little-endian float32 (what h5py writes by default) is
+    copied straight from the file's bytes at its offset, skipping HDF5's per-read machinery
+    (about half the cost of a row); any other layout or type is read (and converted) by HDF5."""
     import h5py
 
+    raw = np.memmap(file, dtype=np.uint8, mode="r") if os.path.getsize(file) else None
+    nbytes = 4 * dim
     buffer = np.empty((batch, dim), dtype=np.float32)
     for start in range(0, len(keys), batch):
         block = keys[start:start + batch]
@@ -182,20 +187,43 @@ def read_vectors(h5, file: Path, keys: list[bytes], dim: int, batch: int = 8192)
                     raise StudyFormatError(
                         f"{file}: embedding {key.decode()!r} has shape {ds.shape}, the others ({dim},); "
                         "every embedding of one model must have the same length")
-                ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer[i])  # HDF5 converts float64/16 to float32
+                offset = ds.get_offset() if ds.dtype == _FLOAT32_LE else None
+                if offset is not None and raw is not None and offset + nbytes <= len(raw):
+                    buffer[i] = raw[offset:offset + nbytes].view(_FLOAT32_LE)
+                else:
+                    ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer[i])  # HDF5 converts float64/16 to float32
             except (OSError, KeyError, TypeError) as e:
                 raise StudyFormatError(f"{file}: cannot read embedding {key.decode()!r} ({e}); the file is damaged") from None
         yield start, buffer[: len(block)]
 
 
-def write_h5(file: Path, keys, vectors: np.ndarray) -> Path:
-    """One HDF5 dataset per key, as the study's create_embeddings writes them."""
+_FLOAT32_LE = np.dtype("<f4")
+
+
+def write_h5(file: Path, keys, vectors) -> Path:
+    """One HDF5 dataset per key (nested groups for the `/` in keys), as the study's
+    create_embeddings writes them, through h5py's low-level API: about 4x faster per key than
+    `h5.create_dataset`, which matters at 1.6M keys."""
     import h5py
 
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".partial")
     with h5py.File(tmp, "w") as h5:
+        space = None
+        intermediate = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+        intermediate.set_create_intermediate_group(True)
+        groups: dict[str, object] = {"": h5.id}
         for key, vector in zip(keys, vectors):
-            h5.create_dataset(str(key), data=np.asarray(vector, dtype=np.float32))
+            parent, _, name = str(key).rpartition("/")
+            group = groups.get(parent)
+            if group is None:
+                try:  # made already as the intermediate group of a deeper key
+                    group = groups[parent] = h5py.h5g.open(h5.id, parent.encode())
+                except (KeyError, ValueError):
+                    group = groups[parent] = h5py.h5g.create(h5.id, parent.encode(), lcpl=intermediate)
+            vector = np.ascontiguousarray(vector, dtype=np.float32)
+            space = space or h5py.h5s.create_simple(vector.shape)
+            dataset = h5py.h5d.create(group, name.encode(), h5py.h5t.IEEE_F32LE, space)
+            dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, vector)
     tmp.replace(file)
     return file

@@ -18,6 +18,8 @@ shared machine are context only.
    serve` on loopback, images/s and latency p50/p95 at batch 1 and 32, over in-process predict.
 8. uncertainty: bootstrap intervals and paired comparisons over per-query records up to 1.6M
    queries, over explicit index-array resampling; coverage of the 95 % interval.
+9. published (opt-in, bench.sections=[published]): the Table-1 evaluation on fabricated study
+   files at 1.6M rows, over exact flat search, and its peak RSS over the embedding matrix.
 
 One module per section (`measure` returns the section's figures, `rows` its table lines); the
 shared plumbing (child processes, synthetic data, encoders) is in `common.py`.
@@ -40,11 +42,11 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from cbir import CONFIG_DIR  # noqa: E402
-from cbir.bench import extraction, memory, metrics, scale, search, serving, sweep, uncertainty  # noqa: E402
+from cbir.bench import extraction, memory, metrics, published, scale, search, serving, sweep, uncertainty  # noqa: E402
 
 log = logging.getLogger("cbir.bench")
 SECTIONS = {"extraction": extraction, "sweep": sweep, "search": search, "metrics": metrics, "memory": memory,
-            "scale": scale, "serving": serving, "uncertainty": uncertainty}
+            "scale": scale, "serving": serving, "uncertainty": uncertainty, "published": published}
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
