@@ -286,7 +286,7 @@ def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pai
     else:
         retry_locked(client.log_table, parent_id, data=table, artifact_file="comparison_table.json")
     shown = uncertainty.merge_interval_columns(table.drop(columns=["run", "run_id", "cache", "seconds"]))  # narrow
-    note = ("Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
+    note = answer_line(jobs, verdicts) + ("Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
             "comparison.png (micro/macro P@1 per modality), saturation.png (P@N against index size).\n\n"
             + to_markdown(shown))
     if verdicts is not None and len(verdicts):
@@ -297,6 +297,16 @@ def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pai
                  + "\n".join(f"- {line}" for line in comparisons.summary_lines(verdicts)) + "\n")
     retry_locked(client.set_tag, parent_id, "mlflow.note.content", note)
     return files
+
+
+def answer_line(jobs: pd.DataFrame, verdicts=None) -> str:
+    """The plain-words answer that opens the parent run's description (above the fold)."""
+    from cbir import comparison_page, comparisons
+
+    done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])] if "status" in jobs else jobs
+    tied = comparisons.tied_labels(verdicts) if verdicts is not None and len(verdicts) else None
+    line = comparison_page.best_line(done, tied)
+    return f"**{line}** (comparison.html: leaderboard, P@N against index size, heat map)\n\n" if line else ""
 
 
 def annotate_run(tracker, cfg: DictConfig, out: Path) -> None:

@@ -211,6 +211,8 @@ class SweepSummary(_HydraCallback):
                 console.print(f"[red]{failed['run']}[/]: {failed['error'][:300]}")
             files = dashboard.log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns, pairs, verdicts)
             write_summary_log(jobs, self.sweep_dir)
+            files.update(write_comparison_page(self.client, self.tracker, self.parent_id, self.ns, verdicts,
+                                               self.sweep_dir))
         except Exception as e:  # the summary must not hide the sweep's own outcome
             log.warning("sweep summary incomplete: %s", e)
             files = {}
@@ -251,3 +253,18 @@ def write_summary_log(jobs, folder: Path) -> Path:
     with path.open("w") as f:
         Console(file=f, width=190, color_system=None).print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
     return path
+
+
+def write_comparison_page(client, tracker, parent_id: str, ns, verdicts, folder: Path) -> dict[str, Path]:
+    """comparison.html next to the sweep's files and on the parent run (cbir.comparison_page)."""
+    from cbir import comparison_page, report
+
+    runs, _ = report.load_runs(tracker, parent_id, None)
+    if runs.empty:
+        return {}
+    tied = comparisons.tied_labels(verdicts) if len(verdicts) else None
+    path = comparison_page.write_page(runs, ns, folder / comparison_page.PAGE_NAME,
+                                      f"cbir sweep {parent_id}: which encoder wins", tied,
+                                      comparison_page.per_class_tables(client, runs))
+    retry_locked(client.log_artifact, parent_id, str(path))
+    return {comparison_page.PAGE_NAME: path}
