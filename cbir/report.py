@@ -5,7 +5,7 @@ macro, as the study's Table 1), per_modality.{md,csv}, saturation.{md,csv} when 
 vary, comparison.{md,csv} against published numbers when `report.reference` is set,
 knn_classification.{md,csv} and linear_probe.{md,csv} (rows encoders, columns the
 classification metrics) with knn_per_modality / probe_per_modality when such runs exist, and
-report.md with all of them.
+report.md with all of them, and comparison.html (cbir.comparison_page: the interactive page).
 """
 
 from __future__ import annotations
