@@ -20,16 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cbir import (
-    CONFIG_DIR,
-    classification,
-    comparison_page,
-    console,
-    multilabel,
-    reporting,
-    tracking,
-    uncertainty,
-)
+from cbir import CONFIG_DIR, classification, console, multilabel, reporting, tracking, uncertainty
 from cbir.metrics import metric_name
 
 log = logging.getLogger("cbir.report")
@@ -222,6 +213,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 def write_report(cfg: DictConfig) -> dict[str, Path]:
     from mlflow.tracking import MlflowClient
+
+    from cbir import comparison_page
 
     tracker = tracking.Tracker.from_config(cfg)
     runs, where = load_runs(tracker, str(cfg.report.runs), cfg.report.get("filter"))

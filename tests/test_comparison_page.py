@@ -161,3 +161,62 @@ def test_page_renders_in_headless_chromium_without_network_or_console_errors(
         if "CONSOLE" in line and re.search(r"error|Uncaught", line, re.IGNORECASE)
     ]
     assert not console_errors, console_errors
+
+
+@pytest.fixture(scope="module")
+def all_tasks_sweep(tmp_path_factory, shared_data_dir):
+    from conftest import run_cbir
+
+    cwd = tmp_path_factory.mktemp("all_tasks")
+    proc = run_cbir(
+        cwd,
+        "-m",
+        "debug=smoke",
+        "encoder=baseline,random",
+        "task=all",
+        f"paths.data_dir={shared_data_dir}",
+    )
+    return cwd, proc
+
+
+@pytest.mark.slow
+def test_task_all_sweep_shows_classification_everywhere_and_no_one_point_curve(
+    all_tasks_sweep,
+):
+    cwd, proc = all_tasks_sweep
+    folder = next(cwd.glob("multirun/*/*"))
+    table = pd.read_csv(folder / "comparison.csv")
+    assert {"k-NN acc", "k-NN macro F1", "probe acc", "probe macro F1"} <= set(
+        table.columns
+    )
+    assert table["k-NN acc"].between(0, 1).all()
+    assert (
+        "k-NN acc" in proc.stdout
+        and "probe acc" in (folder / "sweep_summary.txt").read_text()
+    )
+    assert not (
+        folder / "saturation.png"
+    ).exists()  # one index size: a point, not a curve
+    page = (folder / "comparison.html").read_text()
+    assert (
+        "k-NN classification" in page
+        and "Linear probe" in page
+        and "best micro P@1: " in page
+    )
+    # a job's own tables stay in its run.log; the console gets one line per job
+    assert sum(line.startswith("done ") for line in proc.stdout.splitlines()) == 2
+    assert "test queries, 0 excluded" not in proc.stdout and "all queries" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_report_writes_the_page_too(all_tasks_sweep):
+    from conftest import run_cbir
+
+    cwd, _ = all_tasks_sweep
+    run_cbir(cwd, "report.output_dir=rep", module="cbir.report")
+    page = (cwd / "rep" / "comparison.html").read_text()
+    assert (
+        "best micro P@1: baseline" in page
+        and 'id="per-class"' in page
+        and "k-NN classification" in page
+    )
