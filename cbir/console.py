@@ -32,12 +32,36 @@ class _DropContaining(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class _OncePerProcess(logging.Filter):
+    """Lightning's device lines ("GPU available: False, used: False") once, not once per job."""
+
+    TEXTS = ("GPU available:", "TPU available:", "HPU available:")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.TEXTS):
+            return True
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+
+DEVICE_LINES = _OncePerProcess()
+
+
 def quiet() -> None:
     """Idempotent; call again after importing Lightning (it adds its own console handler then)."""
     for name, text in DROPPED_LOG_LINES:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropContaining) and f.text == text for f in logger.filters):
             logger.addFilter(_DropContaining(text))
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        if DEVICE_LINES not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(DEVICE_LINES)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     for pattern in DROPPED_WARNINGS:

@@ -121,6 +121,9 @@ def tag_experiment(client, experiment_id: str) -> None:
 
 # ------------------------------------------------------------------------------ sweeps
 HEADLINE_METRICS = ("micro/P_at_1", "macro/P_at_1", "micro/P_at_10", "macro/P_at_10")
+# task=knn | probe | all: the classification headline beside retrieval's (column name in the tables)
+CLASSIFICATION_HEADLINE = {"knn/accuracy": "k-NN acc", "knn/macro_f1": "k-NN macro F1",
+                           "probe/accuracy": "probe acc", "probe/macro_f1": "probe macro F1"}
 
 
 def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None = None) -> pd.DataFrame:
@@ -142,6 +145,7 @@ def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None 
                      "per_class": tags.get("per_class"), "task": tags.get("task") or "retrieval",
                      "labels": tags.get("labels") or "single",
                      **{m: run.data.metrics.get(m, float("nan")) for m in HEADLINE_METRICS},
+                     **{m: run.data.metrics[m] for m in CLASSIFICATION_HEADLINE if m in run.data.metrics},
                      **{f"{m}_ci_{side}": run.data.metrics[f"{m}_ci_{side}"] for m in HEADLINE_METRICS
                         for side in ("low", "high") if f"{m}_ci_{side}" in run.data.metrics},
                      "query_set": tags.get("cbir.query_set"),
@@ -174,7 +178,15 @@ def comparison_table(jobs: pd.DataFrame) -> pd.DataFrame:
     table = jobs[list(names)].rename(columns=names)
     for column in ("micro P@1", "macro P@1", "micro P@10", "macro P@10", "seconds"):
         table[column] = table[column].astype(float).round(4 if "P@" in column else 1)
+    for metric in classification_columns(jobs):
+        table.insert(table.columns.get_loc("cache"), CLASSIFICATION_HEADLINE[metric],
+                     jobs[metric].astype(float).round(4).to_numpy())
     return add_interval_columns(table, jobs)
+
+
+def classification_columns(jobs: pd.DataFrame) -> list[str]:
+    """The classification headline metrics some job of the sweep logged (task=knn | probe | all)."""
+    return [m for m in CLASSIFICATION_HEADLINE if m in jobs and jobs[m].notna().any()]
 
 
 def add_interval_columns(table: pd.DataFrame, jobs: pd.DataFrame) -> pd.DataFrame:
@@ -204,6 +216,7 @@ def console_table(jobs: pd.DataFrame, title: str):
     for column, justify in (("encoder", "left"), ("index", "left"), ("rows/class", "right"),
                             *((c, "left") for c in extra), ("micro P@1", "right"),
                             ("macro P@1", "right"), ("micro P@10", "right"), ("macro P@10", "right"),
+                            *((CLASSIFICATION_HEADLINE[m], "right") for m in classification_columns(jobs)),
                             *((c, "left") for c in tied), ("cache", "left"), ("sec", "right"), ("status", "left")):
         table.add_column(column, justify=justify, no_wrap=True)
     if tied or any(f"{m}_ci_low" in jobs for m in HEADLINE_METRICS):
@@ -213,7 +226,9 @@ def console_table(jobs: pd.DataFrame, title: str):
         metrics = [uncertainty.with_interval(row, m) for m in HEADLINE_METRICS]
         colour = colours.get(row["status"], "white")
         table.add_row(str(row["encoder"]), str(row["index_type"]), str(row["per_class"]),
-                      *(str(row[c]) for c in extra), *metrics, *(str(row[c] or "") for c in tied),
+                      *(str(row[c]) for c in extra), *metrics,
+                      *(uncertainty.with_interval(row, m) for m in classification_columns(jobs)),
+                      *(str(row[c] or "") for c in tied),
                       str(row["cache"]), f"{row['seconds']:.1f}", f"[{colour}]{row['status']}[/]")
     return table
 
@@ -249,13 +264,24 @@ def swept_keys(config: DictConfig) -> list[str]:
     return list(dict.fromkeys(k.lstrip("+~") for k in keys))
 
 
-def ui_address(uri: str, experiment_id: str, run_id: str | None = None) -> tuple[str, str]:
-    """(command that starts a UI for this store, the page to open in it)."""
-    run = f"/runs/{run_id}" if run_id else ""
+# The UI's "Model training" side (MLflow 3 otherwise opens an experiment on its GenAI overview)
+# and, for the runs table, sorted by the headline metric; both are URL parameters of MLflow's UI.
+TRAINING_VIEW = "workflowType=machine_learning"
+SORTED_BY_HEADLINE = "orderByKey=metrics.%60micro%2FP_at_1%60&orderByAsc=false"
+
+
+def ui_address(uri: str, experiment_id: str, run_id: str | None = None, artifact: str | None = None
+               ) -> tuple[str, str]:
+    """(command that starts a UI for this store, the page to open in it): the run (or one of its
+    artifacts) on the Model-training side, or without a run the runs table sorted by micro/P_at_1."""
+    if run_id:
+        page = f"/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "") + f"?{TRAINING_VIEW}"
+    else:
+        page = f"/runs?{TRAINING_VIEW}&{SORTED_BY_HEADLINE}"
     if uri.startswith(("http://", "https://")):
-        return "", f"{uri.rstrip('/')}/#/experiments/{experiment_id}{run}"
+        return "", f"{uri.rstrip('/')}/#/experiments/{experiment_id}{page}"
     return (f"mlflow ui --backend-store-uri {uri} --port 5000",
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}{run}")
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}{page}")
 
 
 def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pairs=None,
@@ -286,7 +312,7 @@ def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pai
     else:
         retry_locked(client.log_table, parent_id, data=table, artifact_file="comparison_table.json")
     shown = uncertainty.merge_interval_columns(table.drop(columns=["run", "run_id", "cache", "seconds"]))  # narrow
-    note = ("Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
+    note = answer_line(jobs, verdicts) + ("Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
             "comparison.png (micro/macro P@1 per modality), saturation.png (P@N against index size).\n\n"
             + to_markdown(shown))
     if verdicts is not None and len(verdicts):
@@ -297,6 +323,16 @@ def log_parent(client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pai
                  + "\n".join(f"- {line}" for line in comparisons.summary_lines(verdicts)) + "\n")
     retry_locked(client.set_tag, parent_id, "mlflow.note.content", note)
     return files
+
+
+def answer_line(jobs: pd.DataFrame, verdicts=None) -> str:
+    """The plain-words answer that opens the parent run's description (above the fold)."""
+    from cbir import comparison_page, comparisons
+
+    done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])] if "status" in jobs else jobs
+    tied = comparisons.tied_labels(verdicts) if verdicts is not None and len(verdicts) else None
+    line = comparison_page.best_line(done, tied)
+    return f"**{line}** (comparison.html: leaderboard, P@N against index size, heat map)\n\n" if line else ""
 
 
 def annotate_run(tracker, cfg: DictConfig, out: Path) -> None:

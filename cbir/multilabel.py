@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from rich.console import Console
 from rich.table import Table
 
 from cbir import per_query, retrieval
@@ -40,7 +39,9 @@ def job_outputs(table: pd.DataFrame, search, ns, tracker, out: Path, title: str,
     result.per_finding.to_csv(files["per_finding"], index=False)
     if cfg is not None:
         per_query.add_shown(files["multilabel_metrics"])
-    Console(width=max(Console().width, 120)).print(summary_table(result, ns, title))  # 8 columns
+    from cbir import run_end  # here: run_end imports the dashboard
+
+    run_end.show_table(summary_table(result, ns, title), 120)  # 8 columns
     return files
 
 

@@ -5,7 +5,7 @@ macro, as the study's Table 1), per_modality.{md,csv}, saturation.{md,csv} when 
 vary, comparison.{md,csv} against published numbers when `report.reference` is set,
 knn_classification.{md,csv} and linear_probe.{md,csv} (rows encoders, columns the
 classification metrics) with knn_per_modality / probe_per_modality when such runs exist, and
-report.md with all of them.
+report.md with all of them, and comparison.html (cbir.comparison_page: the interactive page).
 """
 
 from __future__ import annotations
@@ -212,6 +212,10 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def write_report(cfg: DictConfig) -> dict[str, Path]:
+    from mlflow.tracking import MlflowClient
+
+    from cbir import comparison_page
+
     tracker = tracking.Tracker.from_config(cfg)
     runs, where = load_runs(tracker, str(cfg.report.runs), cfg.report.get("filter"))
     if runs.empty:
@@ -248,11 +252,26 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
         files[f"{name}.md"] = out / f"{name}.md"
         files[f"{name}.md"].write_text(to_markdown(frame))
         sections.append(f"## {titles[name]}\n\n{to_markdown(frame)}")
+    files[comparison_page.PAGE_NAME] = comparison_page.write_page(
+        runs, ns, out / comparison_page.PAGE_NAME, f"cbir report: {where}", _tied(tables["tied_for_best"], runs),
+        comparison_page.per_class_tables(MlflowClient(tracker.uri), runs))
     files["report.md"] = out / "report.md"
     files["report.md"].write_text("\n".join(sections))
     if len(tables["table1"]):
         _print(tables["table1"], where, ns)
     return files
+
+
+def _tied(tied: pd.DataFrame, runs: pd.DataFrame) -> dict[str, str] | None:
+    """run name -> metrics it is tied for best on (as comparisons.tied_labels), None when not computed."""
+    from cbir.comparisons import SHORT
+
+    if tied.empty:
+        return None
+    labels = {name: "" for name in runs["run"]}
+    for row in tied.itertuples():
+        labels[row.run] = f"{labels.get(row.run, '')} {SHORT.get(row.metric, row.metric)}".strip()
+    return labels
 
 
 def paired_comparisons(cfg: DictConfig, runs: pd.DataFrame, ns) -> tuple[pd.DataFrame, pd.DataFrame]:

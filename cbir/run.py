@@ -23,7 +23,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
-from cbir import audit, comparisons, per_query  # noqa: E402
+from cbir import audit, comparisons, per_query, run_end  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
@@ -148,8 +148,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         for path in files.values():
             tracker.log_artifact(path)
         tracker.log_artifact(out / ".hydra", "config")
-    if result is not None:
-        reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
+    run_end.finish(result, cfg, run_name, out, tracker)  # table or one line, where the files are
     return result
 
 

@@ -127,7 +127,8 @@ class SweepCallback(_HydraCallback):
                 previous = retry_locked(self.client.get_run, self.parent_id).data.tags.get("cbir.curves_of")
                 if len(children) and logged_for != previous:
                     curves = reporting.saturation_frame(children, self.ns)
-                    if len(curves):  # none when no child ran retrieval
+                    # none when no child ran retrieval; one index size is a point, not a curve
+                    if len(curves) and curves["per_class"].astype(str).nunique() > 1:
                         self._log_curves(curves)
                     retry_locked(self.client.set_tag, self.parent_id, "cbir.curves_of", logged_for)
             retry_locked(self.client.set_terminated, self.parent_id, status=status)
@@ -204,6 +205,8 @@ class SweepSummary(_HydraCallback):
                 console.print("[yellow]no job of this sweep started a run; see the errors above[/]")
                 return
             pairs, verdicts = compare_jobs(self.client, jobs, self.ci, self.sweep_dir)
+            if dashboard.classification_columns(jobs) and not console.is_terminal:  # task=all: 4 more columns
+                console = Console(width=max(console.width, 250))
             console.print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
             for line in comparisons.summary_lines(verdicts) if len(verdicts) else []:
                 console.print(line, highlight=False)
@@ -211,16 +214,22 @@ class SweepSummary(_HydraCallback):
                 console.print(f"[red]{failed['run']}[/]: {failed['error'][:300]}")
             files = dashboard.log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns, pairs, verdicts)
             write_summary_log(jobs, self.sweep_dir)
+            files.update(write_comparison_page(self.client, self.tracker, self.parent_id, self.ns, verdicts,
+                                               self.sweep_dir))
         except Exception as e:  # the summary must not hide the sweep's own outcome
             log.warning("sweep summary incomplete: %s", e)
             files = {}
-        start_ui, page = dashboard.ui_address(self.tracker.uri, self.experiment_id, self.parent_id)
+        has_page = comparison_page_name() in files
+        start_ui, page = dashboard.ui_address(self.tracker.uri, self.experiment_id, self.parent_id,
+                                              comparison_page_name() if has_page else None)
+        _, runs_table = dashboard.ui_address(self.tracker.uri, self.experiment_id)
         lines = [f"Parent run  {self.parent_id}  (experiment '{self.tracker.experiment}')",
                  f"Job files   {self.sweep_dir.resolve()}/<job number>/ (run.log, metrics.json, per_class.csv, ...)",
                  *([f"Comparison  {', '.join(str(p.resolve()) for p in files.values())}"] if files else []),
                  f"Report      python -m cbir.report report.runs={self.parent_id}",
                  *([f"Dashboard   {start_ui}"] if start_ui else []),
-                 f"            then open {page}"]
+                 f"            then open {page}" + ("  (the comparison page)" if has_page else ""),
+                 f"            runs table, best micro P@1 first: {runs_table}"]
         console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
@@ -249,5 +258,27 @@ def write_summary_log(jobs, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep_summary.txt"
     with path.open("w") as f:
-        Console(file=f, width=190, color_system=None).print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
+        width = 250 if dashboard.classification_columns(jobs) else 190  # task=all: 4 more columns
+        Console(file=f, width=width, color_system=None).print(dashboard.console_table(jobs, f"sweep: {len(jobs)} jobs"))
     return path
+
+
+def comparison_page_name() -> str:
+    from cbir.comparison_page import PAGE_NAME
+
+    return PAGE_NAME
+
+
+def write_comparison_page(client, tracker, parent_id: str, ns, verdicts, folder: Path) -> dict[str, Path]:
+    """comparison.html next to the sweep's files and on the parent run (cbir.comparison_page)."""
+    from cbir import comparison_page, report
+
+    runs, _ = report.load_runs(tracker, parent_id, None)
+    if runs.empty:
+        return {}
+    tied = comparisons.tied_labels(verdicts) if len(verdicts) else None
+    path = comparison_page.write_page(runs, ns, folder / comparison_page.PAGE_NAME,
+                                      f"cbir sweep {parent_id}: which encoder wins", tied,
+                                      comparison_page.per_class_tables(client, runs))
+    retry_locked(client.log_artifact, parent_id, str(path))
+    return {comparison_page.PAGE_NAME: path}

@@ -87,11 +87,13 @@ def run_shared_passes(job_configs: list[DictConfig]) -> list:
 
 
 def _bucket_passes(jobs: list[DictConfig]) -> list:
+    from cbir import console
     from cbir.extract import cache_key
     from cbir.extract_many import extract_shared
     from cbir.jobs import build_encoder, load_job_manifest, user_errors
     from cbir.store import EmbeddingStore
 
+    console.quiet()  # Lightning is imported now: its own stderr handler would print each line twice
     first = jobs[0]
     try:
         manifest, _ = load_job_manifest(first)

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from rich.console import Console
 from rich.table import Table
 
 from cbir import knn, per_query
@@ -236,7 +235,9 @@ def run_classification(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndar
             records.append(output.records)
         log_output(output, tracker)
         files.update(write_files(output, out))
-        Console(width=max(Console().width, 140)).print(summary_table(output, f"{title}  ({name})"))
+        from cbir import run_end  # here: run_end imports the dashboard
+
+        run_end.show_table(summary_table(output, f"{title}  ({name})"), 140)
     return files
 
 

@@ -5,7 +5,8 @@
 
 Runs `python -m cbir.run -m experiment=smoke` (unless --store names an existing store), starts
 `mlflow server` on a free loopback port, and photographs the experiment's runs table, the
-parent run and a child run with headless Chromium into docs/dashboard_*.png. Needs a
+parent run and a child run with headless Chromium into docs/dashboard_*.png, and the sweep's
+comparison page into docs/comparison_page.png. Needs a
 `chromium` (or `chromium-browser`, `google-chrome`) on PATH.
 """
 
@@ -133,6 +134,13 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             for name, (page, height) in pages.items():
                 shrink(screenshot(chrome, page, args.out / name, size=(1400, height)))
+                print(f"wrote {args.out / name}")
+            # the comparison page as the sweep's folder holds it (the path the sweep prints after "Comparison")
+            html = Path(api(url, f"runs/get?run_id={parent}", method="GET")["run"]["info"]["artifact_uri"]
+                        .removeprefix("file://")) / "comparison.html"
+            if html.is_file():
+                name = "comparison_page.png"
+                shrink(screenshot(chrome, html.as_uri(), args.out / name, size=(1300, 1500)), width=1300)
                 print(f"wrote {args.out / name}")
 
 

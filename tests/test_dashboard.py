@@ -62,7 +62,10 @@ def test_dashboard_through_the_rest_api(sweep):
             files = api(url, f"artifacts/list?run_id={child['info']['run_id']}&path=config", method="GET")["files"]
             assert "config/resolved.yaml" in {f["path"] for f in files}
         files = {f["path"] for f in api(url, f"artifacts/list?run_id={parent_id}", method="GET")["files"]}
-        assert {"comparison_table.json", "comparison.png", "comparison.csv", "saturation.png"} <= files
+        assert {"comparison_table.json", "comparison.png", "comparison.csv", "saturation.png",
+                "comparison.html"} <= files
+        # the plain-words answer comes first, above MLflow's "Show more" fold
+        assert tags_of(parent)["mlflow.note.content"].startswith("**best micro P@1: ")
         query = urllib.parse.urlencode({"run_uuid": parent_id, "path": "comparison_table.json"})
         with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=60) as response:
             table = json.loads(response.read())
@@ -83,6 +86,12 @@ def test_sweep_ends_with_a_table_and_where_to_look(sweep):
     assert "python -m cbir.report report.runs=" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     parent = out.split("Parent run", 1)[1].split()[0]
     assert f"report.runs={parent}" in out
+    # the addresses open MLflow's Model-training side: the parent's comparison page, the runs table sorted
+    assert f"/runs/{parent}/artifacts/comparison.html?workflowType=machine_learning" in out
+    assert "/runs?workflowType=machine_learning&orderByKey=metrics.%60micro%2FP_at_1%60&orderByAsc=false" in out
+    # one line per finished job; its full table only in its run.log
+    assert sum(line.startswith("done ") for line in out.splitlines()) == 4 and "all queries" not in out
+    assert (proc.stdout + proc.stderr).count("GPU available:") <= 1
     # the console is free of third-party chatter; the job's table is also in its run.log
     for noise in ("litlogger", "LeafSpec", "interpreted in multiple ways", "database tables"):
         assert noise not in proc.stdout + proc.stderr, noise
@@ -141,9 +150,13 @@ def test_quiet_console_drops_the_chatter_and_keeps_other_warnings(caplog):
         warnings.warn("The specified dataset source can be interpreted in multiple ways: A, B.", UserWarning)
         warnings.warn("index.params.nlist is larger than the index", UserWarning)
     assert [str(w.message) for w in caught] == ["index.params.nlist is larger than the index"]
+    console.DEVICE_LINES.seen.clear()  # an earlier in-process run may have shown the device lines
     with caplog.at_level(logging.INFO):
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)")
         rank_zero.info("GPU available: False, used: False")
         logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+        rank_zero.info("GPU available: False, used: False")  # the next job of a sweep: not again
+        rank_zero.info("GPU available: True (cuda), used: True")  # another device: shown
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False",
+                                                         "GPU available: True (cuda), used: True"]
