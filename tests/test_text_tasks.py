@@ -211,7 +211,7 @@ def test_sweep_runs_image_and_text_evaluations_side_by_side(tmp_path, tokenizers
     encoder (skipped, saying so), two with text towers; the report puts them in one table."""
     import mlflow
 
-    run_cbir(tmp_path, "-m", "encoder=biomedclip,medsiglip,dinov3", "task=all", "encoder.pretrained=false",
+    run_cbir(tmp_path, "-m", "encoder=biomedclip,medsiglip,dinov3", "task=all", "++encoder.pretrained=false",
              "++encoder.input_size=64", "debug=smoke", "task.probe.max_epochs=3", "task.knn.k_max=5",
              f"paths.tokenizers_dir={tokenizers_dir}", timeout=3000)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -228,3 +228,39 @@ def test_sweep_runs_image_and_text_evaluations_side_by_side(tmp_path, tokenizers
     zero_shot_table = pd.read_csv(tmp_path / "report" / "zero_shot.csv")
     assert set(zero_shot_table["encoder"]) == {"biomedclip", "medsiglip"}, report.stdout[-2000:]
     assert set(pd.read_csv(tmp_path / "report" / "knn_classification.csv")["encoder"]) == set(runs.index)
+
+
+# ---------------------------------------------------------------------------- cbir.search search.text
+CLIP_B32 = ["encoder=clip", "encoder.model_name=ViT-B-32", "encoder.dim=512", "encoder.pretrained=false"]
+ONE_TEMPLATE = "task.text.templates=['{modality} of the {anatomy}: {finding}']"
+
+
+@pytest.mark.slow
+def test_free_text_search_on_a_saved_index_uses_the_runs_text_tower(tmp_path, shared_data_dir):
+    import faiss
+
+    run_cbir(tmp_path, "debug=smoke", *CLIP_B32, "task=text_retrieval", ONE_TEMPLATE, "hydra.run.dir=text_job",
+             f"paths.data_dir={shared_data_dir}")  # fills the class text cache with the run's text tower
+    run_cbir(tmp_path, "debug=smoke", *CLIP_B32, "index.save=true", "hydra.run.dir=job",
+             f"paths.data_dir={shared_data_dir}")
+    prompts = pd.read_csv(tmp_path / "text_job" / "text_prompts.csv")
+    label, prompt = prompts.iloc[0]["class"], prompts.iloc[0]["prompt"]
+    proc = run_cbir(tmp_path, "search.index_dir=job/index", f"search.text='{prompt}'", "search.k=5",
+                    "search.output=found.csv", "search.gallery=found.png", module="cbir.search")
+    assert "similarity" in proc.stdout and (tmp_path / "found.png").is_file()
+    found = pd.read_csv(tmp_path / "found.csv").sort_values("rank")
+    # the run's own class text embedding of that prompt (its cache), searched in the saved index
+    (cached,) = [p for p in (tmp_path / ".cache" / "cbir" / "text").glob("*.npy")]
+    vector = np.load(cached, allow_pickle=False)[list(prompts["class"]).index(label)][None]
+    scores, rows = faiss.read_index(str(tmp_path / "job" / "index" / "index.faiss")).search(vector, 5)
+    assert list(found["index_row"]) == list(rows[0])
+    np.testing.assert_allclose(found["similarity"], scores[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_free_text_search_on_an_index_without_text_tower_is_a_clear_error(tmp_path, shared_data_dir):
+    run_cbir(tmp_path, "debug=smoke", "encoder=baseline", "index.save=true", "hydra.run.dir=job",
+             f"paths.data_dir={shared_data_dir}")
+    proc = run_cbir(tmp_path, "search.index_dir=job/index", "search.text='chest X-ray'", module="cbir.search",
+                    check=False)
+    assert proc.returncode == 2 and "has no text tower" in proc.stdout + proc.stderr
