@@ -107,6 +107,17 @@ def test_transformers_text_tower_equals_get_text_features(tmp_path, tokenizers_d
     np.testing.assert_allclose(tower.encode(texts).numpy(), theirs.numpy(), rtol=0, atol=1e-5)
 
 
+def test_biomedclip_text_tower_is_pubmedbert_with_its_projection(tokenizers_dir):
+    """Built offline from the config (the hub's BERT config is unreachable), CLS of the last hidden
+    state through the MLP projection to the image tower's 512 dimensions."""
+    cfg = compose("encoder=biomedclip", "encoder.pretrained=false")
+    tower = build_text_tower(cfg.encoder, seed=1, tokenizers_dir=str(tokenizers_dir))
+    assert type(tower.model.transformer).__name__ == "BertModel" and tower.model.transformer.pooler is None
+    assert tower.tokenize(["CT of the abd"]).shape == (1, 256)  # padded to its context length
+    out = tower.encode(["CT of the abd: normal", "X-ray of the chest: Pleural Effusion"])
+    assert out.shape == (2, 512) and torch.isfinite(out).all()
+
+
 def test_random_text_tower_depends_on_the_seed_only(tokenizers_dir):
     cfg = compose("encoder=medsiglip", "encoder.pretrained=false", *TINY_SIGLIP)
     a = build_text_tower(cfg.encoder, seed=3, tokenizers_dir=str(tokenizers_dir)).encode(["CT of the abd"])
