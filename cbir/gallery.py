@@ -8,6 +8,7 @@ not, grey when the query's class is unknown (an outside image given to `cbir.sea
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +47,13 @@ def sample_queries(table: pd.DataFrame, query_rows: np.ndarray, n: int, seed: in
 
 
 def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_rows, scores,
-                 path: str | Path, title: str | None = None) -> Path:
+                 path: str | Path, title: str | None = None, query_texts=None) -> Path:
     """Write the gallery PNG.
 
     table: manifest-like frame with `path` and `label` (relative paths resolve against root;
     absolute ones stay). query_rows: (Q,) positions into table; neighbour_rows: (Q, k)
-    positions into table (-1 = none); scores: (Q, k) similarities."""
+    positions into table (-1 = none); scores: (Q, k) similarities. query_texts: text queries
+    (cbir.search search.text), drawn as text in the query column; query_rows are then unused."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,8 +88,14 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
     width, height = figure_size(n_queries, k)
     fig, axes = plt.subplots(n_queries, k + 1, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
     for q in range(n_queries):
-        query_label = labels[query_rows[q]]
-        show(axes[q, 0], query_rows[q], f"QUERY\n{_short(query_label or Path(paths[query_rows[q]]).name)}", None)
+        if query_texts is not None:  # a text query has no class: neighbours get no hit/miss colour
+            query_label = ""
+            axes[q, 0].axis("off")
+            axes[q, 0].text(0.5, 0.5, "QUERY\n" + textwrap.fill(str(query_texts[q]), 18), ha="center", va="center",
+                            fontsize=CAPTION_POINTS, transform=axes[q, 0].transAxes)
+        else:
+            query_label = labels[query_rows[q]]
+            show(axes[q, 0], query_rows[q], f"QUERY\n{_short(query_label or Path(paths[query_rows[q]]).name)}", None)
         for j in range(k):
             ax = axes[q, j + 1]
             row = neighbour_rows[q, j]

@@ -157,7 +157,7 @@ def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
         return pd.DataFrame()
     runs = runs[runs[f"{prefix}/accuracy"].notna()]
     ident = identity_columns(runs)
-    chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch (from 0)"}}[prefix]
+    chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch (from 0)"}, "zero_shot": {}}[prefix]
     columns = {f"{prefix}/{name}{suffix}": classification.LABELS[name] + label for name in classification.METRICS
                for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))}
     columns.update(chosen)
@@ -165,6 +165,18 @@ def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
     for column in chosen.values():
         if column in table:
             table[column] = table[column].astype(int)
+    return table.sort_values(ident, key=_natural).reset_index(drop=True)
+
+
+def text_table(runs: pd.DataFrame, ns) -> pd.DataFrame:
+    """Rows: runs with text-query metrics (`text/...`); columns: P@N micro | macro."""
+    columns = {f"text/{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
+    first = next(iter(columns))
+    if first not in runs:
+        return pd.DataFrame()
+    runs = runs[runs[first].notna()]
+    ident = identity_columns(runs)
+    table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     return table.sort_values(ident, key=_natural).reset_index(drop=True)
 
 
@@ -226,6 +238,8 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns),
               "knn_classification": classification_table(runs, "knn"),
               "linear_probe": classification_table(runs, "probe"),
+              "zero_shot": classification_table(runs, "zero_shot"),
+              "text_retrieval": text_table(runs, ns),
               "knn_per_modality": classification_per_modality(runs, "knn"),
               "probe_per_modality": classification_per_modality(runs, "probe")}
     tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
@@ -239,6 +253,8 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
                             "findings; nDCG gain = Jaccard overlap of the finding sets",
               "knn_classification": "k-NN classification (test split; k chosen on val)",
               "linear_probe": "Linear probe (test split; epoch chosen on val)",
+              "zero_shot": "Zero-shot classification (test split; class prompts of the text tower)",
+              "text_retrieval": "Text queries (one per class, prompts averaged; modified P@N against the image index)",
               "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality",
               "tied_for_best": "Tied for best (paired sign-flip test against the best, Holm-adjusted p >= 0.05)",
               "paired_comparisons": "Paired comparisons (runs that answered the same queries; difference A - B with "

@@ -25,6 +25,7 @@ from omegaconf import DictConfig  # noqa: E402
 from cbir import CONFIG_DIR, checks, console, dashboard, multilabel, process, reporting, retrieval, tasks, tracking  # noqa: E402,E501
 from cbir import audit, comparisons, per_query, run_end  # noqa: E402
 from cbir import search as cbir_search  # noqa: E402
+from cbir import text_tasks  # noqa: E402
 from cbir.jobs import build, build_encoder, load_job_manifest, user_errors  # noqa: E402,F401 (also imported from here)
 from cbir.metrics import RetrievalResult  # noqa: E402
 from cbir.store import EmbeddingStore  # noqa: E402
@@ -140,6 +141,8 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
                 files["saturation_png"] = reporting.plot_saturation(curves, out / "saturation.png", cfg.eval.n)
         files.update(tasks.run_classification(cfg, manifest.table, extraction.embeddings, extraction.valid,
                                               search, out, tracker, run_name, records))
+        files.update(text_tasks.run_text_evaluations(cfg, manifest.table, extraction.embeddings, extraction.valid,
+                                                     search, out, tracker, run_name))
         audit_setup = search.setup if search is not None else retrieval.choose_rows(
             manifest.table, extraction.valid, cfg.index.split, cfg.eval.query_split, per_class, cfg.index.seed)
         files.update(audit.job_audit(cfg, manifest, audit_setup, search, out, tracker))  # leakage, every job

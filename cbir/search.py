@@ -1,4 +1,5 @@
-"""Query by image on a saved index: `python -m cbir.search search.index_dir=<dir> 'search.images=[...]'`.
+"""Query by image on a saved index: `python -m cbir.search search.index_dir=<dir> 'search.images=[...]'`,
+or by free text when the index's encoder has a text tower: `search.text='chest X-ray with pneumothorax'`.
 
 A run with `index.save=true` writes the index folder (into its job dir and to MLflow):
     index.faiss    the FAISS index (CPU form), vectors L2-normalised, inner product = cosine
@@ -241,6 +242,26 @@ class SavedIndex:
         return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
 
 
+    def search_text(self, texts: list[str], k: int = 5, tokenizers_dir: str | None = None):
+        """(scores, positions) of the k nearest index rows for each free-text query, embedded by the
+        text tower of the index's encoder (same config and seed as the run)."""
+        from omegaconf import OmegaConf
+
+        from cbir import index as cbir_index
+        from cbir.encoders.text import build_text_tower, has_text_tower
+
+        encoder_cfg = OmegaConf.create(self.meta["encoder"])
+        if not has_text_tower(encoder_cfg):
+            raise SearchError(f"search.text: the index's encoder {encoder_cfg.get('name')} has no text tower; text "
+                              "queries need an index made with one that has (clip, biomedclip, bmc_clip, medsiglip), "
+                              "or query by image with search.images")
+        vectors = build_text_tower(encoder_cfg, self.meta["seed"], tokenizers_dir).encode(list(texts)).numpy()
+        if vectors.shape[1] != self.index.d:
+            raise SearchError(f"encoder {encoder_cfg.get('name')}: its text tower gives {vectors.shape[1]}-d "
+                              f"embeddings, the index holds {self.index.d}-d vectors")
+        return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
+
+
 def read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
@@ -399,8 +420,15 @@ def search_command(cfg) -> pd.DataFrame:
     k = integer(cfg.search.k, "search.k", minimum=1)
     images = cfg.search.images or []
     images = [Path(images)] if isinstance(images, str) else [Path(p) for p in images]  # one file or a list
+    texts = cfg.search.get("text") or []
+    texts = [str(texts)] if isinstance(texts, str) else [str(t) for t in texts]
+    if texts and images:
+        raise SearchError("give either search.images or search.text, not both (one search, one kind of query)")
+    if texts:
+        return text_search_command(cfg, texts, k)
     if not images:
-        raise SearchError("search.images is empty; give query files, e.g. 'search.images=[scan.png]'")
+        raise SearchError("search.images is empty; give query files, e.g. 'search.images=[scan.png]', or a text "
+                          "query, e.g. \"search.text='chest X-ray with pleural effusion'\"")
     absent = [str(p) for p in images if not p.exists()]
     if absent:
         raise SearchError(f"search.images: no such file(s): {', '.join(absent)}")
@@ -419,6 +447,26 @@ def search_command(cfg) -> pd.DataFrame:
         log.info("results written to %s", cfg.search.output)
     if cfg.search.get("gallery"):
         log.info("gallery written to %s", write_gallery(saved, images, scores, positions, Path(cfg.search.gallery)))
+    return results
+
+
+def text_search_command(cfg, texts: list[str], k: int) -> pd.DataFrame:
+    saved = SavedIndex.load(cfg.search.index_dir, cfg.search.get("root"))
+    scores, positions = saved.search_text(texts, k, cfg.search.get("tokenizers_dir"))
+    results = results_table(saved, texts, scores, positions)
+    print_results(results, saved)
+    if cfg.search.get("output"):
+        Path(cfg.search.output).parent.mkdir(parents=True, exist_ok=True)
+        results.to_csv(cfg.search.output, index=False)
+        log.info("results written to %s", cfg.search.output)
+    if cfg.search.get("gallery"):
+        from cbir.gallery import draw_gallery
+
+        path = draw_gallery(saved.manifest[["path", "label"]], saved.root, np.zeros(len(texts), dtype=int), positions,
+                            scores, Path(cfg.search.gallery), query_texts=texts,
+                            title=f"nearest images to text queries in {saved.meta.get('run_name', 'the index')} "
+                                  f"({saved.meta['encoder'].get('name', '')}, cosine similarity)")
+        log.info("gallery written to %s", path)
     return results
 
 

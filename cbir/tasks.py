@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # imported where used: scikit-learn takes seconds to import
     from cbir import classification
 
 log = logging.getLogger(__name__)
-EVALUATIONS = ("retrieval", "knn_classification", "linear_probe")
+EVALUATIONS = ("retrieval", "knn_classification", "linear_probe", "text_retrieval", "zero_shot")
 
 
 def task_name(cfg: DictConfig) -> str:
@@ -59,6 +59,10 @@ def check_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"task.probe.{key}={p[key]}: must be a positive integer")
         if float(p.lr) <= 0:
             raise ConfigError(f"task.probe.lr={p.lr}: must be positive")
+    if {"text_retrieval", "zero_shot"} & set(names):
+        from cbir import text_tasks
+
+        text_tasks.check_config(cfg)
 
 
 def check_data(cfg: DictConfig, table: pd.DataFrame, source: str) -> None:
@@ -271,7 +275,8 @@ def summary_table(output: TaskOutput, title: str) -> Table:
     from cbir import classification, uncertainty
 
     m, c = output.result.metrics, output.counts
-    chosen = f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch'] + 1} of {c['epochs']}"
+    chosen = (f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch'] + 1} of {c['epochs']}" if "best_epoch" in c
+              else f"{c.get('prompts_per_class', 0)} prompts per class")
     table = Table(title=title, caption=f"µ micro, M macro; {c['queries']} test queries, {c['excluded_queries']} excluded "
                                        f"(class not in the training split); {chosen}")
     table.add_column("subset")

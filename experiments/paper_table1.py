@@ -11,7 +11,9 @@ model archive you downloaded; the models found there are evaluated). No image an
 
 Outputs (output_dir, and artifacts of the sweep's MLflow parent run): table1.{csv,md},
 comparison.{csv,md} (measured, difference and paper value per cell), per_modality.{csv,md},
-report.md, table1.png (micro/macro P@1 against the paper).
+report.md, table1.png (micro/macro P@1 against the paper), and table1_beyond.{csv,md}: the study's
+rows followed by the encoders beyond the study (`beyond_study`: DINOv3, MedSigLIP), one column
+saying which.
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ def published_sweep(cfg) -> list[str]:
     return ["dataset=study_splits", f"dataset.dir={datasets}", f"dataset.root={cfg.published_dir}",
             "encoder=precomputed", f"encoder.dir={embeddings}", "encoder.name=" + ",".join(names),
             "index.per_class=null", "eval.gallery=false"]
+
+
+def beyond_study_table(cfg, ctx: Context, measured: pd.DataFrame) -> dict:
+    """Sweep the encoders beyond the study in the same setting; the study's rows, then theirs."""
+    from cbir import report
+
+    sweeps = cfg.get("beyond_study")
+    if cfg.source != "cbir" or not sweeps:
+        return {}
+    parent = ctx.launch([str(o) for o in sweeps["smoke" if cfg.smoke else "full"]])
+    extra = report.table1(ctx.runs(parent), list(cfg.ns))
+    table = pd.concat([measured.assign(rows="the study"), extra.assign(rows="beyond the study")], ignore_index=True)
+    written = ctx.write_table(table, "table1_beyond")
+    ctx.keep(parent, *written)
+    return {"table1_beyond.csv": written[0], "table1_beyond.md": written[1]}
 
 
 def run(cfg) -> dict:
@@ -73,6 +90,7 @@ def run(cfg) -> dict:
             if not match.empty:
                 bars.append({"encoder": row["encoder"], "source": "paper", "average": avg,
                              "P@1": float(match.iloc[0][f"{avg}_p1"])})
+    files.update(beyond_study_table(cfg, ctx, measured))
     figure = figures.grouped_bars(pd.DataFrame(bars), "encoder", "source", "P@1", ctx.out / "table1.png",
                                   "P@1 on the combined dataset: measured against the paper", panel="average")
     ctx.keep(parents[-1], *files.values(), figure)

@@ -43,7 +43,11 @@ FAST = {
     "dinov2_large": ["encoder.input_size=112"], "mae": [], "clip": [], "bmc_clip": [], "biomedclip": [],
     "medclip": [], "sam": ["encoder.input_size=64"], "medsam": ["encoder.input_size=64"],
     "ark": ["encoder.input_size=192", "encoder.model_kwargs.window_size=6"], "rad_dino": ["encoder.input_size=112"],
+    "dinov3": ["encoder.input_size=64"], "dinov3_large": ["encoder.input_size=64"],
+    "medsiglip": ["encoder.input_size=56", "encoder.model_config.num_hidden_layers=2"],
 }
+# configs of models no library in the stack loads: they fail at once (tests/test_encoders_2025.py)
+UNAVAILABLE = ["medimageinsight", "unimed_clip"]
 # Ark's loading logic on a Swin-T backbone: the same code path as Swin-L at a fraction of the cost
 ARK_SMALL = ["encoder.model_name=swin_tiny_patch4_window7_224"]
 STUDY = ["resnet50", "vit", "dinov2", "mae", "sam", "medsam", "clip", "medclip", "biomedclip", "bmc_clip", "ark",
@@ -89,6 +93,7 @@ def manifest(tmp_path_factory):
 def test_every_config_is_covered_and_the_study_is_complete():
     configs = sorted(p.stem for p in (CONF_DIR / "encoder").glob("*.yaml"))
     configs.remove("precomputed")  # reads stored embeddings, embeds no image: tests/test_published.py
+    configs = [c for c in configs if c not in UNAVAILABLE]
     assert sorted(FAST) == configs
     assert set(STUDY) <= set(configs) and {"dinov2_small", "dinov2_large"} <= set(configs)
 

@@ -55,10 +55,13 @@ def test_paper_table1(workdir, shared_data_dir):
         assert row["micro P@1"] == (f"{measured:.3f} ({measured - paper.loc[row['encoder'], 'micro_p1']:+.3f} "
                                     f"vs {paper.loc[row['encoder'], 'micro_p1']:.3f})")
     assert is_png(files["table1.png"])
+    beyond = pd.read_csv(files["table1_beyond.csv"])  # the study's rows, then the 2025 encoders
+    assert list(beyond["rows"]) == ["the study"] * 2 + ["beyond the study"]
+    assert beyond["encoder"].iloc[-1] == "dinov3" and beyond["micro P@1"].notna().all()
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
-    parent = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id],
-                                filter_string="tags.`cbir.role` = 'sweep'")[0]
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "experiments/paper_table1")}
+    parents = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id],
+                                 filter_string="tags.`cbir.role` = 'sweep'")  # the study's and the one beyond it
+    logged = {a.path for p in parents for a in client.list_artifacts(p.info.run_id, "experiments/paper_table1")}
     assert "experiments/paper_table1/comparison.md" in logged
 
 

@@ -36,6 +36,7 @@ class OpenClipEncoder(PretrainedEncoder):
         input_size: int | None = None,
         source: str | None = None,
         license: str | None = None,
+        text: Any = None,  # the text tower's config: built apart, by cbir.encoders.text, for text tasks only
     ) -> None:
         if pool is not None:
             raise EncoderError(f"encoder {name}: encoder.pool is not supported; the embedding is the "
