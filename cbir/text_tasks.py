@@ -213,9 +213,13 @@ def run_text_evaluations(cfg: DictConfig, table: pd.DataFrame, embeddings: np.nd
                                                      "excluded_classes": result.excluded_classes}, indent=1))
         files["text_per_class"] = out / "text_per_class.csv"
         result.per_class.to_csv(files["text_per_class"], index=False)
-        from cbir import reporting
+        from cbir import reporting, run_end
 
-        reporting.print_summary(result, cfg.eval.n, title=f"{title}  (text queries, modified P@N)")
+        text_title = f"{title}  (text queries, modified P@N)"
+        if run_end.in_sweep():  # a sweep shows one line per job; the table goes to the job's run.log
+            run_end.show_table(reporting.summary_table(result, cfg.eval.n, text_title), 150)
+        else:
+            reporting.print_summary(result, cfg.eval.n, title=text_title)
     if "zero_shot" in names:
         class_vectors = vectors[[position[c] for c in classes]]
         result, excluded = zero_shot(table, embeddings, setup.query_rows, classes, class_vectors,
@@ -225,7 +229,7 @@ def run_text_evaluations(cfg: DictConfig, table: pd.DataFrame, embeddings: np.nd
         output = tasks.TaskOutput("zero_shot", result, counts)
         tasks.log_output(output, tracker)
         files.update(tasks.write_files(output, out))
-        from rich.console import Console
+        from cbir import run_end
 
-        Console().print(tasks.summary_table(output, f"{title}  (zero_shot)"))
+        run_end.show_table(tasks.summary_table(output, f"{title}  (zero_shot)"), 140)
     return files
