@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 log = logging.getLogger("cbir.experiments")
+PARENT_LINE = re.compile(r"(?:sweep parent run|resuming sweep .*\(parent run) ([0-9a-f]{32})")
 SCRIPT_CONF = PROJECT / "conf" / "experiment_scripts"
 
 
@@ -164,7 +166,10 @@ class Context:
         if summary is not None:  # cbir's table across jobs and where to look next
             sys.stdout.write("".join(lines[summary:]))
         log.info("sweep output: %s", sweep_log)
-        return self.latest_parent()
+        # this sweep's parent as cbir announced it: an identical earlier sweep is resumed under its old
+        # parent, which need not be the latest one started in the experiment
+        announced = [m.group(1) for line in lines if (m := PARENT_LINE.search(line))]
+        return announced[-1] if announced else self.latest_parent()
 
     def latest_parent(self) -> str:
         client = self.client()

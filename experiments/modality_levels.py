@@ -12,6 +12,8 @@ findings.md (best/worst modality and the anatomy-pathology gap per encoder).
 
 from __future__ import annotations
 
+import re
+
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def long_table(runs: pd.DataFrame, ns) -> pd.DataFrame:
     for _, run in runs.iterrows():
         for column, value in run.items():
             parts = str(column).split("/")
-            if value != value or not parts[-1].startswith("P_at_"):
+            if value != value or not re.fullmatch(r"P_at_\d+", parts[-1]):  # not the _ci_low/_ci_high bounds
                 continue
             n = int(parts[-1].rsplit("_", 1)[1])
             if n not in ns:
