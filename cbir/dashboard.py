@@ -29,6 +29,9 @@ SEPARATOR = " · "
 # encoder, index type and size, so every job's name says what makes it different.
 SWEPT_KEYS_ENV = "CBIR_SWEPT_KEYS"
 NAMED_ALWAYS = {"encoder", "encoder.name", "index", "index.type", "index.per_class", "task", "dataset.labels"}
+# conf/config.yaml's default dataset: a run on any other one says which, so that runs on different
+# data never share a name in the experiment.
+DEFAULT_DATASET = "synthetic"
 
 # What a person filters and compares runs by; the rest of the config is in config/resolved.yaml.
 CURATED_PARAMS = ("encoder.name", "encoder.pretrained", "encoder.weights", "encoder.pool", "encoder.input_size",
@@ -53,10 +56,14 @@ def per_class_label(value: Any) -> str:
 
 
 def run_name(cfg: DictConfig, extra: tuple[str, ...] = ()) -> str:
-    """`encoder · index type · rows per class`, plus the value of any other key the sweep varies
-    and the `extra` words (task, labels mode, named whether swept or not)."""
+    """`encoder · index type · rows per class`, then the dataset unless it is the default, the
+    value of any other key the sweep varies and the `extra` words (task, labels mode, named
+    whether swept or not)."""
     parts = [str(cfg.encoder.name), str(cfg.index.type), per_class_label(cfg.index.per_class)]
-    for key in filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")):
+    swept = list(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
+    if "dataset" not in swept:  # a swept dataset is named below, default included
+        parts += filter(None, [_dataset_word(cfg)])
+    for key in swept:
         if key in NAMED_ALWAYS:
             continue
         value = OmegaConf.select(cfg, key, default=None)
@@ -66,6 +73,16 @@ def run_name(cfg: DictConfig, extra: tuple[str, ...] = ()) -> str:
             parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
     parts += list(extra)
     return SEPARATOR.join(parts)
+
+
+def _dataset_word(cfg: DictConfig) -> str | None:
+    """The dataset's name, else the option chosen (`synthetic_small` is named `synthetic`), or
+    None for the default dataset."""
+    name = str(OmegaConf.select(cfg, "dataset.name", default=None) or DEFAULT_DATASET)
+    if name != DEFAULT_DATASET:
+        return name
+    choice = _group_choice("dataset")
+    return choice if choice and choice != DEFAULT_DATASET else None
 
 
 def _group_choice(group: str) -> str | None:

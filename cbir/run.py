@@ -60,9 +60,7 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         "config_hash": tracking.config_hash(cfg), "git_commit": tracking.git_commit(), "task": tasks.task_name(cfg),
         "labels": multilabel.labels_mode(cfg),
     }
-    run_name = dashboard.run_name(cfg, extra=tuple(word for word in (
-        f"task={tags['task']}" if tags["task"] != "retrieval" else "",
-        "multi-label" if tags["labels"] == "multi" else "") if word))
+    run_name = job_run_name(cfg)
     skip_finished = bool(cfg.tracking.get("skip_finished", True))
     if tracker.enabled:
         log.info("%s", tracker.describe())
@@ -153,6 +151,13 @@ def run(cfg: DictConfig) -> RetrievalResult | None:
         tracker.log_artifact(out / ".hydra", "config")
     run_end.finish(result, cfg, run_name, out, tracker)  # table or one line, where the files are
     return result
+
+
+def job_run_name(cfg: DictConfig) -> str:
+    """The job's run name: dashboard.run_name plus the task (unless retrieval) and multi-label."""
+    task, labels = tasks.task_name(cfg), multilabel.labels_mode(cfg)
+    return dashboard.run_name(cfg, extra=tuple(word for word in (
+        f"task={task}" if task != "retrieval" else "", "multi-label" if labels == "multi" else "") if word))
 
 
 def skipped(run_name: str, done) -> bool:

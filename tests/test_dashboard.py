@@ -19,7 +19,8 @@ sys.path.insert(0, str(PROJECT / "scripts"))
 from dashboard_screenshots import api, mlflow_server  # noqa: E402
 
 SWEEP = ["-m", "debug=smoke", "encoder=baseline,random", "index.per_class=3,all"]
-NAMES = {"baseline · flat · 3", "baseline · flat · all", "random · flat · 3", "random · flat · all"}
+# debug=smoke picks the small synthetic dataset, which the names say (the default one goes unsaid)
+NAMES = {f"{encoder} · flat · {size} · synthetic_small" for encoder in ("baseline", "random") for size in ("3", "all")}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,27 @@ def test_run_names_say_what_the_sweep_varies(monkeypatch):
         assert dashboard.run_name(cfg) == "random · flat · 20 · synthetic_small · input_size=56"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_runs_on_different_datasets_get_different_names(monkeypatch):
+    """The default dataset goes unsaid; any other says which, also unswept (the smoke preset's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.delenv(dashboard.SWEPT_KEYS_ENV, raising=False)
+    names = {}
+    for overrides in [(), ("dataset=synthetic_small",), ("debug=smoke",), ("dataset=chexpert",)]:
+        cfg = compose("encoder=baseline", *overrides, hydra_node=True)
+        HydraConfig.instance().set_config(cfg)  # as inside a job: the dataset option chosen
+        try:
+            names[overrides] = dashboard.run_name(cfg)
+        finally:
+            HydraConfig.instance().cfg = None
+    assert names == {
+        (): "baseline · flat · all",
+        ("dataset=synthetic_small",): "baseline · flat · all · synthetic_small",
+        ("debug=smoke",): "baseline · flat · all · synthetic_small",
+        ("dataset=chexpert",): "baseline · flat · all · chexpert",
+    }
 
 
 def test_swept_keys_from_the_command_line_and_presets():
