@@ -29,9 +29,7 @@ def patient_ids(table: pd.DataFrame) -> np.ndarray | None:
     """The manifest's patient column as text ('' where unknown), None when there is none."""
     if "patient" not in table:
         return None
-    ids = (
-        table["patient"].astype("string").fillna("").str.strip().to_numpy(dtype=object)
-    )
+    ids = table["patient"].astype("string").fillna("").str.strip().to_numpy(dtype=object)
     return ids if (ids != "").any() else None
 
 
@@ -84,10 +82,7 @@ def content_pairs(
     )
     if not len(q_pick) or not len(i_pick):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    hashes = {
-        row: file_hash(str(paths[row]))
-        for row in np.unique(np.r_[query_rows[q_pick], index_rows[i_pick]])
-    }
+    hashes = {row: file_hash(str(paths[row])) for row in np.unique(np.r_[query_rows[q_pick], index_rows[i_pick]])}
     queries = pd.DataFrame(
         {
             "q": q_pick,
@@ -107,9 +102,7 @@ def content_pairs(
     return pairs["q"].to_numpy(np.int64), pairs["i"].to_numpy(np.int64)
 
 
-def near_duplicate_pairs(
-    first_neighbour: np.ndarray, first_cosine: np.ndarray, threshold: float
-):
+def near_duplicate_pairs(first_neighbour: np.ndarray, first_cosine: np.ndarray, threshold: float):
     hit = (np.asarray(first_neighbour) >= 0) & (np.asarray(first_cosine) >= threshold)
     return np.flatnonzero(hit), np.asarray(first_neighbour)[hit]
 
@@ -135,12 +128,8 @@ def audit(
             dtype=np.int64,
         )
     found: dict[str, tuple[np.ndarray, np.ndarray] | None] = {
-        "patient": patient_pairs(patients, query_rows, index_rows)
-        if patients is not None
-        else None,
-        "content": content_pairs(full_paths, sizes, query_rows, index_rows)
-        if (sizes >= 0).any()
-        else None,
+        "patient": patient_pairs(patients, query_rows, index_rows) if patients is not None else None,
+        "content": content_pairs(full_paths, sizes, query_rows, index_rows) if (sizes >= 0).any() else None,
         "near_duplicate": (
             near_duplicate_pairs(first_neighbour, first_cosine, near_duplicate)
             if first_neighbour is not None and first_cosine is not None
@@ -169,14 +158,8 @@ def audit(
                 }
             )
         )
-    frame = (
-        pd.concat(cases, ignore_index=True)
-        if cases
-        else pd.DataFrame(columns=CASE_COLUMNS)
-    )
-    return frame.sort_values(["kind", "query_row", "index_row"]).reset_index(
-        drop=True
-    ), metrics
+    frame = pd.concat(cases, ignore_index=True) if cases else pd.DataFrame(columns=CASE_COLUMNS)
+    return frame.sort_values(["kind", "query_row", "index_row"]).reset_index(drop=True), metrics
 
 
 def warning_line(metrics: dict[str, float], n_queries: int, csv: Path) -> str | None:
@@ -197,9 +180,7 @@ def warning_line(metrics: dict[str, float], n_queries: int, csv: Path) -> str | 
 def job_audit(cfg, manifest, setup, search, out: Path, tracker) -> dict[str, Path]:
     """The audit of one job: metrics to MLflow, audit.csv into `out`, one warning when found."""
     first = cosine = None
-    if (
-        search is not None and search.neighbours.shape[1]
-    ):  # positions into index_rows, as the other pairs
+    if search is not None and search.neighbours.shape[1]:  # positions into index_rows, as the other pairs
         first, cosine = search.neighbours[:, 0], search.scores[:, 0]
     threshold = float((cfg.eval.get("audit") or {}).get("near_duplicate", 0.999))
     sizes = manifest.file_stats()[:, 0]  # one stat per file, in threads

@@ -24,7 +24,9 @@ def validate_config(cfg: DictConfig) -> None:
         try:
             value = int(per_class)
         except (TypeError, ValueError):
-            raise ConfigError(f"index.per_class={per_class}: give a positive integer, or null/all for the whole split") from None
+            raise ConfigError(
+                f"index.per_class={per_class}: give a positive integer, or null/all for the whole split"
+            ) from None
         if value <= 0:
             raise ConfigError(f"index.per_class={per_class}: must be positive (or null/all for the whole split)")
     integer(cfg.index.seed, "index.seed", minimum=0)  # numpy's generators take no negative seed
@@ -64,10 +66,15 @@ def check_accelerator(accelerator) -> None:
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"extract.accelerator={accelerator}: use one of {list(ACCELERATORS)}")
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if (accelerator == "cuda" and not cuda) or (accelerator == "gpu" and not (cuda or mps)) or (
-            accelerator == "mps" and not mps):
-        raise ConfigError(f"extract.accelerator={accelerator}: PyTorch sees no such device on this machine; "
-                          "use extract.accelerator=auto (a GPU when there is one) or cpu")
+    if (
+        (accelerator == "cuda" and not cuda)
+        or (accelerator == "gpu" and not (cuda or mps))
+        or (accelerator == "mps" and not mps)
+    ):
+        raise ConfigError(
+            f"extract.accelerator={accelerator}: PyTorch sees no such device on this machine; "
+            "use extract.accelerator=auto (a GPU when there is one) or cpu"
+        )
 
 
 def check_folders(cfg: DictConfig) -> None:
@@ -79,7 +86,9 @@ def check_folders(cfg: DictConfig) -> None:
     target = str(cfg.dataset.get("_target_", ""))
     if target and cfg.dataset.get("root") is not None and getattr(_class(target), "writes_root", False):
         root = str(cfg.dataset.root)  # the images are generated there
-        writable_folder(root, "dataset.root", " (set paths.data_dir)" if root.startswith(str(cfg.paths.data_dir)) else "")
+        writable_folder(
+            root, "dataset.root", " (set paths.data_dir)" if root.startswith(str(cfg.paths.data_dir)) else ""
+        )
 
 
 def _class(target: str):
@@ -121,8 +130,10 @@ def check_eval(cfg_eval: DictConfig) -> None:
     for size in sizes:
         whole = size is None or (isinstance(size, str) and size.lower() == "all")
         if not whole and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
-            raise ConfigError(f"eval.saturation={sizes}: {size} is not an index size; give positive integers "
-                              "(rows per class) or null/all for the whole split, e.g. eval.saturation=[10,100,null]")
+            raise ConfigError(
+                f"eval.saturation={sizes}: {size} is not an index size; give positive integers "
+                "(rows per class) or null/all for the whole split, e.g. eval.saturation=[10,100,null]"
+            )
     integer(cfg_eval.curve_k, "eval.curve_k", minimum=0)
     integer(cfg_eval.search_batch_size, "eval.search_batch_size", minimum=1)
     for key in ("gallery_queries", "gallery_k"):
@@ -223,14 +234,18 @@ def settle_index_params(cfg: DictConfig, table: pd.DataFrame, dim: int) -> None:
         return
     counts = table.loc[table["split"] == cfg.index.split, "label"].value_counts()
     requested = OmegaConf.to_container(cfg.index.get("params") or OmegaConf.create({}), resolve=True)
-    params = settled_params(index_type, requested, planned_index_rows(counts, per_class_value(cfg.index.per_class)), dim)
+    params = settled_params(
+        index_type, requested, planned_index_rows(counts, per_class_value(cfg.index.per_class)), dim
+    )
     nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
     for size in cfg.eval.get("saturation") or []:
         rows = planned_index_rows(counts, per_class_value(size))
-        if "{nbits}" in INDEX_TYPES[index_type] and rows < 2 ** nbits:
-            raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index "
-                              f"rows to train, eval.saturation size {size} gives {rows}; lower nbits, leave that "
-                              "size out or use index=ivf")
+        if "{nbits}" in INDEX_TYPES[index_type] and rows < 2**nbits:
+            raise ConfigError(
+                f"index.params.nbits={nbits}: product quantisation needs at least {2**nbits} index "
+                f"rows to train, eval.saturation size {size} gives {rows}; lower nbits, leave that "
+                "size out or use index=ivf"
+            )
     changed = {k: v for k, v in params.items() if requested.get(k) != v}
     if changed:
         with open_dict(cfg):

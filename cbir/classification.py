@@ -31,9 +31,15 @@ from sklearn.metrics import (
 )
 
 METRICS = ("micro_roc_auc", "macro_roc_auc", "micro_f1", "macro_f1", "macro_precision", "macro_recall", "accuracy")
-LABELS = {"micro_roc_auc": "micro ROC-AUC", "macro_roc_auc": "macro ROC-AUC", "micro_f1": "micro F1",
-          "macro_f1": "macro F1", "macro_precision": "macro precision", "macro_recall": "macro recall",
-          "accuracy": "accuracy"}  # as tables show them
+LABELS = {
+    "micro_roc_auc": "micro ROC-AUC",
+    "macro_roc_auc": "macro ROC-AUC",
+    "micro_f1": "micro F1",
+    "macro_f1": "macro F1",
+    "macro_precision": "macro precision",
+    "macro_recall": "macro recall",
+    "accuracy": "accuracy",
+}  # as tables show them
 
 
 def one_hot(codes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -59,8 +65,11 @@ def scores(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     present = np.flatnonzero(y_true.any(axis=0) & ~y_true.all(axis=0))  # classes with both outcomes
     out = {
         "micro_roc_auc": roc_auc_score(y_true, probabilities, average="micro") if n_classes > 1 else float("nan"),
-        "macro_roc_auc": (roc_auc_score(y_true[:, present], probabilities[:, present], average="macro")
-                          if len(present) else float("nan")),
+        "macro_roc_auc": (
+            roc_auc_score(y_true[:, present], probabilities[:, present], average="macro")
+            if len(present)
+            else float("nan")
+        ),
         "micro_f1": f1_score(truth, y_pred, average="micro"),
         "macro_f1": f1_score(truth, y_pred, average="macro", zero_division=0),
         "macro_precision": precision_score(truth, y_pred, average="macro", zero_division=0),
@@ -73,13 +82,14 @@ def scores(truth: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class ClassificationResult:
-    metrics: dict[str, float]   # overall and per modality (`modality/<M>/<metric>`), no task prefix
-    per_class: pd.DataFrame     # class, queries, train_rows, precision, recall, f1, most_confused_with
-    confusion: pd.DataFrame     # long form: true, predicted, count (non-zero cells only)
+    metrics: dict[str, float]  # overall and per modality (`modality/<M>/<metric>`), no task prefix
+    per_class: pd.DataFrame  # class, queries, train_rows, precision, recall, f1, most_confused_with
+    confusion: pd.DataFrame  # long form: true, predicted, count (non-zero cells only)
 
 
-def evaluate(truth: np.ndarray, probabilities: np.ndarray, classes, modality=None,
-             train_counts=None) -> ClassificationResult:
+def evaluate(
+    truth: np.ndarray, probabilities: np.ndarray, classes, modality=None, train_counts=None
+) -> ClassificationResult:
     """Metrics over all queries, per modality of the query (full-class matching, columns of
     every class), the per-class table and the confusion table."""
     classes = [str(c) for c in classes]
@@ -89,21 +99,32 @@ def evaluate(truth: np.ndarray, probabilities: np.ndarray, classes, modality=Non
         modality = np.asarray(modality).astype(str)
         for mod in sorted(set(modality)):
             rows = modality == mod
-            metrics.update({f"modality/{mod}/{k}": v for k, v in scores(truth[rows], probabilities[rows]).items()
-                            if k in METRICS})
+            metrics.update(
+                {f"modality/{mod}/{k}": v for k, v in scores(truth[rows], probabilities[rows]).items() if k in METRICS}
+            )
     y_pred = predicted(probabilities)
     labels = np.arange(len(classes))
     precision, recall, f1, support = precision_recall_fscore_support(truth, y_pred, labels=labels, zero_division=0)
     matrix = confusion_matrix(truth, y_pred, labels=labels)
     off_diagonal = matrix - np.diag(np.diag(matrix))
     confused = np.where(off_diagonal.max(axis=1) > 0, off_diagonal.argmax(axis=1), -1)
-    per_class = pd.DataFrame({
-        "class": classes, "queries": support,
-        "train_rows": np.zeros(len(classes), dtype=int) if train_counts is None else np.asarray(train_counts),
-        "precision": precision, "recall": recall, "f1": f1,
-        "most_confused_with": [classes[c] if c >= 0 else "" for c in confused],
-    })
+    per_class = pd.DataFrame(
+        {
+            "class": classes,
+            "queries": support,
+            "train_rows": np.zeros(len(classes), dtype=int) if train_counts is None else np.asarray(train_counts),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "most_confused_with": [classes[c] if c >= 0 else "" for c in confused],
+        }
+    )
     true_idx, pred_idx = np.nonzero(matrix)
-    confusion = pd.DataFrame({"true": np.asarray(classes)[true_idx], "predicted": np.asarray(classes)[pred_idx],
-                              "count": matrix[true_idx, pred_idx]})
+    confusion = pd.DataFrame(
+        {
+            "true": np.asarray(classes)[true_idx],
+            "predicted": np.asarray(classes)[pred_idx],
+            "count": matrix[true_idx, pred_idx],
+        }
+    )
     return ClassificationResult(metrics=metrics, per_class=per_class, confusion=confusion)

@@ -23,10 +23,16 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: cbir [command] [hydra overrides]   (no command: run)", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "  cbir <command> --help   the command's settings (Hydra config groups and keys)",
-              "  cbir --version          cbir's version", "",
-              "examples:", "  cbir -m experiment=smoke            a one-minute sweep on synthetic data",
-              "  cbir encoder=resnet50 index.per_class=100", "  cbir report report.runs=latest_sweep"]
+    lines += [
+        "",
+        "  cbir <command> --help   the command's settings (Hydra config groups and keys)",
+        "  cbir --version          cbir's version",
+        "",
+        "examples:",
+        "  cbir -m experiment=smoke            a one-minute sweep on synthetic data",
+        "  cbir encoder=resnet50 index.per_class=100",
+        "  cbir report report.runs=latest_sweep",
+    ]
     return "\n".join(lines)
 
 

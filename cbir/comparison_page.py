@@ -50,26 +50,18 @@ def best_line(runs: pd.DataFrame, tied: dict[str, str] | None = None) -> str:
     line = f"best micro P@1: {best['run']} {uncertainty.with_interval(best, metric)}"
     if tied is not None:
         # tied only among runs that answered the same queries (the paired test compares nothing else)
-        same = (
-            ranked["query_set"] == best["query_set"] if "query_set" in ranked else True
-        )
+        same = ranked["query_set"] == best["query_set"] if "query_set" in ranked else True
         others = [
             f"{row['run']} {row[metric]:.3f}"
             for _, row in ranked[same].iloc[1:].iterrows()
             if "µP@1" in (tied.get(row["run"]) or "").split()
         ]
-        line += "; tied: " + (
-            ", ".join(others)
-            if others
-            else "none (the best is ahead of every other run)"
-        )
+        line += "; tied: " + (", ".join(others) if others else "none (the best is ahead of every other run)")
     return line
 
 
 def _leaderboard(runs: pd.DataFrame, ns, tied: dict[str, str] | None) -> str:
-    varying = [
-        c for c in IDENTITY[1:] if c in runs and runs[c].astype(str).nunique() > 1
-    ]
+    varying = [c for c in IDENTITY[1:] if c in runs and runs[c].astype(str).nunique() > 1]
     metrics = [f"{avg}/{metric_name(n)}" for avg in ("micro", "macro") for n in ns]
     metrics = [m for m in metrics if m in runs]
     head = ["run", "encoder", *varying, *(m.replace("/P_at_", " P@") for m in metrics)]
@@ -81,14 +73,8 @@ def _leaderboard(runs: pd.DataFrame, ns, tied: dict[str, str] | None) -> str:
             (str(run["run"]), str(run["run"])),
             (str(run["encoder"]), str(run["encoder"])),
         ]
-        cells += [
-            (str(run[c]), _size_key(run[c]) if c == "per_class" else str(run[c]))
-            for c in varying
-        ]
-        cells += [
-            (uncertainty.with_interval(run, m), run[m] if run[m] == run[m] else -1)
-            for m in metrics
-        ]
+        cells += [(str(run[c]), _size_key(run[c]) if c == "per_class" else str(run[c])) for c in varying]
+        cells += [(uncertainty.with_interval(run, m), run[m] if run[m] == run[m] else -1) for m in metrics]
         if tied is not None:
             cells.append((tied.get(run["run"], ""), tied.get(run["run"], "")))
         rows.append(cells)
@@ -111,19 +97,12 @@ def _table(
 ) -> str:
     def sort_value(value) -> str:
         return html.escape(
-            json.dumps(
-                None if _missing(value) else getattr(value, "item", lambda: value)()
-            ),
+            json.dumps(None if _missing(value) else getattr(value, "item", lambda: value)()),
             quote=True,
         )
 
     body = "\n".join(
-        "<tr>"
-        + "".join(
-            f'<td data-sort="{sort_value(key)}">{html.escape(text)}</td>'
-            for text, key in row
-        )
-        + "</tr>"
+        "<tr>" + "".join(f'<td data-sort="{sort_value(key)}">{html.escape(text)}</td>' for text, key in row) + "</tr>"
         for row in rows
     )
     box = (
@@ -148,11 +127,7 @@ def _saturation_figure(runs: pd.DataFrame, ns):
 
     if "per_class" not in runs or runs["per_class"].astype(str).nunique() < 2:
         return None
-    varying = [
-        c
-        for c in ("dataset", "labels", "index_type")
-        if c in runs and runs[c].astype(str).nunique() > 1
-    ]
+    varying = [c for c in ("dataset", "labels", "index_type") if c in runs and runs[c].astype(str).nunique() > 1]
     sizes = sorted(runs["per_class"].astype(str).unique(), key=_size_key)
     fig = go.Figure()
     colours = [
@@ -171,24 +146,16 @@ def _saturation_figure(runs: pd.DataFrame, ns):
         metric = f"micro/{metric_name(n)}"
         if metric not in runs:
             continue
-        for g_index, (group, members) in enumerate(
-            runs.groupby(runs.apply(_group_label, axis=1, args=(varying,)))
-        ):
-            members = members.assign(
-                _x=members["per_class"].astype(str)
-            ).drop_duplicates("_x")
+        for g_index, (group, members) in enumerate(runs.groupby(runs.apply(_group_label, axis=1, args=(varying,)))):
+            members = members.assign(_x=members["per_class"].astype(str)).drop_duplicates("_x")
             members = members.sort_values("_x", key=lambda s: s.map(_size_key))
             colour = colours[g_index % len(colours)]
             visible = True if n_index == 0 else "legendonly"
-            if (
-                f"{metric}_ci_low" in members
-                and members[f"{metric}_ci_low"].notna().all()
-            ):
+            if f"{metric}_ci_low" in members and members[f"{metric}_ci_low"].notna().all():
                 fig.add_trace(
                     go.Scatter(
                         x=list(members["_x"]) + list(members["_x"])[::-1],
-                        y=list(members[f"{metric}_ci_high"])
-                        + list(members[f"{metric}_ci_low"])[::-1],
+                        y=list(members[f"{metric}_ci_high"]) + list(members[f"{metric}_ci_low"])[::-1],
                         fill="toself",
                         fillcolor=colour,
                         opacity=0.15,
@@ -239,17 +206,10 @@ def _heatmap_figure(runs: pd.DataFrame):
     )
     if not modalities:
         return None
-    largest = (
-        max(runs["per_class"].astype(str).unique(), key=_size_key)
-        if "per_class" in runs
-        else None
-    )
+    largest = max(runs["per_class"].astype(str).unique(), key=_size_key) if "per_class" in runs else None
     rows = runs if largest is None else runs[runs["per_class"].astype(str) == largest]
     rows = rows.sort_values(f"micro/{metric}", ascending=False)
-    values = [
-        [row.get(f"modality/{m}/micro/{metric}") for m in modalities]
-        for _, row in rows.iterrows()
-    ]
+    values = [[row.get(f"modality/{m}/micro/{metric}") for m in modalities] for _, row in rows.iterrows()]
     fig = go.Figure(
         go.Heatmap(
             z=values,
@@ -258,9 +218,7 @@ def _heatmap_figure(runs: pd.DataFrame):
             colorscale="Viridis",
             zmin=0,
             zmax=1,
-            text=[
-                [("" if _missing(v) else f"{v:.3f}") for v in line] for line in values
-            ],
+            text=[[("" if _missing(v) else f"{v:.3f}") for v in line] for line in values],
             texttemplate="%{text}",
             colorbar={"title": "micro P@1"},
         )
@@ -284,9 +242,7 @@ def _classification_section(runs: pd.DataFrame) -> str:
     ):
         if f"{prefix}/accuracy" not in runs:
             continue
-        done = runs[runs[f"{prefix}/accuracy"].notna()].sort_values(
-            f"{prefix}/accuracy", ascending=False
-        )
+        done = runs[runs[f"{prefix}/accuracy"].notna()].sort_values(f"{prefix}/accuracy", ascending=False)
         if done.empty:
             continue
         head = ["run", *(classification.LABELS[m] for m in classification.METRICS)]
@@ -349,9 +305,7 @@ def _per_class_section(per_class: pd.DataFrame | None) -> str:
         "class",
         *[c for c in per_class.columns if str(c).startswith("P@")],
     ]
-    columns += [
-        c for c in ("queries", "modality") if c in per_class and c not in columns
-    ]
+    columns += [c for c in ("queries", "modality") if c in per_class and c not in columns]
     rows = [
         [
             (
@@ -372,9 +326,7 @@ def _per_class_section(per_class: pd.DataFrame | None) -> str:
 
 
 def _figure_html(fig) -> str:
-    return fig.to_html(
-        full_html=False, include_plotlyjs=False, config={"displaylogo": False}
-    )
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
 SCRIPT = """
@@ -435,9 +387,7 @@ def write_page(
     if answer:
         sections.append(f'<p class="answer">{html.escape(answer)}</p>')
     if len(retrieval):
-        sections.append(
-            "<h2>Leaderboard (modified P@N)</h2>" + _leaderboard(retrieval, ns, tied)
-        )
+        sections.append("<h2>Leaderboard (modified P@N)</h2>" + _leaderboard(retrieval, ns, tied))
         for figure in (_saturation_figure(retrieval, ns), _heatmap_figure(retrieval)):
             if figure is not None:
                 sections.append(_figure_html(figure))
@@ -463,9 +413,7 @@ def per_class_tables(client, runs: pd.DataFrame, limit: int = 200) -> pd.DataFra
     with tempfile.TemporaryDirectory(prefix="cbir-per-class-") as folder:
         for _, run in runs.head(limit).iterrows():
             try:
-                local = client.download_artifacts(
-                    run["run_id"], "per_class.csv", folder
-                )
+                local = client.download_artifacts(run["run_id"], "per_class.csv", folder)
             # a classification-only run, or one without the file: nothing to show
             except Exception:  # noqa: BLE001, S112
                 continue

@@ -83,28 +83,17 @@ def compare_groups(
         by_name = _same_queries(by_name, group)
         if len(by_name) < 2:
             continue
-        metrics = [
-            (avg, column)
-            for avg, column in METRICS
-            if all(column in r for r in by_name.values())
-        ]
-        table = uncertainty.compare_runs(
-            by_name, metrics, resamples, level, flips, seed
-        )
+        metrics = [(avg, column) for avg, column in METRICS if all(column in r for r in by_name.values())]
+        table = uncertainty.compare_runs(by_name, metrics, resamples, level, flips, seed)
         points = {
-            f"{avg} {column}": {
-                name: _point(r, avg, column) for name, r in by_name.items()
-            }
-            for avg, column in metrics
+            f"{avg} {column}": {name: _point(r, avg, column) for name, r in by_name.items()} for avg, column in metrics
         }
         table["a_value"] = [points[m][a] for m, a in zip(table["metric"], table["a"])]
         table["b_value"] = [points[m][b] for m, b in zip(table["metric"], table["b"])]
         table.insert(0, "group", group)
         pairs.append(table)
         for metric, values in points.items():
-            tied = set(
-                uncertainty.tied_for_best(values, table[table["metric"] == metric])
-            )
+            tied = set(uncertainty.tied_for_best(values, table[table["metric"] == metric]))
             best = max(values, key=lambda name: (values[name], name))
             verdicts += [
                 {
@@ -117,14 +106,8 @@ def compare_groups(
                 }
                 for name, value in values.items()
             ]
-    pair_table = (
-        pd.concat(pairs, ignore_index=True)[PAIR_COLUMNS]
-        if pairs
-        else pd.DataFrame(columns=PAIR_COLUMNS)
-    )
-    return pair_table, pd.DataFrame(
-        verdicts, columns=["group", "metric", "run", "value", "best", "tied_for_best"]
-    )
+    pair_table = pd.concat(pairs, ignore_index=True)[PAIR_COLUMNS] if pairs else pd.DataFrame(columns=PAIR_COLUMNS)
+    return pair_table, pd.DataFrame(verdicts, columns=["group", "metric", "run", "value", "best", "tied_for_best"])
 
 
 def _point(records: pd.DataFrame, average: str, column: str) -> float:
@@ -135,9 +118,7 @@ def _point(records: pd.DataFrame, average: str, column: str) -> float:
     return micro if average == "micro" else macro
 
 
-def _same_queries(
-    by_name: dict[str, pd.DataFrame], group: str
-) -> dict[str, pd.DataFrame]:
+def _same_queries(by_name: dict[str, pd.DataFrame], group: str) -> dict[str, pd.DataFrame]:
     """The runs whose query rows equal those of the group's most common set (failed images can
     leave a run with fewer queries: it is not comparable and is left out, with a warning)."""
     keys = {name: tuple(sorted(r["row"].tolist())) for name, r in by_name.items()}
@@ -168,44 +149,32 @@ def summary_lines(verdicts: pd.DataFrame) -> list[str]:
     groups = verdicts["group"].unique()
     for (group, metric), rows in verdicts.groupby(["group", "metric"], sort=False):
         rows = rows.sort_values("value", ascending=False)
-        tied = [
-            f"{r.run} ({r.value:.3f})" for r in rows.itertuples() if r.tied_for_best
-        ]
+        tied = [f"{r.run} ({r.value:.3f})" for r in rows.itertuples() if r.tied_for_best]
         where = f" [queries {group}]" if len(groups) > 1 else ""
         lines.append(f"{metric}{where}: tied for best: {', '.join(tied)}")
     return lines
 
 
-def download_records(
-    client, run_ids, folder: Path | None = None
-) -> dict[str, pd.DataFrame]:
+def download_records(client, run_ids, folder: Path | None = None) -> dict[str, pd.DataFrame]:
     """per_query.parquet of each run that has one (runs from before it, or of other tasks, have none)."""
     from cbir.per_query import FILE
     from cbir.tracking import retry_locked
 
     folder = Path(folder or tempfile.mkdtemp(prefix="cbir-records-"))
     out = {}
-    os.environ.setdefault(
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
-    )  # one bar per run otherwise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
     for run_id in run_ids:
         try:
             names = {a.path for a in retry_locked(client.list_artifacts, run_id)}
             if FILE not in names:
                 continue
-            path = retry_locked(
-                client.download_artifacts, run_id, FILE, str(folder / run_id)
-            )
+            path = retry_locked(client.download_artifacts, run_id, FILE, str(folder / run_id))
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(
-                path
-            ).names  # P@N only: class probabilities can be most of the file
+            names = pq.read_schema(path).names  # P@N only: class probabilities can be most of the file
             frame = pd.read_parquet(
                 path,
-                columns=[
-                    c for c in names if c in ("row", "class") or c.startswith("P@")
-                ],
+                columns=[c for c in names if c in ("row", "class") or c.startswith("P@")],
             )
         except Exception as e:  # noqa: BLE001 - one unreadable run must not stop the others' comparison
             log.warning(
@@ -237,16 +206,10 @@ def for_jobs(
     folder: Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The comparisons of a sweep's finished jobs (dashboard.sweep_jobs rows)."""
-    done = (
-        jobs[jobs["status"].isin(["FINISHED", "done earlier"])]
-        if "status" in jobs
-        else jobs
-    )
+    done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])] if "status" in jobs else jobs
     if "query_set" not in done or done["query_set"].isna().all():
         return pd.DataFrame(columns=PAIR_COLUMNS), pd.DataFrame()
     done = done.dropna(subset=["query_set"])
     records = download_records(client, done["run_id"], folder)
-    runs = pd.DataFrame(
-        {"name": done["run"], "group": done["query_set"], "run_id": done["run_id"]}
-    )
+    runs = pd.DataFrame({"name": done["run"], "group": done["query_set"], "run_id": done["run_id"]})
     return compare_groups(runs, records, *settings)

@@ -10,15 +10,18 @@ import warnings
 
 # (module of the logger, text in the message) of log lines that tell the user nothing about their run
 DROPPED_LOG_LINES = (
-    ("lightning.pytorch.utilities.rank_zero", "litlogger"),   # "Tip: ... try installing litlogger"
+    ("lightning.pytorch.utilities.rank_zero", "litlogger"),  # "Tip: ... try installing litlogger"
     ("lightning.fabric.utilities.rank_zero", "litlogger"),
 )
 # schema creation/migration; MLflow's database layer also logs a traceback for each database error it
 # then raises (a locked SQLite file: on every retry), which cbir reports in one line
-QUIET_LOGGERS = {"mlflow.store.db.utils": logging.CRITICAL, "alembic.runtime.migration": logging.WARNING,
-                 "alembic": logging.WARNING}
+QUIET_LOGGERS = {
+    "mlflow.store.db.utils": logging.CRITICAL,
+    "alembic.runtime.migration": logging.WARNING,
+    "alembic": logging.WARNING,
+}
 DROPPED_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\).*is deprecated",        # Lightning on recent torch
+    r".*isinstance\(treespec, LeafSpec\).*is deprecated",  # Lightning on recent torch
     r"The specified dataset source can be interpreted in multiple ways",  # MLflow, for every local dataset
 )
 

@@ -33,16 +33,24 @@ from cbir.study_format import STUDY_CSV_NAMES, STUDY_DATASETS, model_folder, wri
 log = logging.getLogger("cbir.export")
 
 
-def export_embeddings(table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray, out: Path, encoder: str,
-                      keys: list[str] | None = None) -> dict[str, list[Path]]:
+def export_embeddings(
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    valid: np.ndarray,
+    out: Path,
+    encoder: str,
+    keys: list[str] | None = None,
+) -> dict[str, list[Path]]:
     """Write manifest rows and their embeddings as study split CSVs + HDF5 files under `out`.
     `keys` (default: the manifest paths) become the CSV filepath and the HDF5 key."""
     table = table.reset_index(drop=True).copy()
     table["path"] = list(keys) if keys is not None else table["path"].astype(str)
     bad = [k for k in table["path"][:1000] if str(k).startswith("/")]
     if bad:
-        raise ValueError(f"export: keys must be paths relative to the data folder, got e.g. {bad[0]!r}; "
-                         "set export.key_root=<data folder>")
+        raise ValueError(
+            f"export: keys must be paths relative to the data folder, got e.g. {bad[0]!r}; "
+            "set export.key_root=<data folder>"
+        )
     valid = np.asarray(valid, dtype=bool)
     if not valid.all():
         log.warning("%d rows without an embedding (unreadable images) are left out", int((~valid).sum()))
@@ -61,7 +69,7 @@ def export_embeddings(table: pd.DataFrame, embeddings: np.ndarray, valid: np.nda
 
 def _normalised_rows(embeddings: np.ndarray, rows: np.ndarray, block: int = 65536):
     for start in range(0, len(rows), block):  # bounded memory on millions of rows
-        yield from l2_normalise(embeddings[rows[start:start + block]])
+        yield from l2_normalise(embeddings[rows[start : start + block]])
 
 
 def manifest_and_embeddings(cfg: DictConfig, encoder_cfg=None):
@@ -76,8 +84,14 @@ def manifest_and_embeddings(cfg: DictConfig, encoder_cfg=None):
     manifest, _ = load_job_manifest(cfg)
     torch.manual_seed(int(cfg.seed))  # as cbir.run: random-init encoders get the run's weights
     encoder = build(encoder_cfg if encoder_cfg is not None else cfg.encoder)
-    extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
-                                    on_error=cfg.data.on_error, retry_failed=bool(cfg.data.get("retry_failed", False)))
+    extraction = extract_embeddings(
+        encoder,
+        manifest,
+        EmbeddingStore(cfg.paths.cache_dir),
+        cfg.extract,
+        on_error=cfg.data.on_error,
+        retry_failed=bool(cfg.data.get("retry_failed", False)),
+    )
     log.info("embeddings %s (%s)", extraction.cached.key, "cache hit" if extraction.cache_hit else "extracted now")
     return manifest, encoder, extraction
 
@@ -87,8 +101,14 @@ def export_command(cfg: DictConfig) -> dict[str, list[Path]]:
 
     manifest, encoder, extraction = manifest_and_embeddings(cfg)
     keys = image_keys(manifest, cfg.export.key_root)
-    return export_embeddings(manifest.table, extraction.embeddings, extraction.valid, Path(cfg.export.dir),
-                             cfg.export.get("model") or encoder.name, keys)
+    return export_embeddings(
+        manifest.table,
+        extraction.embeddings,
+        extraction.valid,
+        Path(cfg.export.dir),
+        cfg.export.get("model") or encoder.name,
+        keys,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")

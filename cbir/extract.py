@@ -93,20 +93,22 @@ class ArrayWriter(BasePredictionWriter):
     def write(self, rows: np.ndarray, values: np.ndarray, ok: np.ndarray, errors: list[str]) -> None:
         finite = np.isfinite(values).all(axis=1)
         if not finite[ok].all():  # a NaN index row is never retrieved, a NaN query never hits: a failed row
-            errors = [f"{self.paths[r]}: the encoder's embedding holds NaN or inf values" if good and not fin else e
-                      for r, good, fin, e in zip(rows, ok, finite, errors)]
+            errors = [
+                f"{self.paths[r]}: the encoder's embedding holds NaN or inf values" if good and not fin else e
+                for r, good, fin, e in zip(rows, ok, finite, errors)
+            ]
             ok = ok & finite
             values = np.where(finite[:, None], values, 0).astype(np.float32)
         if self.on_error == "raise" and not ok.all():
             good = ok.nonzero()[0]
             self.partial.write(rows[good], values[good], ok[good])  # keep what this batch did compute
             first = int((~ok).nonzero()[0][0])
-            raise ImageLoadError(f"{errors[first]} (data.on_error=raise; "
-                                 "use data.on_error=skip to skip and count unreadable files and failed embeddings)")
+            raise ImageLoadError(
+                f"{errors[first]} (data.on_error=raise; "
+                "use data.on_error=skip to skip and count unreadable files and failed embeddings)"
+            )
         self.partial.write(rows, values, ok)
-        self.partial.record_skips(
-            [(int(r), str(self.paths[r]), e) for r, good, e in zip(rows, ok, errors) if not good]
-        )
+        self.partial.record_skips([(int(r), str(self.paths[r]), e) for r, good, e in zip(rows, ok, errors) if not good])
 
 
 @dataclass
@@ -146,8 +148,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingStore, cfg, on_error: str = "skip",
-                       retry_failed: bool = False) -> Extraction:
+def extract_embeddings(
+    encoder: Encoder, manifest: Manifest, store: EmbeddingStore, cfg, on_error: str = "skip", retry_failed: bool = False
+) -> Extraction:
     """Embeddings of every manifest row, from the cache or extracted now (under a lock, so
     parallel jobs asking for the same key extract it once). Rows whose file changed since they
     were cached are extracted again, and so are failed rows under `retry_failed`."""
@@ -164,8 +167,13 @@ def extract_embeddings(encoder: Encoder, manifest: Manifest, store: EmbeddingSto
             stale = cached.stale_rows(files, retry_failed)
             if not len(stale):
                 return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error, encoder)
-            log.info("embeddings %s: %d of %d rows are out of date (their file changed%s); extracting them again",
-                     key, len(stale), len(manifest), ", or they failed and data.retry_failed=true" if retry_failed else "")
+            log.info(
+                "embeddings %s: %d of %d rows are out of date (their file changed%s); extracting them again",
+                key,
+                len(stale),
+                len(manifest),
+                ", or they failed and data.retry_failed=true" if retry_failed else "",
+            )
         partial = store.open_partial(key, len(manifest), encoder.dim, files, base=cached, retry_failed=retry_failed)
         rows = partial.remaining()
         if cached is None and len(rows) < len(manifest):
@@ -191,13 +199,15 @@ def _finish(extraction: Extraction, manifest: Manifest, on_error: str, encoder: 
             raise DataError(
                 f"key {path!r}: {reason} (row {row}, recorded when these files were read; data.on_error=raise; "
                 "add or fix the HDF5 file holding this key in encoder.files (changed or added files are read "
-                "again), or use data.on_error=skip to skip and count rows without a usable embedding)")
+                "again), or use data.on_error=skip to skip and count rows without a usable embedding)"
+            )
         if not reason.startswith(path):
             reason = f"{path}: {reason}"
         raise ImageLoadError(
             f"{reason} (row {row}, failed in an earlier extraction and unchanged since; data.on_error=raise; "
             "fix the file (changed files are read again), set data.retry_failed=true to retry it as it is, "
-            "or use data.on_error=skip to skip and count unreadable files)")
+            "or use data.on_error=skip to skip and count unreadable files)"
+        )
     return extraction
 
 

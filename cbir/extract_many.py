@@ -119,11 +119,12 @@ class SharedImageRows(Dataset):
             try:
                 inputs.append(transform(image))
             except Exception as e:  # a transform failing on an odd image fails only its own encoders,
-                ok[k] = False       # as in a single-encoder extraction
+                ok[k] = False  # as in a single-encoder extraction
                 inputs.append(self.placeholders[k])
                 error = error or f"{self.paths[row]}: {type(e).__name__}: {e}"
             seconds[1 + k] = time.perf_counter() - start
         return row, tuple(inputs), ok, error, seconds
+
 
 def collate_unstacked(items):
     """Rows, ok, errors and timings stacked; images kept as lists (sizes differ)."""
@@ -161,8 +162,10 @@ class SharedEmbeddingModule(L.LightningModule):
         if self.plan.device_steps is not None:
             start = time.perf_counter()
             with torch.autocast(self.device.type, enabled=False):
-                inputs = [prepare_on_device(inputs[src], steps) if steps is not None else torch.stack(inputs[src])
-                          for src, steps in self.plan.device_steps]
+                inputs = [
+                    prepare_on_device(inputs[src], steps) if steps is not None else torch.stack(inputs[src])
+                    for src, steps in self.plan.device_steps
+                ]
             self._sync()
             self.preprocess_seconds += time.perf_counter() - start
         embeddings = []
@@ -208,8 +211,12 @@ class SharedArrayWriter(BasePredictionWriter):
             if keep.any():
                 picked = np.flatnonzero(keep)
                 try:
-                    writer.write(rows[picked], values.detach().cpu().numpy()[picked], ok[picked, self.columns[e]],
-                                 [errors[i] for i in picked])
+                    writer.write(
+                        rows[picked],
+                        values.detach().cpu().numpy()[picked],
+                        ok[picked, self.columns[e]],
+                        [errors[i] for i in picked],
+                    )
                 except ImageLoadError as err:  # every encoder keeps this batch's good rows first
                     failure = failure or err
             self.write_seconds[e] += time.perf_counter() - start
@@ -234,9 +241,15 @@ class SharedPass:
         return [k for k, x in self.extractions.items() if not x.cache_hit]
 
 
-def extract_shared(encoders: list[Encoder], manifest: Manifest, store: EmbeddingStore, cfg,
-                   on_error: str = "skip", retry_failed: bool = False,
-                   files: np.ndarray | None = None) -> SharedPass:
+def extract_shared(
+    encoders: list[Encoder],
+    manifest: Manifest,
+    store: EmbeddingStore,
+    cfg,
+    on_error: str = "skip",
+    retry_failed: bool = False,
+    files: np.ndarray | None = None,
+) -> SharedPass:
     """Embeddings of every manifest row for every encoder, from the cache or extracted now in
     one shared pass (holding the lock of each key extracted, so parallel jobs wait for it). As in
     `extract_embeddings`, an entry is fresh when no row's file changed since it was written (and,
@@ -263,14 +276,19 @@ def extract_shared(encoders: list[Encoder], manifest: Manifest, store: Embedding
                 result.extractions[key] = Extraction(cached, True, 0.0, 0)
         todo = [key for key in missing if key not in result.extractions]
         if todo:
-            partials = [store.open_partial(key, len(manifest), by_key[key].dim, files, base=store.load(key),
-                                           retry_failed=retry_failed) for key in todo]
+            partials = [
+                store.open_partial(
+                    key, len(manifest), by_key[key].dim, files, base=store.load(key), retry_failed=retry_failed
+                )
+                for key in todo
+            ]
             needed = [np.asarray(p.done) == 0 for p in partials]  # per encoder: resume where it stopped
             for key, need in zip(todo, needed):
                 if 0 < need.sum() < len(manifest):
                     log.info("resuming extraction %s: %d of %d rows left", key, int(need.sum()), len(manifest))
-            result.decodes, result.timings = _run_pass([by_key[k] for k in todo], partials, needed, manifest,
-                                                       cfg, on_error)
+            result.decodes, result.timings = _run_pass(
+                [by_key[k] for k in todo], partials, needed, manifest, cfg, on_error
+            )
             for key, partial, need in zip(todo, partials, needed):
                 cached = store.commit(key, partial, entry_meta(key, by_key[key], manifest))
                 result.extractions[key] = Extraction(cached, False, time.perf_counter() - start, int(need.sum()))
@@ -278,8 +296,13 @@ def extract_shared(encoders: list[Encoder], manifest: Manifest, store: Embedding
     if todo:
         names = ", ".join(by_key[k].name for k in todo)
         decoded = "in the DDP ranks (see their lines)" if result.decodes is None else f"{result.decodes} images"
-        log.info("shared extraction: decoded %s once for %d encoders (%s) in %.1f s",
-                 decoded, len(todo), names, result.seconds)
+        log.info(
+            "shared extraction: decoded %s once for %d encoders (%s) in %.1f s",
+            decoded,
+            len(todo),
+            names,
+            result.seconds,
+        )
     return result
 
 
@@ -317,6 +340,10 @@ def _timings(encoders, plan: InputPlan, writer: SharedArrayWriter, module: Share
             src = plan.device_steps[k][0]
             sharing = sum(1 for s, _ in plan.device_steps if s == src)
             preprocess = worker[1 + src] / sharing / users[k] + module.preprocess_seconds / len(encoders)
-        out[encoder.name] = {"decode": float(worker[0]) / len(encoders), "preprocess": float(preprocess),
-                             "forward": float(module.forward_seconds[e]), "write": float(writer.write_seconds[e])}
+        out[encoder.name] = {
+            "decode": float(worker[0]) / len(encoders),
+            "preprocess": float(preprocess),
+            "forward": float(module.forward_seconds[e]),
+            "write": float(writer.write_seconds[e]),
+        }
     return out

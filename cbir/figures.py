@@ -30,8 +30,17 @@ def _save(fig, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def grouped_bars(frame: pd.DataFrame, category: str, group: str, value: str, path, title: str,
-                 ylabel: str = "modified precision", panel: str | None = None, error: str | None = None) -> Path:
+def grouped_bars(
+    frame: pd.DataFrame,
+    category: str,
+    group: str,
+    value: str,
+    path,
+    title: str,
+    ylabel: str = "modified precision",
+    panel: str | None = None,
+    error: str | None = None,
+) -> Path:
     """Bars of `value`: one cluster per `category`, one bar per `group` within it, one subplot
     per `panel` value (if given). Optional `error` column draws error bars."""
     plt = _plt()
@@ -46,11 +55,21 @@ def grouped_bars(frame: pd.DataFrame, category: str, group: str, value: str, pat
         x = np.arange(len(categories))
         for i, g in enumerate(groups):
             rows = part[part[group] == g].set_index(category).reindex(categories)
-            ax.bar(x + (i - (len(groups) - 1) / 2) * width, rows[value], width, label=str(g),
-                   color=colors[i % len(colors)],
-                   yerr=None if error is None else rows[error], capsize=2 if error else 0)
-        ax.set_xticks(x, [str(c) for c in categories], rotation=30 if len(categories) > 5 else 0, ha="right"
-                      if len(categories) > 5 else "center")
+            ax.bar(
+                x + (i - (len(groups) - 1) / 2) * width,
+                rows[value],
+                width,
+                label=str(g),
+                color=colors[i % len(colors)],
+                yerr=None if error is None else rows[error],
+                capsize=2 if error else 0,
+            )
+        ax.set_xticks(
+            x,
+            [str(c) for c in categories],
+            rotation=30 if len(categories) > 5 else 0,
+            ha="right" if len(categories) > 5 else "center",
+        )
         ax.set_ylim(0, 1.05)
         ax.grid(True, axis="y", alpha=0.3)
         if name is not None:
@@ -61,8 +80,18 @@ def grouped_bars(frame: pd.DataFrame, category: str, group: str, value: str, pat
     return _save(fig, path)
 
 
-def line_panels(frame: pd.DataFrame, x: str, y: str, line: str, panel: str, path, title: str,
-                xlabel: str, ylabel: str = "modified precision", logx: bool = True) -> Path:
+def line_panels(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    line: str,
+    panel: str,
+    path,
+    title: str,
+    xlabel: str,
+    ylabel: str = "modified precision",
+    logx: bool = True,
+) -> Path:
     """One subplot per `panel` value, one line per `line` value, y against x."""
     plt = _plt()
     panels = list(dict.fromkeys(frame[panel]))
@@ -81,7 +110,7 @@ def line_panels(frame: pd.DataFrame, x: str, y: str, line: str, panel: str, path
         ax.set_title(str(name), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
@@ -90,8 +119,7 @@ def line_panels(frame: pd.DataFrame, x: str, y: str, line: str, panel: str, path
     return _save(fig, path)
 
 
-def scatter_2d(points: np.ndarray, colourings: dict[str, np.ndarray], path, title: str,
-               max_legend: int = 12) -> Path:
+def scatter_2d(points: np.ndarray, colourings: dict[str, np.ndarray], path, title: str, max_legend: int = 12) -> Path:
     """One panel per colouring (e.g. by modality, by class) of the same 2-D points."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(colourings), figsize=(5.2 * len(colourings), 4.6), squeeze=False)
@@ -101,8 +129,14 @@ def scatter_2d(points: np.ndarray, colourings: dict[str, np.ndarray], path, titl
         names = sorted(set(labels))
         for i, value in enumerate(names):
             mask = labels == value
-            ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.75, color=cmap(i % 20),
-                       label=value if len(names) <= max_legend else None)
+            ax.scatter(
+                points[mask, 0],
+                points[mask, 1],
+                s=6,
+                alpha=0.75,
+                color=cmap(i % 20),
+                label=value if len(names) <= max_legend else None,
+            )
         ax.set_title(f"coloured by {name} ({len(names)})", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -154,8 +188,13 @@ def comparison_bars(frame: pd.DataFrame, path, title: str) -> Path:
     sizes = sorted(frame["per_class"].unique(), key=lambda v: float(v) if str(v).isdigit() else float("inf"))
     groups = list(dict.fromkeys(frame["group"]))
     averages = [a for a in ("micro", "macro") if a in set(frame["average"])]
-    fig, axes = plt.subplots(len(averages), len(subsets), figsize=(2.6 * len(subsets) + 1, 2.6 * len(averages) + 0.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(averages),
+        len(subsets),
+        figsize=(2.6 * len(subsets) + 1, 2.6 * len(averages) + 0.6),
+        squeeze=False,
+        sharey=True,
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(sizes))
@@ -165,8 +204,13 @@ def comparison_bars(frame: pd.DataFrame, path, title: str) -> Path:
             part = frame[(frame["average"] == avg) & (frame["subset"] == subset)]
             for i, group in enumerate(groups):
                 values = part[part["group"] == group].set_index("per_class")["value"].reindex(sizes)
-                ax.bar(x + (i - (len(groups) - 1) / 2) * width, values, width, color=colors[i % len(colors)],
-                       label=str(group))
+                ax.bar(
+                    x + (i - (len(groups) - 1) / 2) * width,
+                    values,
+                    width,
+                    color=colors[i % len(colors)],
+                    label=str(group),
+                )
             ax.set_xticks(x, [str(s) for s in sizes], fontsize=8)
             ax.set_ylim(0, 1.0)
             ax.grid(True, axis="y", alpha=0.3)

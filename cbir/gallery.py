@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PANEL_INCHES = 1.6     # each image panel is a square of this size
+PANEL_INCHES = 1.6  # each image panel is a square of this size
 CAPTION_INCHES = 0.42  # room under the panels of a row for two caption lines
 TITLE_INCHES = 0.35
 DPI = 80
-CAPTION_POINTS = 9     # 10 px high at DPI: readable in the MLflow artifact viewer without zooming
-CAPTION_CHARS = 22     # longer class names are shortened to fit under a panel
+CAPTION_POINTS = 9  # 10 px high at DPI: readable in the MLflow artifact viewer without zooming
+CAPTION_CHARS = 22  # longer class names are shortened to fit under a panel
 HIT, MISS, UNKNOWN = "#1a9e3a", "#d62728", "#888888"
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,16 @@ def sample_queries(table: pd.DataFrame, query_rows: np.ndarray, n: int, seed: in
     return np.asarray(chosen, dtype=np.int64)
 
 
-def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_rows, scores,
-                 path: str | Path, title: str | None = None, query_texts=None) -> Path:
+def draw_gallery(
+    table: pd.DataFrame,
+    root: str | Path,
+    query_rows,
+    neighbour_rows,
+    scores,
+    path: str | Path,
+    title: str | None = None,
+    query_texts=None,
+) -> Path:
     """Write the gallery PNG.
 
     table: manifest-like frame with `path` and `label` (relative paths resolve against root;
@@ -91,8 +99,15 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
         if query_texts is not None:  # a text query has no class: neighbours get no hit/miss colour
             query_label = ""
             axes[q, 0].axis("off")
-            axes[q, 0].text(0.5, 0.5, "QUERY\n" + textwrap.fill(str(query_texts[q]), 18), ha="center", va="center",
-                            fontsize=CAPTION_POINTS, transform=axes[q, 0].transAxes)
+            axes[q, 0].text(
+                0.5,
+                0.5,
+                "QUERY\n" + textwrap.fill(str(query_texts[q]), 18),
+                ha="center",
+                va="center",
+                fontsize=CAPTION_POINTS,
+                transform=axes[q, 0].transAxes,
+            )
         else:
             query_label = labels[query_rows[q]]
             show(axes[q, 0], query_rows[q], f"QUERY\n{_short(query_label or Path(paths[query_rows[q]]).name)}", None)
@@ -104,13 +119,25 @@ def draw_gallery(table: pd.DataFrame, root: str | Path, query_rows, neighbour_ro
                 continue
             color = UNKNOWN if not query_label else (HIT if labels[row] == query_label else MISS)
             show(ax, row, f"{_short(labels[row])}\n#{j + 1}  sim {scores[q, j]:.3f}", color)
-    fig.suptitle(title or "query (left) and its nearest images; green = same class, red = other class",
-                 fontsize=CAPTION_POINTS + 1, y=1 - 0.06 / (height / DPI), va="top")
+    fig.suptitle(
+        title or "query (left) and its nearest images; green = same class, red = other class",
+        fontsize=CAPTION_POINTS + 1,
+        y=1 - 0.06 / (height / DPI),
+        va="top",
+    )
     inches = height / DPI
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - TITLE_INCHES / inches, bottom=CAPTION_INCHES / inches,
-                        wspace=0.06, hspace=CAPTION_INCHES / PANEL_INCHES)
+    fig.subplots_adjust(
+        left=0.01,
+        right=0.99,
+        top=1 - TITLE_INCHES / inches,
+        bottom=CAPTION_INCHES / inches,
+        wspace=0.06,
+        hspace=CAPTION_INCHES / PANEL_INCHES,
+    )
     if unreadable:
-        log.warning("gallery: %d image(s) shown as 'unreadable', e.g. %s", len(unreadable), next(iter(unreadable.values())))
+        log.warning(
+            "gallery: %d image(s) shown as 'unreadable', e.g. %s", len(unreadable), next(iter(unreadable.values()))
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the size stays figure_size()
@@ -129,14 +156,22 @@ def neighbour_table(table: pd.DataFrame, query_rows, neighbour_rows, scores) -> 
         for rank, (row, score) in enumerate(zip(neighbour_rows[q], scores[q]), start=1):
             if row < 0:
                 continue
-            rows.append({"query_path": table["path"].iat[query], "query_label": table["label"].iat[query],
-                         "rank": rank, "path": table["path"].iat[row], "label": table["label"].iat[row],
-                         "similarity": float(score)})
+            rows.append(
+                {
+                    "query_path": table["path"].iat[query],
+                    "query_label": table["label"].iat[query],
+                    "rank": rank,
+                    "path": table["path"].iat[row],
+                    "label": table["label"].iat[row],
+                    "similarity": float(score),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def gallery_for_run(table: pd.DataFrame, root, search, n_queries: int, k: int, out_dir: Path,
-                    seed: int = 0, title: str | None = None) -> dict[str, Path]:
+def gallery_for_run(
+    table: pd.DataFrame, root, search, n_queries: int, k: int, out_dir: Path, seed: int = 0, title: str | None = None
+) -> dict[str, Path]:
     """gallery.png and gallery.csv of a run, from its search output (cbir.retrieval.SearchOutput)."""
     setup = search.setup
     k = min(k, search.neighbours.shape[1])
@@ -148,7 +183,9 @@ def gallery_for_run(table: pd.DataFrame, root, search, n_queries: int, k: int, o
     queries = setup.query_rows[picked]
     scores = search.scores[picked, :k]
     out_dir = Path(out_dir)
-    files = {"gallery_png": draw_gallery(table, root, queries, rows, scores, out_dir / "gallery.png", title),
-             "gallery_csv": out_dir / "gallery.csv"}
+    files = {
+        "gallery_png": draw_gallery(table, root, queries, rows, scores, out_dir / "gallery.png", title),
+        "gallery_csv": out_dir / "gallery.csv",
+    }
     neighbour_table(table, queries, rows, scores).to_csv(files["gallery_csv"], index=False)
     return files

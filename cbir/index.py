@@ -87,8 +87,10 @@ def check_params(type: str, params: dict | None, dim: int | None = None) -> None
         raise ConfigError(f"index.params.nbits={params['nbits']}: give at most {MAX_NBITS} (8 is usual)")
     m = params.get("m")
     if dim and m is not None and "{m}" in INDEX_TYPES.get(type, "") and dim % int(m):
-        raise ConfigError(f"index.params.m={m}: must divide the embedding dimension {dim}; use one of "
-                          f"{divisors(dim)}, or leave it unset (null) to take {pq_size(dim)}")
+        raise ConfigError(
+            f"index.params.m={m}: must divide the embedding dimension {dim}; use one of "
+            f"{divisors(dim)}, or leave it unset (null) to take {pq_size(dim)}"
+        )
 
 
 def divisors(n: int) -> list[int]:
@@ -117,9 +119,11 @@ def settled_params(type: str, params: dict | None, n_rows: int, dim: int) -> dic
         params["nlist"] = max(1, n_rows // 39)  # FAISS wants >= 39 training vectors per list
         log.warning("index.params.nlist=%d > %d index rows: using nlist=%d", nlist, n_rows, params["nlist"])
     nbits = int(params.get("nbits", FACTORY_PARAMS["nbits"]))
-    if "{nbits}" in factory and n_rows < 2 ** nbits:
-        raise ConfigError(f"index.params.nbits={nbits}: product quantisation needs at least {2 ** nbits} index rows "
-                          f"to train, the index has {n_rows}; lower nbits or use index=ivf")
+    if "{nbits}" in factory and n_rows < 2**nbits:
+        raise ConfigError(
+            f"index.params.nbits={nbits}: product quantisation needs at least {2**nbits} index rows "
+            f"to train, the index has {n_rows}; lower nbits or use index=ivf"
+        )
     return params
 
 
@@ -160,7 +164,7 @@ def sized_params(type: str, params: dict | None, n_rows: int) -> dict:
     if "{nlist}" not in INDEX_TYPES.get(type, ""):
         return params
     if params.get("nlist") is None:
-        params["nlist"] = int(min(max(1, n_rows // 39), max(16, round(2 * n_rows ** 0.5))))
+        params["nlist"] = int(min(max(1, n_rows // 39), max(16, round(2 * n_rows**0.5))))
     if params.get("nprobe") is None:
         params["nprobe"] = int(min(params["nlist"], max(MIN_NPROBE, params["nlist"] // NPROBE_SHARE)))
     return params
@@ -194,10 +198,14 @@ def build_index(vectors, type: str = "flat", use_gpu="auto", params: dict | None
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     apply_params(index, params)
     # IVF k-means on a sample; other trained structures (index_factory strings) on every row
-    lists = int(params.get("nlist", FACTORY_PARAMS["nlist"])) if "{nlist}" in INDEX_TYPES.get(type, "") else len(vectors)
+    lists = (
+        int(params.get("nlist", FACTORY_PARAMS["nlist"])) if "{nlist}" in INDEX_TYPES.get(type, "") else len(vectors)
+    )
     if use_gpu is True or (use_gpu == "auto" and gpu_available()):
         if not gpu_available():
-            raise RuntimeError("index.use_gpu=true but FAISS sees no GPU; install cbir[gpu] on a GPU machine or set index.use_gpu=auto")
+            raise RuntimeError(
+                "index.use_gpu=true but FAISS sees no GPU; install cbir[gpu] on a GPU machine or set index.use_gpu=auto"
+            )
         if not index.is_trained:  # train on the CPU index; GPU cloning of HNSW is not supported
             index.train(np.ascontiguousarray(training_sample(vectors, lists)))
         options = faiss.GpuMultipleClonerOptions()
@@ -208,12 +216,13 @@ def build_index(vectors, type: str = "flat", use_gpu="auto", params: dict | None
     if not index.is_trained:
         index.train(np.ascontiguousarray(training_sample(vectors, lists)))
     for start in range(0, len(vectors), ADD_BLOCK):
-        index.add(np.ascontiguousarray(vectors[start:start + ADD_BLOCK], dtype=np.float32))
+        index.add(np.ascontiguousarray(vectors[start : start + ADD_BLOCK], dtype=np.float32))
     return index
 
 
-def search(index, queries: np.ndarray, k: int, batch_size: int = 4096,
-           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index, queries: np.ndarray, k: int, batch_size: int = 4096, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, positions) for each query, in batches (no full query x index matrix).
 
     exclude[q] = index position of query q itself (or -1): that hit is removed, and one extra

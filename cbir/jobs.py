@@ -46,5 +46,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from cbir.store import CacheSpaceError
     from cbir.tracking_store import TrackingUnavailable
 
-    return (checks.ConfigError, checks.DataError, ManifestError, EncoderError, ImageLoadError, CacheSpaceError,
-            TrackingUnavailable)
+    return (
+        checks.ConfigError,
+        checks.DataError,
+        ManifestError,
+        EncoderError,
+        ImageLoadError,
+        CacheSpaceError,
+        TrackingUnavailable,
+    )

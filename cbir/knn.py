@@ -45,8 +45,7 @@ def votes(n_relevant: np.ndarray, k: int, mode: str) -> np.ndarray:
     return np.minimum(k, n_relevant) if mode == "study" else np.full(len(n_relevant), int(k))
 
 
-def probabilities(codes: np.ndarray, n_relevant: np.ndarray, k: int, n_classes: int,
-                  mode: str = "study") -> np.ndarray:
+def probabilities(codes: np.ndarray, n_relevant: np.ndarray, k: int, n_classes: int, mode: str = "study") -> np.ndarray:
     """(Q, n_classes) mean one-hot label of each query's first n neighbours (see module doc).
     A row with n = 0 (class absent from the index, study mode) is all zeros."""
     codes = np.asarray(codes)
@@ -60,20 +59,21 @@ def probabilities(codes: np.ndarray, n_relevant: np.ndarray, k: int, n_classes: 
     return counts / np.maximum(n, 1)[:, None]
 
 
-def predictions_by_k(codes: np.ndarray, n_relevant: np.ndarray, k_max: int, n_classes: int,
-                     mode: str = "study", chunk: int = 4096) -> np.ndarray:
+def predictions_by_k(
+    codes: np.ndarray, n_relevant: np.ndarray, k_max: int, n_classes: int, mode: str = "study", chunk: int = 4096
+) -> np.ndarray:
     """(k_max, Q) arg-max class for every k = 1..k_max, adding one neighbour's vote per step
     (the arg-max of the counts is that of the probabilities: they differ by a positive factor)."""
     codes = np.asarray(codes)
     out = np.empty((k_max, len(codes)), dtype=np.int64)
     for start in range(0, len(codes), chunk):
-        block, relevant = codes[start:start + chunk], np.asarray(n_relevant)[start:start + chunk]
+        block, relevant = codes[start : start + chunk], np.asarray(n_relevant)[start : start + chunk]
         counts = np.zeros((len(block), n_classes))
         rows = np.arange(len(block))
         for k in range(1, k_max + 1):
             adds = (votes(relevant, k, mode) >= k) & (block[:, k - 1] >= 0)  # queries whose n grew to k
             counts[rows[adds], block[adds, k - 1]] += 1.0
-            out[k - 1, start:start + chunk] = counts.argmax(axis=1)
+            out[k - 1, start : start + chunk] = counts.argmax(axis=1)
     return out
 
 
@@ -83,9 +83,11 @@ def choose_k(truth: np.ndarray, predictions: np.ndarray) -> tuple[int, pd.DataFr
         f1_score,  # scikit-learn takes seconds to import: not before the checks
     )
 
-    table = pd.DataFrame({
-        "k": np.arange(1, len(predictions) + 1),
-        "micro_f1": [f1_score(truth, p, average="micro") for p in predictions],
-        "macro_f1": [f1_score(truth, p, average="macro", zero_division=0) for p in predictions],
-    })
+    table = pd.DataFrame(
+        {
+            "k": np.arange(1, len(predictions) + 1),
+            "micro_f1": [f1_score(truth, p, average="micro") for p in predictions],
+            "macro_f1": [f1_score(truth, p, average="macro", zero_division=0) for p in predictions],
+        }
+    )
     return int(table["k"].iloc[int(table["micro_f1"].to_numpy().argmax())]), table

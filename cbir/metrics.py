@@ -88,11 +88,18 @@ def removed_relevant(q_codes: np.ndarray, i_codes: np.ndarray, removed_pairs) ->
     return np.bincount(q_pos[same], minlength=len(q_codes))
 
 
-def level_precision(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
-                    query_in_index: np.ndarray, ns, level: str = "class", removed_pairs=None):
+def level_precision(
+    query: pd.DataFrame,
+    index: pd.DataFrame,
+    neighbours: np.ndarray,
+    query_in_index: np.ndarray,
+    ns,
+    level: str = "class",
+    removed_pairs=None,
+):
     """Per-query P@N at a level. Returns (P (len(ns), Q), query codes, code names, n_relevant)."""
     codes, names = _codes(_level_key(query, level), _level_key(index, level))
-    q_codes, i_codes = codes[: len(query)], codes[len(query):]
+    q_codes, i_codes = codes[: len(query)], codes[len(query) :]
     neighbour_codes = np.where(neighbours >= 0, i_codes[np.clip(neighbours, 0, None)], -1)
     hits = neighbour_codes == q_codes[:, None]
     n_relevant = np.bincount(i_codes, minlength=len(names))[q_codes] - (query_in_index >= 0)
@@ -118,11 +125,12 @@ def summarise(p: np.ndarray, q_codes: np.ndarray) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
 
 
-def precision_curve(query, index, neighbours, query_in_index, k: int, chunk: int = 65536,
-                    removed_pairs=None) -> pd.DataFrame:
+def precision_curve(
+    query, index, neighbours, query_in_index, k: int, chunk: int = 65536, removed_pairs=None
+) -> pd.DataFrame:
     """micro and macro P@N for N = 1..k, computed in query chunks (bounded memory)."""
     codes, names = _codes(_level_key(query, "class"), _level_key(index, "class"))
-    q_codes, i_codes = codes[: len(query)], codes[len(query):]
+    q_codes, i_codes = codes[: len(query)], codes[len(query) :]
     removed = removed_relevant(q_codes, i_codes, removed_pairs)
     n_index = np.bincount(i_codes, minlength=len(names))
     k = min(k, neighbours.shape[1])
@@ -151,9 +159,16 @@ def precision_curve(query, index, neighbours, query_in_index, k: int, chunk: int
     return pd.DataFrame({"N": np.arange(1, k + 1), "micro": micro, "macro": macro})
 
 
-def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
-             query_in_index: np.ndarray | None = None, ns=(1, 3, 5, 10),
-             levels=("modality", "anatomy"), curve_k: int = 0, removed_pairs=None) -> RetrievalResult:
+def evaluate(
+    query: pd.DataFrame,
+    index: pd.DataFrame,
+    neighbours: np.ndarray,
+    query_in_index: np.ndarray | None = None,
+    ns=(1, 3, 5, 10),
+    levels=("modality", "anatomy"),
+    curve_k: int = 0,
+    removed_pairs=None,
+) -> RetrievalResult:
     """All metrics of one retrieval run.
 
     query, index: frames with label, modality, anatomy (row order = positions).
@@ -169,8 +184,9 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     query_in_index = np.asarray(query_in_index)
     metrics: dict[str, float] = {}
 
-    p, q_codes, names, n_relevant = level_precision(query, index, neighbours, query_in_index, ns,
-                                                    removed_pairs=removed_pairs)
+    p, q_codes, names, n_relevant = level_precision(
+        query, index, neighbours, query_in_index, ns, removed_pairs=removed_pairs
+    )
     excluded = np.isnan(p[0]) if len(ns) else np.zeros(len(query), bool)
 
     def put(prefix: str, stats: dict[str, np.ndarray], spread: bool = False) -> None:
@@ -194,14 +210,21 @@ def evaluate(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
     metrics["index/max_per_class"] = float(index["label"].value_counts().max()) if len(index) else 0.0
 
     per_class = _per_class_table(query, index, neighbours, p, q_codes, names, n_relevant, ns)
-    curve = (precision_curve(query, index, neighbours, query_in_index, curve_k, removed_pairs=removed_pairs)
-             if curve_k > 0 else pd.DataFrame(columns=["N", "micro", "macro"]))
+    curve = (
+        precision_curve(query, index, neighbours, query_in_index, curve_k, removed_pairs=removed_pairs)
+        if curve_k > 0
+        else pd.DataFrame(columns=["N", "micro", "macro"])
+    )
     excluded_classes = sorted(set(query.loc[excluded, "label"].astype(str)))
-    per_query = pd.DataFrame({"class": query["label"].astype(str).to_numpy(),
-                              "modality": query["modality"].astype(str).to_numpy(),
-                              "anatomy": query["anatomy"].astype(str).to_numpy(),
-                              "first": neighbours[:, 0] if neighbours.shape[1] else np.full(len(query), -1),
-                              **{f"P@{n}": p[j] for j, n in enumerate(ns)}})
+    per_query = pd.DataFrame(
+        {
+            "class": query["label"].astype(str).to_numpy(),
+            "modality": query["modality"].astype(str).to_numpy(),
+            "anatomy": query["anatomy"].astype(str).to_numpy(),
+            "first": neighbours[:, 0] if neighbours.shape[1] else np.full(len(query), -1),
+            **{f"P@{n}": p[j] for j, n in enumerate(ns)},
+        }
+    )
     return RetrievalResult(metrics, per_class, curve, len(query), int(excluded.sum()), excluded_classes, per_query)
 
 
@@ -209,9 +232,14 @@ def _per_class_table(query, index, neighbours, p, q_codes, names, n_relevant, ns
     labels = query["label"].astype(str).to_numpy()
     first = neighbours[:, 0] if neighbours.shape[1] else np.full(len(query), -1)
     first_label = np.where(first >= 0, index["label"].astype(str).to_numpy()[np.clip(first, 0, None)], "")
-    frame = pd.DataFrame({"class": labels, "modality": query["modality"].astype(str).to_numpy(),
-                          "anatomy": query["anatomy"].astype(str).to_numpy(),
-                          "first": first_label})
+    frame = pd.DataFrame(
+        {
+            "class": labels,
+            "modality": query["modality"].astype(str).to_numpy(),
+            "anatomy": query["anatomy"].astype(str).to_numpy(),
+            "first": first_label,
+        }
+    )
     for j, n in enumerate(ns):
         frame[f"P@{n}"] = p[j]
     n_index = index["label"].astype(str).value_counts()

@@ -50,10 +50,11 @@ class MultiLabelResult:
 class FindingSets:
     """Finding sets of the query and index rows as bitsets over the finding keys, grouped by
     distinct set (combination): few distinct sets even in large datasets."""
-    keys: np.ndarray          # (F,) finding keys "<MOD>/<anatomy>/<finding>", sorted
-    combo_bits: np.ndarray    # (C, W) uint64 bitset of each distinct set
-    query_combo: np.ndarray   # (Q,) distinct-set id of each query
-    index_combo: np.ndarray   # (I,) distinct-set id of each index row
+
+    keys: np.ndarray  # (F,) finding keys "<MOD>/<anatomy>/<finding>", sorted
+    combo_bits: np.ndarray  # (C, W) uint64 bitset of each distinct set
+    query_combo: np.ndarray  # (Q,) distinct-set id of each query
+    index_combo: np.ndarray  # (I,) distinct-set id of each index row
 
     @classmethod
     def build(cls, query: pd.DataFrame, index: pd.DataFrame) -> FindingSets:
@@ -73,7 +74,7 @@ class FindingSets:
         for c, m in enumerate(members):
             for k in m:
                 bits[c, position[k] // 64] |= np.uint64(1) << np.uint64(position[k] % 64)
-        return cls(keys, bits, combo[: len(query)], combo[len(query):])
+        return cls(keys, bits, combo[: len(query)], combo[len(query) :])
 
     def membership(self) -> np.ndarray:
         """(C, F) bool: which findings each distinct set holds."""
@@ -112,8 +113,14 @@ def _ideal_gains(jaccard: np.ndarray, counts: np.ndarray, depth: int) -> np.ndar
     return out
 
 
-def per_query(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
-              query_in_index: np.ndarray | None = None, ns=(1, 3, 5, 10), chunk: int = 16384):
+def per_query(
+    query: pd.DataFrame,
+    index: pd.DataFrame,
+    neighbours: np.ndarray,
+    query_in_index: np.ndarray | None = None,
+    ns=(1, 3, 5, 10),
+    chunk: int = 16384,
+):
     """Per-query values: dict name -> (Q,) array (NaN for excluded queries), FindingSets, n_rel."""
     query, index = query.reset_index(drop=True), index.reset_index(drop=True)
     ns = sorted(int(n) for n in ns)
@@ -176,8 +183,7 @@ def per_query(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
 
 def metric_names(ns) -> list[str]:
     ns = sorted(int(n) for n in ns)
-    return ([metric_name(n) for n in ns] + [f"mAP_at_{n}" for n in ns] + [f"nDCG_at_{n}" for n in ns]
-            + ["R_precision"])
+    return [metric_name(n) for n in ns] + [f"mAP_at_{n}" for n in ns] + [f"nDCG_at_{n}" for n in ns] + ["R_precision"]
 
 
 def _query_finding_pairs(sets: FindingSets, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,8 +206,13 @@ def _finding_means(values: np.ndarray, pairs, mask: np.ndarray) -> pd.Series:
     return pd.Series(v[ok]).groupby(finding_of_pair[ok]).mean()
 
 
-def evaluate_multilabel(query: pd.DataFrame, index: pd.DataFrame, neighbours: np.ndarray,
-                        query_in_index: np.ndarray | None = None, ns=(1, 3, 5, 10)) -> MultiLabelResult:
+def evaluate_multilabel(
+    query: pd.DataFrame,
+    index: pd.DataFrame,
+    neighbours: np.ndarray,
+    query_in_index: np.ndarray | None = None,
+    ns=(1, 3, 5, 10),
+) -> MultiLabelResult:
     """All multi-label metrics of one retrieval run (names prefixed `ml/`).
 
     query, index: frames with modality, anatomy, label and optionally findings (row order =

@@ -23,19 +23,29 @@ def evaluate_search(table: pd.DataFrame, search, ns) -> MultiLabelResult:
     """Multi-label metrics of a run's SearchOutput (same neighbours as the single-label metrics)."""
     columns = [c for c in ("label", "modality", "anatomy", "findings") if c in table.columns]
     setup = search.setup
-    return evaluate_multilabel(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
-                               search.neighbours, retrieval.own_positions(setup.index_rows, setup.query_rows), ns)
+    return evaluate_multilabel(
+        table.iloc[setup.query_rows][columns],
+        table.iloc[setup.index_rows][columns],
+        search.neighbours,
+        retrieval.own_positions(setup.index_rows, setup.query_rows),
+        ns,
+    )
 
 
 def job_outputs(table: pd.DataFrame, search, ns, tracker, out: Path, title: str, cfg=None) -> dict[str, Path]:
     result = evaluate_search(table, search, ns)
     if cfg is not None:
-        result.metrics.update(per_query.multilabel_intervals(result.per_query, table.iloc[search.setup.query_rows], cfg))
+        result.metrics.update(
+            per_query.multilabel_intervals(result.per_query, table.iloc[search.setup.query_rows], cfg)
+        )
     tracker.log_metrics(result.metrics)
     out.mkdir(parents=True, exist_ok=True)
     files = {"multilabel_metrics": out / "multilabel_metrics.json", "per_finding": out / "per_finding.csv"}
-    files["multilabel_metrics"].write_text(json.dumps(
-        {"metrics": result.metrics, "queries": result.n_queries, "excluded_queries": result.n_excluded}, indent=1))
+    files["multilabel_metrics"].write_text(
+        json.dumps(
+            {"metrics": result.metrics, "queries": result.n_queries, "excluded_queries": result.n_excluded}, indent=1
+        )
+    )
     result.per_finding.to_csv(files["per_finding"], index=False)
     if cfg is not None:
         per_query.add_shown(files["multilabel_metrics"])
@@ -49,10 +59,18 @@ def summary_table(result: MultiLabelResult, ns, title: str) -> Table:
     m = result.metrics
     deepest = max(int(n) for n in ns)
     columns = [(f"P@{n}", metric_name(n)) for n in sorted(int(n) for n in ns)]
-    columns += [(f"mAP@{deepest}", f"mAP_at_{deepest}"), (f"nDCG@{deepest}", f"nDCG_at_{deepest}"),
-                ("R-prec", "R_precision")]
-    table = Table(title=title, caption=(f"micro/macro over {result.n_queries - result.n_excluded} queries "
-                                        "(macro: over findings); relevant = shares a finding, nDCG gain = Jaccard"))
+    columns += [
+        (f"mAP@{deepest}", f"mAP_at_{deepest}"),
+        (f"nDCG@{deepest}", f"nDCG_at_{deepest}"),
+        ("R-prec", "R_precision"),
+    ]
+    table = Table(
+        title=title,
+        caption=(
+            f"micro/macro over {result.n_queries - result.n_excluded} queries "
+            "(macro: over findings); relevant = shares a finding, nDCG gain = Jaccard"
+        ),
+    )
     table.add_column("subset")
     for header, _ in columns:
         table.add_column(header, justify="center")
@@ -62,8 +80,11 @@ def summary_table(result: MultiLabelResult, ns, title: str) -> Table:
         for _, name in columns:
             values = [m.get(f"{PREFIX}{prefix}{avg}/{name}") for avg in ("micro", "macro")]
             if f"{PREFIX}{prefix}micro/{name}_ci_low" in m:  # micro with its interval above macro
-                cells.append(with_interval(m, f"{PREFIX}{prefix}micro/{name}") + "\n"
-                             + ("-" if values[1] is None or values[1] != values[1] else f"{values[1]:.3f}"))
+                cells.append(
+                    with_interval(m, f"{PREFIX}{prefix}micro/{name}")
+                    + "\n"
+                    + ("-" if values[1] is None or values[1] != values[1] else f"{values[1]:.3f}")
+                )
                 continue
             cells.append("/".join("-" if v is None or v != v else f"{v:.3f}" for v in values))
         table.add_row(label, *cells)
@@ -86,9 +107,13 @@ def report_table(runs: pd.DataFrame, ns, identity) -> pd.DataFrame:
         return pd.DataFrame()
     deepest = max(int(n) for n in ns)
     columns = {f"{PREFIX}{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}
-    columns.update({f"{PREFIX}micro/mAP_at_{deepest}": f"micro mAP@{deepest}",
-                    f"{PREFIX}micro/nDCG_at_{deepest}": f"micro nDCG@{deepest}",
-                    f"{PREFIX}micro/R_precision": "micro R-precision"})
+    columns.update(
+        {
+            f"{PREFIX}micro/mAP_at_{deepest}": f"micro mAP@{deepest}",
+            f"{PREFIX}micro/nDCG_at_{deepest}": f"micro nDCG@{deepest}",
+            f"{PREFIX}micro/R_precision": "micro R-precision",
+        }
+    )
     for name, label in [(k, v) for k, v in columns.items() if "/micro/" in k]:  # bounds shown by to_markdown
         columns.update({f"{name}_ci_low": f"{label} low", f"{name}_ci_high": f"{label} high"})
     ident = identity(runs)

@@ -37,26 +37,12 @@ def check_config(cfg: DictConfig) -> None:
             f"eval.ci.resamples={resamples}: give a whole number of resamples (1000), or 0 for no intervals"
         )
     if isinstance(flips, bool) or not isinstance(flips, int) or flips < 1:
-        raise ConfigError(
-            f"eval.ci.flips={flips}: give a positive number of sign flips, e.g. 10000"
-        )
-    if (
-        isinstance(level, bool)
-        or not isinstance(level, (int, float))
-        or not 0 < level < 1
-    ):
-        raise ConfigError(
-            f"eval.ci.level={level}: give a coverage between 0 and 1, e.g. 0.95"
-        )
+        raise ConfigError(f"eval.ci.flips={flips}: give a positive number of sign flips, e.g. 10000")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ConfigError(f"eval.ci.level={level}: give a coverage between 0 and 1, e.g. 0.95")
     threshold = (cfg.eval.get("audit") or {}).get("near_duplicate", 0.999)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, (int, float))
-        or not -1 <= threshold <= 1
-    ):
-        raise ConfigError(
-            f"eval.audit.near_duplicate={threshold}: give a cosine between -1 and 1, e.g. 0.999"
-        )
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
+        raise ConfigError(f"eval.audit.near_duplicate={threshold}: give a cosine between -1 and 1, e.g. 0.999")
     exclude = cfg.eval.get("exclude_same_patient", False)
     if not isinstance(exclude, bool):
         raise ConfigError(f"eval.exclude_same_patient={exclude}: give true or false")
@@ -79,12 +65,8 @@ def retrieval_records(table: pd.DataFrame, search, result) -> pd.DataFrame:
     records.insert(0, "path", table["path"].to_numpy()[setup.query_rows].astype(str))
     records.insert(0, "row", setup.query_rows)
     first = records.pop("first").to_numpy()
-    records["neighbour_row"] = np.where(
-        first >= 0, setup.index_rows[np.clip(first, 0, None)], -1
-    )
-    records["neighbour_cosine"] = (
-        search.scores[:, 0] if search.scores.shape[1] else np.nan
-    )
+    records["neighbour_row"] = np.where(first >= 0, setup.index_rows[np.clip(first, 0, None)], -1)
+    records["neighbour_cosine"] = search.scores[:, 0] if search.scores.shape[1] else np.nan
     return records
 
 
@@ -92,9 +74,7 @@ def add_retrieval_intervals(result, records: pd.DataFrame, cfg: DictConfig) -> N
     """`<metric>_ci_low/_ci_high` of micro/macro P@N, overall and per modality, into result.metrics."""
     resamples, level, seed = ci_settings(cfg)
     ns = sorted(int(n) for n in cfg.eval.n)
-    result.metrics.update(
-        uncertainty.retrieval_intervals(records, ns, resamples, level, seed)
-    )
+    result.metrics.update(uncertainty.retrieval_intervals(records, ns, resamples, level, seed))
 
 
 def multilabel_intervals(
@@ -117,10 +97,7 @@ def multilabel_intervals(
     )
     out: dict[str, float] = {}
     subsets = [("", np.ones(len(records), bool))]
-    subsets += [
-        (f"modality/{m}/", (records["modality"] == m).to_numpy())
-        for m in sorted(records["modality"].unique())
-    ]
+    subsets += [(f"modality/{m}/", (records["modality"] == m).to_numpy()) for m in sorted(records["modality"].unique())]
     for name in values:
         for subset, mask in subsets:
             part = records[mask]
@@ -140,17 +117,11 @@ def classification_records(
     prefix: str, rows: np.ndarray, truth: np.ndarray, probabilities: np.ndarray, classes
 ) -> pd.DataFrame:
     classes = [str(c) for c in classes]
-    predicted = (
-        np.asarray(probabilities).argmax(axis=1)
-        if len(rows)
-        else np.zeros(0, dtype=np.int64)
-    )
+    predicted = np.asarray(probabilities).argmax(axis=1) if len(rows) else np.zeros(0, dtype=np.int64)
     frame = pd.DataFrame(
         {
             "row": np.asarray(rows),
-            f"{prefix}_predicted": np.asarray(classes)[predicted]
-            if len(rows)
-            else np.array([], dtype=str),
+            f"{prefix}_predicted": np.asarray(classes)[predicted] if len(rows) else np.array([], dtype=str),
             f"{prefix}_correct": predicted == np.asarray(truth),
         }
     )
@@ -171,16 +142,10 @@ def write(parts: list[pd.DataFrame], table: pd.DataFrame, out: Path) -> Path | N
         merged = merged.merge(part, on="row", how="outer")
     if "path" not in merged or merged["path"].isna().any():
         merged["path"] = table["path"].to_numpy()[merged["row"].to_numpy()].astype(str)
-        merged["class"] = (
-            table["label"].astype(str).to_numpy()[merged["row"].to_numpy()]
-        )
-        merged["modality"] = (
-            table["modality"].astype(str).to_numpy()[merged["row"].to_numpy()]
-        )
+        merged["class"] = table["label"].astype(str).to_numpy()[merged["row"].to_numpy()]
+        merged["modality"] = table["modality"].astype(str).to_numpy()[merged["row"].to_numpy()]
     first = [c for c in ("row", "path", "class", "modality") if c in merged]
-    merged = merged[first + [c for c in merged.columns if c not in first]].sort_values(
-        "row"
-    )
+    merged = merged[first + [c for c in merged.columns if c not in first]].sort_values("row")
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE
     merged.to_parquet(path, index=False)
@@ -189,11 +154,7 @@ def write(parts: list[pd.DataFrame], table: pd.DataFrame, out: Path) -> Path | N
 
 def shown_with_intervals(metrics: dict[str, float]) -> dict[str, str]:
     """`name: "0.409 [0.37, 0.45]"` for every metric that has an interval (for metrics files)."""
-    return {
-        name: uncertainty.with_interval(metrics, name)
-        for name in metrics
-        if f"{name}_ci_low" in metrics
-    }
+    return {name: uncertainty.with_interval(metrics, name) for name in metrics if f"{name}_ci_low" in metrics}
 
 
 def add_shown(path: Path) -> None:

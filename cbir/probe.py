@@ -35,7 +35,12 @@ class EmbeddingRows(Dataset):
     batch of positions at once (one fancy-indexed read per batch)."""
 
     def __init__(self, embeddings: np.ndarray, rows: np.ndarray, codes: np.ndarray, normalise: bool = True):
-        self.embeddings, self.rows, self.codes, self.normalise = embeddings, np.asarray(rows), np.asarray(codes), normalise
+        self.embeddings, self.rows, self.codes, self.normalise = (
+            embeddings,
+            np.asarray(rows),
+            np.asarray(codes),
+            normalise,
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -116,13 +121,21 @@ class KeepBest(Callback):
             self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def fit(embeddings: np.ndarray, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None,
-        n_classes: int, cfg, seed: int) -> tuple[LinearProbe, pd.DataFrame, int]:
+def fit(
+    embeddings: np.ndarray,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None,
+    n_classes: int,
+    cfg,
+    seed: int,
+) -> tuple[LinearProbe, pd.DataFrame, int]:
     """Train on (rows, codes) of `train`, select on `val` (None: keep the last epoch).
     Returns the module with the selected weights, the per-epoch history and the selected epoch."""
     L.seed_everything(seed, verbose=False)
     normalise = bool(cfg.get("normalise", True))
-    module = LinearProbe(int(embeddings.shape[1]), n_classes, float(cfg.lr), float(cfg.weight_decay), float(cfg.init_std))
+    module = LinearProbe(
+        int(embeddings.shape[1]), n_classes, float(cfg.lr), float(cfg.weight_decay), float(cfg.init_std)
+    )
     batch = int(cfg.batch_size)
     train_loader = loader(EmbeddingRows(embeddings, *train, normalise), batch, shuffle=True, seed=seed)
     val_loader = loader(EmbeddingRows(embeddings, *val, normalise), batch, shuffle=False) if val else None
@@ -130,11 +143,22 @@ def fit(embeddings: np.ndarray, train: tuple[np.ndarray, np.ndarray], val: tuple
     callbacks = [keep, EarlyStopping("val_acc", mode="max", patience=int(cfg.patience))] if val else []
     # process-wide torch settings, restored so later jobs of a multirun (extraction) keep theirs
     threads = torch.get_num_threads()
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    trainer = L.Trainer(max_epochs=int(cfg.max_epochs), accelerator=str(cfg.accelerator), devices=1,
-                        logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks,
-                        deterministic="warn")  # deterministic kernels; only warn where CUDA has none
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    trainer = L.Trainer(
+        max_epochs=int(cfg.max_epochs),
+        accelerator=str(cfg.accelerator),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        deterministic="warn",
+    )  # deterministic kernels; only warn where CUDA has none
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     try:
@@ -150,8 +174,9 @@ def fit(embeddings: np.ndarray, train: tuple[np.ndarray, np.ndarray], val: tuple
 
 
 @torch.no_grad()
-def predict(module: LinearProbe, embeddings: np.ndarray, rows: np.ndarray, batch_size: int = 4096,
-            normalise: bool = True) -> np.ndarray:
+def predict(
+    module: LinearProbe, embeddings: np.ndarray, rows: np.ndarray, batch_size: int = 4096, normalise: bool = True
+) -> np.ndarray:
     """Softmax probabilities (len(rows), classes)."""
     module.eval()
     data = EmbeddingRows(embeddings, rows, np.zeros(len(rows), dtype=np.int64), normalise)

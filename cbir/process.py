@@ -132,5 +132,8 @@ def terminated() -> bool:
 def stopped_from_outside(error: BaseException) -> bool:
     """A signal, Ctrl-C or the scheduler (submitit's time-out handling) ended the job, rather
     than an error of its own: its run is KILLED, not FAILED."""
-    return _terminated or isinstance(error, (Terminated, KeyboardInterrupt, SystemExit)) \
+    return (
+        _terminated
+        or isinstance(error, (Terminated, KeyboardInterrupt, SystemExit))
         or type(error).__name__ == "UncompletedJobError"
+    )

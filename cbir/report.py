@@ -40,7 +40,9 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
     client = MlflowClient(tracker.uri)
     experiment = client.get_experiment_by_name(tracker.experiment)
     if experiment is None:
-        raise ReportError(f"tracking.experiment={tracker.experiment}: no such experiment in {tracker.uri}; run cbir.run first")
+        raise ReportError(
+            f"tracking.experiment={tracker.experiment}: no such experiment in {tracker.uri}; run cbir.run first"
+        )
     eid = experiment.experiment_id
     parent = sweep_parent(client, eid, runs)
     filters = ["attributes.status = 'FINISHED'", "tags.config_hash != ''"]
@@ -48,11 +50,19 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
         filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
     if extra_filter:
         filters.append(f"({extra_filter})" if " or " in extra_filter.lower() else extra_filter)
-    found = client.search_runs([eid], filter_string=" and ".join(filters),
-                               order_by=["attributes.start_time DESC"], max_results=50000)
-    rows = [{"run_id": r.info.run_id, **{k: r.data.tags.get(k) for k in IDENTITY + ["config_hash"]},
-             "query_set": r.data.tags.get("cbir.query_set"), "run": r.data.tags.get("mlflow.runName", r.info.run_id),
-             **r.data.metrics} for r in found]
+    found = client.search_runs(
+        [eid], filter_string=" and ".join(filters), order_by=["attributes.start_time DESC"], max_results=50000
+    )
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            **{k: r.data.tags.get(k) for k in IDENTITY + ["config_hash"]},
+            "query_set": r.data.tags.get("cbir.query_set"),
+            "run": r.data.tags.get("mlflow.runName", r.info.run_id),
+            **r.data.metrics,
+        }
+        for r in found
+    ]
     table = pd.DataFrame(rows)
     if len(table):
         table["task"] = table["task"].fillna("retrieval")  # runs from before the task group
@@ -65,8 +75,12 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
 def sweep_parent(client, experiment_id: str, runs: str) -> str | None:
     """The parent run `report.runs` selects: the latest sweep's, a given id, or none (all)."""
     if runs == "latest_sweep":
-        sweeps = client.search_runs([experiment_id], filter_string="tags.`cbir.role` = 'sweep'",
-                                    order_by=["attributes.start_time DESC"], max_results=1)
+        sweeps = client.search_runs(
+            [experiment_id],
+            filter_string="tags.`cbir.role` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return sweeps[0].info.run_id if sweeps else None
     return None if runs == "all" else runs
 
@@ -100,8 +114,12 @@ def retrieval_runs(runs: pd.DataFrame, ns) -> pd.DataFrame:
 def table1(runs: pd.DataFrame, ns) -> pd.DataFrame:
     runs = retrieval_runs(runs, ns)
     ident = identity_columns(runs)
-    columns = {f"{avg}/{metric_name(n)}{suffix}": f"{avg} P@{n}{label}" for avg in ("micro", "macro") for n in ns
-               for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))}  # bounds: see to_markdown
+    columns = {
+        f"{avg}/{metric_name(n)}{suffix}": f"{avg} P@{n}{label}"
+        for avg in ("micro", "macro")
+        for n in ns
+        for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))
+    }  # bounds: see to_markdown
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     return table.sort_values(ident, key=_natural).reset_index(drop=True)
 
@@ -124,18 +142,35 @@ def per_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
         for key in run.index:
             parts = str(key).split("/")
             suffix = next((b for b in ("_ci_low", "_ci_high") if parts[-1].endswith(b)), "")
-            if len(parts) == 4 and parts[0] == "modality" and parts[2] in ("micro", "macro") \
-                    and parts[3].removesuffix(suffix) in {metric_name(n) for n in ns} and run[key] == run[key]:
-                rows.append({**{c: run[c] for c in ident}, "modality": parts[1], "average": parts[2],
-                             "N": int(parts[3].removesuffix(suffix).rsplit("_", 1)[1]), "bound": bounds[suffix],
-                             "value": run[key]})
+            if (
+                len(parts) == 4
+                and parts[0] == "modality"
+                and parts[2] in ("micro", "macro")
+                and parts[3].removesuffix(suffix) in {metric_name(n) for n in ns}
+                and run[key] == run[key]
+            ):
+                rows.append(
+                    {
+                        **{c: run[c] for c in ident},
+                        "modality": parts[1],
+                        "average": parts[2],
+                        "N": int(parts[3].removesuffix(suffix).rsplit("_", 1)[1]),
+                        "bound": bounds[suffix],
+                        "value": run[key],
+                    }
+                )
     if not rows:
         return pd.DataFrame()
     long = pd.DataFrame(rows)
     wide = long.pivot_table(index=ident + ["modality"], columns=["average", "N", "bound"], values="value")
     wide.columns = [f"{avg} P@{n}{bound}" for avg, n, bound in wide.columns]
-    ordered = [f"{avg} P@{n}{bound}" for avg in ("micro", "macro") for n in ns for bound in bounds.values()
-               if f"{avg} P@{n}{bound}" in wide]  # as table1
+    ordered = [
+        f"{avg} P@{n}{bound}"
+        for avg in ("micro", "macro")
+        for n in ns
+        for bound in bounds.values()
+        if f"{avg} P@{n}{bound}" in wide
+    ]  # as table1
     return wide[ordered].reset_index().sort_values(ident + ["modality"], key=_natural).reset_index(drop=True)
 
 
@@ -145,8 +180,12 @@ def saturation(runs: pd.DataFrame, ns) -> pd.DataFrame:
     if runs["per_class"].nunique() < 2:
         return pd.DataFrame()
     frame = reporting.saturation_frame(runs, ns)
-    names = {"group": "encoder", "per_class": "rows/class", "step": "max rows/class in index",
-             **{f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns}}
+    names = {
+        "group": "encoder",
+        "per_class": "rows/class",
+        "step": "max rows/class in index",
+        **{f"{avg}/{metric_name(n)}": f"{avg} P@{n}" for avg in ("micro", "macro") for n in ns},
+    }
     return frame.rename(columns=names)
 
 
@@ -158,8 +197,11 @@ def classification_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
     runs = runs[runs[f"{prefix}/accuracy"].notna()]
     ident = identity_columns(runs)
     chosen = {"knn": {"knn/k": "k"}, "probe": {"probe/best_epoch": "best epoch (from 0)"}, "zero_shot": {}}[prefix]
-    columns = {f"{prefix}/{name}{suffix}": classification.LABELS[name] + label for name in classification.METRICS
-               for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))}
+    columns = {
+        f"{prefix}/{name}{suffix}": classification.LABELS[name] + label
+        for name in classification.METRICS
+        for suffix, label in (("", ""), ("_ci_low", " low"), ("_ci_high", " high"))
+    }
     columns.update(chosen)
     table = runs[ident + [c for c in columns if c in runs]].rename(columns=columns)
     for column in chosen.values():
@@ -190,10 +232,16 @@ def classification_per_modality(runs: pd.DataFrame, prefix: str) -> pd.DataFrame
     rows = []
     for _, run in runs.iterrows():
         for modality in sorted({str(k).split("/")[2] for k in keys}):
-            values = {classification.LABELS[m]: run.get(f"{prefix}/modality/{modality}/{m}") for m in classification.METRICS}
+            values = {
+                classification.LABELS[m]: run.get(f"{prefix}/modality/{modality}/{m}") for m in classification.METRICS
+            }
             if any(pd.notna(v) for v in values.values()):
                 rows.append({**{c: run[c] for c in ident}, "modality": modality, **values})
-    return pd.DataFrame(rows).sort_values(ident + ["modality"], key=_natural).reset_index(drop=True) if rows else pd.DataFrame()
+    return (
+        pd.DataFrame(rows).sort_values(ident + ["modality"], key=_natural).reset_index(drop=True)
+        if rows
+        else pd.DataFrame()
+    )
 
 
 def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
@@ -210,7 +258,9 @@ def comparison(table: pd.DataFrame, reference: Path, ns) -> pd.DataFrame:
                 column = f"{avg}_p{n}"
                 if column in ref and f"{avg} P@{n}" in row:
                     paper = float(match.iloc[0][column])
-                    item[f"{avg} P@{n}"] = f"{row[f'{avg} P@{n}']:.3f} ({row[f'{avg} P@{n}'] - paper:+.3f} vs {paper:.3f})"
+                    item[f"{avg} P@{n}"] = (
+                        f"{row[f'{avg} P@{n}']:.3f} ({row[f'{avg} P@{n}'] - paper:+.3f} vs {paper:.3f})"
+                    )
         out.append(item)
     return pd.DataFrame(out)
 
@@ -235,30 +285,39 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
     ns = list(cfg.report.ns)
     out = Path(cfg.report.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"table1": table1(runs, ns), "per_modality": per_modality(runs, ns), "saturation": saturation(runs, ns),
-              "knn_classification": classification_table(runs, "knn"),
-              "linear_probe": classification_table(runs, "probe"),
-              "zero_shot": classification_table(runs, "zero_shot"),
-              "text_retrieval": text_table(runs, ns),
-              "knn_per_modality": classification_per_modality(runs, "knn"),
-              "probe_per_modality": classification_per_modality(runs, "probe")}
+    tables = {
+        "table1": table1(runs, ns),
+        "per_modality": per_modality(runs, ns),
+        "saturation": saturation(runs, ns),
+        "knn_classification": classification_table(runs, "knn"),
+        "linear_probe": classification_table(runs, "probe"),
+        "zero_shot": classification_table(runs, "zero_shot"),
+        "text_retrieval": text_table(runs, ns),
+        "knn_per_modality": classification_per_modality(runs, "knn"),
+        "probe_per_modality": classification_per_modality(runs, "probe"),
+    }
     tables["multilabel"] = multilabel.report_table(runs, ns, identity_columns)  # empty without labels=multi runs
     tables["paired_comparisons"], tables["tied_for_best"] = paired_comparisons(cfg, runs, ns)
     if cfg.report.get("reference"):
         single = runs[runs["labels"] == "single"] if "labels" in runs else runs  # the study's setting
         tables["comparison"] = comparison(table1(single, ns), Path(cfg.report.reference), ns)
-    titles = {"table1": "Retrieval precision (modified P@N)", "per_modality": "Per modality",
-              "saturation": "Saturation (P@N against index rows per class)", "comparison": "Against the published numbers",
-              "multilabel": "Multi-label retrieval (dataset.labels=multi): relevant = shares a finding; macro over "
-                            "findings; nDCG gain = Jaccard overlap of the finding sets",
-              "knn_classification": "k-NN classification (test split; k chosen on val)",
-              "linear_probe": "Linear probe (test split; epoch chosen on val)",
-              "zero_shot": "Zero-shot classification (test split; class prompts of the text tower)",
-              "text_retrieval": "Text queries (one per class, prompts averaged; modified P@N against the image index)",
-              "knn_per_modality": "k-NN classification per modality", "probe_per_modality": "Linear probe per modality",
-              "tied_for_best": "Tied for best (paired sign-flip test against the best, Holm-adjusted p >= 0.05)",
-              "paired_comparisons": "Paired comparisons (runs that answered the same queries; difference A - B with "
-                                    "its bootstrap interval, sign-flip p and Holm-adjusted p)"}
+    titles = {
+        "table1": "Retrieval precision (modified P@N)",
+        "per_modality": "Per modality",
+        "saturation": "Saturation (P@N against index rows per class)",
+        "comparison": "Against the published numbers",
+        "multilabel": "Multi-label retrieval (dataset.labels=multi): relevant = shares a finding; macro over "
+        "findings; nDCG gain = Jaccard overlap of the finding sets",
+        "knn_classification": "k-NN classification (test split; k chosen on val)",
+        "linear_probe": "Linear probe (test split; epoch chosen on val)",
+        "zero_shot": "Zero-shot classification (test split; class prompts of the text tower)",
+        "text_retrieval": "Text queries (one per class, prompts averaged; modified P@N against the image index)",
+        "knn_per_modality": "k-NN classification per modality",
+        "probe_per_modality": "Linear probe per modality",
+        "tied_for_best": "Tied for best (paired sign-flip test against the best, Holm-adjusted p >= 0.05)",
+        "paired_comparisons": "Paired comparisons (runs that answered the same queries; difference A - B with "
+        "its bootstrap interval, sign-flip p and Holm-adjusted p)",
+    }
     files, sections = {}, [f"# cbir report\n\nRuns: {where} ({len(runs)} runs).\n"]
     for name, frame in tables.items():
         if frame.empty:
@@ -269,8 +328,13 @@ def write_report(cfg: DictConfig) -> dict[str, Path]:
         files[f"{name}.md"].write_text(to_markdown(frame))
         sections.append(f"## {titles[name]}\n\n{to_markdown(frame)}")
     files[comparison_page.PAGE_NAME] = comparison_page.write_page(
-        runs, ns, out / comparison_page.PAGE_NAME, f"cbir report: {where}", _tied(tables["tied_for_best"], runs),
-        comparison_page.per_class_tables(MlflowClient(tracker.uri), runs))
+        runs,
+        ns,
+        out / comparison_page.PAGE_NAME,
+        f"cbir report: {where}",
+        _tied(tables["tied_for_best"], runs),
+        comparison_page.per_class_tables(MlflowClient(tracker.uri), runs),
+    )
     files["report.md"] = out / "report.md"
     files["report.md"].write_text("\n".join(sections))
     if len(tables["table1"]):
@@ -303,7 +367,8 @@ def paired_comparisons(cfg: DictConfig, runs: pd.DataFrame, ns) -> tuple[pd.Data
     records = comparisons.download_records(MlflowClient(tracking.Tracker.from_config(cfg).uri), runs["run_id"])
     settings = comparisons.ci_settings(cfg)
     pairs, verdicts = comparisons.compare_groups(
-        pd.DataFrame({"name": runs["run"], "group": runs["query_set"], "run_id": runs["run_id"]}), records, *settings)
+        pd.DataFrame({"name": runs["run"], "group": runs["query_set"], "run_id": runs["run_id"]}), records, *settings
+    )
     if verdicts.empty:
         return pairs, pd.DataFrame()
     tied = verdicts[verdicts["tied_for_best"]].sort_values(["group", "metric", "value"], ascending=[True, True, False])
@@ -312,18 +377,27 @@ def paired_comparisons(cfg: DictConfig, runs: pd.DataFrame, ns) -> tuple[pd.Data
 
 def _print(frame: pd.DataFrame, where: str, ns) -> None:
     """Console view of Table 1; cells micro/macro so it fits a terminal."""
-    table = Table(title=f"modified P@N — {where}", caption="cells: micro/macro" + (
-        "; \\[low, high]: bootstrap interval" if "micro P@1 low" in frame else ""))
+    table = Table(
+        title=f"modified P@N — {where}",
+        caption="cells: micro/macro" + ("; \\[low, high]: bootstrap interval" if "micro P@1 low" in frame else ""),
+    )
     ident = [c for c in frame.columns if "P@" not in str(c)]
     for column in ident:
         table.add_column(str(column))
     for n in ns:
         table.add_column(f"P@{n}", justify="center")
     for _, row in frame.iterrows():
-        cells = ["\n".join(uncertainty.fmt_interval(row.get(f"{avg} P@{n}"), row.get(f"{avg} P@{n} low"),
-                                                   row.get(f"{avg} P@{n} high")) for avg in ("micro", "macro"))
-                 if f"micro P@{n} low" in row else
-                 f"{row.get(f'micro P@{n}', float('nan')):.3f}/{row.get(f'macro P@{n}', float('nan')):.3f}" for n in ns]
+        cells = [
+            "\n".join(
+                uncertainty.fmt_interval(
+                    row.get(f"{avg} P@{n}"), row.get(f"{avg} P@{n} low"), row.get(f"{avg} P@{n} high")
+                )
+                for avg in ("micro", "macro")
+            )
+            if f"micro P@{n} low" in row
+            else f"{row.get(f'micro P@{n}', float('nan')):.3f}/{row.get(f'macro P@{n}', float('nan')):.3f}"
+            for n in ns
+        ]
         table.add_row(*[str(row[c]) for c in ident], *cells)
     Console(width=max(Console().width, 120)).print(table)
 

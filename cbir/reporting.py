@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from rich.console import Console
 from rich.table import Table
 
@@ -33,8 +32,9 @@ def write_job_files(result: RetrievalResult, job_dir: Path) -> dict[str, Path]:
     files["metrics"].write_text(json.dumps(payload, indent=1))
     # P@N next to the class name: the first columns the artifact viewer shows
     first = ["class"] + [c for c in result.per_class.columns if str(c).startswith("P@")]
-    per_class = result.per_class[[c for c in first if c in result.per_class]
-                                 + [c for c in result.per_class.columns if c not in first]]
+    per_class = result.per_class[
+        [c for c in first if c in result.per_class] + [c for c in result.per_class.columns if c not in first]
+    ]
     per_class.to_csv(files["per_class"], index=False)
     result.curve.to_csv(files["curve"], index=False)
     return files
@@ -42,8 +42,9 @@ def write_job_files(result: RetrievalResult, job_dir: Path) -> dict[str, Path]:
 
 def summary_table(result: RetrievalResult, ns, title: str) -> Table:
     """Rows: all queries, each modality, the coarser matching levels; cells: micro / macro."""
-    caption = (f"micro/macro over {result.n_queries - result.n_excluded} queries; "
-               "'by ...' rows count a hit at a coarser level")
+    caption = (
+        f"micro/macro over {result.n_queries - result.n_excluded} queries; 'by ...' rows count a hit at a coarser level"
+    )
     if any(name.endswith("_ci_low") for name in result.metrics):
         caption += "; \\[low, high]: bootstrap interval over queries (eval.ci)"
     table = Table(title=title, caption=caption, show_lines=False)
@@ -123,8 +124,14 @@ def plot_saturation(curves: pd.DataFrame, path: Path, ns) -> Path:
     for ax, avg in zip(axes, ("micro", "macro")):
         for i, (group, frame) in enumerate(curves.groupby("group", sort=True)):
             for n, style in zip(shown, ("-o", "--s")):
-                ax.plot(frame["step"], frame[f"{avg}/{metric_name(n)}"], style, color=colors[i % len(colors)],
-                        label=f"{group} P@{n}", markersize=4)
+                ax.plot(
+                    frame["step"],
+                    frame[f"{avg}/{metric_name(n)}"],
+                    style,
+                    color=colors[i % len(colors)],
+                    label=f"{group} P@{n}",
+                    markersize=4,
+                )
         ax.set_xscale("log")
         steps = sorted(curves["step"].unique())
         ax.set_xticks(steps, [f"{v:g}" for v in steps])
@@ -146,6 +153,11 @@ def saturation_in_run(sizes, evaluate, ns, group: str) -> pd.DataFrame:
     rows = []
     for size in sizes:
         metrics = evaluate(size).metrics
-        rows.append({"encoder": group, "per_class": "all" if size is None else size,
-                     **{k: metrics[k] for k in curve_metric_names(ns) + ["index/max_per_class"]}})
+        rows.append(
+            {
+                "encoder": group,
+                "per_class": "all" if size is None else size,
+                **{k: metrics[k] for k in curve_metric_names(ns) + ["index/max_per_class"]},
+            }
+        )
     return saturation_frame(pd.DataFrame(rows), ns)

@@ -27,8 +27,9 @@ def per_class_value(value):
     return int(value)
 
 
-def choose_rows(table: pd.DataFrame, valid: np.ndarray, index_split: str, query_split: str,
-                per_class, seed: int) -> RetrievalSetup:
+def choose_rows(
+    table: pd.DataFrame, valid: np.ndarray, index_split: str, query_split: str, per_class, seed: int
+) -> RetrievalSetup:
     usable = np.asarray(valid, dtype=bool)
     split = table["split"].to_numpy()
     candidates = np.flatnonzero((split == index_split) & usable)
@@ -44,10 +45,11 @@ def choose_rows(table: pd.DataFrame, valid: np.ndarray, index_split: str, query_
 @dataclass
 class SearchOutput:
     """What the search found, for whoever needs more than the metrics (gallery, saved index)."""
+
     setup: RetrievalSetup
-    index: object             # the FAISS index over setup.index_rows (in that order)
-    scores: np.ndarray        # (Q, k) similarities, best first
-    neighbours: np.ndarray    # (Q, k) positions into setup.index_rows, -1 for none
+    index: object  # the FAISS index over setup.index_rows (in that order)
+    scores: np.ndarray  # (Q, k) similarities, best first
+    neighbours: np.ndarray  # (Q, k) positions into setup.index_rows, -1 for none
 
 
 def own_positions(index_rows: np.ndarray, query_rows: np.ndarray) -> np.ndarray:
@@ -89,8 +91,9 @@ RECALL_QUERIES = 1000  # queries whose approximate neighbours are checked agains
 RECALL_WARNING = 0.99
 
 
-def exact_neighbours(index_rows: NormalisedRows, queries: np.ndarray, own: np.ndarray, k: int,
-                     block: int = cbir_index.ADD_BLOCK) -> np.ndarray:
+def exact_neighbours(
+    index_rows: NormalisedRows, queries: np.ndarray, own: np.ndarray, k: int, block: int = cbir_index.ADD_BLOCK
+) -> np.ndarray:
     """(len(queries), k) exact nearest index positions by inner product, the index rows scanned
     block by block (no copy of them all); `own` excluded; ties by position, as in search."""
     import faiss
@@ -98,7 +101,7 @@ def exact_neighbours(index_rows: NormalisedRows, queries: np.ndarray, own: np.nd
     best_s, best_i = [], []
     for start in range(0, len(index_rows), block):
         part = faiss.IndexFlatIP(queries.shape[1])
-        part.add(index_rows[start:start + block])
+        part.add(index_rows[start : start + block])
         local = np.where((own >= start) & (own < start + part.ntotal), own - start, -1)
         s, i = cbir_index.search(part, queries, min(k, part.ntotal), exclude=local)
         best_s.append(s)
@@ -111,16 +114,25 @@ def exact_neighbours(index_rows: NormalisedRows, queries: np.ndarray, own: np.nd
 def recall_at(exact: np.ndarray, found: np.ndarray, k: int = 10) -> float:
     """Mean share of each query's exact first k neighbours that were found in its first k."""
     exact, found = exact[:, :k], found[:, :k]
-    return float(np.mean([len(set(e[e >= 0]) & set(f[f >= 0])) / max(1, int((e >= 0).sum()))
-                          for e, f in zip(exact, found)]))
+    return float(
+        np.mean([len(set(e[e >= 0]) & set(f[f >= 0])) / max(1, int((e >= 0).sum())) for e, f in zip(exact, found)])
+    )
 
 
 def recall_sample(n_queries: int, sample: int = RECALL_QUERIES, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_queries)[:sample])
 
 
-def neighbour_recall(index_rows: NormalisedRows, queries: NormalisedRows, own: np.ndarray, neighbours: np.ndarray,
-                     k: int = 10, sample: int = RECALL_QUERIES, seed: int = 0, block: int = cbir_index.ADD_BLOCK) -> float:
+def neighbour_recall(
+    index_rows: NormalisedRows,
+    queries: NormalisedRows,
+    own: np.ndarray,
+    neighbours: np.ndarray,
+    k: int = 10,
+    sample: int = RECALL_QUERIES,
+    seed: int = 0,
+    block: int = cbir_index.ADD_BLOCK,
+) -> float:
     """recall@k of an approximate search on sampled queries: the share of each one's exact k
     nearest index rows that the search returned in its first k."""
     picked = recall_sample(len(queries), sample, seed)
@@ -139,15 +151,29 @@ def tuned_nprobe(index, q: np.ndarray, own_q: np.ndarray, exact: np.ndarray, npr
         recall = recall_at(exact, found, k)
         if recall >= RECALL_WARNING or nprobe >= nlist:
             return nprobe
-        log.info("index=ivf: nprobe=%d gives recall@10 %.4f on %d sampled queries; trying %d", nprobe, recall,
-                 len(q), min(nlist, 2 * nprobe))
+        log.info(
+            "index=ivf: nprobe=%d gives recall@10 %.4f on %d sampled queries; trying %d",
+            nprobe,
+            recall,
+            len(q),
+            min(nlist, 2 * nprobe),
+        )
         nprobe = min(nlist, 2 * nprobe)
 
 
-def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalSetup, index_cfg,
-                  ns, curve_k: int = 0, levels=("modality", "anatomy"), batch_size: int = 4096,
-                  return_search: bool = False, patients: np.ndarray | None = None,
-                  timings: dict | None = None):
+def run_retrieval(
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    setup: RetrievalSetup,
+    index_cfg,
+    ns,
+    curve_k: int = 0,
+    levels=("modality", "anatomy"),
+    batch_size: int = 4096,
+    return_search: bool = False,
+    patients: np.ndarray | None = None,
+    timings: dict | None = None,
+):
     """Metrics of one index/query setup; with return_search=True, (metrics, SearchOutput).
     patients (manifest patient ids, eval.exclude_same_patient): a query's patient's index rows
     leave its neighbours and its n_c.
@@ -180,8 +206,9 @@ def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalS
         exact = exact_neighbours(vectors, queries[picked], own[picked], min(10, len(vectors)))
         stage("exact_sample_s")
         if index_cfg.type == "ivf" and given.get("nprobe") is None and not cbir_index.gpu_available():
-            params["nprobe"] = tuned_nprobe(index, queries[picked], own[picked], exact, int(params["nprobe"]),
-                                            int(params["nlist"]))
+            params["nprobe"] = tuned_nprobe(
+                index, queries[picked], own[picked], exact, int(params["nprobe"]), int(params["nlist"])
+            )
             stage("tune_s")
     k = max(max(ns), curve_k)
     removed, depth = None, k
@@ -195,26 +222,46 @@ def run_retrieval(table: pd.DataFrame, embeddings: np.ndarray, setup: RetrievalS
     neighbours = np.empty((len(queries), depth), dtype=np.int64)
     for start in range(0, len(queries), batch_size):
         block = slice(start, start + batch_size)
-        scores[block], neighbours[block] = cbir_index.search(index, queries[block], depth, batch_size,
-                                                             exclude=own[block])
+        scores[block], neighbours[block] = cbir_index.search(
+            index, queries[block], depth, batch_size, exclude=own[block]
+        )
     if removed is not None:
         scores, neighbours = drop_pairs(scores, neighbours, removed, len(setup.index_rows), k)
     stage("search_s")
     columns = ["label", "modality", "anatomy"]
-    result = evaluate(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns],
-                      neighbours, own, ns=ns, levels=levels, curve_k=curve_k, removed_pairs=removed)
+    result = evaluate(
+        table.iloc[setup.query_rows][columns],
+        table.iloc[setup.index_rows][columns],
+        neighbours,
+        own,
+        ns=ns,
+        levels=levels,
+        curve_k=curve_k,
+        removed_pairs=removed,
+    )
     stage("metrics_s")
     if index_cfg.type != "flat":
         recall = recall_at(exact, neighbours[picked], exact.shape[1])
         result.metrics["index/recall_at_10"] = recall
         if "nlist" in params:
             result.metrics["index/nlist"], result.metrics["index/nprobe"] = params["nlist"], params.get("nprobe")
-            log.info("index %s: nlist=%s nprobe=%s (from %d index rows where unset), recall@10 %.4f", index_cfg.type,
-                     params["nlist"], params.get("nprobe"), len(vectors), recall)
+            log.info(
+                "index %s: nlist=%s nprobe=%s (from %d index rows where unset), recall@10 %.4f",
+                index_cfg.type,
+                params["nlist"],
+                params.get("nprobe"),
+                len(vectors),
+                recall,
+            )
         if recall < RECALL_WARNING:
-            log.warning("index=%s: recall@10 against exact search is %.3f (< %.2f) on %d sampled queries; the P@N "
-                        "values are approximate: raise index.params.nprobe (or use index=flat)", index_cfg.type,
-                        recall, RECALL_WARNING, min(RECALL_QUERIES, len(queries)))
+            log.warning(
+                "index=%s: recall@10 against exact search is %.3f (< %.2f) on %d sampled queries; the P@N "
+                "values are approximate: raise index.params.nprobe (or use index=flat)",
+                index_cfg.type,
+                recall,
+                RECALL_WARNING,
+                min(RECALL_QUERIES, len(queries)),
+            )
     return (result, SearchOutput(setup, index, scores, neighbours)) if return_search else result
 
 
@@ -227,5 +274,7 @@ def drop_pairs(scores: np.ndarray, neighbours: np.ndarray, pairs, n_index: int, 
     drop = (neighbours < 0) | np.isin(found, keys)
     order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept ones first, in their order
     keep = ~np.take_along_axis(drop, order, axis=1)
-    return (np.where(keep, np.take_along_axis(scores, order, axis=1), -np.inf),
-            np.where(keep, np.take_along_axis(neighbours, order, axis=1), -1))
+    return (
+        np.where(keep, np.take_along_axis(scores, order, axis=1), -np.inf),
+        np.where(keep, np.take_along_axis(neighbours, order, axis=1), -1),
+    )

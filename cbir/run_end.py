@@ -40,34 +40,22 @@ def one_line(result, run_name: str, out: Path) -> str:
 
 
 def finish(result, cfg, run_name: str, out: Path, tracker) -> None:
-    summary = (
-        reporting.summary_table(result, cfg.eval.n, f"{run_name}  (modified P@N)")
-        if result is not None
-        else None
-    )
+    summary = reporting.summary_table(result, cfg.eval.n, f"{run_name}  (modified P@N)") if result is not None else None
     if in_sweep():
         if summary is not None:
             cbir_console.to_log_files(summary)
-        Console().print(
-            one_line(result, run_name, out), highlight=False, soft_wrap=True
-        )
+        Console().print(one_line(result, run_name, out), highlight=False, soft_wrap=True)
         return
     if result is not None:
         reporting.print_summary(result, cfg.eval.n, title=f"{run_name}  (modified P@N)")
-    lines = [
-        f"Files       {out.resolve()}/ (run.log, metrics.json, per_class.csv, ...)"
-    ]
+    lines = [f"Files       {out.resolve()}/ (run.log, metrics.json, per_class.csv, ...)"]
     if tracker.enabled and tracker.run_id:
         try:
-            start_ui, page = dashboard.ui_address(
-                tracker.uri, retry_locked(tracker.experiment_id), tracker.run_id
-            )
+            start_ui, page = dashboard.ui_address(tracker.uri, retry_locked(tracker.experiment_id), tracker.run_id)
             lines += [
                 f"Dashboard   {start_ui}" if start_ui else "Dashboard",
                 f"            then open {page}",
             ]
         except Exception as e:  # noqa: BLE001 - the address is a courtesy; the run itself is done
-            log.warning(
-                "could not look up the run's dashboard address: %s", str(e)[:200]
-            )
+            log.warning("could not look up the run's dashboard address: %s", str(e)[:200])
     Console().print("\n".join(lines), highlight=False, soft_wrap=True)

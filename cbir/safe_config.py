@@ -40,8 +40,12 @@ def trusted_class(target: Any, package: str) -> bool:
     # defined in the package itself (not merely imported into it, as Path or torch) and of its kind, but
     # not one of the interfaces in its `base` module (Encoder, PretrainedEncoder, DatasetReader): those
     # leave methods to their subclasses and cannot be built
-    return (isinstance(cls, type) and cls.__module__.startswith(package + ".") and cls.__module__ != f"{package}.base"
-            and callable(getattr(cls, TRUSTED_PACKAGES[package], None)))
+    return (
+        isinstance(cls, type)
+        and cls.__module__.startswith(package + ".")
+        and cls.__module__ != f"{package}.base"
+        and callable(getattr(cls, TRUSTED_PACKAGES[package], None))
+    )
 
 
 # Options the encoders pass on to their library (model_config, model_kwargs) that would make it run
@@ -52,8 +56,10 @@ CODE_LOADING_KEYS = {"trust_remote_code", "checkpoint_path", "pretrained_cfg_ove
 def _check_node(node: dict, package: str, source: str, where: str) -> None:
     target = node.get("_target_")
     if not trusted_class(target, package):
-        raise ConfigError(f"{source}: {where}_target_={target!r} is not a {package} class shipped with cbir; "
-                          "refusing to build it (a file read back may only name cbir's own classes)")
+        raise ConfigError(
+            f"{source}: {where}_target_={target!r} is not a {package} class shipped with cbir; "
+            "refusing to build it (a file read back may only name cbir's own classes)"
+        )
     _check_plain({k: v for k, v in node.items() if k != "_target_"}, package, source, where)
 
 
@@ -64,16 +70,22 @@ def _check_plain(value: Any, package: str, source: str, where: str = "") -> None
             return
         for key, item in value.items():
             if not isinstance(key, str) or (key.startswith("_") and key.endswith("_")) or key in CODE_LOADING_KEYS:
-                raise ConfigError(f"{source}: key {where}{key!r} is not allowed in a file read back "
-                                  "(plain values only; no option that makes a library load code or a pickle)")
+                raise ConfigError(
+                    f"{source}: key {where}{key!r} is not allowed in a file read back "
+                    "(plain values only; no option that makes a library load code or a pickle)"
+                )
             _check_plain(item, package, source, f"{where}{key}.")
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_plain(item, package, source, f"{where}{i}.")
     elif isinstance(value, str):
         if "${" in value:
-            raise ConfigError(f"{source}: value of {where.rstrip('.') or 'a key'} contains an interpolation "
-                              f"{value!r}; files read back hold plain values only")
+            raise ConfigError(
+                f"{source}: value of {where.rstrip('.') or 'a key'} contains an interpolation "
+                f"{value!r}; files read back hold plain values only"
+            )
     elif value is not None and not isinstance(value, (bool, int, float)):
-        raise ConfigError(f"{source}: value of {where.rstrip('.')} has type {type(value).__name__}; "
-                          "files read back hold plain values only")
+        raise ConfigError(
+            f"{source}: value of {where.rstrip('.')} has type {type(value).__name__}; "
+            "files read back hold plain values only"
+        )

@@ -48,8 +48,9 @@ class SearchError(ValueError):
 
 
 # ------------------------------------------------------------------ saving (cbir.run side)
-def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_name: str, encoder,
-               embeddings: np.ndarray) -> Path:
+def save_index(
+    folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_name: str, encoder, embeddings: np.ndarray
+) -> Path:
     """Write the index folder of a run. `search` is the run's cbir.retrieval.SearchOutput, `embeddings`
     the run's embeddings of every manifest row (a few index rows are kept as the fingerprint)."""
     import faiss
@@ -71,9 +72,12 @@ def save_index(folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_n
         "root": str(Path(root).resolve()),
         "rows": int(index.ntotal),
         "dim": int(index.d),
-        "index": {"type": str(cfg.index.type), "params": OmegaConf.to_container(cfg.index.params, resolve=True),
-                  "per_class": OmegaConf.to_container(cfg.index, resolve=True).get("per_class"),
-                  "split": str(cfg.index.split)},
+        "index": {
+            "type": str(cfg.index.type),
+            "params": OmegaConf.to_container(cfg.index.params, resolve=True),
+            "per_class": OmegaConf.to_container(cfg.index, resolve=True).get("per_class"),
+            "split": str(cfg.index.split),
+        },
         "dataset": str(cfg.dataset.name),
         "run_name": run_name,
         "similarity": "cosine (inner product of L2-normalised embeddings)",
@@ -107,9 +111,10 @@ def fingerprint(index_rows: np.ndarray, embeddings: np.ndarray, paths: list[Path
             digest = file_digest(paths[row])
         except (OSError, ImageLoadError):
             continue
-        vector = cbir_index.l2_normalise(np.asarray(embeddings[row:row + 1]))[0]
-        out.append({"position": int(position), "image_sha256": digest,
-                    "embedding": [round(float(v), 6) for v in vector]})
+        vector = cbir_index.l2_normalise(np.asarray(embeddings[row : row + 1]))[0]
+        out.append(
+            {"position": int(position), "image_sha256": digest, "embedding": [round(float(v), 6) for v in vector]}
+        )
     return out
 
 
@@ -132,13 +137,24 @@ def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker, encode
     if cfg.eval.get("gallery", False):
         from cbir.gallery import gallery_for_run
 
-        files = gallery_for_run(manifest.table, manifest.root, search, int(cfg.eval.get("gallery_queries", 8)),
-                                int(cfg.eval.get("gallery_k", 5)), out, seed=int(cfg.seed), title=run_name)
+        files = gallery_for_run(
+            manifest.table,
+            manifest.root,
+            search,
+            int(cfg.eval.get("gallery_queries", 8)),
+            int(cfg.eval.get("gallery_k", 5)),
+            out,
+            seed=int(cfg.seed),
+            title=run_name,
+        )
     if cfg.index.get("save", False):
         folder = save_index(out / "index", search, manifest.table, manifest.root, cfg, run_name, encoder, embeddings)
         tracker.log_artifact(folder, "index")
-        log.info("index saved to %s (search it with: python -m cbir.search search.index_dir=%s "
-                 "'search.images=[...]')", folder, folder)
+        log.info(
+            "index saved to %s (search it with: python -m cbir.search search.index_dir=%s 'search.images=[...]')",
+            folder,
+            folder,
+        )
     return files
 
 
@@ -152,23 +168,27 @@ class SavedIndex:
     folder: Path
 
     @classmethod
-    def load(cls, folder: str | Path, root: str | Path | None = None) -> "SavedIndex":
+    def load(cls, folder: str | Path, root: str | Path | None = None) -> SavedIndex:
         """The index folder, checked: every damaged or foreign file is a SearchError naming it.
         Nothing in the folder is run: index.json is data (see build_encoder)."""
         folder = Path(folder)
         missing = [name for name in (INDEX_FILE, MANIFEST_FILE, META_FILE) if not (folder / name).is_file()]
         if missing:
-            raise SearchError(f"search.index_dir={folder}: missing {', '.join(missing)}; point it at the "
-                              "`index` folder of a run made with index.save=true")
+            raise SearchError(
+                f"search.index_dir={folder}: missing {', '.join(missing)}; point it at the "
+                "`index` folder of a run made with index.save=true"
+            )
         meta = read_meta(folder / META_FILE)
         check_files(folder, meta)
         root = Path(root) if root else Path(meta["root"])
         manifest = read_index_manifest(folder / MANIFEST_FILE, root, meta)
         index = read_faiss(folder / INDEX_FILE)
         if index.ntotal != len(manifest) or index.ntotal != meta["rows"] or index.d != meta["dim"]:
-            raise SearchError(f"{folder}: the index holds {index.ntotal} {index.d}-d vectors, manifest.csv "
-                              f"{len(manifest)} rows, index.json says {meta['rows']} {meta['dim']}-d; "
-                              "the folder is damaged, save the index again")
+            raise SearchError(
+                f"{folder}: the index holds {index.ntotal} {index.d}-d vectors, manifest.csv "
+                f"{len(manifest)} rows, index.json says {meta['rows']} {meta['dim']}-d; "
+                "the folder is damaged, save the index again"
+            )
         check_index_vectors(folder, index, meta)
         return cls(index, manifest, meta, root, folder)
 
@@ -188,12 +208,15 @@ class SavedIndex:
             encoder = build(OmegaConf.create(self.meta["encoder"]))
         except InstantiationException as e:  # e.g. an option the class does not take
             reason = str(e.__cause__ or e).strip().splitlines()[-1][:200]
-            raise SearchError(f"{META_FILE} encoder: cannot build {self.meta['encoder'].get('_target_')} ({reason}); "
-                              f"{self.rebuild_hint()}") from None
+            raise SearchError(
+                f"{META_FILE} encoder: cannot build {self.meta['encoder'].get('_target_')} ({reason}); "
+                f"{self.rebuild_hint()}"
+            ) from None
         encoder.eval()
         if encoder.dim != self.index.d:
-            raise SearchError(f"encoder {encoder.name} gives {encoder.dim}-d embeddings, the index holds "
-                              f"{self.index.d}-d vectors")
+            raise SearchError(
+                f"encoder {encoder.name} gives {encoder.dim}-d embeddings, the index holds {self.index.d}-d vectors"
+            )
         self.check_encoder(encoder)
         return encoder
 
@@ -207,8 +230,10 @@ class SavedIndex:
 
         source = self.folder / META_FILE
         if encoder.cache_key() != self.meta["encoder_key"]:
-            raise SearchError(f"{source}: the encoder it describes ({encoder.name}, key {encoder.cache_key()}) is not "
-                              f"the one the index was made with (key {self.meta['encoder_key']}); {self.rebuild_hint()}")
+            raise SearchError(
+                f"{source}: the encoder it describes ({encoder.name}, key {encoder.cache_key()}) is not "
+                f"the one the index was made with (key {self.meta['encoder_key']}); {self.rebuild_hint()}"
+            )
         images, stored = [], []
         for entry in self.meta["fingerprint"]:
             path = self.root / self.manifest["path"].iat[entry["position"]]
@@ -220,8 +245,11 @@ class SavedIndex:
                 images.append(path)
                 stored.append(entry["embedding"])
         if not images:
-            log.warning("%s: none of its fingerprint images is unchanged under %s; the encoder is checked by its "
-                        "identity only", source, self.root)
+            log.warning(
+                "%s: none of its fingerprint images is unchanged under %s; the encoder is checked by its identity only",
+                source,
+                self.root,
+            )
             return
         from cbir import index as cbir_index
 
@@ -230,9 +258,11 @@ class SavedIndex:
         worst = int(np.argmin((again * stored).sum(1)))
         cosine = float((again[worst] * stored[worst]).sum())
         if cosine < FINGERPRINT_COSINE:
-            raise SearchError(f"{source}: the encoder it describes does not give the index's vectors (cosine "
-                              f"{cosine:.3f} for {images[worst]}, expected >= {FINGERPRINT_COSINE}); "
-                              f"{self.rebuild_hint()}")
+            raise SearchError(
+                f"{source}: the encoder it describes does not give the index's vectors (cosine "
+                f"{cosine:.3f} for {images[worst]}, expected >= {FINGERPRINT_COSINE}); "
+                f"{self.rebuild_hint()}"
+            )
 
     def search(self, images: list[str | Path], k: int = 5, encoder=None, batch_size: int = 16):
         """(scores, positions) of the k nearest index rows for each image (positions into manifest)."""
@@ -240,7 +270,6 @@ class SavedIndex:
 
         vectors = embed_images(encoder or self.build_encoder(), images, batch_size)
         return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
-
 
     def search_text(self, texts: list[str], k: int = 5, tokenizers_dir: str | None = None):
         """(scores, positions) of the k nearest index rows for each free-text query, embedded by the
@@ -252,13 +281,17 @@ class SavedIndex:
 
         encoder_cfg = OmegaConf.create(self.meta["encoder"])
         if not has_text_tower(encoder_cfg):
-            raise SearchError(f"search.text: the index's encoder {encoder_cfg.get('name')} has no text tower; text "
-                              "queries need an index made with one that has (clip, biomedclip, bmc_clip, medsiglip), "
-                              "or query by image with search.images")
+            raise SearchError(
+                f"search.text: the index's encoder {encoder_cfg.get('name')} has no text tower; text "
+                "queries need an index made with one that has (clip, biomedclip, bmc_clip, medsiglip), "
+                "or query by image with search.images"
+            )
         vectors = build_text_tower(encoder_cfg, self.meta["seed"], tokenizers_dir).encode(list(texts)).numpy()
         if vectors.shape[1] != self.index.d:
-            raise SearchError(f"encoder {encoder_cfg.get('name')}: its text tower gives {vectors.shape[1]}-d "
-                              f"embeddings, the index holds {self.index.d}-d vectors")
+            raise SearchError(
+                f"encoder {encoder_cfg.get('name')}: its text tower gives {vectors.shape[1]}-d "
+                f"embeddings, the index holds {self.index.d}-d vectors"
+            )
         return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
 
 
@@ -274,32 +307,47 @@ def read_meta(path: Path) -> dict:
     check_trusted(meta.get("encoder"), "cbir.encoders", f"{path} encoder")  # before anything else uses it
     for key, kind in (("rows", int), ("dim", int), ("seed", int), ("root", str)):
         if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), kind):
-            raise SearchError(f"{path}: '{key}' is missing or not a {kind.__name__}; the index folder is damaged, "
-                              "save the index again")
+            raise SearchError(
+                f"{path}: '{key}' is missing or not a {kind.__name__}; the index folder is damaged, "
+                "save the index again"
+            )
     command = meta.get("command") if isinstance(meta.get("command"), str) else "python -m cbir.run ... index.save=true"
     meta["command"] = " ".join(command.split())  # shown in messages: one line
-    ties = (isinstance(meta.get("files"), dict) and all(isinstance(meta["files"].get(n), str) for n in (INDEX_FILE, MANIFEST_FILE))
-            and isinstance(meta.get("encoder_key"), str) and isinstance(meta.get("fingerprint"), list)
-            and all(_fingerprint_entry(e, meta["rows"], meta["dim"]) for e in meta["fingerprint"]))
+    ties = (
+        isinstance(meta.get("files"), dict)
+        and all(isinstance(meta["files"].get(n), str) for n in (INDEX_FILE, MANIFEST_FILE))
+        and isinstance(meta.get("encoder_key"), str)
+        and isinstance(meta.get("fingerprint"), list)
+        and all(_fingerprint_entry(e, meta["rows"], meta["dim"]) for e in meta["fingerprint"])
+    )
     if not ties:
-        raise SearchError(f"{path}: no checksums, encoder key or fingerprint tie the folder's files to its rows "
-                          f"(saved by an older cbir, or edited); rebuild the index: {command}")
+        raise SearchError(
+            f"{path}: no checksums, encoder key or fingerprint tie the folder's files to its rows "
+            f"(saved by an older cbir, or edited); rebuild the index: {command}"
+        )
     return meta
 
 
 def _fingerprint_entry(entry, rows: int, dim: int) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("position"), int) and 0 <= entry["position"] < rows
-            and isinstance(entry.get("image_sha256"), str) and isinstance(entry.get("embedding"), list)
-            and len(entry["embedding"]) == dim
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry["embedding"]))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("position"), int)
+        and 0 <= entry["position"] < rows
+        and isinstance(entry.get("image_sha256"), str)
+        and isinstance(entry.get("embedding"), list)
+        and len(entry["embedding"]) == dim
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry["embedding"])
+    )
 
 
 def check_files(folder: Path, meta: dict) -> None:
     """index.faiss and manifest.csv are the files saved with index.json (their SHA-256 as recorded)."""
     for name in (INDEX_FILE, MANIFEST_FILE):
         if file_digest(folder / name) != meta["files"][name]:
-            raise SearchError(f"{folder / name}: not the file saved with {META_FILE} (its SHA-256 differs: replaced or "
-                              f"edited since); rebuild the index: {meta['command']}")
+            raise SearchError(
+                f"{folder / name}: not the file saved with {META_FILE} (its SHA-256 differs: replaced or "
+                f"edited since); rebuild the index: {meta['command']}"
+            )
 
 
 def check_index_vectors(folder: Path, index, meta: dict) -> None:
@@ -312,8 +360,10 @@ def check_index_vectors(folder: Path, index, meta: dict) -> None:
     stored = np.asarray([entry["embedding"] for entry in meta["fingerprint"]], dtype=np.float32)
     stored /= np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
     if float((kept * stored).sum(1).min()) < FINGERPRINT_COSINE:
-        raise SearchError(f"{folder / INDEX_FILE}: does not hold the vectors {META_FILE} records for its rows "
-                          f"(another index); rebuild the index: {meta['command']}")
+        raise SearchError(
+            f"{folder / INDEX_FILE}: does not hold the vectors {META_FILE} records for its rows "
+            f"(another index); rebuild the index: {meta['command']}"
+        )
 
 
 def stored_vectors(index, positions: list[int]) -> np.ndarray | None:
@@ -336,16 +386,19 @@ def read_index_manifest(path: Path, root: Path, meta: dict) -> pd.DataFrame:
     try:
         manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
     except ValueError as e:  # pandas' ParserError, EmptyDataError, UnicodeDecodeError
-        raise SearchError(f"{path}: not a readable CSV file ({type(e).__name__}); the index folder is damaged, "
-                          "save the index again") from None
+        raise SearchError(
+            f"{path}: not a readable CSV file ({type(e).__name__}); the index folder is damaged, save the index again"
+        ) from None
     missing = [c for c in ("path", "label") if c not in manifest.columns]
     if missing:
         raise SearchError(f"{path}: missing column(s) {missing}; the index folder is damaged, save the index again")
     inside = [path_inside(root, p) for p in manifest["path"]]
     if None in inside:
         row = inside.index(None)
-        raise SearchError(f"{path}, row {row + 2}: path {manifest['path'].iat[row]!r} is outside the image root "
-                          f"{os.path.abspath(root)}; rebuild the index: {meta['command']}")
+        raise SearchError(
+            f"{path}, row {row + 2}: path {manifest['path'].iat[row]!r} is outside the image root "
+            f"{os.path.abspath(root)}; rebuild the index: {meta['command']}"
+        )
     manifest["path"] = inside
     return manifest
 
@@ -357,8 +410,9 @@ def read_faiss(path: Path):
         return faiss.read_index(str(path))
     except (RuntimeError, MemoryError) as e:
         reason = str(e).strip().splitlines()[-1][:200]
-        raise SearchError(f"{path}: not a readable FAISS index ({reason}); the index folder is damaged, "
-                          "save the index again") from None
+        raise SearchError(
+            f"{path}: not a readable FAISS index ({reason}); the index folder is damaged, save the index again"
+        ) from None
 
 
 def embed_images(encoder, images, batch_size: int = 16) -> np.ndarray:
@@ -370,7 +424,7 @@ def embed_images(encoder, images, batch_size: int = 16) -> np.ndarray:
     transform = encoder.transform()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(load_image(p)) for p in images[start:start + batch_size]])
+        batch = torch.stack([transform(load_image(p)) for p in images[start : start + batch_size]])
         with torch.inference_mode():
             out.append(encoder(batch).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
@@ -383,8 +437,16 @@ def results_table(saved: SavedIndex, images, scores, positions) -> pd.DataFrame:
             if position < 0:
                 continue
             hit = saved.manifest.iloc[int(position)]
-            rows.append({"query": str(image), "rank": rank, "similarity": float(score), "label": hit["label"],
-                         "path": str(saved.root / hit["path"]), "index_row": int(position)})
+            rows.append(
+                {
+                    "query": str(image),
+                    "rank": rank,
+                    "similarity": float(score),
+                    "label": hit["label"],
+                    "path": str(saved.root / hit["path"]),
+                    "index_row": int(position),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -396,17 +458,26 @@ def write_gallery(saved: SavedIndex, images, scores, positions, path: Path) -> P
     queries = pd.DataFrame({"path": [str(Path(p).resolve()) for p in images], "label": ""})
     table = pd.concat([saved.manifest[["path", "label"]], queries], ignore_index=True)
     query_rows = np.arange(len(saved.manifest), len(table))
-    return draw_gallery(table, saved.root, query_rows, positions, scores, path,
-                        title=f"nearest images in {saved.meta.get('run_name', 'the index')} "
-                              f"({saved.meta['encoder'].get('name', '')}, cosine similarity)")
+    return draw_gallery(
+        table,
+        saved.root,
+        query_rows,
+        positions,
+        scores,
+        path,
+        title=f"nearest images in {saved.meta.get('run_name', 'the index')} "
+        f"({saved.meta['encoder'].get('name', '')}, cosine similarity)",
+    )
 
 
 def print_results(results: pd.DataFrame, saved: SavedIndex) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"top-{results['rank'].max() if len(results) else 0} of {saved.index.ntotal} indexed images "
-                        f"({saved.meta['encoder'].get('name', '?')})")
+    table = Table(
+        title=f"top-{results['rank'].max() if len(results) else 0} of {saved.index.ntotal} indexed images "
+        f"({saved.meta['encoder'].get('name', '?')})"
+    )
     for column in ("query", "rank", "similarity", "label", "path"):
         table.add_column(column, justify="right" if column in ("rank", "similarity") else "left")
     for row in results.itertuples():
@@ -427,8 +498,10 @@ def search_command(cfg) -> pd.DataFrame:
     if texts:
         return text_search_command(cfg, texts, k)
     if not images:
-        raise SearchError("search.images is empty; give query files, e.g. 'search.images=[scan.png]', or a text "
-                          "query, e.g. \"search.text='chest X-ray with pleural effusion'\"")
+        raise SearchError(
+            "search.images is empty; give query files, e.g. 'search.images=[scan.png]', or a text "
+            "query, e.g. \"search.text='chest X-ray with pleural effusion'\""
+        )
     absent = [str(p) for p in images if not p.exists()]
     if absent:
         raise SearchError(f"search.images: no such file(s): {', '.join(absent)}")
@@ -462,10 +535,17 @@ def text_search_command(cfg, texts: list[str], k: int) -> pd.DataFrame:
     if cfg.search.get("gallery"):
         from cbir.gallery import draw_gallery
 
-        path = draw_gallery(saved.manifest[["path", "label"]], saved.root, np.zeros(len(texts), dtype=int), positions,
-                            scores, Path(cfg.search.gallery), query_texts=texts,
-                            title=f"nearest images to text queries in {saved.meta.get('run_name', 'the index')} "
-                                  f"({saved.meta['encoder'].get('name', '')}, cosine similarity)")
+        path = draw_gallery(
+            saved.manifest[["path", "label"]],
+            saved.root,
+            np.zeros(len(texts), dtype=int),
+            positions,
+            scores,
+            Path(cfg.search.gallery),
+            query_texts=texts,
+            title=f"nearest images to text queries in {saved.meta.get('run_name', 'the index')} "
+            f"({saved.meta['encoder'].get('name', '')}, cosine similarity)",
+        )
         log.info("gallery written to %s", path)
     return results
 

@@ -31,9 +31,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault(
-    "HF_HUB_OFFLINE", "1"
-)  # as cbir.run: never wait on an unreachable hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as cbir.run: never wait on an unreachable hub
 
 import mlflow
 import numpy as np
@@ -63,14 +61,10 @@ class Retriever(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from cbir.search import SavedIndex
 
-        self.saved = SavedIndex.load(
-            context.artifacts["index"]
-        )  # checked: data only, never code
+        self.saved = SavedIndex.load(context.artifacts["index"])  # checked: data only, never code
         self.encoder = self.saved.build_encoder()
 
-    def predict(
-        self, context, model_input: pd.DataFrame, params: dict | None = None
-    ) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from cbir import index as cbir_index
 
         k = _k_param((params or {}).get("k", DEFAULT_K))
@@ -81,9 +75,7 @@ class Retriever(mlflow.pyfunc.PythonModel):
                 "bytes (and optionally a 'name')"
             )
         names = [_name(table, i) for i in range(len(table))]
-        images = [
-            decode_image(value, name) for value, name in zip(table["image"], names)
-        ]
+        images = [decode_image(value, name) for value, name in zip(table["image"], names)]
         vectors = embed(self.encoder, images)
         scores, positions = cbir_index.search(
             self.saved.index,
@@ -103,11 +95,7 @@ def bad_request(message: str):
 
 
 def _k_param(value) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or int(value) < 1
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
         raise bad_request(f"params.k={value!r}: give a whole number >= 1")
     return int(value)
 
@@ -123,30 +111,20 @@ def decode_image(value, name: str):
     from cbir.data.images import DICOM_SUFFIXES, ImageLoadError, load_image
 
     if not isinstance(value, str) or not value:
-        raise bad_request(
-            f"{name}: 'image' must be a base64 string of PNG/JPEG/DICOM bytes"
-        )
+        raise bad_request(f"{name}: 'image' must be a base64 string of PNG/JPEG/DICOM bytes")
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise bad_request(
-            f"{name}: 'image' is not valid base64 ({e}); send the file's bytes base64-encoded"
-        ) from None
+        raise bad_request(f"{name}: 'image' is not valid base64 ({e}); send the file's bytes base64-encoded") from None
     suffix = Path(name).suffix.lower()
-    with tempfile.TemporaryDirectory(
-        prefix="cbir-serve-"
-    ) as tmp:  # load_image reads files (DICOM via pydicom)
+    with tempfile.TemporaryDirectory(prefix="cbir-serve-") as tmp:  # load_image reads files (DICOM via pydicom)
         path = Path(tmp) / f"query{suffix if suffix in DICOM_SUFFIXES else ''}"
         path.write_bytes(data)
         try:
             return load_image(path)
         except ImageLoadError as e:
-            reason = (
-                str(e).split(": ", 1)[-1].replace(str(path), name)
-            )  # the temporary file is not the user's
-            raise bad_request(
-                f"{name}: not a readable PNG/JPEG/DICOM image ({reason})"
-            ) from None
+            reason = str(e).split(": ", 1)[-1].replace(str(path), name)  # the temporary file is not the user's
+            raise bad_request(f"{name}: not a readable PNG/JPEG/DICOM image ({reason})") from None
 
 
 def embed(encoder, images, batch_size: int = 16) -> np.ndarray:
@@ -156,9 +134,7 @@ def embed(encoder, images, batch_size: int = 16) -> np.ndarray:
     transform = encoder.transform()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack(
-            [transform(image) for image in images[start : start + batch_size]]
-        )
+        batch = torch.stack([transform(image) for image in images[start : start + batch_size]])
         with torch.inference_mode():
             out.append(encoder(batch).float().cpu().numpy())
     return np.concatenate(out)
@@ -166,11 +142,7 @@ def embed(encoder, images, batch_size: int = 16) -> np.ndarray:
 
 def neighbours_table(saved, names, scores, positions) -> pd.DataFrame:
     manifest = saved.manifest
-    modality = (
-        manifest["modality"]
-        if "modality" in manifest.columns
-        else pd.Series("", index=manifest.index)
-    )
+    modality = manifest["modality"] if "modality" in manifest.columns else pd.Series("", index=manifest.index)
     rows = []
     for q, name in enumerate(names):
         for rank, (position, score) in enumerate(zip(positions[q], scores[q]), start=1):
@@ -196,9 +168,7 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema(
-        [ColSpec("string", "image"), ColSpec("string", "name", required=False)]
-    )
+    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "name", required=False)])
     outputs = Schema(
         [
             ColSpec("string", "query"),
@@ -228,19 +198,14 @@ def example_image(saved) -> tuple[str, str]:
     if first.is_file() and first.stat().st_size < 2_000_000:
         return first.name, base64.b64encode(first.read_bytes()).decode()
     buffer = io.BytesIO()
-    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(
-        buffer, format="PNG"
-    )
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(buffer, format="PNG")
     return "example.png", base64.b64encode(buffer.getvalue()).decode()
 
 
 def request_body(images: list[tuple[str, bytes]], k: int = DEFAULT_K) -> dict:
     """The JSON body of an /invocations request for (name, file bytes) pairs."""
     return {
-        "dataframe_records": [
-            {"image": base64.b64encode(data).decode(), "name": name}
-            for name, data in images
-        ],
+        "dataframe_records": [{"image": base64.b64encode(data).decode(), "name": name} for name, data in images],
         "params": {"k": int(k)},
     }
 
@@ -275,15 +240,9 @@ def log_retriever(index_dir: str | Path, register: str | None = None):
         },
         registered_model_name=register or None,
     )
-    if (
-        run is not None
-    ):  # the run's summary metrics on the model's page (MLflow 3 links metrics by model_id)
+    if run is not None:  # the run's summary metrics on the model's page (MLflow 3 links metrics by model_id)
         metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
-        linked = {
-            key: value
-            for key, value in metrics.items()
-            if not key.startswith(("curve/", "saturation/"))
-        }
+        linked = {key: value for key, value in metrics.items() if not key.startswith(("curve/", "saturation/"))}
         if linked:
             mlflow.log_metrics(linked, model_id=info.model_id)
     log.info(
@@ -308,17 +267,11 @@ def check_config(cfg) -> None:
     if not isinstance(log_model, bool):
         raise ConfigError(f"tracking.log_model={log_model!r}: give true or false")
     if register is not None and (not isinstance(register, str) or not register.strip()):
-        raise ConfigError(
-            f"tracking.register_model={register!r}: give a model name, or null"
-        )
+        raise ConfigError(f"tracking.register_model={register!r}: give a model name, or null")
     if register and not log_model:
-        raise ConfigError(
-            "tracking.register_model is set but tracking.log_model=false; add tracking.log_model=true"
-        )
+        raise ConfigError("tracking.register_model is set but tracking.log_model=false; add tracking.log_model=true")
     if log_model and not cfg.tracking.enabled:
-        raise ConfigError(
-            "tracking.log_model=true needs tracking.enabled=true (the model is logged to the job's run)"
-        )
+        raise ConfigError("tracking.log_model=true needs tracking.enabled=true (the model is logged to the job's run)")
     if log_model:
         from cbir import tasks
 
@@ -350,9 +303,7 @@ def free_port() -> int:
 
 
 def _opener():
-    return urllib.request.build_opener(
-        urllib.request.ProxyHandler({})
-    )  # loopback: never through a proxy
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
@@ -407,9 +358,7 @@ def served(
         "-w",
         "1",
     ]
-    with open(
-        log_file or os.devnull, "wb"
-    ) as output:  # the child keeps its own copy of the handle
+    with open(log_file or os.devnull, "wb") as output:  # the child keeps its own copy of the handle
         process = subprocess.Popen(
             command,
             env=env,
@@ -433,9 +382,7 @@ def served(
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow models serve did not answer /ping within {startup_seconds:.0f} s"
-                )
+                raise RuntimeError(f"mlflow models serve did not answer /ping within {startup_seconds:.0f} s")
             time.sleep(0.5)
         yield url
     finally:
@@ -444,9 +391,7 @@ def served(
 
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
-        os.killpg(
-            process.pid, signal.SIGTERM
-        )  # its own session: the server and its uvicorn worker
+        os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -464,17 +409,13 @@ def log_command(cfg) -> object:
     from cbir.tracking import Tracker, retry_locked
 
     if not cfg.serving.get("index_dir"):
-        raise SearchError(
-            "serving.index_dir is not set; give the `index` folder of a run made with index.save=true"
-        )
+        raise SearchError("serving.index_dir is not set; give the `index` folder of a run made with index.save=true")
     register = cfg.tracking.get("register_model")
     tracker = Tracker.from_config(cfg)
     if not tracker.enabled:
         from cbir.errors import ConfigError
 
-        raise ConfigError(
-            "tracking.enabled=false: the model is logged to MLflow; leave tracking enabled"
-        )
+        raise ConfigError("tracking.enabled=false: the model is logged to MLflow; leave tracking enabled")
     from cbir.search import SavedIndex
 
     saved = SavedIndex.load(cfg.serving.index_dir)  # refused before any run is created

@@ -127,8 +127,15 @@ class EmbeddingStore:
         self._verified[identity] = meta["checksum"]
         return CachedEmbeddings(key=key, path=folder, embeddings=emb, valid=valid, files=files, meta=meta)
 
-    def open_partial(self, key: str, n: int, dim: int, files: np.ndarray | None = None,
-                     base: CachedEmbeddings | None = None, retry_failed: bool = False) -> "PartialEntry":
+    def open_partial(
+        self,
+        key: str,
+        n: int,
+        dim: int,
+        files: np.ndarray | None = None,
+        base: CachedEmbeddings | None = None,
+        retry_failed: bool = False,
+    ) -> PartialEntry:
         """The entry being written for `key`: an interrupted one is resumed, else a new one starts,
         from a copy of `base` (an older complete entry whose fresh rows are kept) or empty. Rows
         whose file changed since they were written, and failed rows under `retry_failed`, are
@@ -149,8 +156,9 @@ class EmbeddingStore:
                 if e.errno != errno.ENOSPC:
                     raise
                 shutil.rmtree(path, ignore_errors=True)
-                raise _space_error(self.cache_dir, entry_bytes(self.root, n, dim),
-                                   shutil.disk_usage(self.root).free) from None
+                raise _space_error(
+                    self.cache_dir, entry_bytes(self.root, n, dim), shutil.disk_usage(self.root).free
+                ) from None
             written = files if base is None else base.files
         else:
             written = partial.written_files()
@@ -161,11 +169,18 @@ class EmbeddingStore:
         partial.set_files(files)
         return partial
 
-    def commit(self, key: str, partial: "PartialEntry", meta: dict) -> CachedEmbeddings:
+    def commit(self, key: str, partial: PartialEntry, meta: dict) -> CachedEmbeddings:
         partial.flush()
         size = (partial.path / "embeddings.npy").stat().st_size
-        meta = {**meta, "version": META_VERSION, "complete": True, "n": partial.n, "dim": partial.dim,
-                "bytes": size, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {
+            **meta,
+            "version": META_VERSION,
+            "complete": True,
+            "n": partial.n,
+            "dim": partial.dim,
+            "bytes": size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         valid = partial.valid_mask()
         try:
             np.save(partial.path / "valid.npy", valid)
@@ -180,7 +195,8 @@ class EmbeddingStore:
                 f"disk full in {self.cache_dir} while finishing embedding cache entry {partial.path.name} "
                 f"(have {_size(free)}, need about {_size(COMMIT_BYTES + partial.n)} more); its "
                 f"{int((np.asarray(partial.done) != 0).sum())} rows are kept: free some space there and run again "
-                "to finish it without recomputing") from None
+                "to finish it without recomputing"
+            ) from None
         partial.close()
         target, old = self.folder(key), None
         if target.exists():  # a damaged or out-of-date entry: swap, readers keep their open files
@@ -203,7 +219,7 @@ def checksum(*arrays: np.ndarray) -> str:
         flat = np.asarray(array).reshape(-1)
         step = max(1, CHUNK_BYTES // max(1, flat.itemsize))
         for i in range(0, len(flat), step):
-            crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[i:i + step])).cast("B"), crc)
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[i : i + step])).cast("B"), crc)
     return f"crc32:{crc:08x}"
 
 
@@ -223,7 +239,8 @@ def _size(n: int) -> str:
 def _space_error(cache_dir: Path, need: int, free: int) -> CacheSpaceError:
     return CacheSpaceError(
         f"not enough space in {cache_dir}: need {_size(need)}, have {_size(free)}; free some space there "
-        "or set paths.cache_dir=<folder on a larger disk>")
+        "or set paths.cache_dir=<folder on a larger disk>"
+    )
 
 
 COMMIT_BYTES = 64 << 10  # room kept for meta.json and skipped.csv, written when an entry is committed
@@ -289,7 +306,7 @@ class PartialEntry:
         self.files: np.ndarray | None = None
 
     @classmethod
-    def reopen(cls, path: Path, n: int, dim: int) -> "PartialEntry | None":
+    def reopen(cls, path: Path, n: int, dim: int) -> PartialEntry | None:
         if not (path / "embeddings.npy").exists() or not (path / "done.npy").exists():
             return None
         try:
@@ -301,7 +318,7 @@ class PartialEntry:
             return None
 
     @classmethod
-    def create(cls, path: Path, n: int, dim: int, cache_dir: Path) -> "PartialEntry":
+    def create(cls, path: Path, n: int, dim: int, cache_dir: Path) -> PartialEntry:
         np.lib.format.open_memmap(path / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim)).flush()
         reserve(path / "embeddings.npy", cache_dir)
         np.save(path / "done.npy", np.zeros(n, dtype=np.uint8))
@@ -310,7 +327,7 @@ class PartialEntry:
         return cls(path, n, dim)
 
     @classmethod
-    def copy_of(cls, base: CachedEmbeddings, path: Path, cache_dir: Path) -> "PartialEntry":
+    def copy_of(cls, base: CachedEmbeddings, path: Path, cache_dir: Path) -> PartialEntry:
         try:
             shutil.copyfile(base.path / "embeddings.npy", path / "embeddings.npy")
         except OSError as e:
@@ -370,4 +387,3 @@ class PartialEntry:
         self.flush()
         del self.embeddings, self.done
         (self.path / "done.npy").unlink(missing_ok=True)
-

@@ -35,8 +35,12 @@ STUDY_MODELS = {
 }
 # cbir reader names -> the study's `dataset` column value, and the study's CSV file names.
 STUDY_DATASETS = {"nih14": "nih14", "mimic_cxr": "mimic", "radimagenet": "radiology_ai", "chexpert": "CheXpert"}
-STUDY_CSV_NAMES = {"nih14": "nih14.csv", "mimic": "mimic.csv", "radiology_ai": "radimagenet.csv",
-                   "CheXpert": "CheXpert.csv"}
+STUDY_CSV_NAMES = {
+    "nih14": "nih14.csv",
+    "mimic": "mimic.csv",
+    "radiology_ai": "radimagenet.csv",
+    "CheXpert": "CheXpert.csv",
+}
 
 
 class StudyFormatError(ValueError):
@@ -71,12 +75,14 @@ def read_split_csv(file: Path, chunk_rows: int = 200_000) -> pd.DataFrame:
     if tuple(header[: len(SPLIT_COLUMNS)]) != SPLIT_COLUMNS or len(header) <= len(SPLIT_COLUMNS):
         raise StudyFormatError(
             f"{file}: not a study split CSV; its header must start with {', '.join(SPLIT_COLUMNS)} "
-            f"followed by one 0/1 column per class (found {header[:7]})")
-    classes = np.array(header[len(SPLIT_COLUMNS):], dtype=object)
+            f"followed by one 0/1 column per class (found {header[:7]})"
+        )
+    classes = np.array(header[len(SPLIT_COLUMNS) :], dtype=object)
     dtypes = {c: str for c in SPLIT_COLUMNS} | {c: np.float32 for c in classes}
     parts = []
-    reader = pd.read_csv(file, dtype=dtypes, keep_default_na=False, na_values={c: [""] for c in classes},
-                         chunksize=chunk_rows)
+    reader = pd.read_csv(
+        file, dtype=dtypes, keep_default_na=False, na_values={c: [""] for c in classes}, chunksize=chunk_rows
+    )
     for start, chunk in _chunks(reader):
         onehot = np.nan_to_num(chunk[list(classes)].to_numpy(np.float32))  # combined CSVs: blank = 0
         positives = (onehot == 1).sum(axis=1)
@@ -85,7 +91,8 @@ def read_split_csv(file: Path, chunk_rows: int = 200_000) -> pd.DataFrame:
             lines = [int(start + i + 2) for i in bad[:5]]  # +2: header line, 1-based
             raise StudyFormatError(
                 f"{file}: {len(bad)} row(s) do not hold exactly one 1 among the class columns (lines {lines}); "
-                "the study's splits are single-label (one-hot): fix or remove those rows")
+                "the study's splits are single-label (one-hot): fix or remove those rows"
+            )
         frame = chunk[list(SPLIT_COLUMNS)].copy()
         frame["label"] = classes[onehot.argmax(axis=1)]
         parts.append(frame)
@@ -98,7 +105,7 @@ def class_columns(files) -> list[str]:
     order: dict[str, None] = {}
     for file in files:
         header = list(pd.read_csv(file, nrows=0).columns)
-        order.update(dict.fromkeys(header[len(SPLIT_COLUMNS):]))
+        order.update(dict.fromkeys(header[len(SPLIT_COLUMNS) :]))
     return list(order)
 
 
@@ -112,9 +119,15 @@ def _chunks(reader) -> Iterator[tuple[int, pd.DataFrame]]:
 def write_split_csv(table: pd.DataFrame, file: Path, classes: list[str] | None = None) -> Path:
     """Manifest rows (path, dataset, split, modality, anatomy, label) as a study split CSV."""
     classes = sorted(table["label"].unique()) if classes is None else list(classes)
-    out = pd.DataFrame({"filepath": table["path"].to_numpy(), "dataset": table["dataset"].to_numpy(),
-                        "split": table["split"].to_numpy(), "modality": table["modality"].to_numpy(),
-                        "anatomic_region": table["anatomy"].to_numpy()})
+    out = pd.DataFrame(
+        {
+            "filepath": table["path"].to_numpy(),
+            "dataset": table["dataset"].to_numpy(),
+            "split": table["split"].to_numpy(),
+            "modality": table["modality"].to_numpy(),
+            "anatomic_region": table["anatomy"].to_numpy(),
+        }
+    )
     onehot = (table["label"].to_numpy()[:, None] == np.array(classes, dtype=object)[None, :]).astype(np.int8)
     out = pd.concat([out, pd.DataFrame(onehot, columns=classes)], axis=1)
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +177,9 @@ def vector_dim(h5, file: Path) -> int | None:
         return None
     shape = found[0]
     if len(shape) != 1:
-        raise StudyFormatError(f"{file}: datasets hold arrays of shape {shape}; the study stores one vector (dim,) per image")
+        raise StudyFormatError(
+            f"{file}: datasets hold arrays of shape {shape}; the study stores one vector (dim,) per image"
+        )
     return int(shape[0])
 
 
@@ -179,21 +194,24 @@ def read_vectors(h5, file: Path, keys: list[bytes], dim: int, batch: int = 8192)
     nbytes = 4 * dim
     buffer = np.empty((batch, dim), dtype=np.float32)
     for start in range(0, len(keys), batch):
-        block = keys[start:start + batch]
+        block = keys[start : start + batch]
         for i, key in enumerate(block):
             try:
                 ds = h5py.h5d.open(h5.id, key)
                 if ds.shape != (dim,):
                     raise StudyFormatError(
                         f"{file}: embedding {key.decode()!r} has shape {ds.shape}, the others ({dim},); "
-                        "every embedding of one model must have the same length")
+                        "every embedding of one model must have the same length"
+                    )
                 offset = ds.get_offset() if ds.dtype == _FLOAT32_LE else None
                 if offset is not None and raw is not None and offset + nbytes <= len(raw):
-                    buffer[i] = raw[offset:offset + nbytes].view(_FLOAT32_LE)
+                    buffer[i] = raw[offset : offset + nbytes].view(_FLOAT32_LE)
                 else:
                     ds.read(h5py.h5s.ALL, h5py.h5s.ALL, buffer[i])  # HDF5 converts float64/16 to float32
             except (OSError, KeyError, TypeError) as e:
-                raise StudyFormatError(f"{file}: cannot read embedding {key.decode()!r} ({e}); the file is damaged") from None
+                raise StudyFormatError(
+                    f"{file}: cannot read embedding {key.decode()!r} ({e}); the file is damaged"
+                ) from None
         yield start, buffer[: len(block)]
 
 

@@ -23,6 +23,7 @@ from cbir.tracking import PARENT_ENV, Tracker, git_commit, retry_locked
 
 log = logging.getLogger(__name__)
 
+
 def sweep_key(config: DictConfig) -> str:
     """Identity of a sweep: its command-line overrides and sweeper parameters. Running the
     same command again finds the same parent run, so an interrupted sweep resumes under it."""
@@ -37,16 +38,27 @@ def children_table(client, parent_id: str, experiment_id: str):
     """One row per FINISHED child of a sweep: its tags and final metric values."""
     import pandas as pd
 
-    runs = retry_locked(client.search_runs, [experiment_id],
-                        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
-                        max_results=5000)
+    runs = retry_locked(
+        client.search_runs,
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
+        max_results=5000,
+    )
     rows = []
     for run in runs:
         tags = run.data.tags
-        rows.append({"run_id": run.info.run_id, "encoder": tags.get("encoder"), "dataset": tags.get("dataset"),
-                     "index_type": tags.get("index_type"), "per_class": tags.get("per_class"),
-                     "labels": tags.get("labels") or "single", "config_hash": tags.get("config_hash"),
-                     **run.data.metrics})
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "encoder": tags.get("encoder"),
+                "dataset": tags.get("dataset"),
+                "index_type": tags.get("index_type"),
+                "per_class": tags.get("per_class"),
+                "labels": tags.get("labels") or "single",
+                "config_hash": tags.get("config_hash"),
+                **run.data.metrics,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -88,17 +100,30 @@ class SweepCallback(_HydraCallback):
         key = sweep_key(config)
         overrides = " ".join(OmegaConf.to_container(config.hydra.overrides.task, resolve=False)) or "(preset)"
         with tracker.lock():  # two identical sweeps started at once share one parent
-            existing = retry_locked(client.search_runs, [experiment_id],
-                                    filter_string=f"tags.`cbir.sweep_key` = '{key}'",
-                                    order_by=["attributes.start_time DESC"], max_results=1)
+            existing = retry_locked(
+                client.search_runs,
+                [experiment_id],
+                filter_string=f"tags.`cbir.sweep_key` = '{key}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
             if existing:
                 self.parent_id = existing[0].info.run_id
                 retry_locked(client.update_run, self.parent_id, status="RUNNING")
                 log.info("resuming sweep %s (parent run %s)", overrides, self.parent_id)
             else:
-                run = retry_locked(client.create_run, experiment_id, run_name=f"sweep {overrides}"[:240],
-                                   tags={"cbir.sweep_key": key, "cbir.role": "sweep", "sweep.overrides": overrides,
-                                         "git_commit": git_commit() or "", **process.process_tags()})
+                run = retry_locked(
+                    client.create_run,
+                    experiment_id,
+                    run_name=f"sweep {overrides}"[:240],
+                    tags={
+                        "cbir.sweep_key": key,
+                        "cbir.role": "sweep",
+                        "sweep.overrides": overrides,
+                        "git_commit": git_commit() or "",
+                        **process.process_tags(),
+                    },
+                )
                 self.parent_id = run.info.run_id
                 log.info("sweep parent run %s", self.parent_id)
         self.tracker, self.client, self.experiment_id = tracker, client, experiment_id
@@ -143,11 +168,12 @@ class SweepCallback(_HydraCallback):
         stamp = int(time.time() * 1000)
         metrics = [
             Metric(f"saturation/{row.group}/{name}", float(row[name]), stamp, int(row.step))
-            for _, row in curves.iterrows() for name in reporting.curve_metric_names(self.ns)
+            for _, row in curves.iterrows()
+            for name in reporting.curve_metric_names(self.ns)
             if row[name] == row[name]
         ]
         for start in range(0, len(metrics), 1000):
-            retry_locked(self.client.log_batch, self.parent_id, metrics=metrics[start:start + 1000])
+            retry_locked(self.client.log_batch, self.parent_id, metrics=metrics[start : start + 1000])
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         csv, png = self.sweep_dir / "saturation.csv", self.sweep_dir / "saturation.png"
         curves.to_csv(csv, index=False)
@@ -214,22 +240,26 @@ class SweepSummary(_HydraCallback):
                 console.print(f"[red]{failed['run']}[/]: {failed['error'][:300]}")
             files = dashboard.log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns, pairs, verdicts)
             write_summary_log(jobs, self.sweep_dir)
-            files.update(write_comparison_page(self.client, self.tracker, self.parent_id, self.ns, verdicts,
-                                               self.sweep_dir))
+            files.update(
+                write_comparison_page(self.client, self.tracker, self.parent_id, self.ns, verdicts, self.sweep_dir)
+            )
         except Exception as e:  # the summary must not hide the sweep's own outcome
             log.warning("sweep summary incomplete: %s", e)
             files = {}
         has_page = comparison_page_name() in files
-        start_ui, page = dashboard.ui_address(self.tracker.uri, self.experiment_id, self.parent_id,
-                                              comparison_page_name() if has_page else None)
+        start_ui, page = dashboard.ui_address(
+            self.tracker.uri, self.experiment_id, self.parent_id, comparison_page_name() if has_page else None
+        )
         _, runs_table = dashboard.ui_address(self.tracker.uri, self.experiment_id)
-        lines = [f"Parent run  {self.parent_id}  (experiment '{self.tracker.experiment}')",
-                 f"Job files   {self.sweep_dir.resolve()}/<job number>/ (run.log, metrics.json, per_class.csv, ...)",
-                 *([f"Comparison  {', '.join(str(p.resolve()) for p in files.values())}"] if files else []),
-                 f"Report      python -m cbir.report report.runs={self.parent_id}",
-                 *([f"Dashboard   {start_ui}"] if start_ui else []),
-                 f"            then open {page}" + ("  (the comparison page)" if has_page else ""),
-                 f"            runs table, best micro P@1 first: {runs_table}"]
+        lines = [
+            f"Parent run  {self.parent_id}  (experiment '{self.tracker.experiment}')",
+            f"Job files   {self.sweep_dir.resolve()}/<job number>/ (run.log, metrics.json, per_class.csv, ...)",
+            *([f"Comparison  {', '.join(str(p.resolve()) for p in files.values())}"] if files else []),
+            f"Report      python -m cbir.report report.runs={self.parent_id}",
+            *([f"Dashboard   {start_ui}"] if start_ui else []),
+            f"            then open {page}" + ("  (the comparison page)" if has_page else ""),
+            f"            runs table, best micro P@1 first: {runs_table}",
+        ]
         console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
@@ -277,8 +307,13 @@ def write_comparison_page(client, tracker, parent_id: str, ns, verdicts, folder:
     if runs.empty:
         return {}
     tied = comparisons.tied_labels(verdicts) if len(verdicts) else None
-    path = comparison_page.write_page(runs, ns, folder / comparison_page.PAGE_NAME,
-                                      f"cbir sweep {parent_id}: which encoder wins", tied,
-                                      comparison_page.per_class_tables(client, runs))
+    path = comparison_page.write_page(
+        runs,
+        ns,
+        folder / comparison_page.PAGE_NAME,
+        f"cbir sweep {parent_id}: which encoder wins",
+        tied,
+        comparison_page.per_class_tables(client, runs),
+    )
     retry_locked(client.log_artifact, parent_id, str(path))
     return {comparison_page.PAGE_NAME: path}

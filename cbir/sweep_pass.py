@@ -72,8 +72,10 @@ def run_shared_passes(job_configs: list[DictConfig]) -> list:
         except user_errors() as e:
             log.info("shared extraction: leaving out a job whose config fails (%s); the job reports it", e)
             continue
-        if job.tracking.get("skip_finished", True) and tracking.Tracker.from_config(job).finished_run(
-                tracking.config_hash(job)) is not None:
+        if (
+            job.tracking.get("skip_finished", True)
+            and tracking.Tracker.from_config(job).finished_run(tracking.config_hash(job)) is not None
+        ):
             finished += 1  # the job will skip itself (a resumed sweep): no encoder to build for it
             continue
         settings = {k: OmegaConf.to_container(job[k], resolve=True) for k in ("dataset", "extract", "paths", "data")}
@@ -112,13 +114,24 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
     def flush() -> None:
         nonlocal group, group_bytes
         if len(group) > 1:  # a lone encoder gains nothing: its job extracts it as usual
-            passes.append(extract_shared(group, manifest, store, cfg, on_error=str(first.data.on_error),
-                                         retry_failed=retry_failed, files=files))
+            passes.append(
+                extract_shared(
+                    group,
+                    manifest,
+                    store,
+                    cfg,
+                    on_error=str(first.data.on_error),
+                    retry_failed=retry_failed,
+                    files=files,
+                )
+            )
         group, group_bytes = [], 0
         group_keys.clear()
 
     for job in jobs:
-        identity = json.dumps([OmegaConf.to_container(job.encoder, resolve=True), job.seed], sort_keys=True, default=str)
+        identity = json.dumps(
+            [OmegaConf.to_container(job.encoder, resolve=True), job.seed], sort_keys=True, default=str
+        )
         if identity in seen:  # the same encoder in several jobs (e.g. a sweep over index sizes)
             continue
         seen.add(identity)
@@ -157,8 +170,11 @@ def log_to_parent(config: DictConfig, passes: list) -> None:
     client = MlflowClient(tracking.resolve_uri(config.tracking.uri))
     decodes = sum(p.decodes or 0 for p in passes)
     encoders = sum(len(p.extracted) for p in passes)
-    for name, value in (("extract/shared_decodes", decodes), ("extract/shared_encoders", encoders),
-                        ("extract/shared_seconds", sum(p.seconds for p in passes))):
+    for name, value in (
+        ("extract/shared_decodes", decodes),
+        ("extract/shared_encoders", encoders),
+        ("extract/shared_seconds", sum(p.seconds for p in passes)),
+    ):
         tracking.retry_locked(client.log_metric, parent, name, float(value))
 
 
@@ -169,8 +185,10 @@ class SharedPassCallback(_HydraCallback):
         if not config.extract.get("shared_pass", False):
             return
         if "submitit" in str(config.hydra.launcher.get("_target_", "")).lower():
-            log.info("extract.shared_pass: not run on the submitting node; to decode each image once, run "
-                     "`python -m cbir.sweep_pass <the sweep's overrides>` as a GPU job before the sweep")
+            log.info(
+                "extract.shared_pass: not run on the submitting node; to decode each image once, run "
+                "`python -m cbir.sweep_pass <the sweep's overrides>` as a GPU job before the sweep"
+            )
             return
         from hydra.core.global_hydra import GlobalHydra
 
@@ -181,8 +199,12 @@ class SharedPassCallback(_HydraCallback):
         try:
             passes = run_shared_passes([job_config(loader, config, job) for job in jobs])
         except Exception as e:  # the jobs still extract on their own, resuming what the pass wrote
-            log.warning("shared extraction pass failed (%s: %s); each job extracts its own embeddings",
-                        type(e).__name__, e, exc_info=True)
+            log.warning(
+                "shared extraction pass failed (%s: %s); each job extracts its own embeddings",
+                type(e).__name__,
+                e,
+                exc_info=True,
+            )
             return
         if passes:
             log_to_parent(config, passes)
@@ -200,15 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         hydra_app = GlobalHydra.instance().hydra
-        config = hydra_app.compose_config("config", overrides, run_mode=RunMode.MULTIRUN, from_shell=True,
-                                          with_log_configuration=False)
+        config = hydra_app.compose_config(
+            "config", overrides, run_mode=RunMode.MULTIRUN, from_shell=True, with_log_configuration=False
+        )
         jobs = sweep_jobs(config, hydra_app.config_loader) or []
         passes = run_shared_passes([job_config(hydra_app.config_loader, config, job) for job in jobs])
     for p in passes:
         for name, parts in p.timings.items():
             log.info("  %s: %s", name, ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))
-    log.info("%d shared pass(es), %d encoders extracted, %d images decoded", len(passes),
-             sum(len(p.extracted) for p in passes), sum(p.decodes or 0 for p in passes))
+    log.info(
+        "%d shared pass(es), %d encoders extracted, %d images decoded",
+        len(passes),
+        sum(len(p.extracted) for p in passes),
+        sum(p.decodes or 0 for p in passes),
+    )
     return 0
 
 

@@ -75,27 +75,33 @@ def check_data(cfg: DictConfig, table: pd.DataFrame, source: str) -> None:
     split = cfg.index.split
     counts = table.loc[table["split"] == split, "label"].value_counts()
     if counts.empty:
-        raise DataError(f"task={task_name(cfg)}: {source} has no '{split}' rows to train on (index.split={split}; "
-                        f"its splits are {sorted(table['split'].unique())}); use a dataset with a {split} split")
+        raise DataError(
+            f"task={task_name(cfg)}: {source} has no '{split}' rows to train on (index.split={split}; "
+            f"its splits are {sorted(table['split'].unique())}); use a dataset with a {split} split"
+        )
     cap = per_class_value(cfg.index.per_class)
     size = int(np.minimum(counts.to_numpy(), cap).sum()) if cap else int(counts.sum())
     if "knn_classification" in names:
         key = "k_max" if cfg.task.knn.select_k else "k"
         if int(cfg.task.knn[key]) > size:
-            raise ConfigError(f"task.knn.{key}={cfg.task.knn[key]}: k is larger than the index ({size} rows of "
-                              f"split {split}); lower task.knn.{key} or raise index.per_class")
+            raise ConfigError(
+                f"task.knn.{key}={cfg.task.knn[key]}: k is larger than the index ({size} rows of "
+                f"split {split}); lower task.knn.{key} or raise index.per_class"
+            )
     if "linear_probe" in names and len(counts) < 2:
-        raise DataError(f"task=linear_probe: {source} has a single class ({counts.index[0]}) in split {split}; "
-                        "a classifier needs at least two")
+        raise DataError(
+            f"task=linear_probe: {source} has a single class ({counts.index[0]}) in split {split}; "
+            "a classifier needs at least two"
+        )
 
 
 @dataclass
 class TaskOutput:
-    prefix: str                                   # MLflow metric prefix: knn | probe
+    prefix: str  # MLflow metric prefix: knn | probe
     result: classification.ClassificationResult
-    counts: dict[str, float]                      # k or best epoch, queries, excluded queries, ...
+    counts: dict[str, float]  # k or best epoch, queries, excluded queries, ...
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # stepped values (k on val, epochs)
-    step: str = ""                                # the history column used as MLflow step
+    step: str = ""  # the history column used as MLflow step
     records: pd.DataFrame = field(default_factory=pd.DataFrame)  # per test query (cbir.per_query)
     truth: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # for the intervals
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
@@ -120,10 +126,20 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
 
     kc = cfg.task.knn
     if search is None:
-        setup = retrieval.choose_rows(table, valid, cfg.index.split, cfg.eval.query_split,
-                                      retrieval.per_class_value(cfg.index.per_class), cfg.index.seed)
-        index = cbir_index.build_index(cbir_index.l2_normalise(embeddings[setup.index_rows]), cfg.index.type,
-                                       cfg.index.get("use_gpu", "auto"), dict(cfg.index.get("params") or {}))
+        setup = retrieval.choose_rows(
+            table,
+            valid,
+            cfg.index.split,
+            cfg.eval.query_split,
+            retrieval.per_class_value(cfg.index.per_class),
+            cfg.index.seed,
+        )
+        index = cbir_index.build_index(
+            cbir_index.l2_normalise(embeddings[setup.index_rows]),
+            cfg.index.type,
+            cfg.index.get("use_gpu", "auto"),
+            dict(cfg.index.get("params") or {}),
+        )
     else:
         setup, index = search.setup, search.index
     labels = table["label"].astype(str).to_numpy()
@@ -156,7 +172,9 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
         n_val = len(truth)
         if n_val:
             k, history = knn.choose_k(truth, knn.predictions_by_k(codes, n_rel, int(kc.k_max), len(classes), kc.mode))
-            log.info("k-NN: k=%d chosen on %d %s queries (best micro-F1 over k=1..%d)", k, n_val, kc.val_split, kc.k_max)
+            log.info(
+                "k-NN: k=%d chosen on %d %s queries (best micro-F1 over k=1..%d)", k, n_val, kc.val_split, kc.k_max
+            )
         else:
             log.warning("k-NN: no '%s' query has a class in the index; using task.knn.k=%d", kc.val_split, k)
     elif kc.select_k:
@@ -164,13 +182,28 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
     test_rows = setup.query_rows
     codes, truth, n_rel, keep = neighbours(test_rows, k)
     probabilities = knn.probabilities(codes, n_rel, k, len(classes), kc.mode)
-    result = classification.evaluate(truth, probabilities, classes, table["modality"].to_numpy()[test_rows[keep]],
-                                     n_index)
-    counts = {"k": k, "queries": len(truth), "excluded_queries": int((~keep).sum()), "val_queries": n_val,
-              "train_rows": len(setup.index_rows), "classes": len(classes)}
-    return TaskOutput("knn", result, counts, history, "k",
-                      per_query.classification_records("knn", test_rows[keep], truth, probabilities, classes),
-                      truth, probabilities, table["modality"].to_numpy()[test_rows[keep]])
+    result = classification.evaluate(
+        truth, probabilities, classes, table["modality"].to_numpy()[test_rows[keep]], n_index
+    )
+    counts = {
+        "k": k,
+        "queries": len(truth),
+        "excluded_queries": int((~keep).sum()),
+        "val_queries": n_val,
+        "train_rows": len(setup.index_rows),
+        "classes": len(classes),
+    }
+    return TaskOutput(
+        "knn",
+        result,
+        counts,
+        history,
+        "k",
+        per_query.classification_records("knn", test_rows[keep], truth, probabilities, classes),
+        truth,
+        probabilities,
+        table["modality"].to_numpy()[test_rows[keep]],
+    )
 
 
 def study_class_order(cfg: DictConfig) -> list[str] | None:
@@ -188,8 +221,14 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
     from cbir import classification, probe, retrieval
 
     pc = cfg.task.probe
-    train_rows = retrieval.choose_rows(table, valid, cfg.index.split, cfg.eval.query_split,
-                                       retrieval.per_class_value(cfg.index.per_class), cfg.index.seed).index_rows
+    train_rows = retrieval.choose_rows(
+        table,
+        valid,
+        cfg.index.split,
+        cfg.eval.query_split,
+        retrieval.per_class_value(cfg.index.per_class),
+        cfg.index.seed,
+    ).index_rows
     labels = table["label"].astype(str).to_numpy()
     classes, train_codes = np.unique(labels[train_rows], return_inverse=True)
 
@@ -200,26 +239,63 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
 
     val_rows, val_codes, _ = known(pc.val_split)
     if not len(val_rows):
-        log.warning("linear probe: no '%s' rows to select the epoch on; keeping the last of %d epochs",
-                    pc.val_split, pc.max_epochs)
+        log.warning(
+            "linear probe: no '%s' rows to select the epoch on; keeping the last of %d epochs",
+            pc.val_split,
+            pc.max_epochs,
+        )
     started = time.perf_counter()
-    module, history, epoch = probe.fit(embeddings, (train_rows, train_codes),
-                                       (val_rows, val_codes) if len(val_rows) else None,
-                                       len(classes), pc, int(cfg.seed))
+    module, history, epoch = probe.fit(
+        embeddings,
+        (train_rows, train_codes),
+        (val_rows, val_codes) if len(val_rows) else None,
+        len(classes),
+        pc,
+        int(cfg.seed),
+    )
     test_rows, test_codes, excluded = known(cfg.eval.query_split)
     probabilities = probe.predict(module, embeddings, test_rows, normalise=bool(pc.get("normalise", True)))
-    result = classification.evaluate(test_codes, probabilities, classes, table["modality"].to_numpy()[test_rows],
-                                     np.bincount(train_codes, minlength=len(classes)))
-    counts = {"best_epoch": epoch, "epochs": len(history), "fit_seconds": round(time.perf_counter() - started, 2),
-              "queries": len(test_rows), "excluded_queries": excluded, "val_queries": len(val_rows),
-              "train_rows": len(train_rows), "classes": len(classes)}
-    return TaskOutput("probe", result, counts, history, "epoch",
-                      per_query.classification_records("probe", test_rows, test_codes, probabilities, classes),
-                      test_codes, probabilities, table["modality"].to_numpy()[test_rows])
+    result = classification.evaluate(
+        test_codes,
+        probabilities,
+        classes,
+        table["modality"].to_numpy()[test_rows],
+        np.bincount(train_codes, minlength=len(classes)),
+    )
+    counts = {
+        "best_epoch": epoch,
+        "epochs": len(history),
+        "fit_seconds": round(time.perf_counter() - started, 2),
+        "queries": len(test_rows),
+        "excluded_queries": excluded,
+        "val_queries": len(val_rows),
+        "train_rows": len(train_rows),
+        "classes": len(classes),
+    }
+    return TaskOutput(
+        "probe",
+        result,
+        counts,
+        history,
+        "epoch",
+        per_query.classification_records("probe", test_rows, test_codes, probabilities, classes),
+        test_codes,
+        probabilities,
+        table["modality"].to_numpy()[test_rows],
+    )
 
 
-def run_classification(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray,
-                       search, out: Path, tracker, title: str, records: list | None = None) -> dict[str, Path]:
+def run_classification(
+    cfg: DictConfig,
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    valid: np.ndarray,
+    search,
+    out: Path,
+    tracker,
+    title: str,
+    records: list | None = None,
+) -> dict[str, Path]:
     """The classification evaluations of this run: metrics to MLflow, files into `out`; each
     task's per-query records are appended to `records`."""
     from cbir import uncertainty
@@ -233,8 +309,11 @@ def run_classification(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndar
             output = run_probe(cfg, table, embeddings, valid)
         else:
             continue
-        output.result.metrics.update(uncertainty.classification_intervals(
-            output.truth, output.probabilities, resamples, level, seed, output.modality))
+        output.result.metrics.update(
+            uncertainty.classification_intervals(
+                output.truth, output.probabilities, resamples, level, seed, output.modality
+            )
+        )
         if records is not None:
             records.append(output.records)
         log_output(output, tracker)
@@ -258,8 +337,11 @@ def log_output(output: TaskOutput, tracker) -> None:
 def write_files(output: TaskOutput, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     p = output.prefix
-    files = {f"{p}_metrics": out / f"{p}_metrics.json", f"{p}_per_class": out / f"{p}_per_class.csv",
-             f"{p}_confusion": out / f"{p}_confusion.csv"}
+    files = {
+        f"{p}_metrics": out / f"{p}_metrics.json",
+        f"{p}_per_class": out / f"{p}_per_class.csv",
+        f"{p}_confusion": out / f"{p}_confusion.csv",
+    }
     files[f"{p}_metrics"].write_text(json.dumps({"metrics": output.result.metrics, **output.counts}, indent=1))
     per_query.add_shown(files[f"{p}_metrics"])
     output.result.per_class.to_csv(files[f"{p}_per_class"], index=False)
@@ -275,13 +357,28 @@ def summary_table(output: TaskOutput, title: str) -> Table:
     from cbir import classification, uncertainty
 
     m, c = output.result.metrics, output.counts
-    chosen = (f"k={c['k']}" if "k" in c else f"best epoch {c['best_epoch'] + 1} of {c['epochs']}" if "best_epoch" in c
-              else f"{c.get('prompts_per_class', 0)} prompts per class")
-    table = Table(title=title, caption=f"µ micro, M macro; {c['queries']} test queries, {c['excluded_queries']} excluded "
-                                       f"(class not in the training split); {chosen}")
+    chosen = (
+        f"k={c['k']}"
+        if "k" in c
+        else f"best epoch {c['best_epoch'] + 1} of {c['epochs']}"
+        if "best_epoch" in c
+        else f"{c.get('prompts_per_class', 0)} prompts per class"
+    )
+    table = Table(
+        title=title,
+        caption=f"µ micro, M macro; {c['queries']} test queries, {c['excluded_queries']} excluded "
+        f"(class not in the training split); {chosen}",
+    )
     table.add_column("subset")
-    short = {"micro_roc_auc": "AUC µ", "macro_roc_auc": "AUC M", "micro_f1": "F1 µ", "macro_f1": "F1 M",
-             "macro_precision": "prec M", "macro_recall": "rec M", "accuracy": "acc"}
+    short = {
+        "micro_roc_auc": "AUC µ",
+        "macro_roc_auc": "AUC M",
+        "micro_f1": "F1 µ",
+        "macro_f1": "F1 M",
+        "macro_precision": "prec M",
+        "macro_recall": "rec M",
+        "accuracy": "acc",
+    }
     for name in classification.METRICS:
         table.add_column(short[name], justify="center")
     modalities = sorted({k.split("/")[1] for k in m if k.startswith("modality/")})

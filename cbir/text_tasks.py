@@ -61,22 +61,28 @@ def class_prompts(classes, templates, modality_names=None) -> list[list[str]]:
 def check_config(cfg: DictConfig) -> None:
     text = cfg.task.get("text")
     if text is None or not list(text.get("templates") or []):
-        raise ConfigError("task.text.templates: give at least one prompt template, e.g. "
-                          "'a {modality} image of the {anatomy} showing {finding}'")
+        raise ConfigError(
+            "task.text.templates: give at least one prompt template, e.g. "
+            "'a {modality} image of the {anatomy} showing {finding}'"
+        )
     for template in text.templates:
         try:
             str(template).format(modality="", anatomy="", finding="")
         except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"task.text.templates: '{template}' uses an unknown field ({e}); "
-                              f"the fields are {{{'}, {'.join(FIELDS)}}}") from None
+            raise ConfigError(
+                f"task.text.templates: '{template}' uses an unknown field ({e}); "
+                f"the fields are {{{'}, {'.join(FIELDS)}}}"
+            ) from None
     if float(text.temperature) <= 0:
         raise ConfigError(f"task.text.temperature={text.temperature}: must be positive")
     names = set(evaluations(cfg))
     from cbir.encoders.text import has_text_tower
 
     if names and not has_text_tower(cfg.encoder) and str(cfg.task.name) in TEXT_EVALUATIONS:
-        raise ConfigError(f"task={cfg.task.name}: encoder {cfg.encoder.name} has no text tower; use an encoder with one "
-                          "(clip, biomedclip, bmc_clip, medsiglip) or task=all, which skips the text tasks")
+        raise ConfigError(
+            f"task={cfg.task.name}: encoder {cfg.encoder.name} has no text tower; use an encoder with one "
+            "(clip, biomedclip, bmc_clip, medsiglip) or task=all, which skips the text tasks"
+        )
 
 
 def evaluations(cfg: DictConfig) -> list[str]:
@@ -101,8 +107,9 @@ def prompts_key(tower, prompts: list[list[str]]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cached_class_embeddings(tower, prompts: list[list[str]], cache_dir: str | Path,
-                            batch_size: int = 64) -> tuple[np.ndarray, bool]:
+def cached_class_embeddings(
+    tower, prompts: list[list[str]], cache_dir: str | Path, batch_size: int = 64
+) -> tuple[np.ndarray, bool]:
     """Class text embeddings from the cache when the same tower and prompts made them; else
     computed and stored (atomically; a damaged file is recomputed, never trusted)."""
     folder = Path(cache_dir) / "text"
@@ -121,28 +128,49 @@ def cached_class_embeddings(tower, prompts: list[list[str]], cache_dir: str | Pa
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy.tmp", delete=False) as handle:
         np.save(handle, vectors, allow_pickle=False)
     os.replace(handle.name, path)
-    (folder / f"{key}.json").write_text(json.dumps({"tower": tower.identity(), "prompts": prompts}, default=str,
-                                                   indent=1))
+    (folder / f"{key}.json").write_text(
+        json.dumps({"tower": tower.identity(), "prompts": prompts}, default=str, indent=1)
+    )
     return vectors, False
 
 
 # ---------------------------------------------------------------------------- evaluations
-def text_retrieval(table: pd.DataFrame, classes, class_vectors: np.ndarray, index, index_rows: np.ndarray,
-                   ns, levels=("modality", "anatomy"), batch_size: int = 4096):
+def text_retrieval(
+    table: pd.DataFrame,
+    classes,
+    class_vectors: np.ndarray,
+    index,
+    index_rows: np.ndarray,
+    ns,
+    levels=("modality", "anatomy"),
+    batch_size: int = 4096,
+):
     """One text query per class against the image index (FAISS, over `index_rows` in order)."""
     from cbir import index as cbir_index
     from cbir.metrics import evaluate
 
     columns = ["label", "modality", "anatomy"]
-    queries = pd.DataFrame([{"label": str(c), "modality": class_parts(c)["modality"],
-                             "anatomy": class_parts(c)["anatomy"]} for c in classes], columns=columns)
+    queries = pd.DataFrame(
+        [
+            {"label": str(c), "modality": class_parts(c)["modality"], "anatomy": class_parts(c)["anatomy"]}
+            for c in classes
+        ],
+        columns=columns,
+    )
     k = min(max(int(n) for n in ns), len(index_rows))
     _, neighbours = cbir_index.search(index, np.ascontiguousarray(class_vectors, dtype=np.float32), k, batch_size)
     return evaluate(queries, table.iloc[index_rows][columns], neighbours, None, ns=ns, levels=levels)
 
 
-def zero_shot(table: pd.DataFrame, embeddings: np.ndarray, test_rows: np.ndarray, classes,
-              class_vectors: np.ndarray, temperature: float = 100.0, train_counts=None):
+def zero_shot(
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    test_rows: np.ndarray,
+    classes,
+    class_vectors: np.ndarray,
+    temperature: float = 100.0,
+    train_counts=None,
+):
     """Zero-shot classification of `test_rows` over `classes` (sorted; the index split's classes).
     Returns (ClassificationResult, number of test rows left out because their class is not among
     `classes`)."""
@@ -159,14 +187,23 @@ def zero_shot(table: pd.DataFrame, embeddings: np.ndarray, test_rows: np.ndarray
     logits -= logits.max(axis=1, keepdims=True)
     probabilities = np.exp(logits)
     probabilities /= probabilities.sum(axis=1, keepdims=True)
-    result = classification.evaluate(truth[keep], probabilities, classes, table["modality"].to_numpy()[rows],
-                                     train_counts)
+    result = classification.evaluate(
+        truth[keep], probabilities, classes, table["modality"].to_numpy()[rows], train_counts
+    )
     return result, int((~keep).sum())
 
 
 # ---------------------------------------------------------------------------- the job's hook
-def run_text_evaluations(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray,
-                         search, out: Path, tracker, title: str) -> dict[str, Path]:
+def run_text_evaluations(
+    cfg: DictConfig,
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    valid: np.ndarray,
+    search,
+    out: Path,
+    tracker,
+    title: str,
+) -> dict[str, Path]:
     """The text evaluations of this job (none, or skipped with a message, when the encoder has no
     text tower): metrics to MLflow, files into `out`."""
     from cbir import index as cbir_index
@@ -182,10 +219,20 @@ def run_text_evaluations(cfg: DictConfig, table: pd.DataFrame, embeddings: np.nd
         return {}
     text = cfg.task.text
     if search is None:
-        setup = retrieval.choose_rows(table, valid, cfg.index.split, cfg.eval.query_split,
-                                      retrieval.per_class_value(cfg.index.per_class), cfg.index.seed)
-        index = cbir_index.build_index(cbir_index.l2_normalise(embeddings[setup.index_rows]), cfg.index.type,
-                                       cfg.index.get("use_gpu", "auto"), dict(cfg.index.get("params") or {}))
+        setup = retrieval.choose_rows(
+            table,
+            valid,
+            cfg.index.split,
+            cfg.eval.query_split,
+            retrieval.per_class_value(cfg.index.per_class),
+            cfg.index.seed,
+        )
+        index = cbir_index.build_index(
+            cbir_index.l2_normalise(embeddings[setup.index_rows]),
+            cfg.index.type,
+            cfg.index.get("use_gpu", "auto"),
+            dict(cfg.index.get("params") or {}),
+        )
     else:
         setup, index = search.setup, search.index
     labels = table["label"].astype(str).to_numpy()
@@ -195,22 +242,43 @@ def run_text_evaluations(cfg: DictConfig, table: pd.DataFrame, embeddings: np.nd
     prompts = class_prompts(wanted, list(text.templates), dict(text.get("modality_names") or {}))
     tower = build_text_tower(cfg.encoder, int(cfg.seed), cfg.paths.get("tokenizers_dir"))
     vectors, hit = cached_class_embeddings(tower, prompts, cfg.paths.cache_dir, int(text.batch_size))
-    log.info("class text embeddings (%d classes x %d prompts): %s", len(wanted), len(text.templates),
-             "cache hit" if hit else "computed")
+    log.info(
+        "class text embeddings (%d classes x %d prompts): %s",
+        len(wanted),
+        len(text.templates),
+        "cache hit" if hit else "computed",
+    )
     out.mkdir(parents=True, exist_ok=True)
     files = {"text_prompts": out / "text_prompts.csv"}
     pd.DataFrame([{"class": c, "prompt": p} for c, ps in zip(wanted, prompts) for p in ps]).to_csv(
-        files["text_prompts"], index=False)
+        files["text_prompts"], index=False
+    )
     tracker.set_tags({"text_tasks": ",".join(names), "text_cache": "hit" if hit else "miss"})
     position = {c: i for i, c in enumerate(wanted)}
     if "text_retrieval" in names:
-        result = text_retrieval(table, wanted, vectors, index, setup.index_rows, cfg.eval.n, cfg.eval.levels,
-                                int(cfg.eval.search_batch_size))
+        result = text_retrieval(
+            table,
+            wanted,
+            vectors,
+            index,
+            setup.index_rows,
+            cfg.eval.n,
+            cfg.eval.levels,
+            int(cfg.eval.search_batch_size),
+        )
         tracker.log_metrics({f"text/{k}": v for k, v in result.metrics.items()})
         files["text_metrics"] = out / "text_metrics.json"
-        files["text_metrics"].write_text(json.dumps({"metrics": result.metrics, "queries": result.n_queries,
-                                                     "excluded_queries": result.n_excluded,
-                                                     "excluded_classes": result.excluded_classes}, indent=1))
+        files["text_metrics"].write_text(
+            json.dumps(
+                {
+                    "metrics": result.metrics,
+                    "queries": result.n_queries,
+                    "excluded_queries": result.n_excluded,
+                    "excluded_classes": result.excluded_classes,
+                },
+                indent=1,
+            )
+        )
         files["text_per_class"] = out / "text_per_class.csv"
         result.per_class.to_csv(files["text_per_class"], index=False)
         from cbir import reporting, run_end
@@ -222,10 +290,22 @@ def run_text_evaluations(cfg: DictConfig, table: pd.DataFrame, embeddings: np.nd
             reporting.print_summary(result, cfg.eval.n, title=text_title)
     if "zero_shot" in names:
         class_vectors = vectors[[position[c] for c in classes]]
-        result, excluded = zero_shot(table, embeddings, setup.query_rows, classes, class_vectors,
-                                     float(text.temperature), np.bincount(index_codes, minlength=len(classes)))
-        counts = {"queries": len(setup.query_rows) - excluded, "excluded_queries": excluded, "classes": len(classes),
-                  "prompts_per_class": len(text.templates), "temperature": float(text.temperature)}
+        result, excluded = zero_shot(
+            table,
+            embeddings,
+            setup.query_rows,
+            classes,
+            class_vectors,
+            float(text.temperature),
+            np.bincount(index_codes, minlength=len(classes)),
+        )
+        counts = {
+            "queries": len(setup.query_rows) - excluded,
+            "excluded_queries": excluded,
+            "classes": len(classes),
+            "prompts_per_class": len(text.templates),
+            "temperature": float(text.temperature),
+        }
         output = tasks.TaskOutput("zero_shot", result, counts)
         tasks.log_output(output, tracker)
         files.update(tasks.write_files(output, out))

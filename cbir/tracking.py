@@ -32,9 +32,20 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 PARENT_ENV = "CBIR_PARENT_RUN_ID"
 
 # keys that change how a run looks or where it logs, not what it computes
-COSMETIC_KEYS = ("extract.progress", "extract.num_workers", "extract.shared_pass", "extract.group_size",
-                 "extract.group_memory_gb", "tracking", "eval.search_batch_size", "paths.cache_dir",
-                 "dataset.cache_dir", "dataset.rebuild", "dataset.parts.*.cache_dir", "dataset.parts.*.rebuild")
+COSMETIC_KEYS = (
+    "extract.progress",
+    "extract.num_workers",
+    "extract.shared_pass",
+    "extract.group_size",
+    "extract.group_memory_gb",
+    "tracking",
+    "eval.search_batch_size",
+    "paths.cache_dir",
+    "dataset.cache_dir",
+    "dataset.rebuild",
+    "dataset.parts.*.cache_dir",
+    "dataset.parts.*.rebuild",
+)
 MAX_PARAM_LENGTH = 6000
 
 
@@ -61,15 +72,19 @@ def resolved(cfg: DictConfig) -> dict:
 def config_hash(cfg: DictConfig) -> str:
     """Hash of what a run computes: the resolved config minus cosmetic keys."""
     flat = flatten(resolved(cfg))
-    kept = {k: v for k, v in flat.items()
-            if not any(fnmatch.fnmatchcase(k, c) or fnmatch.fnmatchcase(k, c + ".*") for c in COSMETIC_KEYS)}
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if not any(fnmatch.fnmatchcase(k, c) or fnmatch.fnmatchcase(k, c + ".*") for c in COSMETIC_KEYS)
+    }
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -114,7 +129,8 @@ def _unavailable(text: str) -> tracking_store.TrackingUnavailable:
     reason = "connection refused" if "refused" in text.lower() else "no answer"
     return tracking_store.TrackingUnavailable(
         f"MLflow server {tracking_store.shown(mlflow.get_tracking_uri())} stopped answering ({reason}); "
-        "the embeddings computed so far are kept: start the server again and re-run the same command")
+        "the embeddings computed so far are kept: start the server again and re-run the same command"
+    )
 
 
 def _still_locked() -> tracking_store.TrackingUnavailable:
@@ -122,14 +138,22 @@ def _still_locked() -> tracking_store.TrackingUnavailable:
 
     return tracking_store.TrackingUnavailable(
         f"MLflow store {tracking_store.shown(mlflow.get_tracking_uri())} {tracking_store.LOCKED}; close it "
-        "and run the same command again (finished jobs are skipped, extracted embeddings kept)")
+        "and run the same command again (finished jobs are skipped, extracted embeddings kept)"
+    )
 
 
 class Tracker:
     """A thin layer over MLflow; `enabled=False` turns every call into a no-op."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None,
-                 run_name: str | None = None, enabled: bool = True, lock_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_root: str | None = None,
+        run_name: str | None = None,
+        enabled: bool = True,
+        lock_dir: str | None = None,
+    ) -> None:
         self.enabled = enabled
         self.uri = resolve_uri(uri)
         self.experiment = experiment
@@ -148,11 +172,16 @@ class Tracker:
                 pass  # reported in one line by tracking_store.check_uri
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "Tracker":
+    def from_config(cls, cfg: DictConfig) -> Tracker:
         t = cfg.tracking
-        return cls(uri=t.uri, experiment=t.experiment, artifact_root=t.get("artifact_root"),
-                   run_name=t.get("run_name"), enabled=bool(t.enabled),
-                   lock_dir=OmegaConf.select(cfg, "paths.cache_dir"))
+        return cls(
+            uri=t.uri,
+            experiment=t.experiment,
+            artifact_root=t.get("artifact_root"),
+            run_name=t.get("run_name"),
+            enabled=bool(t.enabled),
+            lock_dir=OmegaConf.select(cfg, "paths.cache_dir"),
+        )
 
     def describe(self) -> str:
         """The store for the first lines of a run or sweep: URI, experiment and where artifacts go."""
@@ -173,8 +202,9 @@ class Tracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             with self.lock():  # the first call on a new SQLite file creates its schema
-                self._experiment_id = retry_locked(tracking_store.experiment_id, self.client(), self.experiment,
-                                                   self.artifact_root, self.uri)
+                self._experiment_id = retry_locked(
+                    tracking_store.experiment_id, self.client(), self.experiment, self.artifact_root, self.uri
+                )
         return self._experiment_id
 
     def claim(self, run_name: str, tags: dict[str, Any], skip_finished: bool = True) -> Any:
@@ -200,29 +230,41 @@ class Tracker:
                     done = self.finished_run(config)
                     if done is not None:
                         return done
-                    busy = [r for r in running if r.data.tags.get("mlflow.parentRunId") == parent
-                            and process.is_alive(r.data.tags)]
+                    busy = [
+                        r
+                        for r in running
+                        if r.data.tags.get("mlflow.parentRunId") == parent and process.is_alive(r.data.tags)
+                    ]
                 if not busy:
                     self.run_id = self._create_run(client, experiment_id, run_name, tags, parent)
                     self._claimed = True
                     return None
             if announced != busy[0].info.run_id:
                 announced = busy[0].info.run_id
-                log.info("waiting for run %s (%s), which computes the same config, to end",
-                         announced, process.describe(busy[0].data.tags))
+                log.info(
+                    "waiting for run %s (%s), which computes the same config, to end",
+                    announced,
+                    process.describe(busy[0].data.tags),
+                )
             time.sleep(WAIT_SECONDS)
 
     def _mark_dead_runs(self, client, experiment_id: str, config: str) -> list:
         """Mark RUNNING runs of this config whose process is gone as KILLED; return the others."""
-        runs = retry_locked(client.search_runs, [experiment_id], max_results=1000,
-                            filter_string=f"tags.config_hash = '{config}' and attributes.status = 'RUNNING'")
+        runs = retry_locked(
+            client.search_runs,
+            [experiment_id],
+            max_results=1000,
+            filter_string=f"tags.config_hash = '{config}' and attributes.status = 'RUNNING'",
+        )
         alive = []
         for run in runs:
             if process.is_alive(run.data.tags) is not False:
                 alive.append(run)
                 continue
-            reason = (f"its process ({process.describe(run.data.tags)}) had ended without closing the run; "
-                      f"found by {process.hostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+            reason = (
+                f"its process ({process.describe(run.data.tags)}) had ended without closing the run; "
+                f"found by {process.hostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+            )
             retry_locked(client.set_tag, run.info.run_id, "error", f"KILLED: {reason}")
             retry_locked(client.set_terminated, run.info.run_id, status="KILLED")
             log.warning("run %s was still RUNNING but %s: marked KILLED", run.info.run_id, reason)
@@ -330,8 +372,13 @@ class Tracker:
         from cbir.data.stats import dataset_summary, mlflow_dataset
 
         summary = dataset_summary(manifest)
-        self.log_params({"dataset_info.rows": summary["rows"], "dataset_info.classes": summary["classes"],
-                         "dataset_info.digest": summary["digest"]})
+        self.log_params(
+            {
+                "dataset_info.rows": summary["rows"],
+                "dataset_info.classes": summary["classes"],
+                "dataset_info.digest": summary["digest"],
+            }
+        )
         self.log_metrics({f"dataset/{split}_rows": n for split, n in summary["split_counts"].items()})
         folder.mkdir(parents=True, exist_ok=True)
         for key in ("class_counts", "modality_counts", "dataset_counts"):
@@ -349,9 +396,12 @@ class Tracker:
             return None
         client = self.client()
         runs = retry_locked(
-            client.search_runs, [self.experiment_id()],
-            filter_string=(f"tags.config_hash = '{config_hash}' and tags.`mlflow.parentRunId` = '{parent}' "
-                           "and attributes.status = 'FINISHED'"),
+            client.search_runs,
+            [self.experiment_id()],
+            filter_string=(
+                f"tags.config_hash = '{config_hash}' and tags.`mlflow.parentRunId` = '{parent}' "
+                "and attributes.status = 'FINISHED'"
+            ),
             max_results=1,
         )
         return runs[0] if runs else None

@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
 DATABASE_SCHEMES = ("mysql", "mariadb", "postgresql", "postgres", "mssql")
 # the pip package that provides a missing database driver module
-DRIVER_PACKAGES = {"MySQLdb": "mysqlclient", "pymysql": "pymysql", "psycopg": "psycopg[binary]",
-                   "psycopg2": "psycopg2-binary", "pyodbc": "pyodbc"}
+DRIVER_PACKAGES = {
+    "MySQLdb": "mysqlclient",
+    "pymysql": "pymysql",
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "pyodbc": "pyodbc",
+}
 
 
 class TrackingUnavailable(RuntimeError):
@@ -37,7 +42,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a SQLite URI (absolute, against the current directory), else None."""
     if not uri.startswith(SQLITE):
         return None
-    path = Path(uri[len(SQLITE):].split("?", 1)[0])
+    path = Path(uri[len(SQLITE) :].split("?", 1)[0])
     return path if path.is_absolute() else Path.cwd() / path
 
 
@@ -79,8 +84,11 @@ def check_uri(uri: str, artifact_root: str | None = None) -> None:
     elif scheme.split("+")[0] in DATABASE_SCHEMES:
         _check_driver(uri)
     elif scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
-        raise _error(uri, "a plain folder store, which MLflow 3 no longer writes to; use a SQLite file, "
-                          "e.g. tracking.uri=sqlite:///mlruns/mlflow.db, or an MLflow server")
+        raise _error(
+            uri,
+            "a plain folder store, which MLflow 3 no longer writes to; use a SQLite file, "
+            "e.g. tracking.uri=sqlite:///mlruns/mlflow.db, or an MLflow server",
+        )
 
 
 def _error(uri: str, problem: str):
@@ -100,11 +108,15 @@ def _check_sqlite(uri: str, artifact_root: str | None) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _error(uri, f"cannot create {what} {folder} ({e.strerror}); choose a writable place "
-                              "(tracking.dir=... or $CBIR_MLRUNS_DIR)") from None
+            raise _error(
+                uri,
+                f"cannot create {what} {folder} ({e.strerror}); choose a writable place "
+                "(tracking.dir=... or $CBIR_MLRUNS_DIR)",
+            ) from None
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise _error(uri, f"{what} {folder} is not writable; choose a writable place "
-                              "(tracking.dir=... or $CBIR_MLRUNS_DIR)")
+            raise _error(
+                uri, f"{what} {folder} is not writable; choose a writable place (tracking.dir=... or $CBIR_MLRUNS_DIR)"
+            )
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             raise _error(uri, f"{path} is not writable by this user")
@@ -113,8 +125,11 @@ def _check_sqlite(uri: str, artifact_root: str | None) -> None:
         if header and header != b"SQLite format 3\x00":
             raise _error(uri, f"{path} is not a SQLite database; name a new or existing MLflow database file")
         if header and not _can_write(path):
-            raise _error(uri, f"{path} {LOCKED}, and it is still held after {LOCK_WAIT_SECONDS} s; close it (or let it "
-                              "finish) and run the same command again, or use another store (tracking.dir=...)")
+            raise _error(
+                uri,
+                f"{path} {LOCKED}, and it is still held after {LOCK_WAIT_SECONDS} s; close it (or let it "
+                "finish) and run the same command again, or use another store (tracking.dir=...)",
+            )
 
 
 LOCKED = "is locked by another process (a write transaction kept open, e.g. by a sqlite3 shell or a database browser)"
@@ -145,8 +160,11 @@ def _check_server(uri: str) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise _error(uri, f"MLflow server not reachable ({reason}); start it, fix the URI, "
-                          "or leave tracking.uri unset for the local SQLite store") from None
+        raise _error(
+            uri,
+            f"MLflow server not reachable ({reason}); start it, fix the URI, "
+            "or leave tracking.uri unset for the local SQLite store",
+        ) from None
 
 
 def _check_driver(uri: str) -> None:
@@ -156,8 +174,11 @@ def _check_driver(uri: str) -> None:
         make_url(uri).get_dialect().import_dbapi()
     except ImportError as e:
         package = DRIVER_PACKAGES.get((e.name or "").split(".")[0], e.name)
-        raise _error(uri, f"the database driver is not installed (no module {e.name!r}); "
-                          f"pip install {package}, or use an MLflow server (http://host:5000)") from None
+        raise _error(
+            uri,
+            f"the database driver is not installed (no module {e.name!r}); "
+            f"pip install {package}, or use an MLflow server (http://host:5000)",
+        ) from None
     except Exception as e:  # a malformed URI or an unknown dialect
         raise _error(uri, f"not a usable database URI ({type(e).__name__}: {e})") from None
 
@@ -190,12 +211,15 @@ def experiment_id(client, name: str, artifact_root: str | None, uri: str) -> str
         if existing.lifecycle_stage == "deleted":
             from cbir.errors import ConfigError
 
-            raise ConfigError(f"tracking.experiment={name}: deleted in MLflow; restore it "
-                              f"(mlflow experiments restore --experiment-id {existing.experiment_id}) or choose another name")
+            raise ConfigError(
+                f"tracking.experiment={name}: deleted in MLflow; restore it "
+                f"(mlflow experiments restore --experiment-id {existing.experiment_id}) or choose another name"
+            )
         wanted = Path(artifact_root).resolve().as_uri() if artifact_root and uri.startswith(SQLITE) else None
         if wanted and existing.artifact_location != wanted:
-            log.info("experiment %s keeps its artifacts in %s (set when it was created)", name,
-                     existing.artifact_location)
+            log.info(
+                "experiment %s keeps its artifacts in %s (set when it was created)", name, existing.artifact_location
+            )
         return existing.experiment_id
     location = None
     if artifact_root and uri.startswith(SQLITE):

@@ -29,10 +29,7 @@ TIED_ALPHA = 0.05
 
 def rng_for(seed: int, *names: str) -> np.random.Generator:
     """A generator per (seed, metric): intervals do not depend on which others were computed."""
-    words = [
-        int.from_bytes(name.encode()[:32].ljust(32, b"\0"), "little") % (2**63)
-        for name in names
-    ]
+    words = [int.from_bytes(name.encode()[:32].ljust(32, b"\0"), "little") % (2**63) for name in names]
     return np.random.default_rng([int(seed), *words])
 
 
@@ -60,9 +57,7 @@ def class_resample_sums(
         elif len(distinct) <= MAX_DISTINCT:
             step = max(1, CHUNK_ELEMENTS // len(distinct))
             for b in range(0, resamples, step):
-                draws = rng.multinomial(
-                    n, multiplicity / n, size=min(step, resamples - b)
-                )
+                draws = rng.multinomial(n, multiplicity / n, size=min(step, resamples - b))
                 sums[b : b + len(draws), c] = draws @ distinct
         else:
             step = max(1, CHUNK_ELEMENTS // n)
@@ -77,9 +72,7 @@ def point_micro_macro(values: np.ndarray, classes: np.ndarray) -> tuple[float, f
     if len(values) == 0:
         return float("nan"), float("nan")
     codes, counts = _strata(classes)
-    return float(values.mean()), float(
-        (np.bincount(codes, weights=values) / counts).mean()
-    )
+    return float(values.mean()), float((np.bincount(codes, weights=values) / counts).mean())
 
 
 def percentile_interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -112,9 +105,7 @@ def mean_intervals(
     ok = ~np.isnan(values)
     if not ok.any():
         return {"micro": (np.nan, np.nan), "macro": (np.nan, np.nan)}
-    micro, macro = micro_macro_samples(
-        values[ok], np.asarray(classes)[ok], resamples, rng
-    )
+    micro, macro = micro_macro_samples(values[ok], np.asarray(classes)[ok], resamples, rng)
     return {
         "micro": percentile_interval(micro, level),
         "macro": percentile_interval(macro, level),
@@ -146,9 +137,7 @@ def retrieval_intervals(
         for subset, mask in subsets:
             part = records[mask]
             rng = rng_for(seed, prefix + subset + column)
-            bounds = mean_intervals(
-                part[column].to_numpy(), part["class"].to_numpy(), resamples, level, rng
-            )
+            bounds = mean_intervals(part[column].to_numpy(), part["class"].to_numpy(), resamples, level, rng)
             for average, template in zip(("micro", "macro"), names):
                 name = prefix + subset + template.format(n=n)
                 out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bounds[average]
@@ -188,22 +177,16 @@ def f1_from_confusions(confusions: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _stratified_weights(
-    codes: np.ndarray, resamples: int, rng: np.random.Generator
-) -> np.ndarray:
+def _stratified_weights(codes: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(B, Q) how often each query is drawn in each stratified resample."""
     weights = np.zeros((resamples, len(codes)))
     for c in np.unique(codes):
         members = np.flatnonzero(codes == c)
-        weights[:, members] = rng.multinomial(
-            len(members), np.full(len(members), 1 / len(members)), size=resamples
-        )
+        weights[:, members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), size=resamples)
     return weights
 
 
-def weighted_auc(
-    scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
+def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(B,) ROC-AUC of `scores` against `positive` with each row counted weights[b, i] times
     (ties count one half, as scikit-learn); NaN where a resample has no positive or negative."""
     order = np.argsort(scores, kind="stable")
@@ -248,16 +231,10 @@ def classification_intervals(
     for subset, mask in subsets:
         name = prefix + subset
         t, p, prob = truth[mask], predicted[mask], probabilities[mask]
-        stats = f1_from_confusions(
-            _resampled_confusions(
-                t, p, n_classes, resamples, rng_for(seed, name + "f1")
-            )
-        )
+        stats = f1_from_confusions(_resampled_confusions(t, p, n_classes, resamples, rng_for(seed, name + "f1")))
         stats["micro_f1"] = stats["accuracy"]
         for metric, samples in stats.items():
-            out[f"{name}{metric}_ci_low"], out[f"{name}{metric}_ci_high"] = (
-                percentile_interval(samples, level)
-            )
+            out[f"{name}{metric}_ci_low"], out[f"{name}{metric}_ci_high"] = percentile_interval(samples, level)
         if resamples * len(t) * n_classes > AUC_MAX_CELLS or n_classes < 2:
             continue
         rng = rng_for(seed, name + "auc")
@@ -267,11 +244,7 @@ def classification_intervals(
         step = max(1, AUC_MAX_CELLS // 4 // max(len(t) * n_classes, 1))
         for b in range(0, resamples, step):
             weights = _stratified_weights(t, min(step, resamples - b), rng)
-            present = [
-                c
-                for c in range(n_classes)
-                if one_hot[:, c].any() and not one_hot[:, c].all()
-            ]
+            present = [c for c in range(n_classes) if one_hot[:, c].any() and not one_hot[:, c].all()]
             per_class.append(
                 np.stack(
                     [weighted_auc(prob[:, c], one_hot[:, c], weights) for c in present],
@@ -280,20 +253,12 @@ def classification_intervals(
                 if present
                 else np.full((len(weights), 1), np.nan)
             )
-            micro.append(
-                weighted_auc(
-                    prob.ravel(), one_hot.ravel(), np.repeat(weights, n_classes, axis=1)
-                )
-            )
+            micro.append(weighted_auc(prob.ravel(), one_hot.ravel(), np.repeat(weights, n_classes, axis=1)))
         with np.errstate(invalid="ignore"):
-            macro = np.nanmean(
-                np.concatenate(per_class), axis=1
-            )  # a class without a positive is skipped
-        out[f"{name}macro_roc_auc_ci_low"], out[f"{name}macro_roc_auc_ci_high"] = (
-            percentile_interval(macro, level)
-        )
-        out[f"{name}micro_roc_auc_ci_low"], out[f"{name}micro_roc_auc_ci_high"] = (
-            percentile_interval(np.concatenate(micro), level)
+            macro = np.nanmean(np.concatenate(per_class), axis=1)  # a class without a positive is skipped
+        out[f"{name}macro_roc_auc_ci_low"], out[f"{name}macro_roc_auc_ci_high"] = percentile_interval(macro, level)
+        out[f"{name}micro_roc_auc_ci_low"], out[f"{name}micro_roc_auc_ci_high"] = percentile_interval(
+            np.concatenate(micro), level
         )
     return out
 
@@ -312,11 +277,7 @@ def sign_flip_p(
     costs one binomial draw per distinct value instead of one sign per query."""
     d = np.asarray(differences, dtype=np.float64)
     codes, counts = _strata(classes)
-    weight = (
-        np.full(len(d), 1 / len(d))
-        if average == "micro"
-        else 1 / (counts[codes] * len(counts))
-    )
+    weight = np.full(len(d), 1 / len(d)) if average == "micro" else 1 / (counts[codes] * len(counts))
     x = np.abs(d) * weight
     observed = abs(float((d * weight).sum()))
     x = x[x > 0]
@@ -331,14 +292,8 @@ def sign_flip_p(
     exceed = 0
     step = max(1, CHUNK_ELEMENTS // len(distinct))
     for b in range(0, flips, step):
-        heads = rng.binomial(
-            multiplicity, 0.5, size=(min(step, flips - b), len(distinct))
-        )
-        exceed += int(
-            (
-                np.abs((2 * heads - multiplicity) @ distinct) >= observed - tolerance
-            ).sum()
-        )
+        heads = rng.binomial(multiplicity, 0.5, size=(min(step, flips - b), len(distinct)))
+        exceed += int((np.abs((2 * heads - multiplicity) @ distinct) >= observed - tolerance).sum())
     return (1 + exceed) / (1 + flips)
 
 
@@ -379,9 +334,7 @@ def paired_difference(
     point = micro if average == "micro" else macro
     low = high = float("nan")
     if resamples > 0:
-        samples = micro_macro_samples(
-            d, classes, resamples, rng_for(seed, "diff", name, average)
-        )
+        samples = micro_macro_samples(d, classes, resamples, rng_for(seed, "diff", name, average))
         low, high = percentile_interval(samples[0 if average == "micro" else 1], level)
     return PairedDifference(
         point,
@@ -407,12 +360,8 @@ def compare_runs(
     rows = []
     aligned = {n: records[n].sort_values("row").reset_index(drop=True) for n in names}
     for name in names[1:]:
-        if not np.array_equal(
-            aligned[name]["row"].to_numpy(), aligned[names[0]]["row"].to_numpy()
-        ):
-            raise ValueError(
-                f"runs {names[0]} and {name} answered different queries: not a paired comparison"
-            )
+        if not np.array_equal(aligned[name]["row"].to_numpy(), aligned[names[0]]["row"].to_numpy()):
+            raise ValueError(f"runs {names[0]} and {name} answered different queries: not a paired comparison")
     for average, column in metrics:
         label = f"{average} {column}"
         for a, b in itertools.combinations(names, 2):
@@ -440,30 +389,19 @@ def compare_runs(
                     "p": result.p,
                 }
             )
-    table = pd.DataFrame(
-        rows, columns=["metric", "a", "b", "difference", "ci_low", "ci_high", "p"]
-    )
-    table["p_holm"] = (
-        table.groupby("metric")["p"].transform(lambda p: holm(p.to_numpy()))
-        if len(table)
-        else []
-    )
+    table = pd.DataFrame(rows, columns=["metric", "a", "b", "difference", "ci_low", "ci_high", "p"])
+    table["p_holm"] = table.groupby("metric")["p"].transform(lambda p: holm(p.to_numpy())) if len(table) else []
     return table
 
 
-def tied_for_best(
-    values: dict[str, float], pairs: pd.DataFrame, alpha: float = TIED_ALPHA
-) -> list[str]:
+def tied_for_best(values: dict[str, float], pairs: pd.DataFrame, alpha: float = TIED_ALPHA) -> list[str]:
     """The best run (highest value) and every run whose Holm-adjusted p against it is >= alpha."""
     best = max(values, key=lambda name: (values[name], name))
     tied = [best]
     for name in sorted(values):
         if name == best:
             continue
-        pair = pairs[
-            ((pairs["a"] == best) & (pairs["b"] == name))
-            | ((pairs["a"] == name) & (pairs["b"] == best))
-        ]
+        pair = pairs[((pairs["a"] == best) & (pairs["b"] == name)) | ((pairs["a"] == name) & (pairs["b"] == best))]
         if len(pair) and float(pair["p_holm"].iloc[0]) >= alpha:
             tied.append(name)
     return tied
@@ -496,14 +434,9 @@ def merge_interval_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """For tables people read: each column `X` that has `X low` and `X high` beside it becomes
     the text `0.409 [0.37, 0.45]` and the two bound columns go."""
     frame = frame.copy()
-    for column in [
-        c for c in frame.columns if f"{c} low" in frame and f"{c} high" in frame
-    ]:
+    for column in [c for c in frame.columns if f"{c} low" in frame and f"{c} high" in frame]:
         frame[column] = [
-            fmt_interval(v, lo, hi)
-            for v, lo, hi in zip(
-                frame[column], frame[f"{column} low"], frame[f"{column} high"]
-            )
+            fmt_interval(v, lo, hi) for v, lo, hi in zip(frame[column], frame[f"{column} low"], frame[f"{column} high"])
         ]
         frame = frame.drop(columns=[f"{column} low", f"{column} high"])
     return frame

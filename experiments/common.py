@@ -62,8 +62,9 @@ def main(name: str, run) -> None:
     try:
         cfg = load_config(name, args)
     except (HydraException, OmegaConfBaseException) as e:  # a mistyped override: one line, not a traceback
-        log.error("%s: %s (python experiments/%s.py --help lists the settings)", " ".join(args),
-                  str(e).splitlines()[0], name)
+        log.error(
+            "%s: %s (python experiments/%s.py --help lists the settings)", " ".join(args), str(e).splitlines()[0], name
+        )
         raise SystemExit(2) from None
     try:
         files = run(cfg)
@@ -78,9 +79,11 @@ def usage(name: str) -> str:
     """The script's docstring and its settings with their defaults (conf/experiment_scripts/<name>.yaml)."""
     doc = (sys.modules["__main__"].__doc__ or "").strip()
     cfg = load_config(name)
-    return (f"{doc}\n\nusage: python experiments/{name}.py [key=value ...]\n\n"
-            f"settings (conf/experiment_scripts/{name}.yaml and common.yaml):\n"
-            f"{OmegaConf.to_yaml(cfg)}")
+    return (
+        f"{doc}\n\nusage: python experiments/{name}.py [key=value ...]\n\n"
+        f"settings (conf/experiment_scripts/{name}.yaml and common.yaml):\n"
+        f"{OmegaConf.to_yaml(cfg)}"
+    )
 
 
 def show(frame: pd.DataFrame, title: str) -> None:
@@ -99,6 +102,7 @@ def show(frame: pd.DataFrame, title: str) -> None:
 @dataclass
 class Context:
     """Paths and tracking of one script invocation."""
+
     cfg: DictConfig
 
     @property
@@ -115,8 +119,9 @@ class Context:
         from cbir import tracking
 
         with self.chdir():  # a relative SQLite URI resolves against the working folder
-            return tracking.Tracker(self.cfg.tracking_uri, self.cfg.tracking_experiment,
-                                    artifact_root="mlruns/artifacts")
+            return tracking.Tracker(
+                self.cfg.tracking_uri, self.cfg.tracking_experiment, artifact_root="mlruns/artifacts"
+            )
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -136,8 +141,11 @@ class Context:
         return [list(s) for s in self.cfg.sweeps["smoke" if self.cfg.smoke else "full"]]
 
     def common_overrides(self) -> list[str]:
-        return [f"tracking.uri={self.cfg.tracking_uri}", f"tracking.experiment={self.cfg.tracking_experiment}",
-                *self.data_overrides()]
+        return [
+            f"tracking.uri={self.cfg.tracking_uri}",
+            f"tracking.experiment={self.cfg.tracking_experiment}",
+            *self.data_overrides(),
+        ]
 
     def data_overrides(self) -> list[str]:
         """What every job needs besides its sweep to compute the same thing (data location, extras)."""
@@ -155,13 +163,21 @@ class Context:
         env.pop("CBIR_PARENT_RUN_ID", None)
         sweep_log = self.out / f"sweep_{len(list(self.out.glob('sweep_*.log')))}.log"
         with sweep_log.open("w") as record:
-            proc = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            proc = subprocess.Popen(
+                command,
+                cwd=self.workdir,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
             lines = follow(proc.stdout, record, constant=command)
             returncode = proc.wait()
         if returncode != 0:
-            raise ExperimentError(f"sweep failed ({' '.join(sweep)}); its output is in {sweep_log}:\n"
-                                  + "".join(lines[-40:]))
+            raise ExperimentError(
+                f"sweep failed ({' '.join(sweep)}); its output is in {sweep_log}:\n" + "".join(lines[-40:])
+            )
         summary = next((i for i, line in enumerate(lines) if line.strip().startswith("sweep: ")), None)
         if summary is not None:  # cbir's table across jobs and where to look next
             sys.stdout.write("".join(lines[summary:]))
@@ -174,8 +190,16 @@ class Context:
     def latest_parent(self) -> str:
         client = self.client()
         experiment = client.get_experiment_by_name(self.cfg.tracking_experiment)
-        found = client.search_runs([experiment.experiment_id], filter_string="tags.`cbir.role` = 'sweep'",
-                                   order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+        found = (
+            client.search_runs(
+                [experiment.experiment_id],
+                filter_string="tags.`cbir.role` = 'sweep'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if experiment
+            else []
+        )
         if not found:
             raise ExperimentError(f"no sweep found in MLflow experiment {self.cfg.tracking_experiment}")
         return found[0].info.run_id
@@ -283,7 +307,13 @@ def run_embeddings(ctx: Context, overrides: list[str]):
             manifest = manifest.with_table(table)
         torch.manual_seed(int(cfg.seed))  # as cbir.run: random-init encoders get the run's weights
         encoder = build(cfg.encoder)
-        extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cfg.paths.cache_dir), cfg.extract,
-                                        on_error=cfg.data.on_error, retry_failed=bool(cfg.data.retry_failed))
+        extraction = extract_embeddings(
+            encoder,
+            manifest,
+            EmbeddingStore(cfg.paths.cache_dir),
+            cfg.extract,
+            on_error=cfg.data.on_error,
+            retry_failed=bool(cfg.data.retry_failed),
+        )
     log.info("embeddings %s: %s", extraction.cached.key, "cache hit" if extraction.cache_hit else "extracted now")
     return cfg, manifest, extraction

@@ -52,15 +52,21 @@ def describe(ctx: Context, run_id: str, encoder: str) -> dict:
         "embedding/sample_rows": float(len(rows)),
     }
     figure = figures.scatter_2d(
-        figures.pca_2d(vectors), {"modality": modalities, "class": labels},
+        figures.pca_2d(vectors),
+        {"modality": modalities, "class": labels},
         ctx.out / f"embedding_space_{encoder}.png",
         f"{encoder}: PCA of {len(rows)} {ctx.cfg.split} embeddings  (silhouette by class "
-        f"{scores['embedding/silhouette_class']:.3f}, {k}-NN class purity {scores[f'embedding/knn{k}_purity_class']:.3f})")
+        f"{scores['embedding/silhouette_class']:.3f}, {k}-NN class purity {scores[f'embedding/knn{k}_purity_class']:.3f})",
+    )
     client = ctx.client()
     for name, value in scores.items():
         client.log_metric(run_id, name, float(value))
     client.log_artifact(run_id, str(figure), "embedding_space")
-    return {"encoder": encoder, **{name.split("/", 1)[1]: value for name, value in scores.items()}, "figure": figure.name}
+    return {
+        "encoder": encoder,
+        **{name.split("/", 1)[1]: value for name, value in scores.items()},
+        "figure": figure.name,
+    }
 
 
 def run(cfg) -> dict:

@@ -25,15 +25,17 @@ import pandas as pd  # noqa: E402
 from experiments.common import Context, ExperimentError, main, run_embeddings, show  # noqa: E402
 
 
-def measure(index_cfg, vectors: np.ndarray, queries: np.ndarray, k: int, exact: np.ndarray | None,
-            latency_queries: int) -> tuple[dict, np.ndarray]:
+def measure(
+    index_cfg, vectors: np.ndarray, queries: np.ndarray, k: int, exact: np.ndarray | None, latency_queries: int
+) -> tuple[dict, np.ndarray]:
     import faiss
 
     from cbir import index as cbir_index
 
     start = time.perf_counter()
-    index = cbir_index.build_index(vectors, str(index_cfg.type), index_cfg.get("use_gpu", "auto"),
-                                   dict(index_cfg.get("params") or {}))
+    index = cbir_index.build_index(
+        vectors, str(index_cfg.type), index_cfg.get("use_gpu", "auto"), dict(index_cfg.get("params") or {})
+    )
     build_seconds = time.perf_counter() - start
     start = time.perf_counter()
     _, found = cbir_index.search(index, queries, k)
@@ -46,9 +48,14 @@ def measure(index_cfg, vectors: np.ndarray, queries: np.ndarray, k: int, exact: 
     cpu_index = faiss.index_gpu_to_cpu(index) if cbir_index.gpu_available() else index  # serialisable form
     reference = found if exact is None else exact
     recall = np.mean([len(set(a[a >= 0]) & set(b[b >= 0])) / k for a, b in zip(found, reference)])
-    return {"recall@k vs flat": float(recall), "build s": build_seconds, "batched ms/query": batch_ms,
-            "single-query ms (median)": float(np.median(single)),
-            "memory MB": len(faiss.serialize_index(cpu_index)) / 2**20, "rows": int(index.ntotal)}, found
+    return {
+        "recall@k vs flat": float(recall),
+        "build s": build_seconds,
+        "batched ms/query": batch_ms,
+        "single-query ms (median)": float(np.median(single)),
+        "memory MB": len(faiss.serialize_index(cpu_index)) / 2**20,
+        "rows": int(index.ntotal),
+    }, found
 
 
 def run(cfg) -> dict:
@@ -65,8 +72,14 @@ def run(cfg) -> dict:
     exact, rows = None, []
     for _, run in runs.iterrows():
         job_cfg, manifest, extraction = run_embeddings(ctx, ctx.job_overrides(run["run_id"]))
-        setup = retrieval.choose_rows(manifest.table, extraction.valid, job_cfg.index.split, job_cfg.eval.query_split,
-                                      retrieval.per_class_value(job_cfg.index.per_class), job_cfg.index.seed)
+        setup = retrieval.choose_rows(
+            manifest.table,
+            extraction.valid,
+            job_cfg.index.split,
+            job_cfg.eval.query_split,
+            retrieval.per_class_value(job_cfg.index.per_class),
+            job_cfg.index.seed,
+        )
         vectors = l2_normalise(extraction.embeddings[setup.index_rows])
         queries = l2_normalise(extraction.embeddings[setup.query_rows])
         numbers, found = measure(job_cfg.index, vectors, queries, k, exact, int(cfg.latency_queries))
@@ -77,11 +90,21 @@ def run(cfg) -> dict:
     for n in ns:
         table[f"ΔP@{n} vs flat"] = table[f"micro P@{n}"] - table.loc[table["index"] == "flat", f"micro P@{n}"].item()
     files = {p.name: p for p in ctx.write_table(table, "index_types")}
-    long = table.melt(id_vars="index", value_vars=["recall@k vs flat", f"micro P@{ns[0]}", f"micro P@{ns[-1]}"],
-                      var_name="measure", value_name="value")
-    files["index_types.png"] = figures.grouped_bars(long, "measure", "index", "value", ctx.out / "index_types.png",
-                                                    f"index structures: recall@{k} against flat and micro P@N",
-                                                    ylabel="")
+    long = table.melt(
+        id_vars="index",
+        value_vars=["recall@k vs flat", f"micro P@{ns[0]}", f"micro P@{ns[-1]}"],
+        var_name="measure",
+        value_name="value",
+    )
+    files["index_types.png"] = figures.grouped_bars(
+        long,
+        "measure",
+        "index",
+        "value",
+        ctx.out / "index_types.png",
+        f"index structures: recall@{k} against flat and micro P@N",
+        ylabel="",
+    )
     ctx.keep(parents[-1], *files.values())
     show(table, "index types")
     return files

@@ -13,7 +13,6 @@ findings.md (best/worst modality and the anatomy-pathology gap per encoder).
 from __future__ import annotations
 
 import re
-
 import sys
 from pathlib import Path
 
@@ -52,10 +51,16 @@ def findings(table: pd.DataFrame, n: int) -> pd.DataFrame:
     for encoder, frame in micro.groupby("encoder"):
         modality = frame[frame["kind"] == "modality"].set_index("subset")["value"]
         level = frame[frame["kind"] == "level"].set_index("subset")["value"]
-        rows.append({"encoder": encoder, "best modality": modality.idxmax(), "worst modality": modality.idxmin(),
-                     f"anatomy P@{n}": level.get(LEVEL_NAMES["anatomy"]),
-                     f"pathology P@{n}": level.get(LEVEL_NAMES["class"]),
-                     "pathology harder": bool(level.get(LEVEL_NAMES["class"], 1) < level.get(LEVEL_NAMES["anatomy"], 0))})
+        rows.append(
+            {
+                "encoder": encoder,
+                "best modality": modality.idxmax(),
+                "worst modality": modality.idxmin(),
+                f"anatomy P@{n}": level.get(LEVEL_NAMES["anatomy"]),
+                f"pathology P@{n}": level.get(LEVEL_NAMES["class"]),
+                "pathology harder": bool(level.get(LEVEL_NAMES["class"], 1) < level.get(LEVEL_NAMES["anatomy"], 0)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -76,8 +81,14 @@ def run(cfg) -> dict:
     shown["order"] = [(k != "modality", order.get(s, 0), s) for k, s in zip(shown["kind"], shown["subset"])]
     shown = shown.sort_values("order")
     files["modality_levels.png"] = figures.grouped_bars(
-        shown, "subset", "encoder", "value", ctx.out / "modality_levels.png",
-        f"micro P@{n} per modality and per matching level", panel="panel")
+        shown,
+        "subset",
+        "encoder",
+        "value",
+        ctx.out / "modality_levels.png",
+        f"micro P@{n} per modality and per matching level",
+        panel="panel",
+    )
     summary = findings(table, n)
     files.update({p.name: p for p in ctx.write_table(summary, "findings")})
     ctx.keep(parents[-1], *files.values())

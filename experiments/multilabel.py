@@ -42,8 +42,13 @@ def long_table(runs: pd.DataFrame, ns) -> pd.DataFrame:
                 continue
             names = {f"P@{n}": f"P_at_{n}" for n in ns}
             if prefix:
-                names.update({f"mAP@{deepest}": f"mAP_at_{deepest}", f"nDCG@{deepest}": f"nDCG_at_{deepest}",
-                              "R-precision": "R_precision"})
+                names.update(
+                    {
+                        f"mAP@{deepest}": f"mAP_at_{deepest}",
+                        f"nDCG@{deepest}": f"nDCG_at_{deepest}",
+                        "R-precision": "R_precision",
+                    }
+                )
             for average in ("micro", "macro"):
                 for metric, name in names.items():
                     value = run.get(f"{prefix}{average}/{name}")
@@ -66,16 +71,25 @@ def run(cfg) -> dict:
         raise ExperimentError("no run with dataset.labels=multi among the sweeps; check sweeps in the config")
     order = {name: i for i, name in enumerate(SETTINGS)}
     wide = table.pivot_table(index=["encoder", "setting", "average"], columns="metric", values="value", sort=False)
-    metrics = [m for m in [f"P@{n}" for n in ns] + [f"mAP@{max(ns)}", f"nDCG@{max(ns)}", "R-precision", "queries"]
-               if m in wide.columns]
+    metrics = [
+        m
+        for m in [f"P@{n}" for n in ns] + [f"mAP@{max(ns)}", f"nDCG@{max(ns)}", "R-precision", "queries"]
+        if m in wide.columns
+    ]
     wide = wide[metrics].reset_index()
     wide = wide.sort_values(["encoder", "setting", "average"], key=lambda c: c.map(order) if c.name == "setting" else c)
     files = {p.name: p for p in ctx.write_table(wide.reset_index(drop=True), "multilabel")}
     n = int(cfg.n)
     shown = table[table["metric"] == f"P@{n}"]
     files["multilabel.png"] = figures.grouped_bars(
-        shown, "encoder", "setting", "value", ctx.out / "multilabel.png",
-        f"P@{n}: single-label benchmark against multi-label relevance", panel="average")
+        shown,
+        "encoder",
+        "setting",
+        "value",
+        ctx.out / "multilabel.png",
+        f"P@{n}: single-label benchmark against multi-label relevance",
+        panel="average",
+    )
     ctx.keep(parents[-1], *files.values())
     print(wide.to_string(index=False))
     return files

@@ -38,11 +38,20 @@ def published_sweep(cfg) -> list[str]:
     datasets, embeddings = Path(cfg.published_datasets), Path(cfg.published_embeddings)
     names = [n for n in STUDY_MODELS.values() if any((embeddings / f).is_dir() for f in model_folders(n))]
     if not names:
-        raise ExperimentError(f"{embeddings}: no model folder of the study ({', '.join(STUDY_MODELS)}); "
-                              "unpack the embeddings archives there or set published_embeddings=<folder>")
-    return ["dataset=study_splits", f"dataset.dir={datasets}", f"dataset.root={cfg.published_dir}",
-            "encoder=precomputed", f"encoder.dir={embeddings}", "encoder.name=" + ",".join(names),
-            "index.per_class=null", "eval.gallery=false"]
+        raise ExperimentError(
+            f"{embeddings}: no model folder of the study ({', '.join(STUDY_MODELS)}); "
+            "unpack the embeddings archives there or set published_embeddings=<folder>"
+        )
+    return [
+        "dataset=study_splits",
+        f"dataset.dir={datasets}",
+        f"dataset.root={cfg.published_dir}",
+        "encoder=precomputed",
+        f"encoder.dir={embeddings}",
+        "encoder.name=" + ",".join(names),
+        "index.per_class=null",
+        "eval.gallery=false",
+    ]
 
 
 def beyond_study_table(cfg, ctx: Context, measured: pd.DataFrame) -> dict:
@@ -72,12 +81,24 @@ def run(cfg) -> dict:
     _, parents = ctx.sweep_runs()
     reference = Path(cfg.reference)
     reference = reference if reference.is_absolute() else Path(__file__).resolve().parents[1] / reference
-    report_cfg = OmegaConf.create({
-        "tracking": {"uri": cfg.tracking_uri, "experiment": cfg.tracking_experiment, "enabled": True,
-                     "artifact_root": "mlruns/artifacts", "run_name": None},
-        "report": {"runs": parents[-1], "filter": None, "ns": list(cfg.ns), "output_dir": str(ctx.out),
-                   "reference": str(reference)},
-    })
+    report_cfg = OmegaConf.create(
+        {
+            "tracking": {
+                "uri": cfg.tracking_uri,
+                "experiment": cfg.tracking_experiment,
+                "enabled": True,
+                "artifact_root": "mlruns/artifacts",
+                "run_name": None,
+            },
+            "report": {
+                "runs": parents[-1],
+                "filter": None,
+                "ns": list(cfg.ns),
+                "output_dir": str(ctx.out),
+                "reference": str(reference),
+            },
+        }
+    )
     with ctx.chdir():
         files = report.write_report(report_cfg)  # table1, per_modality, comparison (report.reference)
     measured = pd.read_csv(files["table1.csv"])
@@ -88,11 +109,24 @@ def run(cfg) -> dict:
         for avg in ("micro", "macro"):
             bars.append({"encoder": row["encoder"], "source": "measured", "average": avg, "P@1": row[f"{avg} P@1"]})
             if not match.empty:
-                bars.append({"encoder": row["encoder"], "source": "paper", "average": avg,
-                             "P@1": float(match.iloc[0][f"{avg}_p1"])})
+                bars.append(
+                    {
+                        "encoder": row["encoder"],
+                        "source": "paper",
+                        "average": avg,
+                        "P@1": float(match.iloc[0][f"{avg}_p1"]),
+                    }
+                )
     files.update(beyond_study_table(cfg, ctx, measured))
-    figure = figures.grouped_bars(pd.DataFrame(bars), "encoder", "source", "P@1", ctx.out / "table1.png",
-                                  "P@1 on the combined dataset: measured against the paper", panel="average")
+    figure = figures.grouped_bars(
+        pd.DataFrame(bars),
+        "encoder",
+        "source",
+        "P@1",
+        ctx.out / "table1.png",
+        "P@1 on the combined dataset: measured against the paper",
+        panel="average",
+    )
     ctx.keep(parents[-1], *files.values(), figure)
     return {**files, "table1.png": figure}
 

@@ -26,19 +26,29 @@ def run(cfg) -> dict:
     ctx = Context(cfg)
     runs, parents = ctx.sweep_runs()
     ns = [int(n) for n in cfg.ns]
-    table = pd.DataFrame({
-        "encoder": runs["encoder"],
-        # a null pool is the model's standard head: CLS for ViTs, global average for CNNs
-        "pool": runs["param.encoder.pool"].replace({"null": "default", "None": "default"}),
-        "input size": pd.to_numeric(runs["param.encoder.input_size"]),
-        **{f"{avg} P@{n}": runs[f"{avg}/P_at_{n}"] for avg in ("micro", "macro") for n in ns},
-    }).sort_values(["encoder", "pool", "input size"]).reset_index(drop=True)
+    table = (
+        pd.DataFrame(
+            {
+                "encoder": runs["encoder"],
+                # a null pool is the model's standard head: CLS for ViTs, global average for CNNs
+                "pool": runs["param.encoder.pool"].replace({"null": "default", "None": "default"}),
+                "input size": pd.to_numeric(runs["param.encoder.input_size"]),
+                **{f"{avg} P@{n}": runs[f"{avg}/P_at_{n}"] for avg in ("micro", "macro") for n in ns},
+            }
+        )
+        .sort_values(["encoder", "pool", "input size"])
+        .reset_index(drop=True)
+    )
     files = {p.name: p for p in ctx.write_table(table, "pooling_resolution")}
-    shown = table.assign(setting=table["encoder"] + " " + table["pool"],
-                         size=table["input size"].astype(str) + " px")
+    shown = table.assign(setting=table["encoder"] + " " + table["pool"], size=table["input size"].astype(str) + " px")
     files["pooling_resolution.png"] = figures.grouped_bars(
-        shown, "setting", "size", f"micro P@{ns[0]}", ctx.out / "pooling_resolution.png",
-        f"micro P@{ns[0]} by embedding head and input size")
+        shown,
+        "setting",
+        "size",
+        f"micro P@{ns[0]}",
+        ctx.out / "pooling_resolution.png",
+        f"micro P@{ns[0]} by embedding head and input size",
+    )
     for parent in parents:
         ctx.keep(parent, *files.values())
     show(table, "pooling resolution")

@@ -29,8 +29,9 @@ def by_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
     modalities = sorted({c.split("/")[1] for c in runs.columns if c.startswith("modality/")})
     frames = [saturation_frame(runs, ns).assign(modality="all")]
     for modality in modalities:
-        renamed = runs.rename(columns={f"modality/{modality}/{avg}/P_at_{n}": f"{avg}/P_at_{n}"
-                                       for avg in ("micro", "macro") for n in ns})
+        renamed = runs.rename(
+            columns={f"modality/{modality}/{avg}/P_at_{n}": f"{avg}/P_at_{n}" for avg in ("micro", "macro") for n in ns}
+        )
         renamed = renamed.loc[:, ~renamed.columns.duplicated(keep="last")]
         frame = saturation_frame(renamed, ns)
         frame.insert(1, "modality", modality)
@@ -55,9 +56,16 @@ def knee(curves: pd.DataFrame, fraction: float, metric: str = "micro/P_at_1") ->
         target = fraction * float(full[metric].iloc[0])
         reached = frame[frame[metric] >= target].sort_values("step")
         first = reached.iloc[0] if len(reached) else full.iloc[0]
-        rows.append({"encoder": group, "modality": modality, "full-index P@1": float(full[metric].iloc[0]),
-                     f"{fraction:.0%} of it": target, "reached at rows/class": first["per_class"],
-                     "P@1 there": float(first[metric])})
+        rows.append(
+            {
+                "encoder": group,
+                "modality": modality,
+                "full-index P@1": float(full[metric].iloc[0]),
+                f"{fraction:.0%} of it": target,
+                "reached at rows/class": first["per_class"],
+                "P@1 there": float(first[metric]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -69,13 +77,23 @@ def run(cfg) -> dict:
     ns = list(cfg.ns)
     overall = reporting.saturation_frame(runs, ns)
     curves = by_modality(runs, ns)
-    files = {"saturation.csv": ctx.out / "saturation.csv", "saturation_by_modality.csv": ctx.out / "saturation_by_modality.csv"}
+    files = {
+        "saturation.csv": ctx.out / "saturation.csv",
+        "saturation_by_modality.csv": ctx.out / "saturation_by_modality.csv",
+    }
     overall.to_csv(files["saturation.csv"], index=False)
     curves.to_csv(files["saturation_by_modality.csv"], index=False)
     files["saturation.png"] = reporting.plot_saturation(overall, ctx.out / "saturation.png", ns)
     files["saturation_by_modality.png"] = figures.line_panels(
-        curves, "step", "micro/P_at_1", "group", "modality", ctx.out / "saturation_by_modality.png",
-        "micro P@1 against index size, per modality", "index rows per class (log)")
+        curves,
+        "step",
+        "micro/P_at_1",
+        "group",
+        "modality",
+        ctx.out / "saturation_by_modality.png",
+        "micro P@1 against index size, per modality",
+        "index rows per class (log)",
+    )
     table = knee(curves, float(cfg.fraction))
     for path in ctx.write_table(table, "knee"):
         files[path.name] = path

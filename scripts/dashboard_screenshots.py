@@ -40,8 +40,20 @@ def free_port() -> int:
 def mlflow_server(store_uri: str, timeout: float = 120):
     """`mlflow server` on 127.0.0.1:<free port> for the store; yields its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -70,8 +82,9 @@ def mlflow_server(store_uri: str, timeout: float = 120):
 def api(url: str, endpoint: str, body: dict | None = None, method: str = "POST") -> dict:
     """One MLflow REST call (`/api/2.0/mlflow/<endpoint>`), JSON in and out."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{endpoint}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -82,11 +95,27 @@ def browser() -> str | None:
 
 def screenshot(chrome: str, page: str, path: Path, size=(1400, 860), wait_ms: int = 12000) -> Path:
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chrome, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
-                        "--hide-scrollbars", f"--window-size={size[0]},{size[1]}",
-                        f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", page],
-                       check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                chrome,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--hide-scrollbars",
+                f"--window-size={size[0]},{size[1]}",
+                f"--virtual-time-budget={wait_ms}",
+                f"--screenshot={path}",
+                page,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
     return path
 
 
@@ -120,24 +149,35 @@ def main() -> None:
         with mlflow_server(store) as url:
             experiment = api(url, "experiments/get-by-name?experiment_name=cbir", method="GET")["experiment"]
             eid = experiment["experiment_id"]
-            runs = api(url, "runs/search", {"experiment_ids": [eid], "max_results": 100,
-                                            "order_by": ["attributes.start_time DESC"]})["runs"]
+            runs = api(
+                url,
+                "runs/search",
+                {"experiment_ids": [eid], "max_results": 100, "order_by": ["attributes.start_time DESC"]},
+            )["runs"]
             tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
             parent = next(r for r, t in zip(runs, tags) if t.get("cbir.role") == "sweep")["info"]["run_id"]
             child = next(r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent)["info"]["run_id"]
             training = "workflowType=machine_learning"  # the "Model training" side of the UI
             order = "orderByKey=metrics.%60micro%2FP_at_1%60&orderByAsc=false"
             runs_page = f"{url}/#/experiments/{eid}"
-            pages = {"dashboard_runs.png": (f"{runs_page}/runs?{training}&{order}", 620),
-                     "dashboard_parent.png": (f"{runs_page}/runs/{parent}?{training}", 1250),
-                     "dashboard_child.png": (f"{runs_page}/runs/{child}?{training}", 1250)}
+            pages = {
+                "dashboard_runs.png": (f"{runs_page}/runs?{training}&{order}", 620),
+                "dashboard_parent.png": (f"{runs_page}/runs/{parent}?{training}", 1250),
+                "dashboard_child.png": (f"{runs_page}/runs/{child}?{training}", 1250),
+            }
             args.out.mkdir(parents=True, exist_ok=True)
             for name, (page, height) in pages.items():
                 shrink(screenshot(chrome, page, args.out / name, size=(1400, height)))
                 print(f"wrote {args.out / name}")
             # the comparison page as the sweep's folder holds it (the path the sweep prints after "Comparison")
-            html = Path(api(url, f"runs/get?run_id={parent}", method="GET")["run"]["info"]["artifact_uri"]
-                        .removeprefix("file://")) / "comparison.html"
+            html = (
+                Path(
+                    api(url, f"runs/get?run_id={parent}", method="GET")["run"]["info"]["artifact_uri"].removeprefix(
+                        "file://"
+                    )
+                )
+                / "comparison.html"
+            )
             if html.is_file():
                 name = "comparison_page.png"
                 shrink(screenshot(chrome, html.as_uri(), args.out / name, size=(1300, 1500)), width=1300)

@@ -33,14 +33,28 @@ def shared_data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def run_cbir(cwd: Path, *overrides: str, module: str = "cbir.run", env: dict | None = None,
-             check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cbir(
+    cwd: Path,
+    *overrides: str,
+    module: str = "cbir.run",
+    env: dict | None = None,
+    check: bool = True,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
     """`python -m cbir.run <overrides>` in `cwd` (its mlruns/, outputs/ and caches land there)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"cbir failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"cbir failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -53,16 +67,24 @@ def compose(*overrides: str, config_name: str = "config", hydra_node: bool = Fal
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)
 
 
-def run_cbir_hang_guarded(cwd: Path, *overrides: str, module: str = "cbir.run", timeout: int = 120,
-                          env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cbir_hang_guarded(
+    cwd: Path, *overrides: str, module: str = "cbir.run", timeout: int = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """run_cbir(check=False) for a case that once hung: in its own process group, and on timeout the
     whole group (loader workers included) is killed and the test fails. The timeout guards against
     a hang; it is not a speed limit (such a run takes seconds)."""
     import signal
 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=cwd, env=full_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

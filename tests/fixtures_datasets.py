@@ -47,8 +47,13 @@ RADIMAGENET_FOLDERS = {
     "US/thyroid_nodule": 3,
 }
 RADIMAGENET_CLASSES = {  # without the ignore list
-    "CT/abd/normal": 4, "CT/lung/interstitial_lung_disease": 3, "MR/knee/meniscal_abnormality": 3,
-    "MR/knee/ca++_tendinosis": 3, "US/liver/normal": 3, "US/thyroid/normal": 3, "US/thyroid/nodule": 3,
+    "CT/abd/normal": 4,
+    "CT/lung/interstitial_lung_disease": 3,
+    "MR/knee/meniscal_abnormality": 3,
+    "MR/knee/ca++_tendinosis": 3,
+    "US/liver/normal": 3,
+    "US/thyroid/normal": 3,
+    "US/thyroid/nodule": 3,
 }
 RADIMAGENET_IGNORED = "radiology_ai/CT/abd/normal/abd-normal000003.png"  # in the ignore list
 
@@ -77,15 +82,31 @@ def make_radimagenet(data_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------- NIH ChestX-ray14
-NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
-NIH_FINDINGS = ["No Finding", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion",
-                "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax", "Emphysema", "Fibrosis",
-                "Pleural_Thickening", "Hernia"]
-NIH_TRAIN_VAL_PATIENTS = list(range(1, 31))     # 30 patients, 2 images each
-NIH_TEST_PATIENTS = list(range(31, 39))         # 8 patients, 2 images each
-NIH_MULTI_LABEL = "Effusion|Mass"                # the 2nd image of every 3rd patient
-NIH_MISSING_IMAGE = "00000005_000.png"           # listed everywhere, no file on disk
+NIH_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+)
+NIH_FINDINGS = [
+    "No Finding",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+]
+NIH_TRAIN_VAL_PATIENTS = list(range(1, 31))  # 30 patients, 2 images each
+NIH_TEST_PATIENTS = list(range(31, 39))  # 8 patients, 2 images each
+NIH_MULTI_LABEL = "Effusion|Mass"  # the 2nd image of every 3rd patient
+NIH_MISSING_IMAGE = "00000005_000.png"  # listed everywhere, no file on disk
 
 
 def nih_rows():
@@ -108,8 +129,9 @@ def make_nih14(data_dir: Path, data_entry: str = "Data_Entry_2017.csv") -> Path:
     lines = [NIH_HEADER]
     for i, (name, labels, patient) in enumerate(nih_rows()):
         follow_up = int(name[9:12])
-        lines.append(f"{name},{labels},{follow_up},{patient},{40 + patient % 40},{'MF'[patient % 2]},PA,"
-                     f"2500,2048,0.168,0.168,")
+        lines.append(
+            f"{name},{labels},{follow_up},{patient},{40 + patient % 40},{'MF'[patient % 2]},PA,2500,2048,0.168,0.168,"
+        )
         if name != NIH_MISSING_IMAGE:
             write_image(root / f"images_00{1 + i % 2}" / "images" / name, value=30 + i % 200)
     write_text(root / data_entry, "\n".join(lines) + "\n")
@@ -121,19 +143,32 @@ def make_nih14(data_dir: Path, data_entry: str = "Data_Entry_2017.csv") -> Path:
 
 
 # ---------------------------------------------------------------- MIMIC-CXR-JPG 2.0.0
-MIMIC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-                "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-                "Pneumonia", "Pneumothorax", "Support Devices"]
+MIMIC_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]
 # study -> (subject, split, {label: value}, number of images); values 1.0 / 0.0 / -1.0, absent = blank
 MIMIC_STUDIES = {
-    50414267: (10000032, "train", {"No Finding": 1.0}, 2),                                   # kept x2 (PA + lateral)
-    50000001: (10000032, "train", {"Edema": 1.0, "Atelectasis": -1.0}, 1),                   # kept: -1 counts as 0
-    50000002: (10000764, "train", {"Edema": 1.0, "Pleural Effusion": 1.0}, 1),               # dropped: two findings
-    50000003: (10000764, "train", {"Support Devices": 1.0}, 1),                              # dropped: no class
-    50000004: (11000011, "validate", {"Cardiomegaly": 1.0, "Support Devices": 1.0}, 1),      # kept: Cardiomegaly
-    50000005: (11000011, "validate", {}, 1),                                                 # dropped: all blank
-    50000006: (12000022, "test", {"Pneumothorax": 1.0, "Lung Opacity": 0.0}, 2),             # kept x2
-    50000007: (12000022, "test", {"Fracture": 1.0}, 1),                                      # no label row: skipped
+    50414267: (10000032, "train", {"No Finding": 1.0}, 2),  # kept x2 (PA + lateral)
+    50000001: (10000032, "train", {"Edema": 1.0, "Atelectasis": -1.0}, 1),  # kept: -1 counts as 0
+    50000002: (10000764, "train", {"Edema": 1.0, "Pleural Effusion": 1.0}, 1),  # dropped: two findings
+    50000003: (10000764, "train", {"Support Devices": 1.0}, 1),  # dropped: no class
+    50000004: (11000011, "validate", {"Cardiomegaly": 1.0, "Support Devices": 1.0}, 1),  # kept: Cardiomegaly
+    50000005: (11000011, "validate", {}, 1),  # dropped: all blank
+    50000006: (12000022, "test", {"Pneumothorax": 1.0, "Lung Opacity": 0.0}, 2),  # kept x2
+    50000007: (12000022, "test", {"Fracture": 1.0}, 1),  # no label row: skipped
 }
 MIMIC_UNLABELLED_STUDY = 50000007
 
@@ -152,8 +187,10 @@ def make_mimic_cxr(data_dir: Path, gz: bool = False) -> Path:
         for k in range(n_images):
             dicom = mimic_dicom_id(study, k)
             split_lines.append(f"{dicom},{study},{subject},{split}")
-            write_image(root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
-                        value=60 + 10 * k)
+            write_image(
+                root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
+                value=60 + 10 * k,
+            )
         if study != MIMIC_UNLABELLED_STUDY:
             cells = [str(values[c]) if c in values else "" for c in MIMIC_LABELS]
             label_lines.append(f"{subject},{study}," + ",".join(cells))
@@ -164,34 +201,55 @@ def make_mimic_cxr(data_dir: Path, gz: bool = False) -> Path:
 
 def add_mimic_study(root: Path, study: int, subject: int, split: str, values: dict, n_images: int) -> None:
     """One more study in a `make_mimic_cxr` folder (plain CSVs): its images, split and label rows."""
-    with (root / "mimic-cxr-2.0.0-split.csv").open("a", encoding="utf-8", newline="") as split_csv, \
-            (root / "mimic-cxr-2.0.0-chexpert.csv").open("a", encoding="utf-8", newline="") as label_csv:
+    with (
+        (root / "mimic-cxr-2.0.0-split.csv").open("a", encoding="utf-8", newline="") as split_csv,
+        (root / "mimic-cxr-2.0.0-chexpert.csv").open("a", encoding="utf-8", newline="") as label_csv,
+    ):
         for k in range(n_images):
             dicom = mimic_dicom_id(study, k)
             split_csv.write(f"{dicom},{study},{subject},{split}\n")
-            write_image(root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
-                        value=100 + 10 * k)
-        label_csv.write(f"{subject},{study}," + ",".join(str(values[c]) if c in values else "" for c in MIMIC_LABELS)
-                        + "\n")
+            write_image(
+                root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
+                value=100 + 10 * k,
+            )
+        label_csv.write(
+            f"{subject},{study}," + ",".join(str(values[c]) if c in values else "" for c in MIMIC_LABELS) + "\n"
+        )
 
 
 # ---------------------------------------------------------------- CheXpert v1.0
-CHEXPERT_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                   "Pleural Other", "Fracture", "Support Devices"]
+CHEXPERT_LABELS = [
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
 CHEXPERT_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_LABELS)
 CHEXPERT_SINGLE_PATIENTS = 24  # patient00001..00024: one frontal + one lateral single-finding image
 # patient -> label values of its one extra image (study2/view1_frontal.jpg)
 CHEXPERT_TRICKY = {
-    25: {"Edema": 1.0, "Support Devices": 1.0},          # kept as Edema
-    26: {"Edema": 1.0, "Atelectasis": -1.0},             # dropped (uncertain); kept as Edema with uncertain=zero
+    25: {"Edema": 1.0, "Support Devices": 1.0},  # kept as Edema
+    26: {"Edema": 1.0, "Atelectasis": -1.0},  # dropped (uncertain); kept as Edema with uncertain=zero
     27: {"Edema": 1.0, "Fracture": 1.0, "Atelectasis": -1.0},  # dropped, but its patient enters the split
-    28: {},                                              # all blank: dropped
-    29: {"Support Devices": 1.0},                        # dropped: no class
+    28: {},  # all blank: dropped
+    29: {"Support Devices": 1.0},  # dropped: no class
 }
 CHEXPERT_VALID = [  # (patient, labels): valid.csv has only 0.0/1.0, no blanks
-    (64541, {"No Finding": 1.0}), (64542, {"Pneumothorax": 1.0}), (64543, {"Edema": 1.0, "Pneumonia": 1.0}),
-    (64544, {"Support Devices": 1.0, "Lung Opacity": 1.0}), (64545, {}),
+    (64541, {"No Finding": 1.0}),
+    (64542, {"Pneumothorax": 1.0}),
+    (64543, {"Edema": 1.0, "Pneumonia": 1.0}),
+    (64544, {"Support Devices": 1.0, "Lung Opacity": 1.0}),
+    (64545, {}),
 ]
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import math
 
+import pytest
 from conftest import run_cbir
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
@@ -16,20 +15,35 @@ SECTIONS = ("extraction", "sweep", "search", "metrics", "memory", "scale", "unce
 
 def test_quick_benchmark_writes_all_sections(tmp_path, shared_data_dir):
     out = tmp_path / "out"
-    proc = run_cbir(tmp_path, "bench.quick=true", f"paths.data_dir={shared_data_dir}", f"hydra.run.dir={out}",
-                    "bench.extraction.encoders=[resnet50]", "bench.extraction.batch_size=4",
-                    "bench.small.extract_images=8", "bench.extraction.image_size=64",
-                    "bench.sweep.encoders=[baseline]", "bench.sweep.per_class=[3,all]", "bench.small.search_index=5000",
-                    "bench.small.search_queries=500", "bench.small.naive_search_queries=20",
-                    "bench.small.metrics_queries=[2000]", "bench.small.memory_images=20",
-                    "bench.small.scale_index=5000", "bench.small.scale_queries=100",
-                    "bench.small.uncertainty_queries=[20000]", "bench.small.coverage_datasets=20", module="cbir.bench")
+    proc = run_cbir(
+        tmp_path,
+        "bench.quick=true",
+        f"paths.data_dir={shared_data_dir}",
+        f"hydra.run.dir={out}",
+        "bench.extraction.encoders=[resnet50]",
+        "bench.extraction.batch_size=4",
+        "bench.small.extract_images=8",
+        "bench.extraction.image_size=64",
+        "bench.sweep.encoders=[baseline]",
+        "bench.sweep.per_class=[3,all]",
+        "bench.small.search_index=5000",
+        "bench.small.search_queries=500",
+        "bench.small.naive_search_queries=20",
+        "bench.small.metrics_queries=[2000]",
+        "bench.small.memory_images=20",
+        "bench.small.scale_index=5000",
+        "bench.small.scale_queries=100",
+        "bench.small.uncertainty_queries=[20000]",
+        "bench.small.coverage_datasets=20",
+        module="cbir.bench",
+    )
     results = json.loads((out / "bench.json").read_text())
     assert all(math.isfinite(results[section]["ratio"]) for section in SECTIONS)
     # each ratio is what its section says it is, from the numbers it recorded (no timing asserted)
     extraction, sweep, search = results["extraction"], results["sweep"], results["search"]
-    assert extraction["ratio"] == pytest.approx(min(
-        v["pipeline_images_per_s"] / v["forward_images_per_s"] for v in extraction["encoders"].values()))
+    assert extraction["ratio"] == pytest.approx(
+        min(v["pipeline_images_per_s"] / v["forward_images_per_s"] for v in extraction["encoders"].values())
+    )
     assert sweep["ratio"] == pytest.approx(sweep["sweep_seconds"] / sweep["singles_seconds"])
     assert sweep["singles_seconds"] == pytest.approx(sum(sweep["single_seconds"].values()))
     assert search["ratio"] == pytest.approx(search["raw_seconds"] / search["cbir_seconds"])

@@ -9,8 +9,9 @@ from cbir.bench import decode as bench_decode
 
 @pytest.mark.slow  # three single extractions and two shared passes
 def test_bench_decode_small(tmp_path):
-    result = bench_decode.run(images=6, size=96, repeats=1, batch_size=4, num_workers=0,
-                              data_dir=tmp_path / "data", work=tmp_path / "work")
+    result = bench_decode.run(
+        images=6, size=96, repeats=1, batch_size=4, num_workers=0, data_dir=tmp_path / "data", work=tmp_path / "work"
+    )
     assert result["singles_seconds"] > 0 and result["shared_seconds"] > 0
     assert result["ratio"] == pytest.approx(result["shared_seconds"] / result["singles_seconds"])
     assert set(result["shared_parts_seconds"]) == set(bench_decode.ENCODER_SETS["cheap"])

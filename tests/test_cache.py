@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -18,12 +19,20 @@ from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
 from cbir.extract import cache_key, extract_embeddings
 from cbir.store import EmbeddingStore
-from conftest import compose
 
-EXTRACT = OmegaConf.create(dict(batch_size=8, num_workers=0, accelerator="cpu", devices=1,
-                                strategy="auto", precision="32-true", progress=False))
-TINY = dict(modalities=["CT", "MR"], anatomies=["head"], pathologies=["normal", "lesion"],
-            max_per_class=3, min_per_class=3, image_size=32)
+EXTRACT = OmegaConf.create(
+    dict(
+        batch_size=8, num_workers=0, accelerator="cpu", devices=1, strategy="auto", precision="32-true", progress=False
+    )
+)
+TINY = dict(
+    modalities=["CT", "MR"],
+    anatomies=["head"],
+    pathologies=["normal", "lesion"],
+    max_per_class=3,
+    min_per_class=3,
+    image_size=32,
+)
 
 
 @pytest.fixture()
@@ -60,9 +69,14 @@ def test_generator_parameters_decide_the_folder_and_the_key(tmp_path):
     assert normal.paths()[4].read_bytes() == image  # the first set is untouched
     assert hard.paths()[4].read_bytes() != image
     # the presets get folders of their own under the same data dir, and difficulty moves it
-    folders = {instantiate(compose(*o, f"paths.data_dir={tmp_path}").dataset).folder
-               for o in (["dataset=synthetic"], ["dataset=synthetic_small"],
-                         ["dataset=synthetic_small", "dataset.difficulty=0.9"])}
+    folders = {
+        instantiate(compose(*o, f"paths.data_dir={tmp_path}").dataset).folder
+        for o in (
+            ["dataset=synthetic"],
+            ["dataset=synthetic_small"],
+            ["dataset=synthetic_small", "dataset.difficulty=0.9"],
+        )
+    }
     assert len(folders) == 3
 
 
@@ -126,13 +140,15 @@ def test_nan_embeddings_are_failed_rows_counted_listed_and_left_out(tiny):
     path = manifest.paths()[4]
     Image.new("L", (32, 32), 128).save(path)  # uniform: the encoder returns NaN for it
     with pytest.raises(ImageLoadError, match=rf"{path.name}: the encoder's embedding holds NaN or inf.*on_error=raise"):
-        extract_embeddings(UnstableEncoder(), manifest, EmbeddingStore(store.cache_dir / "raise"), EXTRACT,
-                           on_error="raise")
+        extract_embeddings(
+            UnstableEncoder(), manifest, EmbeddingStore(store.cache_dir / "raise"), EXTRACT, on_error="raise"
+        )
     skipped = extract_embeddings(UnstableEncoder(), manifest, store, EXTRACT, on_error="skip")
     assert np.flatnonzero(~skipped.valid).tolist() == [4]
     assert np.isfinite(skipped.embeddings).all()
     assert [(row, reason) for row, _, reason in skipped.cached.skipped()] == [
-        (4, f"{path}: the encoder's embedding holds NaN or inf values")]
+        (4, f"{path}: the encoder's embedding holds NaN or inf values")
+    ]
     setup = choose_rows(manifest.table, skipped.valid, "train", "test", None, 0)
     assert 4 not in set(setup.index_rows) | set(setup.query_rows)
     with pytest.raises(ImageLoadError, match=rf"{path.name}: the encoder's embedding holds NaN.*\(row 4, failed in an"):
@@ -153,8 +169,9 @@ def test_an_edited_csv_manifest_is_read_again_even_with_the_same_size_and_mtime(
     from cbir.data.csv_manifest import CSVManifestDataset
 
     csv = tmp_path / "manifest.csv"
-    csv.write_text("path,split,modality,anatomy,label\n"
-                   "a.png,train,CT,head,CT/head/normal\nb.png,test,CT,head,CT/head/lesion\n")
+    csv.write_text(
+        "path,split,modality,anatomy,label\na.png,train,CT,head,CT/head/normal\nb.png,test,CT,head,CT/head/lesion\n"
+    )
     data = CSVManifestDataset(file=csv, cache_dir=tmp_path / "cache", missing="keep")
     assert data.load_manifest().table["label"].tolist() == ["CT/head/normal", "CT/head/lesion"]
     edit_keeping_size_and_mtime(csv, "a.png,train,CT,head,CT/head/normal", "a.png,train,CT,head,CT/head/lesion")
@@ -173,8 +190,9 @@ def test_an_edited_side_file_of_a_folder_dataset_is_read_again(tmp_path, side):
     split_file, findings_file = tmp_path / "splits.csv", tmp_path / "findings.csv"
     split_file.write_text("path,split\nCT/head/normal/a.png,train\nCT/head/lesion/b.png,val\n")
     findings_file.write_text("path,findings\nCT/head/normal/a.png,Edema\nCT/head/lesion/b.png,Mass\n")
-    data = FolderDataset(root, cache_dir=tmp_path / "cache", split_file=str(split_file),
-                         labels="multi", findings_file=str(findings_file))
+    data = FolderDataset(
+        root, cache_dir=tmp_path / "cache", split_file=str(split_file), labels="multi", findings_file=str(findings_file)
+    )
     before = data.load_manifest().table
     if side == "split_file":
         edit_keeping_size_and_mtime(split_file, "b.png,val", "b.png,tes")  # same size: any edit must be seen
@@ -241,8 +259,9 @@ def small_disk(tmp_path):
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
-                          check=False, capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=False, capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({(done.stderr or done.stdout).strip()[:120]})")
     try:
@@ -275,8 +294,11 @@ def test_a_disk_filling_up_before_the_commit_loses_no_computed_row(small_disk):
     partial.write(np.arange(n), values, np.ones(n, bool))
     partial.record_skips([])
     filler = fill(small_disk)  # another program takes the rest of the disk
-    with pytest.raises(CacheSpaceError, match=rf"disk full in {store.cache_dir} .*300 rows are kept: free some "
-                                              "space there and run again") as caught:
+    with pytest.raises(
+        CacheSpaceError,
+        match=rf"disk full in {store.cache_dir} .*300 rows are kept: free some "
+        "space there and run again",
+    ) as caught:
         store.commit("k", partial, {})
     assert isinstance(caught.value, user_errors())  # one line and exit code 2, no traceback
     assert store.load("k") is None and (store.root / "k.partial" / "done.npy").exists()
@@ -340,14 +362,23 @@ def test_transformers_weights_are_keyed_by_their_hub_commit(hub_cache):
 
     def save(snapshot, seed):
         torch.manual_seed(seed)
-        ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           image_size=32, patch_size=16)).save_pretrained(snapshot)
+        ViTModel(
+            ViTConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=32,
+                patch_size=16,
+            )
+        ).save_pretrained(snapshot)
 
     repo = _fake_hub(hub_cache, "test-org/tiny-vit", [A, B], save)
 
     def encoder(**kw):
-        return TransformersEncoder(name="tiny", model_class="ViTModel", hub_id="test-org/tiny-vit",
-                                   preprocess={"crop": 32, "resize": 32}, **kw)
+        return TransformersEncoder(
+            name="tiny", model_class="ViTModel", hub_id="test-org/tiny-vit", preprocess={"crop": 32, "resize": 32}, **kw
+        )
 
     _point(repo, "main", A)
     at_a = encoder()
@@ -362,12 +393,11 @@ def test_transformers_weights_are_keyed_by_their_hub_commit(hub_cache):
 
 
 def test_timm_and_open_clip_weights_are_keyed_by_their_hub_commit(hub_cache):
+    import timm
     import torch
     from safetensors.torch import save_file
 
     from cbir.encoders.timm_encoder import TimmEncoder
-
-    import timm
 
     def save(snapshot, seed):
         torch.manual_seed(seed)

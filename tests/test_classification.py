@@ -26,10 +26,7 @@ def study_evaluate(y_true_onehot, y_pred):
 
 # 4 queries, 3 classes; query 3 ties classes 0 and 1 (the first, 0, is predicted)
 TRUTH = np.array([0, 0, 1, 2])
-PROBS = np.array([[0.6, 0.3, 0.1],
-                  [0.2, 0.5, 0.3],
-                  [0.1, 0.7, 0.2],
-                  [0.4, 0.4, 0.2]])
+PROBS = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.7, 0.2], [0.4, 0.4, 0.2]])
 
 
 def test_hand_checked_case_with_a_tie():
@@ -75,8 +72,9 @@ def test_class_absent_from_the_test_truth_is_left_out_of_macro_auc_only():
 
 
 def test_evaluate_tables_and_per_modality():
-    result = classification.evaluate(TRUTH, PROBS, ["A", "B", "C"], modality=["CT", "CT", "MR", "MR"],
-                                     train_counts=[5, 4, 3])
+    result = classification.evaluate(
+        TRUTH, PROBS, ["A", "B", "C"], modality=["CT", "CT", "MR", "MR"], train_counts=[5, 4, 3]
+    )
     table = result.per_class.set_index("class")
     assert table["queries"].tolist() == [2, 1, 1] and table["train_rows"].tolist() == [5, 4, 3]
     assert table["f1"].tolist() == pytest.approx([0.5, 2 / 3, 0.0])
@@ -118,10 +116,14 @@ def test_predictions_by_k_equal_the_arg_max_of_each_k(mode):
 
 def test_choose_k_takes_the_best_k_not_one_less_and_the_smallest_on_ties():
     truth = np.array([0, 1, 1])
-    predictions = np.array([[1, 1, 0],   # k=1: 1/3
-                            [0, 1, 1],   # k=2: 3/3  <- best
-                            [0, 1, 1],   # k=3: 3/3 (tie: the smaller k wins)
-                            [0, 0, 0]])  # k=4: 1/3
+    predictions = np.array(
+        [
+            [1, 1, 0],  # k=1: 1/3
+            [0, 1, 1],  # k=2: 3/3  <- best
+            [0, 1, 1],  # k=3: 3/3 (tie: the smaller k wins)
+            [0, 0, 0],
+        ]
+    )  # k=4: 1/3
     k, table = knn.choose_k(truth, predictions)
     assert k == 2
     assert table["micro_f1"].tolist() == pytest.approx([1 / 3, 1, 1, 1 / 3])
@@ -154,8 +156,7 @@ def test_per_class_table_covers_every_class_even_without_queries():
     probabilities = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.7, 0.0]])
     result = classification.evaluate(truth, probabilities, ["CT/a/x", "CT/a/y", "MR/b/z"])
     table = result.per_class
-    assert list(table.columns) == ["class", "queries", "train_rows", "precision", "recall", "f1",
-                                   "most_confused_with"]
+    assert list(table.columns) == ["class", "queries", "train_rows", "precision", "recall", "f1", "most_confused_with"]
     assert table["class"].tolist() == ["CT/a/x", "CT/a/y", "MR/b/z"] and table["queries"].tolist() == [2, 1, 0]
     assert table["train_rows"].tolist() == [0, 0, 0]
     assert table["recall"].tolist() == pytest.approx([0.5, 1.0, 0.0])

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PROJECT
 
 from cbir import __version__
 from cbir.cli import COMMANDS
-from conftest import PROJECT
 
 SCRIPTS = sorted(p for p in (PROJECT / "experiments").glob("*.py") if p.name not in ("__init__.py", "common.py"))
 
@@ -38,7 +38,8 @@ def test_unknown_command_is_one_clear_line():
     proc = call("-m", "cbir.cli", "bogus")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"cbir: unknown command 'bogus'; commands: {', '.join(COMMANDS)} (cbir --help)"]
+        f"cbir: unknown command 'bogus'; commands: {', '.join(COMMANDS)} (cbir --help)"
+    ]
 
 
 @pytest.mark.slow

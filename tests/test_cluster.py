@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import run_cbir
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher (test extra) not installed")
+pytest.importorskip(
+    "hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher (test extra) not installed"
+)
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
 SWEEP = [*SMALL, "encoder=baseline,random", "index.per_class=3,10"]
@@ -46,7 +47,11 @@ def check_sweep(client, parents, children) -> None:
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert sorted((c.data.tags["encoder"], c.data.tags["per_class"]) for c in finished) == [
-        ("baseline", "10"), ("baseline", "3"), ("random", "10"), ("random", "3")]
+        ("baseline", "10"),
+        ("baseline", "3"),
+        ("random", "10"),
+        ("random", "3"),
+    ]
     for encoder in ("baseline", "random"):
         history = client.get_metric_history(parent.info.run_id, f"saturation/{encoder}/micro/P_at_1")
         assert sorted(m.step for m in history) == [3, 10]
@@ -55,8 +60,13 @@ def check_sweep(client, parents, children) -> None:
 # ---------------------------------------------------------------------------- submitit
 @pytest.mark.slow
 def test_submitit_jobs_share_one_parent_and_one_cache(tmp_path, shared_data_dir):
-    sweep = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", *SWEEP,
-             f"paths.data_dir={shared_data_dir}"]
+    sweep = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=20",
+        *SWEEP,
+        f"paths.data_dir={shared_data_dir}",
+    ]
     run_cbir(tmp_path, *sweep)
     client, parents, children = sweep_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     check_sweep(client, parents, children)
@@ -64,7 +74,12 @@ def test_submitit_jobs_share_one_parent_and_one_cache(tmp_path, shared_data_dir)
     # four job processes started by submitit, none of them the submitting one (which made the parent)
     pids = {c.data.tags["cbir.pid"] for c in children}
     assert len(pids) == 4 and parents[0].data.tags["cbir.pid"] not in pids
-    assert sorted(c.data.tags["cache"] for c in children) == ["hit", "hit", "miss", "miss"]  # one extraction per encoder
+    assert sorted(c.data.tags["cache"] for c in children) == [
+        "hit",
+        "hit",
+        "miss",
+        "miss",
+    ]  # one extraction per encoder
     assert len(list((tmp_path / ".cache/cbir/embeddings").glob("*-*[!k]"))) == 2
     # the same command again: every job skipped, nothing new in MLflow
     run_cbir(tmp_path, *sweep)
@@ -84,14 +99,29 @@ def test_slurm_preset_writes_the_expected_sbatch_script(tmp_path, shared_data_di
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    proc = run_cbir(tmp_path, "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", *SWEEP,
-                    f"paths.data_dir={shared_data_dir}", env=env, check=False)
+    proc = run_cbir(
+        tmp_path,
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        *SWEEP,
+        f"paths.data_dir={shared_data_dir}",
+        env=env,
+        check=False,
+    )
     assert proc.returncode != 0 and "not submitting in a test" in output(proc)
     script = script_copy.read_text()
-    for line in ["#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8",
-                 "#SBATCH --mem=64GB", "#SBATCH --time=240", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --array=0-3%4",  # the four jobs as one array (array_parallelism=16, capped at 4)
-                 "#SBATCH --signal=USR2@120"]:
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --time=240",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --array=0-3%4",  # the four jobs as one array (array_parallelism=16, capped at 4)
+        "#SBATCH --signal=USR2@120",
+    ]:
         assert line in script.splitlines(), line
     assert f"{sys.executable} -u -m submitit.core._submit" in script and "srun" in script
     # the parent run exists before submission: array jobs attach to it through the exported environment
@@ -118,12 +148,26 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-                   "--artifacts-destination", str(self.root / "artifacts")]
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/server.db",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
         with (self.root / "server.log").open("a") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                         start_new_session=True)  # its own process group: stop() ends its workers too
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+            )  # its own process group: stop() ends its workers too
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -159,22 +203,33 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_sweep_over_an_mlflow_server_survives_the_server_going_away(tmp_path, shared_data_dir, mlflow_server):
-    sweep = ["-m", "hydra/launcher=local_parallel", *SWEEP, f"paths.data_dir={shared_data_dir}",
-             f"tracking.uri={mlflow_server.uri}"]
+    sweep = [
+        "-m",
+        "hydra/launcher=local_parallel",
+        *SWEEP,
+        f"paths.data_dir={shared_data_dir}",
+        f"tracking.uri={mlflow_server.uri}",
+    ]
     # MLflow's client would retry for minutes before giving up on a server; here, at once
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
     log_file = tmp_path / "sweep.log"
     with log_file.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *sweep], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cbir.run", *sweep], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         client = MlflowClient(mlflow_server.uri)
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:  # stop the server once the first job finished
             experiment = client.get_experiment_by_name("cbir")
-            if experiment and client.search_runs([experiment.experiment_id],
-                                                 "tags.config_hash != '' and attributes.status = 'FINISHED'"):
+            if experiment and client.search_runs(
+                [experiment.experiment_id], "tags.config_hash != '' and attributes.status = 'FINISHED'"
+            ):
                 break
             time.sleep(0.2)
         mlflow_server.stop()
@@ -205,14 +260,23 @@ def test_parallel_sweep_over_an_mlflow_server_survives_the_server_going_away(tmp
 def test_a_terminated_submitit_job_ends_killed_keeps_its_rows_and_resumes(tmp_path, shared_data_dir):
     """What Slurm does at a job's time limit (SIGTERM to the job's process), here to a job started by
     submitit; the job process is found through its run's `cbir.pid` tag."""
-    sweep = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", *SMALL, "encoder=resnet50",
-             "encoder.pretrained=false", "encoder.input_size=128", "extract.batch_size=4",
-             f"paths.data_dir={shared_data_dir}"]
+    sweep = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=20",
+        *SMALL,
+        "encoder=resnet50",
+        "encoder.pretrained=false",
+        "encoder.input_size=128",
+        "extract.batch_size=4",
+        f"paths.data_dir={shared_data_dir}",
+    ]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with (tmp_path / "sweep.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *sweep], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cbir.run", *sweep], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     rows_at_term = None
     try:
         deadline = time.time() + 600

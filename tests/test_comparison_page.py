@@ -88,35 +88,20 @@ def page(tmp_path_factory):
 
 def test_answer_names_the_best_and_only_ties_on_the_same_queries():
     runs = fabricated_runs()
-    line = comparison_page.best_line(
-        runs, {"baseline · flat · 3": "µP@1", "random · flat · all": "µP@1"}
-    )
+    line = comparison_page.best_line(runs, {"baseline · flat · 3": "µP@1", "random · flat · all": "µP@1"})
     # baseline at index size 3 answered other queries (q3): not a tie of the best (qall)
-    assert (
-        line
-        == "best micro P@1: baseline · flat · all 0.430 [0.39, 0.47]; tied: random · flat · all 0.080"
-    )
+    assert line == "best micro P@1: baseline · flat · all 0.430 [0.39, 0.47]; tied: random · flat · all 0.080"
     assert line.startswith("best micro P@1: ") and "baseline · flat · 3" not in line
-    assert comparison_page.best_line(runs, {}).endswith(
-        "tied: none (the best is ahead of every other run)"
-    )
+    assert comparison_page.best_line(runs, {}).endswith("tied: none (the best is ahead of every other run)")
 
 
 def test_page_is_self_contained_and_labels_index_sizes(page):
     text = page.read_text()
-    assert not re.search(
-        r"<script[^>]+src=", text
-    )  # plotly's JavaScript is inline: opens offline
+    assert not re.search(r"<script[^>]+src=", text)  # plotly's JavaScript is inline: opens offline
     assert "best micro P@1: baseline · flat · all 0.430 [0.39, 0.47]" in text
     # index sizes on a category axis in their order, `all` named as such (not a number)
-    assert (
-        '"categoryarray":["3","all"]' in text and "index size (rows per class" in text
-    )
-    assert (
-        "k-NN classification" in text
-        and 'id="per-class"' in text
-        and "tied for best" in text
-    )
+    assert '"categoryarray":["3","all"]' in text and "index size (rows per class" in text
+    assert "k-NN classification" in text and 'id="per-class"' in text and "tied for best" in text
 
 
 def chromium() -> str | None:
@@ -128,9 +113,7 @@ def chromium() -> str | None:
     chromium() is None,
     reason="chromium is not installed (Debian: apt-get install -y chromium)",
 )
-def test_page_renders_in_headless_chromium_without_network_or_console_errors(
-    page, tmp_path
-):
+def test_page_renders_in_headless_chromium_without_network_or_console_errors(page, tmp_path):
     command = [
         chromium(),
         "--headless",
@@ -145,15 +128,10 @@ def test_page_renders_in_headless_chromium_without_network_or_console_errors(
         "--dump-dom",
         page.as_uri(),
     ]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, timeout=120, check=False
-    )
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     dom = proc.stdout
     # the leaderboard and the plots exist once plotly has drawn them
-    assert (
-        '<table id="leaderboard"' in dom
-        and dom.count('class="plot-container plotly"') >= 3
-    ), dom[-2000:]
+    assert '<table id="leaderboard"' in dom and dom.count('class="plot-container plotly"') >= 3, dom[-2000:]
     assert "baseline · flat · all" in dom and "main-svg" in dom
     console_errors = [
         line
@@ -186,23 +164,12 @@ def test_task_all_sweep_shows_classification_everywhere_and_no_one_point_curve(
     cwd, proc = all_tasks_sweep
     folder = next(cwd.glob("multirun/*/*"))
     table = pd.read_csv(folder / "comparison.csv")
-    assert {"k-NN acc", "k-NN macro F1", "probe acc", "probe macro F1"} <= set(
-        table.columns
-    )
+    assert {"k-NN acc", "k-NN macro F1", "probe acc", "probe macro F1"} <= set(table.columns)
     assert table["k-NN acc"].between(0, 1).all()
-    assert (
-        "k-NN acc" in proc.stdout
-        and "probe acc" in (folder / "sweep_summary.txt").read_text()
-    )
-    assert not (
-        folder / "saturation.png"
-    ).exists()  # one index size: a point, not a curve
+    assert "k-NN acc" in proc.stdout and "probe acc" in (folder / "sweep_summary.txt").read_text()
+    assert not (folder / "saturation.png").exists()  # one index size: a point, not a curve
     page = (folder / "comparison.html").read_text()
-    assert (
-        "k-NN classification" in page
-        and "Linear probe" in page
-        and "best micro P@1: " in page
-    )
+    assert "k-NN classification" in page and "Linear probe" in page and "best micro P@1: " in page
     # a job's own tables stay in its run.log; the console gets one line per job
     assert sum(line.startswith("done ") for line in proc.stdout.splitlines()) == 2
     assert "test queries, 0 excluded" not in proc.stdout and "all queries" not in proc.stdout
@@ -215,8 +182,4 @@ def test_report_writes_the_page_too(all_tasks_sweep):
     cwd, _ = all_tasks_sweep
     run_cbir(cwd, "report.output_dir=rep", module="cbir.report")
     page = (cwd / "rep" / "comparison.html").read_text()
-    assert (
-        "best micro P@1: baseline" in page
-        and 'id="per-class"' in page
-        and "k-NN classification" in page
-    )
+    assert "best micro P@1: baseline" in page and 'id="per-class"' in page and "k-NN classification" in page

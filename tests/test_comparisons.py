@@ -14,14 +14,10 @@ from cbir import comparisons
 
 def records(seed: int, rate: float, n: int = 500, rows=None) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    shared = np.random.default_rng(
-        0
-    )  # the same queries and a shared "easiness" across runs
+    shared = np.random.default_rng(0)  # the same queries and a shared "easiness" across runs
     classes = shared.choice(["a", "b", "c"], n)
     easy = shared.random(n)
-    hit1 = np.where(rng.random(n) < 0.2, rng.random(n) < rate, easy < rate).astype(
-        float
-    )
+    hit1 = np.where(rng.random(n) < 0.2, rng.random(n) < rate, easy < rate).astype(float)
     return pd.DataFrame(
         {
             "row": np.arange(n) if rows is None else rows,
@@ -54,30 +50,21 @@ def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied():
         "r5": records(5, 0.9).iloc[:400],
     }
     pairs, verdicts = comparisons.compare_groups(runs, data, 300, 0.95, 5000, seed=0)
-    assert set(pairs["group"]) == {
-        "g1"
-    }  # g2 has one run; r5 answered other queries: left out
+    assert set(pairs["group"]) == {"g1"}  # g2 has one run; r5 answered other queries: left out
     assert not {"other_index", "fewer_queries"} & (set(pairs["a"]) | set(pairs["b"]))
     assert len(pairs) == 3 * 4  # 3 pairs x micro/macro P@1/P@10
     labels = comparisons.tied_labels(verdicts)
     assert labels["enc_worse"] == ""
     assert "µP@1" in labels["enc_a"] and "µP@1" in labels["enc_a_again"]
     lines = comparisons.summary_lines(verdicts)
-    assert any(
-        line.startswith("micro P@1: tied for best:") and "enc_worse" not in line
-        for line in lines
-    )
+    assert any(line.startswith("micro P@1: tied for best:") and "enc_worse" not in line for line in lines)
 
 
 def test_query_set_tells_index_sizes_and_types_apart():
     base = compose("debug=smoke")
     key = comparisons.query_set(base, "digest")
-    assert key == comparisons.query_set(
-        compose("debug=smoke", "encoder=random"), "digest"
-    )  # encoders compare
-    assert key != comparisons.query_set(
-        compose("debug=smoke", "index.per_class=5"), "digest"
-    )
+    assert key == comparisons.query_set(compose("debug=smoke", "encoder=random"), "digest")  # encoders compare
+    assert key != comparisons.query_set(compose("debug=smoke", "index.per_class=5"), "digest")
     assert key != comparisons.query_set(compose("debug=smoke", "index=hnsw"), "digest")
     assert key != comparisons.query_set(base, "other manifest")
 
@@ -92,9 +79,7 @@ def test_sweep_names_the_encoders_tied_for_best(tmp_path, shared_data_dir):
         f"paths.data_dir={shared_data_dir}",
     )
     assert "micro P@1: tied for best: baseline" in proc.stdout
-    assert (
-        "tied for best" in proc.stdout and "[0." in proc.stdout
-    )  # the column and the intervals
+    assert "tied for best" in proc.stdout and "[0." in proc.stdout  # the column and the intervals
     (csv,) = (tmp_path / "multirun").glob("*/*/comparisons.csv")
     pairs = pd.read_csv(csv)
     assert set(pairs["metric"]) == {
@@ -103,17 +88,13 @@ def test_sweep_names_the_encoders_tied_for_best(tmp_path, shared_data_dir):
         "micro P@10",
         "macro P@10",
     }
-    assert (pairs["p_holm"] < 0.05).all() and (
-        pairs["ci_low"] > 0
-    ).all()  # baseline beats random everywhere
+    assert (pairs["p_holm"] < 0.05).all() and (pairs["ci_low"] > 0).all()  # baseline beats random everywhere
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("cbir").experiment_id],
         filter_string="tags.`cbir.role` = 'sweep'",
     )
-    assert "comparisons.csv" in {
-        a.path for a in client.list_artifacts(parent.info.run_id)
-    }
+    assert "comparisons.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "tied for best: baseline" in parent.data.tags["mlflow.note.content"]
     run_cbir(tmp_path, "report.output_dir=rep", module="cbir.report")
     report = (tmp_path / "rep" / "report.md").read_text()

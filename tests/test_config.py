@@ -1,9 +1,8 @@
 """Every config group option composes, and the defaults are what the README promises."""
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONF_DIR, compose
+from omegaconf import OmegaConf
 
 GROUPS = ["dataset", "encoder", "index", "extract", "eval", "tracking"]
 

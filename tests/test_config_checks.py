@@ -5,43 +5,50 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from cbir.checks import ConfigError, check_index_type, validate_config
 from conftest import compose
 
+from cbir.checks import ConfigError, check_index_type, validate_config
 
-@pytest.mark.parametrize("overrides,message", [
-    (["eval.n=[a,5]"], "eval.n=['a', 5]: give positive integers"),
-    (["eval.n=[1.5]"], "eval.n=[1.5]: give positive integers"),
-    (["eval.n=5"], "eval.n=5: give a list, e.g. eval.n=[1,3,5,10] (or [5] for one N)"),
-    (["data.max_skip_fraction=abc"], "data.max_skip_fraction=abc: give a fraction between 0 and 1"),
-    (["data.max_skip_fraction=2"], "data.max_skip_fraction=2: give a fraction between 0 and 1"),
-    (["extract.batch_size=0"], "extract.batch_size=0: give an integer >= 1"),
-    (["extract.num_workers=-1"], "extract.num_workers=-1: give an integer >= 0"),
-    (["eval.saturation=[0,5]"], "eval.saturation=[0, 5]: 0 is not an index size"),
-    (["eval.saturation=[10,abc]"], "eval.saturation=[10, 'abc']: abc is not an index size"),
-    (["eval.curve_k=many"], "eval.curve_k=many: give an integer >= 0"),
-    (["eval.levels=[modality,organ]"], "eval.levels=['modality', 'organ']: unknown level(s) ['organ']"),
-    (["seed=abc"], "seed=abc: give an integer"),
-    (["seed=-1"], "seed=-1: give an integer >= 0"),  # numpy refuses it in the gallery
-    (["index.seed=-1"], "index.seed=-1: give an integer >= 0"),  # and in the index sampling
-    (["extract.accelerator=tpux"], "extract.accelerator=tpux: use one of ['auto', 'cpu', 'gpu', 'cuda', 'mps']"),
-    (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),
-    (["index=hnsw", "index.params.M=1"], "index.params.M=1: give an integer >= 2"),
-    (["index=ivf", "index.params.nlist=0"], "index.params.nlist=0: give an integer >= 1"),
-    (["index=ivf", "index.params.nprobe=0"], "index.params.nprobe=0: give an integer >= 1"),
-    (["index=ivfpq", "index.params.nbits=0"], "index.params.nbits=0: give an integer >= 1"),
-    (["index=ivfpq", "index.params.nbits=40"], "index.params.nbits=40: give at most 16"),
-    (["index=ivf", "+index.params.nprobes=3"], "index.params: unknown key(s) ['nprobes']"),
-    (["index=hnsw", "index.params.efSearch=ten"], "index.params.efSearch=ten: give an integer >= 1"),
-    # dinov2's config states its dimension: the PQ size is checked against it, not against a guess
-    (["encoder=dinov2", "index=ivfpq", "index.params.m=7"],
-     "index.params.m=7: must divide the embedding dimension 768"),
-    (["encoder=resnet50", "index=ivfpq", "index.params.m=48"],
-     "index.params.m=48: must divide the embedding dimension 2048"),
-    (["encoder=dinov2", "index.type='IVF64,PQ7'"], "index.type=IVF64,PQ7: not a known index for 768-d embeddings"),
-    (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
-])
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["eval.n=[a,5]"], "eval.n=['a', 5]: give positive integers"),
+        (["eval.n=[1.5]"], "eval.n=[1.5]: give positive integers"),
+        (["eval.n=5"], "eval.n=5: give a list, e.g. eval.n=[1,3,5,10] (or [5] for one N)"),
+        (["data.max_skip_fraction=abc"], "data.max_skip_fraction=abc: give a fraction between 0 and 1"),
+        (["data.max_skip_fraction=2"], "data.max_skip_fraction=2: give a fraction between 0 and 1"),
+        (["extract.batch_size=0"], "extract.batch_size=0: give an integer >= 1"),
+        (["extract.num_workers=-1"], "extract.num_workers=-1: give an integer >= 0"),
+        (["eval.saturation=[0,5]"], "eval.saturation=[0, 5]: 0 is not an index size"),
+        (["eval.saturation=[10,abc]"], "eval.saturation=[10, 'abc']: abc is not an index size"),
+        (["eval.curve_k=many"], "eval.curve_k=many: give an integer >= 0"),
+        (["eval.levels=[modality,organ]"], "eval.levels=['modality', 'organ']: unknown level(s) ['organ']"),
+        (["seed=abc"], "seed=abc: give an integer"),
+        (["seed=-1"], "seed=-1: give an integer >= 0"),  # numpy refuses it in the gallery
+        (["index.seed=-1"], "index.seed=-1: give an integer >= 0"),  # and in the index sampling
+        (["extract.accelerator=tpux"], "extract.accelerator=tpux: use one of ['auto', 'cpu', 'gpu', 'cuda', 'mps']"),
+        (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),
+        (["index=hnsw", "index.params.M=1"], "index.params.M=1: give an integer >= 2"),
+        (["index=ivf", "index.params.nlist=0"], "index.params.nlist=0: give an integer >= 1"),
+        (["index=ivf", "index.params.nprobe=0"], "index.params.nprobe=0: give an integer >= 1"),
+        (["index=ivfpq", "index.params.nbits=0"], "index.params.nbits=0: give an integer >= 1"),
+        (["index=ivfpq", "index.params.nbits=40"], "index.params.nbits=40: give at most 16"),
+        (["index=ivf", "+index.params.nprobes=3"], "index.params: unknown key(s) ['nprobes']"),
+        (["index=hnsw", "index.params.efSearch=ten"], "index.params.efSearch=ten: give an integer >= 1"),
+        # dinov2's config states its dimension: the PQ size is checked against it, not against a guess
+        (
+            ["encoder=dinov2", "index=ivfpq", "index.params.m=7"],
+            "index.params.m=7: must divide the embedding dimension 768",
+        ),
+        (
+            ["encoder=resnet50", "index=ivfpq", "index.params.m=48"],
+            "index.params.m=48: must divide the embedding dimension 2048",
+        ),
+        (["encoder=dinov2", "index.type='IVF64,PQ7'"], "index.type=IVF64,PQ7: not a known index for 768-d embeddings"),
+        (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
+    ],
+)
 def test_bad_values_are_config_errors_naming_the_key(overrides, message):
     cfg = compose("tracking.enabled=false", *overrides)
     with pytest.raises(ConfigError) as caught:
@@ -50,11 +57,19 @@ def test_bad_values_are_config_errors_naming_the_key(overrides, message):
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("overrides", [
-    [], ["eval.n=[5]"], ["eval.saturation=[10,null,all]"], ["data.max_skip_fraction=1"],
-    ["encoder=dinov2", "index=ivfpq"], ["encoder=dinov2", "index=hnsw", "index.params.M=2"],
-    ["index.type='IVF16,Flat'"], ["encoder=dinov2", "index.type='IVF64,PQ8'"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["eval.n=[5]"],
+        ["eval.saturation=[10,null,all]"],
+        ["data.max_skip_fraction=1"],
+        ["encoder=dinov2", "index=ivfpq"],
+        ["encoder=dinov2", "index=hnsw", "index.params.M=2"],
+        ["index.type='IVF16,Flat'"],
+        ["encoder=dinov2", "index.type='IVF64,PQ8'"],
+    ],
+)
 def test_good_values_pass(overrides):
     validate_config(compose("tracking.enabled=false", *overrides))
 
@@ -71,8 +86,10 @@ def test_dimension_dependent_checks_run_once_the_encoder_is_built():
     with pytest.raises(ConfigError) as caught:
         check_index_type(cfg, dim)
     # the real divisors, not a guess among powers of two
-    assert str(caught.value) == ("index.params.m=16: must divide the embedding dimension 285; use one of "
-                                 "[1, 3, 5, 15, 19, 57, 95, 285], or leave it unset (null) to take 15")
+    assert str(caught.value) == (
+        "index.params.m=16: must divide the embedding dimension 285; use one of "
+        "[1, 3, 5, 15, 19, 57, 95, 285], or leave it unset (null) to take 15"
+    )
     check_index_type(compose("encoder=baseline", "index=ivfpq", "index.params.m=19"), dim)
     check_index_type(compose("encoder=baseline", "index=ivfpq"), dim)  # the preset's m is chosen from the dimension
 
@@ -91,10 +108,9 @@ def test_build_index_refuses_what_would_crash_faiss():
 def test_every_shipped_encoder_and_index_preset_passes():
     """No false alarms: the presets' defaults fit every encoder whose config states its dimension
     (the baseline's 285-d descriptor, whose ivfpq size comes from its dimension, is checked above)."""
+    from conftest import CONF_DIR
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    from conftest import CONF_DIR
 
     encoders = sorted(p.stem for p in (CONF_DIR / "encoder").glob("*.yaml"))
     indexes = sorted(p.stem for p in (CONF_DIR / "index").glob("*.yaml"))
@@ -138,8 +154,9 @@ def test_a_folder_on_a_read_only_file_system_is_a_config_error(tmp_path):
 
     mount = tmp_path / "ro"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=False,
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], check=False, capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
         for key, shown in (("paths.cache_dir", "paths.cache_dir="), ("paths.data_dir", "dataset.root=")):
@@ -171,7 +188,9 @@ def test_index_params_are_settled_before_extraction_and_written_where_they_are_l
     cfg = compose("tracking.enabled=false", "index=ivf", "index.params.nlist=100000")
     with caplog.at_level("WARNING"):
         settle_index_params(cfg, table, 285)
-    assert cfg.index.params.nlist == 256 // 39 and cfg.index.params.nprobe is None  # chosen at search time from sampled recall
+    assert (
+        cfg.index.params.nlist == 256 // 39 and cfg.index.params.nprobe is None
+    )  # chosen at search time from sampled recall
     assert [r.getMessage() for r in caplog.records] == ["index.params.nlist=100000 > 256 index rows: using nlist=6"]
     cfg = compose("tracking.enabled=false", "index=ivf", "index.params.nlist=100000", "index.per_class=20")
     settle_index_params(cfg, table, 285)
@@ -187,12 +206,19 @@ def test_index_params_are_settled_before_extraction_and_written_where_they_are_l
     assert cfg.index.params.m == 16
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["index.params.m=5", "index.params.nbits=12"],
-     "index.params.nbits=12: product quantisation needs at least 4096 index rows to train, the index has 256"),
-    (["eval.saturation=[1,null]"],
-     "index.params.nbits=8: product quantisation needs at least 256 index rows to train, eval.saturation size 1 gives 2"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["index.params.m=5", "index.params.nbits=12"],
+            "index.params.nbits=12: product quantisation needs at least 4096 index rows to train, the index has 256",
+        ),
+        (
+            ["eval.saturation=[1,null]"],
+            "index.params.nbits=8: product quantisation needs at least 256 index rows to train, eval.saturation size 1 gives 2",
+        ),
+    ],
+)
 def test_a_product_quantiser_without_enough_rows_is_refused_before_extraction(overrides, message):
     from cbir.checks import settle_index_params
 

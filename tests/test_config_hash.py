@@ -7,21 +7,36 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import compose
 
 from cbir import tracking
 from cbir.tracking import PARENT_ENV, config_hash
-from conftest import compose
 
 BASE = ("debug=smoke",)
 
 COSMETIC = [
-    "extract.num_workers=5", "extract.progress=true", "extract.shared_pass=false", "extract.group_size=3",
-    "extract.group_memory_gb=7", "eval.search_batch_size=17", "tracking.experiment=elsewhere",
-    "tracking.dir=/tmp/other-mlruns", "tracking.skip_finished=false", "paths.cache_dir=/tmp/other-cache",
+    "extract.num_workers=5",
+    "extract.progress=true",
+    "extract.shared_pass=false",
+    "extract.group_size=3",
+    "extract.group_memory_gb=7",
+    "eval.search_batch_size=17",
+    "tracking.experiment=elsewhere",
+    "tracking.dir=/tmp/other-mlruns",
+    "tracking.skip_finished=false",
+    "paths.cache_dir=/tmp/other-cache",
 ]
 MATTERS = [
-    "seed=7", "encoder=random", "index=ivf", "index.per_class=10", "index.split=val", "eval.n=[1,2]",
-    "eval.query_split=train", "dataset.difficulty=0.9", "data.on_error=raise", "paths.data_dir=/tmp/other-data",
+    "seed=7",
+    "encoder=random",
+    "index=ivf",
+    "index.per_class=10",
+    "index.split=val",
+    "eval.n=[1,2]",
+    "eval.query_split=train",
+    "dataset.difficulty=0.9",
+    "data.on_error=raise",
+    "paths.data_dir=/tmp/other-data",
 ]
 
 
@@ -64,7 +79,11 @@ def test_a_rerun_with_other_worker_counts_skips_the_finished_job(tmp_path, share
     from cbir.run import run
 
     monkeypatch.chdir(tmp_path)
-    where = (f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={tmp_path}/cache", f"tracking.dir={tmp_path}/mlruns")
+    where = (
+        f"paths.data_dir={shared_data_dir}",
+        f"paths.cache_dir={tmp_path}/cache",
+        f"tracking.dir={tmp_path}/mlruns",
+    )
     first = compose(*BASE, *where)
     tracker = tracking.Tracker.from_config(first)
     parent = MlflowClient(tracker.uri).create_run(tracker.experiment_id(), run_name="sweep").info.run_id

@@ -11,9 +11,9 @@ import urllib.request
 
 import pandas as pd
 import pytest
+from conftest import PROJECT, compose, run_cbir
 
 from cbir import dashboard, tracking
-from conftest import PROJECT, compose, run_cbir
 
 sys.path.insert(0, str(PROJECT / "scripts"))
 from dashboard_screenshots import api, mlflow_server  # noqa: E402
@@ -52,8 +52,9 @@ def test_dashboard_through_the_rest_api(sweep):
             assert params["encoder.name"] == tags_of(child)["encoder"] and params["index.type"] == "flat"
             assert params["eval.n"] == "[1, 3, 5, 10]" and params["seed"] == "42"
             assert params["index.per_class"] in ("3", "all")
-            assert not any(k.endswith("_target_") or k.startswith(("encoder.grids", "tracking.", "paths."))
-                           for k in params), sorted(params)
+            assert not any(
+                k.endswith("_target_") or k.startswith(("encoder.grids", "tracking.", "paths.")) for k in params
+            ), sorted(params)
             assert len(params) < 30
             metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
             assert 0 <= metrics["micro/P_at_1"] <= 1 and "macro/P_at_1" in metrics
@@ -63,8 +64,13 @@ def test_dashboard_through_the_rest_api(sweep):
             files = api(url, f"artifacts/list?run_id={child['info']['run_id']}&path=config", method="GET")["files"]
             assert "config/resolved.yaml" in {f["path"] for f in files}
         files = {f["path"] for f in api(url, f"artifacts/list?run_id={parent_id}", method="GET")["files"]}
-        assert {"comparison_table.json", "comparison.png", "comparison.csv", "saturation.png",
-                "comparison.html"} <= files
+        assert {
+            "comparison_table.json",
+            "comparison.png",
+            "comparison.csv",
+            "saturation.png",
+            "comparison.html",
+        } <= files
         # the plain-words answer comes first, above MLflow's "Show more" fold
         assert tags_of(parent)["mlflow.note.content"].startswith("**best micro P@1: ")
         query = urllib.parse.urlencode({"run_uuid": parent_id, "path": "comparison_table.json"})
@@ -105,8 +111,9 @@ def test_sweep_ends_with_a_table_and_where_to_look(sweep):
 def test_run_names_say_what_the_sweep_varies(monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 
-    cfg = compose("encoder=random", "index.per_class=20", "dataset=synthetic_small", "++encoder.input_size=56",
-                  hydra_node=True)
+    cfg = compose(
+        "encoder=random", "index.per_class=20", "dataset=synthetic_small", "++encoder.input_size=56", hydra_node=True
+    )
     monkeypatch.delenv(dashboard.SWEPT_KEYS_ENV, raising=False)
     assert dashboard.run_name(cfg) == "random · flat · 20"
     monkeypatch.setenv(dashboard.SWEPT_KEYS_ENV, "encoder,index.per_class,dataset,encoder.input_size")
@@ -143,8 +150,13 @@ def test_swept_keys_from_the_command_line_and_presets():
     from omegaconf import OmegaConf
 
     preset = compose("experiment=smoke", hydra_node=True).hydra.sweeper.params  # encoder, index.per_class
-    command_line = ["encoder=baseline,random", "dataset=synthetic,synthetic_small", "++encoder.image_size=32,64",
-                    "seed=1", "experiment=smoke"]
+    command_line = [
+        "encoder=baseline,random",
+        "dataset=synthetic,synthetic_small",
+        "++encoder.image_size=32,64",
+        "seed=1",
+        "experiment=smoke",
+    ]
     cfg = OmegaConf.create({"hydra": {"overrides": {"task": command_line}, "sweeper": {"params": preset}}})
     assert dashboard.swept_keys(cfg) == ["encoder", "dataset", "encoder.image_size", "index.per_class"]
 
@@ -175,10 +187,14 @@ def test_quiet_console_drops_the_chatter_and_keeps_other_warnings(caplog):
     console.DEVICE_LINES.seen.clear()  # an earlier in-process run may have shown the device lines
     with caplog.at_level(logging.INFO):
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-        rank_zero.info("💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)")
+        rank_zero.info(
+            "💡 Tip: For seamless cloud logging ... try installing [litlogger](https://pypi.org/project/litlogger/)"
+        )
         rank_zero.info("GPU available: False, used: False")
         logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
         rank_zero.info("GPU available: False, used: False")  # the next job of a sweep: not again
         rank_zero.info("GPU available: True (cuda), used: True")  # another device: shown
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False",
-                                                         "GPU available: True (cuda), used: True"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU available: False, used: False",
+        "GPU available: True (cuda), used: True",
+    ]

@@ -7,12 +7,13 @@ import os
 import time
 from pathlib import Path
 
+import fixtures_datasets as fx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 from hydra.utils import instantiate
 
-import fixtures_datasets as fx
 from cbir.data.chexpert import CheXpertDataset
 from cbir.data.csv_manifest import CSVManifestDataset
 from cbir.data.folder import FolderDataset
@@ -22,12 +23,32 @@ from cbir.data.nih14 import NIH14Dataset
 from cbir.data.radimagenet import RadImageNetDataset
 from cbir.data.splits import split_patients
 from cbir.data.stats import dataset_summary, manifest_digest
-from conftest import compose, run_cbir
 
-CHEST_20 = {f"XR/chest/{c}" for c in (
-    "No Finding", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Infiltration",
-    "Mass", "Nodule", "Pneumonia", "Pneumothorax", "Emphysema", "Fibrosis", "Pleural Thickening", "Hernia",
-    "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity", "Pleural Other")}
+CHEST_20 = {
+    f"XR/chest/{c}"
+    for c in (
+        "No Finding",
+        "Atelectasis",
+        "Cardiomegaly",
+        "Consolidation",
+        "Edema",
+        "Pleural Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+        "Emphysema",
+        "Fibrosis",
+        "Pleural Thickening",
+        "Hernia",
+        "Enlarged Cardiomediastinum",
+        "Fracture",
+        "Lung Lesion",
+        "Lung Opacity",
+        "Pleural Other",
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +120,10 @@ def test_nih14_labels_renames_and_dropped_rows(data):
     assert "XR/chest/Pleural Effusion" in labels and "XR/chest/Pleural Thickening" in labels
     assert not any("Effusion" == lab.split("/")[-1] or "_" in lab for lab in labels)
     multi = [r for r in fx.nih_rows() if "|" in r[1]]
-    assert reader.last_scan.dropped == {"more than one finding (or none of the 15 names)": len(multi),
-                                        "image file missing": 1}
+    assert reader.last_scan.dropped == {
+        "more than one finding (or none of the 15 names)": len(multi),
+        "image file missing": 1,
+    }
     names = {Path(p).name for p in m.table["path"]}
     assert fx.NIH_MISSING_IMAGE not in names and not names & {r[0] for r in multi}
     assert len(m) == len(fx.nih_rows()) - len(multi) - 1
@@ -115,8 +138,7 @@ def test_nih14_split_by_patient_as_the_study(data):
     assert by_split["test"] == set(fx.NIH_TEST_PATIENTS)  # the official test list
     assert not by_split["train"] & by_split["val"] and not (by_split["train"] | by_split["val"]) & by_split["test"]
     # the study: train_test_split on unique Patient IDs of train_val rows, CSV order, before filtering
-    train_ids, val_ids = sklearn.train_test_split(np.array(fx.NIH_TRAIN_VAL_PATIENTS), train_size=0.9,
-                                                  random_state=42)
+    train_ids, val_ids = sklearn.train_test_split(np.array(fx.NIH_TRAIN_VAL_PATIENTS), train_size=0.9, random_state=42)
     # every fixture patient keeps at least one single-finding image, so all of them show up
     assert by_split["train"] == set(train_ids) and by_split["val"] == set(val_ids) and len(val_ids) == 3
 
@@ -132,11 +154,14 @@ def test_mimic_labels_uncertain_zero_and_skips(tmp_path, gz):
     root = fx.make_mimic_cxr(tmp_path, gz=gz)
     reader = MimicCXRDataset(root)
     m = reader.load_manifest()
-    assert counts(m) == {"XR/chest/No Finding": 2, "XR/chest/Pneumothorax": 2, "XR/chest/Edema": 1,
-                         "XR/chest/Cardiomegaly": 1}  # Edema beside -1 kept; Support Devices ignored
+    assert counts(m) == {
+        "XR/chest/No Finding": 2,
+        "XR/chest/Pneumothorax": 2,
+        "XR/chest/Edema": 1,
+        "XR/chest/Cardiomegaly": 1,
+    }  # Edema beside -1 kept; Support Devices ignored
     assert m.table.groupby("split").size().to_dict() == {"train": 3, "val": 1, "test": 2}  # validate -> val
-    assert reader.last_scan.dropped == {"study has no row in the label file": 1,
-                                        "not exactly one positive finding": 3}
+    assert reader.last_scan.dropped == {"study has no row in the label file": 1, "not exactly one positive finding": 3}
     assert m.table["path"].str.match(r"files/p1\d/p1\d{7}/s5\d{7}/[0-9a-f-]{44}\.jpg$").all()
     assert not m.table["label"].str.contains("Support Devices").any()
 
@@ -171,8 +196,11 @@ def test_chexpert_study_rules(data):
     tricky = {p: f"CheXpert-v1.0/train/patient{p:05d}/study2/view1_frontal.jpg" for p in fx.CHEXPERT_TRICKY}
     assert tricky[25] in paths and t.loc[t["path"] == tricky[25], "label"].item() == "XR/chest/Edema"
     assert not {tricky[p] for p in (26, 27, 28, 29)} & paths
-    assert reader.last_scan.dropped == {"uncertain (-1) label": 2, "not exactly one positive finding (train.csv)": 2,
-                                        "not exactly one positive finding (valid.csv)": 2}
+    assert reader.last_scan.dropped == {
+        "uncertain (-1) label": 2,
+        "not exactly one positive finding (train.csv)": 2,
+        "not exactly one positive finding (valid.csv)": 2,
+    }
     # valid.csv is the test split; laterals are kept (no view filtering)
     test = t[t["split"] == "test"]
     assert {chexpert_patient(p) for p in test["path"]} == {"patient64541", "patient64542", "patient64544"}
@@ -208,8 +236,12 @@ def test_chexpert_small_release(tmp_path):
 
 # ---------------------------------------------------------------------- combined
 def test_combined_merges_classes_by_name(data, tmp_path):
-    cfg = compose("dataset=combined", f"dataset.root={data}", f"paths.cache_dir={tmp_path}",
-                  f"dataset.parts.radimagenet.ignore_list={data}/radiology_ai/ignore_list.txt")
+    cfg = compose(
+        "dataset=combined",
+        f"dataset.root={data}",
+        f"paths.cache_dir={tmp_path}",
+        f"dataset.parts.radimagenet.ignore_list={data}/radiology_ai/ignore_list.txt",
+    )
     reader = instantiate(cfg.dataset)
     m = reader.load_manifest()
     t = m.table
@@ -221,14 +253,24 @@ def test_combined_merges_classes_by_name(data, tmp_path):
     assert shared["XR/chest/Pleural Effusion"] == 2  # NIH Effusion merges with CheXpert's
     assert set(t["label"]) == CHEST_20 | set(fx.RADIMAGENET_CLASSES)
     assert all((m.root / p).is_file() for p in t["path"])
-    assert t["path"].str.startswith(("nih14/", "mimic/files/mimic-cxr-jpg/2.0.0/files/", "radiology_ai/",
-                                     "CheXpert/CheXpert-v1.0/")).all()
+    assert (
+        t["path"]
+        .str.startswith(
+            ("nih14/", "mimic/files/mimic-cxr-jpg/2.0.0/files/", "radiology_ai/", "CheXpert/CheXpert-v1.0/")
+        )
+        .all()
+    )
     assert (tmp_path / "manifests").is_dir()
 
 
 def test_combined_can_leave_a_part_out(data, tmp_path):
-    cfg = compose("dataset=combined", f"dataset.root={data}", f"paths.cache_dir={tmp_path}",
-                  "dataset.parts.mimic_cxr=null", "dataset.parts.radimagenet=null")
+    cfg = compose(
+        "dataset=combined",
+        f"dataset.root={data}",
+        f"paths.cache_dir={tmp_path}",
+        "dataset.parts.mimic_cxr=null",
+        "dataset.parts.radimagenet=null",
+    )
     assert set(instantiate(cfg.dataset).load_manifest().table["dataset"]) == {"nih14", "chexpert"}
 
 
@@ -244,6 +286,7 @@ def test_manifest_is_cached_and_rebuilt_when_inputs_change(tmp_path):
 
         def scan():
             raise AssertionError("the cached manifest should have been reused")
+
         reader.scan = scan
         return reader
 
@@ -267,8 +310,9 @@ def test_prepare_command_prints_counts(data, tmp_path):
     assert "Per class" in out and "Pleural Effusion" in out and "Per modality" in out
     assert "image file missing" in out and "more than one finding" in out
     assert list((tmp_path / ".cache/cbir/manifests").glob("nih14-*.parquet"))
-    bad = run_cbir(tmp_path, "dataset=nih14", f"dataset.root={tmp_path / 'nowhere'}", module="cbir.data.prepare",
-                   check=False)
+    bad = run_cbir(
+        tmp_path, "dataset=nih14", f"dataset.root={tmp_path / 'nowhere'}", module="cbir.data.prepare", check=False
+    )
     assert bad.returncode == 2 and "dataset.root" in bad.stderr + bad.stdout
 
 
@@ -286,8 +330,12 @@ def test_folder_collection_classes_and_stratified_split(tmp_path):
     root = make_folder_collection(tmp_path / "mine")
     reader = FolderDataset(root, split_fractions={"train": 0.6, "val": 0.2, "test": 0.2}, seed=3)
     t = reader.load_manifest().table
-    assert counts(reader.load_manifest()) == {"CT/abd/normal": 10, "CT/abd/cyst": 5, "XR/chest/Pneumonia": 2,
-                                              "MR/brain/normal": 1}
+    assert counts(reader.load_manifest()) == {
+        "CT/abd/normal": 10,
+        "CT/abd/cyst": 5,
+        "XR/chest/Pneumonia": 2,
+        "MR/brain/normal": 1,
+    }
     per_class = t.groupby(["label", "split"]).size().unstack(fill_value=0)
     assert per_class.loc["CT/abd/normal"].to_dict() == {"test": 2, "train": 6, "val": 2}
     assert per_class.loc["XR/chest/Pneumonia"].to_dict() == {"test": 1, "train": 1, "val": 0}
@@ -303,8 +351,10 @@ def test_folder_collection_with_split_file(tmp_path):
     split_file.write_text("path,split\n./CT/abd/cyst/patient0/img0.png,test\nCT/abd/cyst/patient1/img1.png,train\n")
     reader = FolderDataset(root, split_file=str(split_file))
     t = reader.load_manifest().table
-    assert t.set_index("path")["split"].to_dict() == {"CT/abd/cyst/patient0/img0.png": "test",
-                                                      "CT/abd/cyst/patient1/img1.png": "train"}
+    assert t.set_index("path")["split"].to_dict() == {
+        "CT/abd/cyst/patient0/img0.png": "test",
+        "CT/abd/cyst/patient1/img1.png": "train",
+    }
     assert reader.last_scan.dropped["not listed in splits.csv"] == 16
 
 
@@ -316,7 +366,9 @@ def write_manifest(path: Path, rows, header="path,split,modality,anatomy,label")
 def test_csv_manifest_reads_validates_and_guards_root(tmp_path):
     fx.write_image(tmp_path / "imgs/a.png")
     fx.write_image(tmp_path / "imgs/b.png")
-    ok = write_manifest(tmp_path / "m.csv", ["imgs/a.png,train,CT,abd,CT/abd/normal", "imgs/b.png,test,CT,abd,CT/abd/normal"])
+    ok = write_manifest(
+        tmp_path / "m.csv", ["imgs/a.png,train,CT,abd,CT/abd/normal", "imgs/b.png,test,CT,abd,CT/abd/normal"]
+    )
     m = CSVManifestDataset(file=str(ok)).load_manifest()
     assert len(m) == 2 and set(m.table["dataset"]) == {"csv"} and m.root == tmp_path
 

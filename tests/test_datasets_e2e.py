@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-
 import shutil
 
 import pandas as pd
+import pytest
+from conftest import run_cbir
+from fixtures_datasets import add_mimic_study, make_study_data
 from mlflow.tracking import MlflowClient
 
 from cbir.data.synthetic import SyntheticDataset
-from conftest import run_cbir
-from fixtures_datasets import add_mimic_study, make_study_data
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
@@ -22,12 +21,19 @@ def test_every_dataset_runs_end_to_end(tmp_path):
     data = tmp_path / "data"
     make_study_data(data)  # nih14/, mimic/, radiology_ai/, CheXpert/ as the study's $DATA folder
     # the miniature MIMIC's test queries (Pneumothorax x2) get their class into the train index
-    add_mimic_study(data / "mimic" / "files" / "mimic-cxr-jpg" / "2.0.0", 50000008, 13000033, "train",
-                    {"Pneumothorax": 1.0}, 1)
+    add_mimic_study(
+        data / "mimic" / "files" / "mimic-cxr-jpg" / "2.0.0", 50000008, 13000033, "train", {"Pneumothorax": 1.0}, 1
+    )
     # a user collection in the folder layout <modality>/<anatomy>/<finding>/*.png ...
-    generated = SyntheticDataset(root=tmp_path / "generated", modalities=["CT", "XR"], anatomies=["chest"],
-                                 pathologies=["normal", "lesion"], max_per_class=6, min_per_class=5,
-                                 image_size=32).load_manifest()
+    generated = SyntheticDataset(
+        root=tmp_path / "generated",
+        modalities=["CT", "XR"],
+        anatomies=["chest"],
+        pathologies=["normal", "lesion"],
+        max_per_class=6,
+        min_per_class=5,
+        image_size=32,
+    ).load_manifest()
     shutil.copytree(generated.root, data / "folder")
     # ... and the same images as a user CSV manifest next to it
     manifest = pd.read_csv(data / "folder" / "manifest.csv")
@@ -35,8 +41,15 @@ def test_every_dataset_runs_end_to_end(tmp_path):
     manifest.to_csv(data / "manifest.csv", index=False)
     (data / "folder" / "manifest.csv").unlink()
 
-    proc = run_cbir(tmp_path, "-m", "debug=smoke", f"dataset={','.join(DATASETS)}", f"paths.data_dir={data}",
-                    "eval.n=[1,3]", check=False)
+    proc = run_cbir(
+        tmp_path,
+        "-m",
+        "debug=smoke",
+        f"dataset={','.join(DATASETS)}",
+        f"paths.data_dir={data}",
+        "eval.n=[1,3]",
+        check=False,
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("cbir").experiment_id])
     children = {r.data.tags["dataset"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}

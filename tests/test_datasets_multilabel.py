@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fixtures_datasets as fx
 import pandas as pd
 import pytest
+from conftest import compose
 from hydra.utils import instantiate
 
-import fixtures_datasets as fx
 from cbir.data.chexpert import CheXpertDataset
 from cbir.data.csv_manifest import CSVManifestDataset
 from cbir.data.folder import FolderDataset
@@ -17,7 +18,6 @@ from cbir.data.manifest import ManifestError
 from cbir.data.mimic_cxr import MimicCXRDataset
 from cbir.data.nih14 import NIH14Dataset
 from cbir.data.synthetic import SyntheticDataset
-from conftest import compose
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +43,13 @@ def test_nih14_multi_keeps_multi_finding_images(data, tmp_path):
     assert len(multi) == len(fx.nih_rows()) - 1
     two = multi[multi["findings"].str.contains("|", regex=False)]
     assert len(two) == sum("|" in r[1] for r in fx.nih_rows())
-    assert set(two["findings"]) == {"Mass|Pleural Effusion"}            # renamed, sorted
+    assert set(two["findings"]) == {"Mass|Pleural Effusion"}  # renamed, sorted
     assert set(two["label"]) == {"XR/chest/Mass|Pleural Effusion"}
-    assert "No Finding" in set(multi["findings"])                     # a finding of its own
+    assert "No Finding" in set(multi["findings"])  # a finding of its own
     single_rows_unchanged(single, multi)
-    assert len(list(tmp_path.glob("nih14-*.parquet"))) == 2            # the cache keys the mode
+    assert len(list(tmp_path.glob("nih14-*.parquet"))) == 2  # the cache keys the mode
     again = NIH14Dataset(data / "nih14", cache_dir=tmp_path, labels="multi").load_manifest().table
-    pd.testing.assert_frame_equal(again, multi)                       # findings survive the cache
+    pd.testing.assert_frame_equal(again, multi)  # findings survive the cache
 
 
 def test_mimic_multi_follows_the_uncertain_rule(tmp_path):
@@ -59,7 +59,12 @@ def test_mimic_multi_follows_the_uncertain_rule(tmp_path):
     multi = reader.load_manifest().table
     assert reader.last_scan.dropped == {"study has no row in the label file": 1, "no positive finding": 2}
     assert multi["findings"].value_counts().to_dict() == {
-        "No Finding": 2, "Pneumothorax": 2, "Edema": 1, "Cardiomegaly": 1, "Edema|Pleural Effusion": 1}
+        "No Finding": 2,
+        "Pneumothorax": 2,
+        "Edema": 1,
+        "Cardiomegaly": 1,
+        "Edema|Pleural Effusion": 1,
+    }
     single_rows_unchanged(single, multi)
     dropped = MimicCXRDataset(root, labels="multi", uncertain="drop").load_manifest().table
     assert "Edema" not in set(dropped["findings"])  # the study with Atelectasis -1 is dropped
@@ -94,10 +99,14 @@ def test_combined_multi_reaches_the_chest_parts(data, tmp_path):
     assert (table["findings"] != "").all()
     radimagenet = table[table["dataset"] == "radimagenet"]
     assert (radimagenet["label"].str.split("/", n=2).str[2] == radimagenet["findings"]).all()
-    assert {"nih14", "mimic_cxr", "chexpert"} == set(table.loc[table["findings"].str.contains("|", regex=False),
-                                                                "dataset"])
-    single = instantiate(compose("dataset=combined", f"dataset.root={data}",
-                                 f"paths.cache_dir={tmp_path}").dataset).load_manifest().table
+    assert {"nih14", "mimic_cxr", "chexpert"} == set(
+        table.loc[table["findings"].str.contains("|", regex=False), "dataset"]
+    )
+    single = (
+        instantiate(compose("dataset=combined", f"dataset.root={data}", f"paths.cache_dir={tmp_path}").dataset)
+        .load_manifest()
+        .table
+    )
     assert "findings" not in single.columns
 
 
@@ -116,9 +125,11 @@ def test_folder_and_csv_multi(tmp_path):
     assert multi["findings"].value_counts().to_dict() == {"normal": 4, "cyst": 3, "calcification|cyst": 1}
 
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,split,modality,anatomy,label,findings\n"
-                        "mine/CT/abd/cyst/img0.png,train,CT,abd,CT/abd/cyst,cyst|Mass\n"
-                        "mine/CT/abd/cyst/img1.png,test,CT,abd,CT/abd/cyst,\n")
+    manifest.write_text(
+        "path,split,modality,anatomy,label,findings\n"
+        "mine/CT/abd/cyst/img0.png,train,CT,abd,CT/abd/cyst,cyst|Mass\n"
+        "mine/CT/abd/cyst/img1.png,test,CT,abd,CT/abd/cyst,\n"
+    )
     table = CSVManifestDataset(file=str(manifest), labels="multi").load_manifest().table
     assert list(table["findings"]) == ["Mass|cyst", "cyst"]
     assert list(table["label"]) == ["CT/abd/Mass|cyst", "CT/abd/cyst"]

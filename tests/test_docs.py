@@ -22,12 +22,8 @@ from cbir.run import job_run_name
 
 DOCS = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 # `python -m cbir.x …` anywhere in a code line or inline code span (after `srun …`, say), `cbir …` at its start
-COMMAND = re.compile(
-    r"(?:^|\s)python -m (cbir(?:\.\w+)*)(?=\s|$)(.*)$|^cbir(?=\s|$)(.*)$"
-)
-PLACEHOLDER = re.compile(
-    r"<|…|\.\.\."
-)  # `outputs/<date>/…`, `encoder=...`: not a literal value
+COMMAND = re.compile(r"(?:^|\s)python -m (cbir(?:\.\w+)*)(?=\s|$)(.*)$|^cbir(?=\s|$)(.*)$")
+PLACEHOLDER = re.compile(r"<|…|\.\.\.")  # `outputs/<date>/…`, `encoder=...`: not a literal value
 
 
 def code_lines(text: str) -> list[str]:
@@ -74,35 +70,24 @@ def config_name(module: str) -> str:
     return next(
         filter(
             None,
-            re.search(r'config_name="(\w+)"|compose_config\("(\w+)"', source).groups(),
+            re.search(r'config_name="(\w+)"|compose_config\(\s*"(\w+)"', source).groups(),
         )
     )
 
 
 def override_sets(args: list[str]) -> list[list[str]]:
     """The overrides of each job a command stands for: every value of a sweep appears once."""
-    args = [
-        a[1:-1] if a.startswith("[") and a.endswith("]") else a for a in args
-    ]  # usage's `[optional]`
-    overrides = [
-        a
-        for a in args
-        if "=" in a and not a.startswith("-") and not PLACEHOLDER.search(a)
-    ]
+    args = [a[1:-1] if a.startswith("[") and a.endswith("]") else a for a in args]  # usage's `[optional]`
+    overrides = [a for a in args if "=" in a and not a.startswith("-") and not PLACEHOLDER.search(a)]
     parsed = OverridesParser.create().parse_overrides(overrides)
     first = [
-        f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
-        if o.is_sweep_override()
-        else a
+        f"{o.get_key_element()}={next(o.sweep_string_iterator())}" if o.is_sweep_override() else a
         for o, a in zip(parsed, overrides)
     ]
     sets = [first]
     for i, o in enumerate(parsed):
         if o.is_sweep_override():
-            sets += [
-                first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1 :]
-                for v in o.sweep_string_iterator()
-            ]
+            sets += [first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1 :] for v in o.sweep_string_iterator()]
     return sets
 
 
@@ -128,16 +113,10 @@ def test_every_command_names_a_module_and_its_overrides_compose():
             try:
                 compose(*overrides, config_name=name, hydra_node=True)
             except MissingConfigException:
-                if not any(
-                    a.startswith("hydra.searchpath=") for a in args
-                ):  # options from the user's folder
-                    failures.append(
-                        f"{where}\n    {overrides}: {traceback.format_exc(limit=0).strip()}"
-                    )
+                if not any(a.startswith("hydra.searchpath=") for a in args):  # options from the user's folder
+                    failures.append(f"{where}\n    {overrides}: {traceback.format_exc(limit=0).strip()}")
             except Exception as e:  # noqa: BLE001 (reported with the command it came from)
-                failures.append(
-                    f"{where}\n    {overrides}: {type(e).__name__}: {str(e).splitlines()[0]}"
-                )
+                failures.append(f"{where}\n    {overrides}: {type(e).__name__}: {str(e).splitlines()[0]}")
     assert not failures, "\n".join(failures)
 
 
@@ -169,11 +148,7 @@ def overrides_of(name: str) -> tuple[list[str], list[str]]:
         elif "=" in word:  # a swept key, named by its last part: `input_size=448`
             short, value = word.split("=", 1)
             cfg = compose(*overrides)
-            key = next(
-                k
-                for k in ("encoder", "index", "eval", "extract", "dataset")
-                if short in cfg[k]
-            )
+            key = next(k for k in ("encoder", "index", "eval", "extract", "dataset") if short in cfg[k])
             overrides.append(f"++{key}.{short}={value}")
             swept.append(f"{key}.{short}")
         else:  # a dataset other than the default
@@ -208,9 +183,7 @@ def test_relative_links_and_images_exist(doc):
         linked = doc.parent / path if path else doc
         assert linked.exists(), f"{doc.relative_to(PROJECT)}: broken link {target}"
         if anchor:
-            assert anchor in heading_anchors(linked), (
-                f"{doc.relative_to(PROJECT)}: no heading #{anchor} in {path}"
-            )
+            assert anchor in heading_anchors(linked), f"{doc.relative_to(PROJECT)}: no heading #{anchor} in {path}"
 
 
 def heading_anchors(page: Path) -> set[str]:

@@ -34,24 +34,53 @@ from cbir.store import EmbeddingStore
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-EXTRACT = OmegaConf.create(dict(batch_size=4, num_workers=0, accelerator="cpu", devices=1, strategy="auto",
-                                precision="32-true", progress=False))
+EXTRACT = OmegaConf.create(
+    dict(
+        batch_size=4, num_workers=0, accelerator="cpu", devices=1, strategy="auto", precision="32-true", progress=False
+    )
+)
 
 # overrides that keep each model fast on CPU without changing what is tested
 FAST = {
-    "baseline": [], "random": [], "resnet50": [], "vit": [], "dinov2": [], "dinov2_small": [],
-    "dinov2_large": ["encoder.input_size=112"], "mae": [], "clip": [], "bmc_clip": [], "biomedclip": [],
-    "medclip": [], "sam": ["encoder.input_size=64"], "medsam": ["encoder.input_size=64"],
-    "ark": ["encoder.input_size=192", "encoder.model_kwargs.window_size=6"], "rad_dino": ["encoder.input_size=112"],
-    "dinov3": ["encoder.input_size=64"], "dinov3_large": ["encoder.input_size=64"],
+    "baseline": [],
+    "random": [],
+    "resnet50": [],
+    "vit": [],
+    "dinov2": [],
+    "dinov2_small": [],
+    "dinov2_large": ["encoder.input_size=112"],
+    "mae": [],
+    "clip": [],
+    "bmc_clip": [],
+    "biomedclip": [],
+    "medclip": [],
+    "sam": ["encoder.input_size=64"],
+    "medsam": ["encoder.input_size=64"],
+    "ark": ["encoder.input_size=192", "encoder.model_kwargs.window_size=6"],
+    "rad_dino": ["encoder.input_size=112"],
+    "dinov3": ["encoder.input_size=64"],
+    "dinov3_large": ["encoder.input_size=64"],
     "medsiglip": ["encoder.input_size=56", "encoder.model_config.num_hidden_layers=2"],
 }
 # configs of models no library in the stack loads: they fail at once (tests/test_encoders_2025.py)
 UNAVAILABLE = ["medimageinsight", "unimed_clip"]
 # Ark's loading logic on a Swin-T backbone: the same code path as Swin-L at a fraction of the cost
 ARK_SMALL = ["encoder.model_name=swin_tiny_patch4_window7_224"]
-STUDY = ["resnet50", "vit", "dinov2", "mae", "sam", "medsam", "clip", "medclip", "biomedclip", "bmc_clip", "ark",
-         "rad_dino", "baseline"]
+STUDY = [
+    "resnet50",
+    "vit",
+    "dinov2",
+    "mae",
+    "sam",
+    "medsam",
+    "clip",
+    "medclip",
+    "biomedclip",
+    "bmc_clip",
+    "ark",
+    "rad_dino",
+    "baseline",
+]
 
 
 def compose(*overrides: str):
@@ -86,8 +115,15 @@ def no_network():
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    return SyntheticDataset(root=root, modalities=["CT"], anatomies=["head"], pathologies=["normal", "lesion"],
-                            max_per_class=2, min_per_class=2, image_size=32).load_manifest()
+    return SyntheticDataset(
+        root=root,
+        modalities=["CT"],
+        anatomies=["head"],
+        pathologies=["normal", "lesion"],
+        max_per_class=2,
+        min_per_class=2,
+        image_size=32,
+    ).load_manifest()
 
 
 def test_every_config_is_covered_and_the_study_is_complete():
@@ -220,8 +256,9 @@ def test_medsam_preprocessing_is_squash_and_minmax_without_imagenet_stats():
 
 
 def test_medclip_pads_to_a_centred_square_and_keeps_one_channel():
-    p = Preprocess.from_config(dict(mode="pad_square", resize=8, crop=8, interpolation="nearest",
-                                    mean=[0.0], std=[1.0], channels=1))
+    p = Preprocess.from_config(
+        dict(mode="pad_square", resize=8, crop=8, interpolation="nearest", mean=[0.0], std=[1.0], channels=1)
+    )
     x = p.build()(Image.new("L", (8, 4), 255))  # wide white image -> black bands top and bottom
     assert x.shape == (1, 8, 8)
     assert torch.all(x[0, 2:6] == 1) and torch.all(x[0, :2] == 0) and torch.all(x[0, 6:] == 0)
@@ -263,14 +300,17 @@ def outputs(encoder, x):
         return encoder(x)
 
 
-@pytest.mark.parametrize("name,layout", [
-    ("resnet50", "plain"),        # timm
-    ("mae", "plain"),             # transformers
-    ("biomedclip", "open_clip"),  # open_clip, full-model checkpoint (visual.* kept)
-    ("medclip", "medclip"),       # MedCLIPModel checkpoint (vision_model.* kept), torch file
-    ("sam", "segment_anything"),  # segment-anything layout remapped by timm
-    ("ark", "ark"),               # Ark training checkpoint: teacher, module. prefix, projector
-])
+@pytest.mark.parametrize(
+    "name,layout",
+    [
+        ("resnet50", "plain"),  # timm
+        ("mae", "plain"),  # transformers
+        ("biomedclip", "open_clip"),  # open_clip, full-model checkpoint (visual.* kept)
+        ("medclip", "medclip"),  # MedCLIPModel checkpoint (vision_model.* kept), torch file
+        ("sam", "segment_anything"),  # segment-anything layout remapped by timm
+        ("ark", "ark"),  # Ark training checkpoint: teacher, module. prefix, projector
+    ],
+)
 @pytest.mark.slow
 def test_local_weights_reproduce_the_saved_model(name, layout, tmp_path):
     small = ARK_SMALL if name == "ark" else []
@@ -311,11 +351,14 @@ def test_torch_files_are_read_without_unpickling_objects(tmp_path):
 
 
 # ---------------------------------------------------------------------------- offline
-@pytest.mark.parametrize("name,hub_id", [
-    ("vit", "timm/vit_base_patch16_224.orig_in21k"),                       # timm
-    ("rad_dino", "microsoft/rad-dino"),                                    # transformers
-    ("biomedclip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),  # open_clip
-])
+@pytest.mark.parametrize(
+    "name,hub_id",
+    [
+        ("vit", "timm/vit_base_patch16_224.orig_in21k"),  # timm
+        ("rad_dino", "microsoft/rad-dino"),  # transformers
+        ("biomedclip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),  # open_clip
+    ],
+)
 def test_offline_without_weights_fails_fast_naming_the_fixes(name, hub_id):
     # fast = no network attempt (the hub client's retries are what take minutes)
     with no_network() as attempts, pytest.raises(Exception) as caught:
@@ -326,8 +369,9 @@ def test_offline_without_weights_fails_fast_naming_the_fixes(name, hub_id):
         assert part in message, part
 
 
-@pytest.mark.parametrize("name,where", [("medsam", "bowang-lab/MedSAM"), ("medclip", "RyanWangZf/MedCLIP"),
-                                        ("ark", "jlianglab/Ark")])
+@pytest.mark.parametrize(
+    "name,where", [("medsam", "bowang-lab/MedSAM"), ("medclip", "RyanWangZf/MedCLIP"), ("ark", "jlianglab/Ark")]
+)
 def test_weights_not_on_any_hub_say_where_to_get_them(name, where):
     with no_network(), pytest.raises(Exception) as caught:
         build(name, pretrained=True)
@@ -350,8 +394,14 @@ def test_unreachable_hub_is_probed_once_and_then_offline(monkeypatch):
 
 def test_unknown_encoder_lists_the_available_ones(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "cbir.run", "encoder=nope"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbir.run", "encoder=nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "nope" in output
     for name in STUDY:

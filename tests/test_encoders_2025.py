@@ -83,10 +83,13 @@ def test_offline_pretrained_2025_encoders_fail_fast_naming_the_fixes(name):
     assert attempts == [] and "encoder.weights=<" in str(caught.value)
 
 
-@pytest.mark.parametrize("name,where,loader", [
-    ("unimed_clip", "mbzuai-oryx/UniMed-CLIP", "open_clip fork"),
-    ("medimageinsight", "lion-ai/MedImageInsights", "DaViT"),
-])
+@pytest.mark.parametrize(
+    "name,where,loader",
+    [
+        ("unimed_clip", "mbzuai-oryx/UniMed-CLIP", "open_clip fork"),
+        ("medimageinsight", "lion-ai/MedImageInsights", "DaViT"),
+    ],
+)
 @pytest.mark.parametrize("pretrained", [True, False])
 def test_models_no_library_here_can_load_fail_at_once_saying_where_and_which_loader(name, where, loader, pretrained):
     started = time.perf_counter()

@@ -7,9 +7,8 @@ import sys
 
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import PROJECT
+from PIL import Image
 
 sys.path.insert(0, str(PROJECT))
 

@@ -12,15 +12,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PROJECT
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import PROJECT
-
 sys.path.insert(0, str(PROJECT))
 
-from experiments import (embedding_space, index_types, paper_table1, pooling_resolution,  # noqa: E402
-                         saturation)
+from experiments import embedding_space, index_types, paper_table1, pooling_resolution, saturation  # noqa: E402
 from experiments.common import load_config  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
@@ -52,23 +50,35 @@ def test_paper_table1(workdir, shared_data_dir):
     paper = pd.read_csv(PROJECT / "experiments" / "reference" / "paper_table1.csv").set_index("encoder")
     for _, row in comparison.iterrows():  # "measured (difference vs paper)" per cell
         measured = table.set_index("encoder").loc[row["encoder"], "micro P@1"]
-        assert row["micro P@1"] == (f"{measured:.3f} ({measured - paper.loc[row['encoder'], 'micro_p1']:+.3f} "
-                                    f"vs {paper.loc[row['encoder'], 'micro_p1']:.3f})")
+        assert row["micro P@1"] == (
+            f"{measured:.3f} ({measured - paper.loc[row['encoder'], 'micro_p1']:+.3f} "
+            f"vs {paper.loc[row['encoder'], 'micro_p1']:.3f})"
+        )
     assert is_png(files["table1.png"])
     beyond = pd.read_csv(files["table1_beyond.csv"])  # the study's rows, then the 2025 encoders
     assert list(beyond["rows"]) == ["the study"] * 2 + ["beyond the study"]
     assert beyond["encoder"].iloc[-1] == "dinov3" and beyond["micro P@1"].notna().all()
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
-    parents = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id],
-                                 filter_string="tags.`cbir.role` = 'sweep'")  # the study's and the one beyond it
+    parents = client.search_runs(
+        [client.get_experiment_by_name("cbir-study").experiment_id], filter_string="tags.`cbir.role` = 'sweep'"
+    )  # the study's and the one beyond it
     logged = {a.path for p in parents for a in client.list_artifacts(p.info.run_id, "experiments/paper_table1")}
     assert "experiments/paper_table1/comparison.md" in logged
 
 
 def test_modality_levels_command_line_resumes_the_study_sweep(workdir, shared_data_dir):
-    proc = subprocess.run([sys.executable, str(PROJECT / "experiments" / "modality_levels.py"), "smoke=true",
-                           f"workdir={workdir}", f"data_dir={shared_data_dir}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT / "experiments" / "modality_levels.py"),
+            "smoke=true",
+            f"workdir={workdir}",
+            f"data_dir={shared_data_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = out(workdir, "modality_levels")
     # progress while the sweep runs, and where the files went
@@ -77,7 +87,11 @@ def test_modality_levels_command_line_resumes_the_study_sweep(workdir, shared_da
     assert (folder / "sweep_0.log").exists() and "sweep: 2 jobs" in proc.stdout
     table = pd.read_csv(folder / "modality_levels.csv")
     assert set(table[table["kind"] == "modality"]["subset"]) == {"CT", "MR", "US", "XR"}
-    assert set(table[table["kind"] == "level"]["subset"]) == {"modality", "modality + anatomy", "full class (pathology)"}
+    assert set(table[table["kind"] == "level"]["subset"]) == {
+        "modality",
+        "modality + anatomy",
+        "full class (pathology)",
+    }
     findings = pd.read_csv(folder / "findings.csv")
     assert findings["pathology harder"].all()  # the synthetic data is built so, as the study found
     assert is_png(folder / "modality_levels.png")
@@ -98,8 +112,9 @@ def test_embedding_space(workdir, shared_data_dir):
     assert all(is_png(files[name]) for name in summary["figure"])
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     for row in summary.itertuples():  # the table holds the numbers logged to each encoder's run
-        found = client.search_runs([client.get_experiment_by_name("cbir-study").experiment_id],
-                                   filter_string=f"tags.encoder = '{row.encoder}'")
+        found = client.search_runs(
+            [client.get_experiment_by_name("cbir-study").experiment_id], filter_string=f"tags.encoder = '{row.encoder}'"
+        )
         (run,) = [r for r in found if "embedding/silhouette_class" in r.data.metrics]
         for name in ("silhouette_class", "silhouette_modality", "knn10_purity_class", "knn10_purity_modality"):
             assert run.data.metrics[f"embedding/{name}"] == pytest.approx(getattr(row, name)), (row.encoder, name)
@@ -108,8 +123,15 @@ def test_embedding_space(workdir, shared_data_dir):
 
 def test_saturation(workdir, shared_data_dir):
     cfg = config("saturation", workdir, shared_data_dir)
-    cfg.sweeps.smoke = [["experiment=saturation", "debug=smoke", "dataset=synthetic_small", "encoder=baseline,random",
-                         "index.per_class=1,4,all"]]  # the tiniest sweep
+    cfg.sweeps.smoke = [
+        [
+            "experiment=saturation",
+            "debug=smoke",
+            "dataset=synthetic_small",
+            "encoder=baseline,random",
+            "index.per_class=1,4,all",
+        ]
+    ]  # the tiniest sweep
     files = saturation.run(cfg)
     curves = pd.read_csv(files["saturation_by_modality.csv"])
     assert set(curves["modality"]) == {"all", "CT", "MR", "US", "XR"}
@@ -134,8 +156,16 @@ def test_index_types(workdir, shared_data_dir):
 
 def test_pooling_resolution(workdir, shared_data_dir):
     cfg = config("pooling_resolution", workdir, shared_data_dir)
-    cfg.sweeps.smoke = [["debug=smoke", "dataset=synthetic_small", "encoder=dinov2_small", "++encoder.pretrained=false",
-                         "encoder.pool=cls,mean", "encoder.input_size=28"]]  # the tiniest sweep
+    cfg.sweeps.smoke = [
+        [
+            "debug=smoke",
+            "dataset=synthetic_small",
+            "encoder=dinov2_small",
+            "++encoder.pretrained=false",
+            "encoder.pool=cls,mean",
+            "encoder.input_size=28",
+        ]
+    ]  # the tiniest sweep
     files = pooling_resolution.run(cfg)
     table = pd.read_csv(files["pooling_resolution.csv"])
     assert sorted(table["pool"]) == ["cls", "mean"] and set(table["input size"]) == {28}
@@ -145,14 +175,15 @@ def test_pooling_resolution(workdir, shared_data_dir):
 
     ctx = Context(cfg)
     client = ctx.client()
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking_experiment).experiment_id],
-                              filter_string="tags.encoder = 'dinov2_small' and attributes.status = 'FINISHED'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking_experiment).experiment_id],
+        filter_string="tags.encoder = 'dinov2_small' and attributes.status = 'FINISHED'",
+    )
     by_pool = {r.data.params["encoder.pool"]: r for r in runs}
     assert sorted(by_pool) == ["cls", "mean"]
     for _, row in table.iterrows():
         assert row["micro P@1"] == pytest.approx(by_pool[row["pool"]].data.metrics["micro/P_at_1"])
-    embeddings = {pool: run_embeddings(ctx, ctx.job_overrides(run.info.run_id))[2]
-                  for pool, run in by_pool.items()}
+    embeddings = {pool: run_embeddings(ctx, ctx.job_overrides(run.info.run_id))[2] for pool, run in by_pool.items()}
     assert all(e.cache_hit for e in embeddings.values())  # the vectors the jobs searched
     assert embeddings["cls"].cached.key != embeddings["mean"].cached.key
     cls_rows, mean_rows = (np.asarray(embeddings[p].embeddings) for p in ("cls", "mean"))
@@ -165,14 +196,19 @@ def test_sweep_progress_names_the_job_and_time_left(caplog):
 
     from experiments.common import follow
 
-    output = ("[HYDRA] Launching 3 jobs locally\n"
-              "[HYDRA] \t#0 : encoder=a tracking.uri=sqlite\\:///x.db experiment=smoke\n"
-              "some job output\n"
-              "[HYDRA] \t#1 : encoder=b tracking.uri=sqlite\\:///x.db experiment=smoke\n")
+    output = (
+        "[HYDRA] Launching 3 jobs locally\n"
+        "[HYDRA] \t#0 : encoder=a tracking.uri=sqlite\\:///x.db experiment=smoke\n"
+        "some job output\n"
+        "[HYDRA] \t#1 : encoder=b tracking.uri=sqlite\\:///x.db experiment=smoke\n"
+    )
     record = io.StringIO()
     with caplog.at_level(logging.INFO, logger="cbir.experiments"):
-        lines = follow(io.StringIO(output), record, constant=["-m", "encoder=a,b", "tracking.uri=sqlite:///x.db",
-                                                               "experiment=smoke"])
+        lines = follow(
+            io.StringIO(output),
+            record,
+            constant=["-m", "encoder=a,b", "tracking.uri=sqlite:///x.db", "experiment=smoke"],
+        )
     assert record.getvalue() == output and "".join(lines) == output
     first, second = [r.getMessage() for r in caplog.records]
     assert first.startswith("job 1 of 3 (encoder=a): 0:00:00 elapsed") and "left" not in first

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compose
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import compose
 from cbir.data.manifest import Manifest
 from cbir.extract import cache_key, extract_embeddings
 from cbir.extract_many import extract_shared, plan_inputs, prepare_on_device
@@ -20,14 +20,34 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # random-weight encoders of different input sizes and preprocessing; two share one preprocessing
 ENCODERS = {
     "baseline": {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "baseline"},
-    "resnet224": {"_target_": TIMM, "name": "resnet224", "model_name": "test_resnet", "pretrained": False,
-                  "preprocess": {"mode": "shortest", "resize": 256, "crop": 224, "interpolation": "bicubic", **IMAGENET}},
-    "effnet224": {"_target_": TIMM, "name": "effnet224", "model_name": "test_efficientnet", "pretrained": False,
-                  "preprocess": {"mode": "shortest", "resize": 256, "crop": 224, "interpolation": "bicubic", **IMAGENET}},
-    "vit160": {"_target_": TIMM, "name": "vit160", "model_name": "test_vit", "pretrained": False,
-               "preprocess": {"mode": "squash", "crop": 160, "interpolation": "bilinear", **IMAGENET}},
-    "convnext96": {"_target_": TIMM, "name": "convnext96", "model_name": "test_convnext", "pretrained": False,
-                   "preprocess": {"mode": "longest_pad", "crop": 96, "rescale": "minmax", **IMAGENET}},
+    "resnet224": {
+        "_target_": TIMM,
+        "name": "resnet224",
+        "model_name": "test_resnet",
+        "pretrained": False,
+        "preprocess": {"mode": "shortest", "resize": 256, "crop": 224, "interpolation": "bicubic", **IMAGENET},
+    },
+    "effnet224": {
+        "_target_": TIMM,
+        "name": "effnet224",
+        "model_name": "test_efficientnet",
+        "pretrained": False,
+        "preprocess": {"mode": "shortest", "resize": 256, "crop": 224, "interpolation": "bicubic", **IMAGENET},
+    },
+    "vit160": {
+        "_target_": TIMM,
+        "name": "vit160",
+        "model_name": "test_vit",
+        "pretrained": False,
+        "preprocess": {"mode": "squash", "crop": 160, "interpolation": "bilinear", **IMAGENET},
+    },
+    "convnext96": {
+        "_target_": TIMM,
+        "name": "convnext96",
+        "model_name": "test_convnext",
+        "pretrained": False,
+        "preprocess": {"mode": "longest_pad", "crop": 96, "rescale": "minmax", **IMAGENET},
+    },
 }
 
 
@@ -136,23 +156,26 @@ def test_device_preprocessing_pass_equals_pil_pass(setup, singles, tmp_path):
     assert shared.decodes == len(manifest)
     for name in names:
         got = shared.extractions[singles[name].cached.key]
-        np.testing.assert_allclose(np.asarray(got.embeddings), np.asarray(singles[name].embeddings),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(got.embeddings), np.asarray(singles[name].embeddings), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.slow  # two DDP ranks started on CPU
 def test_ddp_ranks_write_every_encoders_rows(setup, singles, tmp_path):
     _, manifest = setup
     names = ["baseline", "vit160"]
-    ddp = compose("debug=smoke", "extract.accelerator=cpu", "extract.devices=2", "extract.strategy=ddp",
-                  "extract.num_workers=1").extract
+    ddp = compose(
+        "debug=smoke", "extract.accelerator=cpu", "extract.devices=2", "extract.strategy=ddp", "extract.num_workers=1"
+    ).extract
     shared = extract_shared([build(n) for n in names], manifest, EmbeddingStore(tmp_path), ddp)
     assert shared.decodes is None  # counted in the ranks, which log their own counts
     for name in names:
         got = shared.extractions[singles[name].cached.key]
         assert got.valid.all() and not got.cache_hit
-        np.testing.assert_allclose(np.asarray(got.embeddings), np.asarray(singles[name].embeddings),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(got.embeddings), np.asarray(singles[name].embeddings), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_a_transform_failing_on_an_image_fails_only_its_own_input(tmp_path):
@@ -172,8 +195,11 @@ def test_a_transform_failing_on_an_image_fails_only_its_own_input(tmp_path):
 
     Image.new("L", (8, 8)).save(tmp_path / "small.png")
     Image.new("L", (32, 32)).save(tmp_path / "large.png")
-    dataset = SharedImageRows([tmp_path / "small.png", tmp_path / "large.png", tmp_path / "absent.png"],
-                              np.arange(3), [always_works, fails_on_small])
+    dataset = SharedImageRows(
+        [tmp_path / "small.png", tmp_path / "large.png", tmp_path / "absent.png"],
+        np.arange(3),
+        [always_works, fails_on_small],
+    )
     (_, _, ok_small, error, _), (_, _, ok_large, _, _), (_, _, ok_absent, _, _) = (dataset[i] for i in range(3))
     assert ok_small.tolist() == [True, False] and "too small" in error
     assert ok_large.tolist() == [True, True]

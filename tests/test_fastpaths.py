@@ -6,19 +6,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compose
 from hydra.utils import instantiate
 
-from conftest import compose
 from cbir.extract import extract_embeddings
 from cbir.store import EmbeddingStore
 
-TINY_TIMM = {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "tiny", "model_name": "resnet18",
-             "pretrained": False, "preprocess": {"mode": "squash", "crop": 32, "interpolation": "bilinear"}}
+TINY_TIMM = {
+    "_target_": "cbir.encoders.timm_encoder.TimmEncoder",
+    "name": "tiny",
+    "model_name": "resnet18",
+    "pretrained": False,
+    "preprocess": {"mode": "squash", "crop": 32, "interpolation": "bilinear"},
+}
 
 
 def _extract(cache, data_dir, *overrides, encoder=None):
-    cfg = compose("debug=smoke", "encoder=random", f"paths.data_dir={data_dir}", f"paths.cache_dir={cache}",
-                  *overrides)
+    cfg = compose("debug=smoke", "encoder=random", f"paths.data_dir={data_dir}", f"paths.cache_dir={cache}", *overrides)
     manifest = instantiate(cfg.dataset).load_manifest()
     torch.manual_seed(0)
     enc = instantiate(encoder or cfg.encoder)
@@ -30,8 +34,15 @@ def _extract(cache, data_dir, *overrides, encoder=None):
 def test_ddp_two_cpu_processes_equal_one(tmp_path, shared_data_dir):
     """A real CNN (it runs OpenMP in the launching process before the ranks start), 2 ranks."""
     one, _ = _extract(tmp_path / "one", shared_data_dir, encoder=TINY_TIMM)
-    two, cache = _extract(tmp_path / "two", shared_data_dir, "extract.accelerator=cpu", "extract.devices=2",
-                          "extract.strategy=ddp", "extract.num_workers=1", encoder=TINY_TIMM)
+    two, cache = _extract(
+        tmp_path / "two",
+        shared_data_dir,
+        "extract.accelerator=cpu",
+        "extract.devices=2",
+        "extract.strategy=ddp",
+        "extract.num_workers=1",
+        encoder=TINY_TIMM,
+    )
     assert two.rows_extracted == len(one.valid) and not two.cache_hit
     np.testing.assert_allclose(np.asarray(two.embeddings), np.asarray(one.embeddings), rtol=1e-5, atol=1e-6)
     assert np.array_equal(two.valid, one.valid) and two.valid.all()
@@ -57,8 +68,7 @@ def _ddp_rank(rank: int, shipped: bytes, paths: list, rows, shape) -> None:
     writer, encoder = pickle.loads(shipped), ClassicalEncoder()
     module = EmbeddingModule(encoder)
     dataset = ImageRows(paths, rows, encoder.transform(), shape)
-    sampler = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=2, rank=rank,
-                                                  shuffle=False)
+    sampler = UnrepeatedDistributedSamplerWrapper(SequentialSampler(dataset), num_replicas=2, rank=rank, shuffle=False)
     for i, batch in enumerate(DataLoader(dataset, batch_size=2, sampler=sampler)):
         with torch.inference_mode():
             writer.write_on_batch_end(None, module, module.predict_step(batch, i), None, batch, i, 0)
@@ -81,9 +91,15 @@ def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
     from cbir.extract import ArrayWriter, _probe_shape
     from cbir.store import PartialEntry, read_skipped
 
-    manifest = SyntheticDataset(root=tmp_path / "data", modalities=["CT", "MR"], anatomies=["head"],
-                                pathologies=["normal", "lesion"], max_per_class=3, min_per_class=3,
-                                image_size=32).load_manifest()
+    manifest = SyntheticDataset(
+        root=tmp_path / "data",
+        modalities=["CT", "MR"],
+        anatomies=["head"],
+        pathologies=["normal", "lesion"],
+        max_per_class=3,
+        min_per_class=3,
+        image_size=32,
+    ).load_manifest()
     paths = manifest.paths()
     paths[8].write_text("not an image")
     rows = np.array([1, 4, 5, 8, 10])  # 5 rows over 2 ranks: 3 + 2, nothing padded
@@ -94,8 +110,9 @@ def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
     shipped = pickle.dumps(ArrayWriter(partial, paths))
 
     context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_ddp_rank, args=(r, shipped, paths, rows, _probe_shape(transform)))
-             for r in range(2)]
+    ranks = [
+        context.Process(target=_ddp_rank, args=(r, shipped, paths, rows, _probe_shape(transform))) for r in range(2)
+    ]
     for process in ranks:
         process.start()
     for process in ranks:
@@ -118,13 +135,15 @@ def test_compile_and_channels_last_match_eager(tmp_path, shared_data_dir):
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile is not available in this torch build")
     eager, _ = _extract(tmp_path / "eager", shared_data_dir, "extract.channels_last=false", encoder=TINY_TIMM)
-    fast, _ = _extract(tmp_path / "fast", shared_data_dir, "extract.compile=true", "extract.channels_last=true",
-                       encoder=TINY_TIMM)
+    fast, _ = _extract(
+        tmp_path / "fast", shared_data_dir, "extract.compile=true", "extract.channels_last=true", encoder=TINY_TIMM
+    )
     np.testing.assert_allclose(np.asarray(fast.embeddings), np.asarray(eager.embeddings), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset, attribute, value", [
-    ("ivf", "nprobe", 7), ("hnsw", "efSearch", 48), ("ivfpq", "nprobe", 5)])
+@pytest.mark.parametrize(
+    "preset, attribute, value", [("ivf", "nprobe", 7), ("hnsw", "efSearch", 48), ("ivfpq", "nprobe", 5)]
+)
 def test_index_presets_apply_params(preset, attribute, value):
     import faiss
 
@@ -162,8 +181,12 @@ def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
     from cbir import retrieval
     from cbir.run import run
 
-    common = ("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
-              "tracking.enabled=false")
+    common = (
+        "debug=smoke",
+        f"paths.data_dir={shared_data_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "tracking.enabled=false",
+    )
     ivf_cfg, flat_cfg = compose(*common, "index=ivf"), compose(*common, "index=flat")
     ivf, flat = run(ivf_cfg), run(flat_cfg)
     p_at = sorted(k for k in flat.metrics if "P_at_" in k)
@@ -172,14 +195,16 @@ def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
 
     manifest = instantiate(flat_cfg.dataset).load_manifest()
     torch.manual_seed(int(flat_cfg.seed))
-    embeddings = extract_embeddings(instantiate(flat_cfg.encoder), manifest, EmbeddingStore(tmp_path / "cache"),
-                                    flat_cfg.extract)
+    embeddings = extract_embeddings(
+        instantiate(flat_cfg.encoder), manifest, EmbeddingStore(tmp_path / "cache"), flat_cfg.extract
+    )
     assert embeddings.cache_hit  # the very vectors both runs searched
     setup = retrieval.choose_rows(manifest.table, embeddings.valid, "train", "test", None, 0)
     found = {}
     for name, cfg in (("ivf", ivf_cfg), ("flat", flat_cfg)):
-        _, found[name] = retrieval.run_retrieval(manifest.table, embeddings.embeddings, setup, cfg.index, [10],
-                                                 return_search=True)
+        _, found[name] = retrieval.run_retrieval(
+            manifest.table, embeddings.embeddings, setup, cfg.index, [10], return_search=True
+        )
     inner = faiss.downcast_index(found["ivf"].index)
     assert inner.nlist < 1024 and inner.nprobe >= inner.nlist  # reduced to the index's size, all lists probed
     agree = (found["ivf"].neighbours == found["flat"].neighbours).mean()

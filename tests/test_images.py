@@ -17,8 +17,15 @@ def ramp16(lo: int = 1000, hi: int = 4000, size: int = 16) -> np.ndarray:
     return np.linspace(lo, hi, size * size).reshape(size, size).astype(np.uint16)
 
 
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", signed: bool = False,
-                bits_stored: int = 16, no_extension_magic: bool = False, **tags) -> Path:
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    signed: bool = False,
+    bits_stored: int = 16,
+    no_extension_magic: bool = False,
+    **tags,
+) -> Path:
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -104,8 +111,15 @@ def test_dicom_16bit_without_window_uses_the_full_range(tmp_path):
 def test_dicom_rescale_slope_intercept_then_window(tmp_path):
     # stored 0..2000 -> HU = 2 * stored - 1000 = -1000..3000; window 40/400 spans HU -160..240
     stored = np.linspace(0, 2000, 256).reshape(16, 16).astype(np.int16)
-    path = write_dicom(tmp_path / "ct.dcm", stored, signed=True, RescaleSlope="2", RescaleIntercept="-1000",
-                       WindowCenter="40", WindowWidth="400")
+    path = write_dicom(
+        tmp_path / "ct.dcm",
+        stored,
+        signed=True,
+        RescaleSlope="2",
+        RescaleIntercept="-1000",
+        WindowCenter="40",
+        WindowWidth="400",
+    )
     out = np.asarray(load_image(path)).astype(int)
     hu = 2.0 * stored - 1000
     assert np.all(out[hu < -161] == 0) and np.all(out[hu > 241] == 255)

@@ -76,21 +76,13 @@ def test_study_split_ties_go_to_the_first_csv_column(tmp_path):
         "task.knn.k=2",
         "task.knn.mode=plain",
     )
-    table = (
-        StudySplitsDataset(tmp_path, files=[csv], missing="keep").load_manifest().table
-    )
+    table = StudySplitsDataset(tmp_path, files=[csv], missing="keep").load_manifest().table
     valid = np.ones(len(table), bool)
     output = tasks.run_knn(cfg, table, embeddings, valid)
     records = output.records.set_index("row")
     index_rows = np.flatnonzero(table["split"] == "train")
-    similarity = (
-        embeddings[6]
-        @ embeddings[index_rows].T
-        / np.linalg.norm(embeddings[index_rows], axis=1)
-    )
-    assert (
-        similarity[0] == similarity[1] and similarity[0] > np.sort(similarity)[-3]
-    )  # a real tie at k=2
+    similarity = embeddings[6] @ embeddings[index_rows].T / np.linalg.norm(embeddings[index_rows], axis=1)
+    assert similarity[0] == similarity[1] and similarity[0] > np.sort(similarity)[-3]  # a real tie at k=2
     expected = study_argmax(csv, index_rows, np.array([0, 1]), 2)
     assert expected == "XR/chest/No Finding"  # sorted names would say Atelectasis
     assert records.loc[6, "knn_predicted"] == expected

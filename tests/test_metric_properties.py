@@ -45,7 +45,9 @@ def test_invariant_to_query_order(case, seed):
     index_labels, query_labels, neighbours = case
     order = np.random.default_rng(seed).permutation(len(query_labels))
     a = evaluate(frame(query_labels), frame(index_labels), neighbours, ns=N_VALUES, levels=[]).metrics
-    b = evaluate(frame([query_labels[i] for i in order]), frame(index_labels), neighbours[order], ns=N_VALUES, levels=[]).metrics
+    b = evaluate(
+        frame([query_labels[i] for i in order]), frame(index_labels), neighbours[order], ns=N_VALUES, levels=[]
+    ).metrics
     for key in ("micro/P_at_1", "macro/P_at_3", "micro/P_at_5"):
         assert np.isclose(a[key], b[key], equal_nan=True)
 
@@ -66,7 +68,13 @@ def test_perfect_ranking_scores_one(index_labels, query_labels):
     index_labels = np.array(index_labels)
     # perfect ranking: all rows of the query's class first
     neighbours = np.stack([np.argsort(index_labels != q, kind="stable") for q in query_labels])
-    result = evaluate(frame(query_labels), frame(list(index_labels)), neighbours, ns=[1, 3, 10][:1] + [min(3, len(index_labels))], levels=[])
+    result = evaluate(
+        frame(query_labels),
+        frame(list(index_labels)),
+        neighbours,
+        ns=[1, 3, 10][:1] + [min(3, len(index_labels))],
+        levels=[],
+    )
     for key, value in result.metrics.items():
         if key.startswith(("micro/", "macro/")) and not np.isnan(value):
             assert value == 1.0

@@ -17,13 +17,21 @@ sklearn_metrics = pytest.importorskip("sklearn.metrics")
 def frame(rows):
     """rows: "MOD/anatomy/f1|f2" -> a manifest-like frame (label = the exact set)."""
     parts = [r.split("/", 2) for r in rows]
-    return pd.DataFrame({"modality": [p[0] for p in parts], "anatomy": [p[1] for p in parts],
-                         "label": rows, "findings": [p[2] for p in parts]})
+    return pd.DataFrame(
+        {
+            "modality": [p[0] for p in parts],
+            "anatomy": [p[1] for p in parts],
+            "label": rows,
+            "findings": [p[2] for p in parts],
+        }
+    )
 
 
 def finding_sets(table):
-    return [{f"{m}/{a}/{f}" for f in fs.split("|")} for m, a, fs in
-            zip(table["modality"], table["anatomy"], table["findings"])]
+    return [
+        {f"{m}/{a}/{f}" for f in fs.split("|")}
+        for m, a, fs in zip(table["modality"], table["anatomy"], table["findings"])
+    ]
 
 
 def random_case(rng, n_index=40, n_query=25, findings="abcde"):
@@ -31,6 +39,7 @@ def random_case(rng, n_index=40, n_query=25, findings="abcde"):
         modality = rng.choice(["CT", "XR"])
         k = rng.choice([1, 1, 2, 3])
         return f"{modality}/x/" + "|".join(sorted(rng.choice(list(findings), k, replace=False)))
+
     return frame([draw() for _ in range(n_index)]), frame([draw() for _ in range(n_query)])
 
 
@@ -92,14 +101,14 @@ def test_tied_similarities_through_the_real_search():
     rng = np.random.default_rng(2)
     index, query = random_case(rng, n_index=30, n_query=12, findings="abc")
     base = l2_normalise(rng.normal(size=(5, 8)))
-    vectors = base[rng.integers(0, 5, size=30)]           # only 5 distinct vectors: many ties
+    vectors = base[rng.integers(0, 5, size=30)]  # only 5 distinct vectors: many ties
     queries = base[rng.integers(0, 5, size=12)]
     _, neighbours = search(build_index(vectors, use_gpu=False), queries, 30)
     values, _, _ = per_query(query, index, neighbours, ns=[5, 30])
     qs, ix = finding_sets(query), finding_sets(index)
     for q in range(12):
         similarity = (vectors @ queries[q]).round(5)
-        order = np.lexsort((np.arange(30), -similarity))    # score descending, then index row
+        order = np.lexsort((np.arange(30), -similarity))  # score descending, then index row
         assert list(neighbours[q]) == list(order)
         gains = np.array([jaccard(qs[q], ix[i]) for i in range(30)])
         if gains.sum() == 0:
@@ -149,10 +158,12 @@ def test_graded_gain_is_jaccard_and_per_finding_means_queries_that_have_it():
 def test_single_label_data_gives_todays_modified_precision_exactly():
     rng = np.random.default_rng(3)
     labels = np.array([f"CT/abd/{c}" for c in "abcdefg"] + ["XR/chest/a", "XR/chest/No Finding"])
+
     def single(n):
         rows = list(rng.choice(labels, n, p=[0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05]))
         parts = [r.split("/") for r in rows]
         return pd.DataFrame({"label": rows, "modality": [p[0] for p in parts], "anatomy": [p[1] for p in parts]})
+
     index, query = single(80), single(60)
     neighbours = np.stack([rng.permutation(80)[:10] for _ in range(60)])
     ns = [1, 3, 5, 10]
@@ -160,7 +171,7 @@ def test_single_label_data_gives_todays_modified_precision_exactly():
     multi = evaluate_multilabel(query, index, neighbours, ns=ns).metrics
     for key, value in today.items():
         if "P_at_" in key and "_std" not in key and not key.startswith("level/"):
-            assert multi["ml/" + key] == value, key   # bit for bit, not approximately
+            assert multi["ml/" + key] == value, key  # bit for bit, not approximately
 
 
 def test_blocks_and_chunks_do_not_change_the_values():

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 
 from cbir.parity import compare
-from conftest import compose, run_cbir
 
 GROUPS = {("nih14", "XR"): 400, ("radiology_ai", "CT"): 400, ("radiology_ai", "MR"): 50}
 
@@ -23,8 +23,13 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
 @pytest.fixture()
 def three_groups():
     """850 rows in three groups; 'published' equals 'ours' up to a tiny perturbation."""
-    table = pd.DataFrame([{"path": f"{d}/{m}/{i}.png", "dataset": d, "modality": m, "label": f"{m}/x/y"}
-                          for (d, m), n in GROUPS.items() for i in range(n)])
+    table = pd.DataFrame(
+        [
+            {"path": f"{d}/{m}/{i}.png", "dataset": d, "modality": m, "label": f"{m}/x/y"}
+            for (d, m), n in GROUPS.items()
+            for i in range(n)
+        ]
+    )
     ours = unit_rows(len(table), 8, 0)
     published = ours + 1e-4 * unit_rows(len(table), 8, 1)
     return table, ours, published
@@ -62,7 +67,9 @@ def test_the_threshold_is_inclusive(three_groups):
     report = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=0.99)
     lowest_p1 = float(report.summary["p1"].min())
     at = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=lowest_p1)
-    above = compare(table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=np.nextafter(lowest_p1, 2))
+    above = compare(
+        table, ours, np.ones(len(table)), published, np.ones(len(table)), threshold=np.nextafter(lowest_p1, 2)
+    )
     assert at.passed and not above.passed
 
 
@@ -104,7 +111,17 @@ def test_an_empty_comparison_still_has_the_summary_columns(three_groups, tmp_pat
 
     table, ours, published = three_groups
     report = compare(table, ours, np.zeros(len(table)), published, np.ones(len(table)))
-    assert list(report.summary.columns) == ["dataset", "modality", "rows", "of_rows", "share", "min", "p1", "median", "below_threshold"]
+    assert list(report.summary.columns) == [
+        "dataset",
+        "modality",
+        "rows",
+        "of_rows",
+        "share",
+        "min",
+        "p1",
+        "median",
+        "below_threshold",
+    ]
     write_report(report, tmp_path)
     assert pd.read_csv(tmp_path / "parity_summary.csv").columns.tolist() == list(report.summary.columns)
 
@@ -121,10 +138,19 @@ def test_report_files_hold_the_verdict_rule_counts_and_tables(three_groups, tmp_
     assert sorted(p.name for p in files.values()) == ["parity.json", "parity_summary.csv", "parity_worst.csv"]
     saved = json.loads(files["json"].read_text())
     assert {k: saved[k] for k in ("verdict", "threshold", "rule", "compared", "only_ours", "only_published")} == {
-        "verdict": "FAIL", "threshold": 0.99, "rule": "1st percentile >= threshold and share compared >= min_compared, in every group",
-        "compared": len(table), "only_ours": 0, "only_published": 0}
+        "verdict": "FAIL",
+        "threshold": 0.99,
+        "rule": "1st percentile >= threshold and share compared >= min_compared, in every group",
+        "compared": len(table),
+        "only_ours": 0,
+        "only_published": 0,
+    }
     assert [(r["dataset"], r["modality"], r["rows"]) for r in saved["summary"]] == [
-        ("nih14", "XR", 400), ("radiology_ai", "CT", 400), ("radiology_ai", "MR", 50), ("all", "all", 850)]
+        ("nih14", "XR", 400),
+        ("radiology_ai", "CT", 400),
+        ("radiology_ai", "MR", 50),
+        ("all", "all", 850),
+    ]
     pd.testing.assert_frame_equal(pd.read_csv(files["summary"]), report.summary, check_dtype=False)
     pd.testing.assert_frame_equal(pd.read_csv(files["worst"]), report.worst, check_dtype=False)
 
@@ -133,8 +159,11 @@ def test_another_embedding_length_is_named(three_groups):
     from cbir.checks import DataError
 
     table, ours, published = three_groups
-    with pytest.raises(DataError, match=r"cbir's embeddings are 8-d, the published ones 4-d: a different model "
-                                        r"or embedding head \(e.g. projected vs CLS"):
+    with pytest.raises(
+        DataError,
+        match=r"cbir's embeddings are 8-d, the published ones 4-d: a different model "
+        r"or embedding head \(e.g. projected vs CLS",
+    ):
         compare(table, ours, np.ones(len(table)), published[:, :4], np.ones(len(table)))
 
 
@@ -153,8 +182,12 @@ def test_parity_command_exit_codes(tmp_path, shared_data_dir):
     """The published files are cbir's own export (PASS, exit 0); then one row of one modality is
     replaced in the HDF5 file (FAIL, exit 1: that group's 1st percentile drops, the overall one
     does not); a missing published folder is a user error (exit 2)."""
-    common = ["debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
-              "encoder=baseline"]
+    common = [
+        "debug=smoke",
+        f"paths.data_dir={shared_data_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "encoder=baseline",
+    ]
     run_cbir(tmp_path, *common, f"export.dir={tmp_path / 'export'}", module="cbir.export")
     parity = [*common, f"parity.dir={tmp_path / 'export' / 'embeddings'}", f"parity.output_dir={tmp_path / 'parity'}"]
     passed = run_cbir(tmp_path, *parity, module="cbir.parity", check=False)

@@ -74,16 +74,45 @@ def test_open_clip_encoders_match_open_clip_eval_transform(images, encoder):
 
 # (encoder, processor class, its preprocessor_config.json values as published on the hub)
 HF_PROCESSORS = [
-    ("vit", "ViTImageProcessor", dict(size={"height": 224, "width": 224}, resample=2,
-                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)),
-    ("mae", "ViTImageProcessor", dict(size={"height": 224, "width": 224}, resample=2,
-                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])),
-    ("dinov2", "BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
-                                         resample=3, image_mean=[0.485, 0.456, 0.406],
-                                         image_std=[0.229, 0.224, 0.225], do_convert_rgb=True)),
-    ("rad_dino", "BitImageProcessor", dict(size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518},
-                                           resample=3, image_mean=[0.5307] * 3, image_std=[0.2583] * 3,
-                                           do_convert_rgb=True)),
+    (
+        "vit",
+        "ViTImageProcessor",
+        dict(size={"height": 224, "width": 224}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+    ),
+    (
+        "mae",
+        "ViTImageProcessor",
+        dict(
+            size={"height": 224, "width": 224},
+            resample=2,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ),
+    ),
+    (
+        "dinov2",
+        "BitImageProcessor",
+        dict(
+            size={"shortest_edge": 256},
+            crop_size={"height": 224, "width": 224},
+            resample=3,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+            do_convert_rgb=True,
+        ),
+    ),
+    (
+        "rad_dino",
+        "BitImageProcessor",
+        dict(
+            size={"shortest_edge": 518},
+            crop_size={"height": 518, "width": 518},
+            resample=3,
+            image_mean=[0.5307] * 3,
+            image_std=[0.2583] * 3,
+            do_convert_rgb=True,
+        ),
+    ),
 ]
 
 

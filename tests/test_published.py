@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 from omegaconf import OmegaConf
 
 from cbir.bench.published import fabricate
@@ -23,10 +24,12 @@ from cbir.extract import extract_embeddings
 from cbir.parity import compare
 from cbir.retrieval import choose_rows, run_retrieval
 from cbir.store import EmbeddingStore
-from conftest import compose, run_cbir
 
-EXTRACT = OmegaConf.create(dict(batch_size=32, num_workers=0, accelerator="cpu", devices=1,
-                                strategy="auto", precision="32-true", progress=False))
+EXTRACT = OmegaConf.create(
+    dict(
+        batch_size=32, num_workers=0, accelerator="cpu", devices=1, strategy="auto", precision="32-true", progress=False
+    )
+)
 HEADER = "filepath,dataset,split,modality,anatomic_region"
 
 
@@ -54,19 +57,23 @@ def load(encoder, manifest, tmp_path, on_error="raise"):
 # ------------------------------------------------------------------------------ split CSVs
 def test_one_hot_columns_become_the_label_by_arg_max(tmp_path):
     csv = tmp_path / "mimic.csv"
-    csv.write_text(f"{HEADER},XR/chest/Edema,XR/chest/No Finding,XR/chest/Pleural Effusion\n"
-                   "mimic/a.jpg,mimic,train,XR,chest,0.0,1.0,0.0\n"
-                   "mimic/b.jpg,mimic,test,XR,chest,1,0,0\n"
-                   "mimic/c.jpg,mimic,val,XR,chest,,,1.0\n")  # blanks (combined CSVs) count as 0
+    csv.write_text(
+        f"{HEADER},XR/chest/Edema,XR/chest/No Finding,XR/chest/Pleural Effusion\n"
+        "mimic/a.jpg,mimic,train,XR,chest,0.0,1.0,0.0\n"
+        "mimic/b.jpg,mimic,test,XR,chest,1,0,0\n"
+        "mimic/c.jpg,mimic,val,XR,chest,,,1.0\n"
+    )  # blanks (combined CSVs) count as 0
     table = StudySplitsDataset(root=tmp_path, files=[csv], images_needed=False).load_manifest().table
     assert table["label"].tolist() == ["XR/chest/No Finding", "XR/chest/Edema", "XR/chest/Pleural Effusion"]
     assert table["split"].tolist() == ["train", "test", "val"]
     assert set(table["anatomy"]) == {"chest"} and set(table["dataset"]) == {"mimic"}
 
-    csv.write_text(f"{HEADER},XR/chest/Edema,XR/chest/No Finding\n"
-                   "mimic/a.jpg,mimic,train,XR,chest,1,0\n"
-                   "mimic/b.jpg,mimic,train,XR,chest,1,1\n"
-                   "mimic/c.jpg,mimic,train,XR,chest,0,0\n")
+    csv.write_text(
+        f"{HEADER},XR/chest/Edema,XR/chest/No Finding\n"
+        "mimic/a.jpg,mimic,train,XR,chest,1,0\n"
+        "mimic/b.jpg,mimic,train,XR,chest,1,1\n"
+        "mimic/c.jpg,mimic,train,XR,chest,0,0\n"
+    )
     with pytest.raises(ManifestError, match=r"2 row\(s\) do not hold exactly one 1.*lines \[3, 4\]"):
         StudySplitsDataset(root=tmp_path, files=[csv], images_needed=False).load_manifest()
 
@@ -150,8 +157,11 @@ def test_a_cached_missing_key_under_on_error_raise_names_the_key_and_the_files(p
     only_nih = PrecomputedEncoder("biomedclip", files=[nih])
     load(only_nih, manifest, tmp_path, on_error="skip")
     first = next(p for p in manifest.table["path"] if p.startswith("radiology_ai/"))
-    with pytest.raises(DataError, match=rf"key '{first}': no embedding under this key in {nih} \(row .*"
-                                        r"on_error=raise; add or fix the HDF5 file holding this key in encoder.files") as e:
+    with pytest.raises(
+        DataError,
+        match=rf"key '{first}': no embedding under this key in {nih} \(row .*"
+        r"on_error=raise; add or fix the HDF5 file holding this key in encoder.files",
+    ) as e:
         load(only_nih, manifest, tmp_path, on_error="raise")  # the failure is cached: no image, no image advice
     advice = str(e.value).split("on_error=raise")[1]
     assert "image" not in advice and "retry_failed" not in advice
@@ -200,7 +210,9 @@ def test_a_key_in_two_files_is_an_error(published, tmp_path):
     again = tmp_path / "nih14_again.h5"
     shutil.copy(nih, again)
     encoder = PrecomputedEncoder("biomedclip", files=[*h5_files(published), again])
-    with pytest.raises(DataError, match=r"appear in more than one file, e\.g\. 'nih14/.*nih14\.h5 and .*nih14_again\.h5"):
+    with pytest.raises(
+        DataError, match=r"appear in more than one file, e\.g\. 'nih14/.*nih14\.h5 and .*nih14_again\.h5"
+    ):
         load(encoder, manifest, tmp_path)
 
 
@@ -233,8 +245,9 @@ def test_precomputed_encoder_cannot_embed_images(published):
 def baseline_export(tmp_path_factory, shared_data_dir):
     """The baseline encoder on the small synthetic set, extracted once and exported."""
     work = tmp_path_factory.mktemp("roundtrip")
-    cfg = compose("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={work / 'cache'}",
-                  "encoder=baseline")
+    cfg = compose(
+        "debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={work / 'cache'}", "encoder=baseline"
+    )
     manifest, encoder, extraction = manifest_and_embeddings(cfg)
     files = export_embeddings(manifest.table, extraction.embeddings, extraction.valid, work / "export", encoder.name)
     return cfg, manifest, extraction, work, files
@@ -251,13 +264,21 @@ def test_export_then_import_gives_identical_metrics(baseline_export):
     assert [f.relative_to(work / "export").as_posix() for f in files["h5"]] == ["embeddings/baseline/synthetic.h5"]
     header = pd.read_csv(files["csv"][0], nrows=0).columns.tolist()
     assert header[:5] == ["filepath", "dataset", "split", "modality", "anatomic_region"]
-    again = compose("debug=smoke", f"paths.cache_dir={work / 'cache'}", "dataset=study_splits",
-                    f"dataset.files=[{files['csv'][0]}]", f"dataset.root={work / 'nowhere'}",
-                    "encoder=precomputed", "encoder.name=baseline", f"encoder.dir={work / 'export' / 'embeddings'}")
+    again = compose(
+        "debug=smoke",
+        f"paths.cache_dir={work / 'cache'}",
+        "dataset=study_splits",
+        f"dataset.files=[{files['csv'][0]}]",
+        f"dataset.root={work / 'nowhere'}",
+        "encoder=precomputed",
+        "encoder.name=baseline",
+        f"encoder.dir={work / 'export' / 'embeddings'}",
+    )
     manifest2, _, imported = manifest_and_embeddings(again)
     pd.testing.assert_frame_equal(manifest2.table, manifest.table)
-    assert metrics(cfg, manifest, extraction.embeddings, extraction.valid) == \
-        metrics(again, manifest2, imported.embeddings, imported.valid)
+    assert metrics(cfg, manifest, extraction.embeddings, extraction.valid) == metrics(
+        again, manifest2, imported.embeddings, imported.valid
+    )
 
 
 def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(baseline_export):
@@ -268,8 +289,13 @@ def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(bas
     assert same.passed and same.compared == len(manifest) and same.summary["min"].min() > 0.9999
     assert set(same.summary["modality"]) == {"CT", "MR", "US", "XR", "all"}
 
-    resized = compose("debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
-                      "encoder=baseline", "encoder.image_size=40")  # the deliberate preprocessing error
+    resized = compose(
+        "debug=smoke",
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.cache_dir={work / 'cache'}",
+        "encoder=baseline",
+        "encoder.image_size=40",
+    )  # the deliberate preprocessing error
     _, _, wrong = manifest_and_embeddings(resized)
     report = compare(manifest.table, wrong.embeddings, wrong.valid, theirs.embeddings, theirs.valid, threshold=0.99)
     assert not report.passed and report.verdict == "FAIL"
@@ -279,8 +305,9 @@ def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(bas
     assert report.worst["cosine"].iloc[0] == pytest.approx(overall["min"])
 
     with pytest.raises(DataError, match="8-d, the published ones"):
-        compare(manifest.table, np.ones((len(manifest), 8), np.float32), extraction.valid,
-                theirs.embeddings, theirs.valid)
+        compare(
+            manifest.table, np.ones((len(manifest), 8), np.float32), extraction.valid, theirs.embeddings, theirs.valid
+        )
 
 
 def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path, caplog):
@@ -288,26 +315,42 @@ def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path, 
     from cbir.parity import parity_command, write_report
 
     cfg, manifest, extraction, work, files = baseline_export
-    theirs = extract_embeddings(PrecomputedEncoder("baseline", files=files["h5"]), manifest,
-                                EmbeddingStore(work / "cache"), EXTRACT, on_error="skip")
+    theirs = extract_embeddings(
+        PrecomputedEncoder("baseline", files=files["h5"]),
+        manifest,
+        EmbeddingStore(work / "cache"),
+        EXTRACT,
+        on_error="skip",
+    )
     n = len(manifest)
     one = np.zeros(n, bool)
     one[0] = True  # the published files hold a single row: identical, but it says nothing about the rest
     report = compare(manifest.table, extraction.embeddings, extraction.valid, theirs.embeddings, one)
     assert not report.passed and report.verdict == "FAIL" and report.compared == 1
     assert report.summary.set_index("dataset").loc["all", "p1"] > 0.9999
-    assert report.coverage().startswith(f"1 of {n} rows compared; not compared: {n - 1} rows without a published "
-                                        "embedding, 0 rows cbir could not embed")
+    assert report.coverage().startswith(
+        f"1 of {n} rows compared; not compared: {n - 1} rows without a published embedding, 0 rows cbir could not embed"
+    )
     assert "FAIL: fewer than parity.min_compared=0.95 of the rows compared in" in report.coverage()
     saved = write_report(report, tmp_path / "out")["json"].read_text()
     assert f'"manifest_rows": {n}' in saved and '"verdict": "FAIL"' in saved
     # the command: published files holding that one row
     export_embeddings(manifest.table, extraction.embeddings, one, tmp_path / "one", "baseline")
-    common = ["debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
-              "encoder=baseline"]
+    common = [
+        "debug=smoke",
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.cache_dir={work / 'cache'}",
+        "encoder=baseline",
+    ]
     with caplog.at_level("ERROR", logger="cbir.parity"):
-        report = parity_command(compose(*common, f"parity.dir={tmp_path / 'one' / 'embeddings'}",
-                                        f"parity.output_dir={tmp_path / 'parity'}", config_name="parity"))
+        report = parity_command(
+            compose(
+                *common,
+                f"parity.dir={tmp_path / 'one' / 'embeddings'}",
+                f"parity.output_dir={tmp_path / 'parity'}",
+                config_name="parity",
+            )
+        )
     assert not report.passed and report.compared == 1
     assert f"1 of {n} rows compared" in caplog.text and "skipped.csv" in caplog.text
 
@@ -320,13 +363,17 @@ def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path, 
     shares = report.summary.set_index("modality")["share"]
     assert shares["all"] >= 0.95 and shares["CT"] < 0.95 and not report.passed
     assert "rows cbir could not embed" in report.coverage() and "synthetic/CT" in report.coverage()
-    assert compare(manifest.table, extraction.embeddings, most, theirs.embeddings, theirs.valid,
-                   min_compared=0.8).passed  # the key lowers the bar
+    assert compare(
+        manifest.table, extraction.embeddings, most, theirs.embeddings, theirs.valid, min_compared=0.8
+    ).passed  # the key lowers the bar
 
     assert compose("encoder=baseline", config_name="parity").parity.min_compared == 0.95
     with pytest.raises(ConfigError, match=r"parity.min_compared=2: give the share of rows that must be compared"):
-        parity_command(compose("encoder=baseline", "parity.min_compared=2", f"paths.data_dir={tmp_path / 'no'}",
-                               config_name="parity"))
+        parity_command(
+            compose(
+                "encoder=baseline", "parity.min_compared=2", f"paths.data_dir={tmp_path / 'no'}", config_name="parity"
+            )
+        )
     assert not (tmp_path / "no").exists()  # refused before any work
 
 
@@ -342,9 +389,19 @@ def two_models(published, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_cbir_run_sweeps_published_embeddings(two_models, tmp_path):
     """The user's command: a sweep over two published models and two index sizes, no images."""
-    run_cbir(tmp_path, "-m", "debug=smoke", "dataset=study_splits", f"dataset.dir={two_models / 'datasets'}",
-             f"dataset.root={tmp_path / 'no_images'}", "encoder=precomputed", f"encoder.dir={two_models / 'embeddings'}",
-             "encoder.name=biomedclip,dinov2", "index.per_class=5,null", "eval.gallery=false")
+    run_cbir(
+        tmp_path,
+        "-m",
+        "debug=smoke",
+        "dataset=study_splits",
+        f"dataset.dir={two_models / 'datasets'}",
+        f"dataset.root={tmp_path / 'no_images'}",
+        "encoder=precomputed",
+        f"encoder.dir={two_models / 'embeddings'}",
+        "encoder.name=biomedclip,dinov2",
+        "index.per_class=5,null",
+        "eval.gallery=false",
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -353,7 +410,9 @@ def test_cbir_run_sweeps_published_embeddings(two_models, tmp_path):
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert {r.data.tags["encoder"] for r in children} == {"biomedclip", "dinov2"}
     # same vectors under both names: both full-index runs score the same
-    full = {r.data.tags["encoder"]: r.data.metrics["micro/P_at_1"] for r in children if r.data.tags["per_class"] == "all"}
+    full = {
+        r.data.tags["encoder"]: r.data.metrics["micro/P_at_1"] for r in children if r.data.tags["per_class"] == "all"
+    }
     assert full["biomedclip"] == full["dinov2"]
     for name in ("biomedclip", "dinov2"):  # the second index size of a model reuses its cache entry
         assert sorted(r.data.tags["cache"] for r in children if r.data.tags["encoder"] == name) == ["hit", "miss"]
@@ -369,8 +428,10 @@ def test_paper_table1_from_published_embeddings(two_models, tmp_path):
     from experiments import paper_table1
     from experiments.common import load_config
 
-    cfg = load_config("paper_table1", ["source=published", f"published_dir={two_models}", f"workdir={tmp_path}",
-                                       "cbir=['debug=smoke']"])
+    cfg = load_config(
+        "paper_table1",
+        ["source=published", f"published_dir={two_models}", f"workdir={tmp_path}", "cbir=['debug=smoke']"],
+    )
     files = paper_table1.run(cfg)
     table = pd.read_csv(files["table1.csv"]).set_index("encoder")
     assert sorted(table.index) == ["biomedclip", "dinov2"]
@@ -391,8 +452,9 @@ def test_scale_benchmark_measures_every_step(tmp_path):
     ivf = evaluation["ivf"]
     assert ivf["recall_at_10"] >= 0.99  # nprobe unset: raised until the sampled recall reaches 0.99
     assert {"index_s", "exact_sample_s", "tune_s", "search_s", "metrics_s"} <= set(ivf)
-    assert evaluation["evaluation_s"] == pytest.approx(evaluation["load_s"] + sum(
-        ivf[k] for k in ("index_s", "exact_sample_s", "tune_s", "search_s", "metrics_s")))
+    assert evaluation["evaluation_s"] == pytest.approx(
+        evaluation["load_s"] + sum(ivf[k] for k in ("index_s", "exact_sample_s", "tune_s", "search_s", "metrics_s"))
+    )
     assert evaluation["exact"]["sampled_queries"] == min(2000, evaluation["queries"])
     assert evaluation["ratio_to_exact"] > 0 and evaluation["peak_to_matrix"] > 0
     assert (tmp_path / "published_scale.json").is_file()
@@ -405,12 +467,20 @@ def test_export_and_parity_commands_from_their_configs(baseline_export, tmp_path
     from cbir.parity import parity_command
 
     cfg, manifest, extraction, work, files = baseline_export
-    common = ["debug=smoke", f"paths.data_dir={cfg.paths.data_dir}", f"paths.cache_dir={work / 'cache'}",
-              "encoder=baseline"]
+    common = [
+        "debug=smoke",
+        f"paths.data_dir={cfg.paths.data_dir}",
+        f"paths.cache_dir={work / 'cache'}",
+        "encoder=baseline",
+    ]
     written = export_command(compose(*common, f"export.dir={tmp_path / 'export'}", config_name="export"))
     assert [f.name for f in written["h5"]] == ["synthetic.h5"]
-    parity = compose(*common, f"parity.dir={tmp_path / 'export' / 'embeddings'}",
-                     f"parity.output_dir={tmp_path / 'parity'}", config_name="parity")
+    parity = compose(
+        *common,
+        f"parity.dir={tmp_path / 'export' / 'embeddings'}",
+        f"parity.output_dir={tmp_path / 'parity'}",
+        config_name="parity",
+    )
     report = parity_command(parity)
     assert report.passed and report.compared == len(manifest)
     saved = pd.read_csv(tmp_path / "parity" / "parity_summary.csv")
@@ -424,13 +494,17 @@ def test_fast_reader_gives_what_hdf5_reads_for_every_layout_and_type(tmp_path):
     from cbir.study_format import dataset_keys, read_vectors, write_h5
 
     rng = np.random.default_rng(0)
-    file = write_h5(tmp_path / "mixed.h5", [f"nih14/images_00{i % 2}/{i}.png" for i in range(6)],
-                    rng.standard_normal((6, 8)).astype(np.float32))
+    file = write_h5(
+        tmp_path / "mixed.h5",
+        [f"nih14/images_00{i % 2}/{i}.png" for i in range(6)],
+        rng.standard_normal((6, 8)).astype(np.float32),
+    )
     with h5py.File(file, "a") as h5:
         h5.create_dataset("radiology_ai/CT/f64.png", data=rng.standard_normal(8))  # float64
         h5.create_dataset("radiology_ai/CT/be.png", data=rng.standard_normal(8).astype(">f4"))
-        h5.create_dataset("radiology_ai/MR/zip.png", data=rng.standard_normal(8).astype(np.float32),
-                          chunks=(8,), compression="gzip")
+        h5.create_dataset(
+            "radiology_ai/MR/zip.png", data=rng.standard_normal(8).astype(np.float32), chunks=(8,), compression="gzip"
+        )
     with h5py.File(file, "r") as h5:
         keys = dataset_keys(h5)
         expected = np.stack([h5[k][:].astype(np.float32) for k in keys])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PROJECT, run_cbir, run_cbir_hang_guarded
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -20,11 +21,13 @@ from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
 from cbir.extract import extract_embeddings
 from cbir.store import EmbeddingStore
-from conftest import PROJECT, run_cbir, run_cbir_hang_guarded
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
-EXTRACT = OmegaConf.create(dict(batch_size=8, num_workers=0, accelerator="cpu", devices=1,
-                                strategy="auto", precision="32-true", progress=False))
+EXTRACT = OmegaConf.create(
+    dict(
+        batch_size=8, num_workers=0, accelerator="cpu", devices=1, strategy="auto", precision="32-true", progress=False
+    )
+)
 
 
 def output(proc) -> str:
@@ -42,7 +45,9 @@ def only_run(cwd: Path):
 def damaged_data(tmp_path):
     """A small synthetic set with four broken images of different kinds."""
     data = tmp_path / "data"
-    manifest = SyntheticDataset(root=data / "synthetic", max_per_class=6, min_per_class=4, image_size=48).load_manifest()
+    manifest = SyntheticDataset(
+        root=data / "synthetic", max_per_class=6, min_per_class=4, image_size=48
+    ).load_manifest()
     paths = manifest.table["path"].tolist()
     root = manifest.root
     (root / paths[0]).write_bytes(b"")  # zero bytes
@@ -83,8 +88,9 @@ def test_on_error_raise_names_the_file(tmp_path, damaged_data):
 def test_on_error_raise_also_stops_on_a_cache_hit_holding_skipped_rows(tmp_path, damaged_data):
     data, broken = damaged_data
     run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1", "tracking.enabled=false")
-    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.on_error=raise", "tracking.enabled=false",
-                    check=False)
+    proc = run_cbir(
+        tmp_path, *SMALL, f"paths.data_dir={data}", "data.on_error=raise", "tracking.enabled=false", check=False
+    )
     text = output(proc)
     assert proc.returncode == 2 and "Traceback" not in text
     assert Path(broken[0]).name in text and "data.on_error=skip" in text  # the first failed row
@@ -100,8 +106,9 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
     # nothing computed is lost: a second run with a looser limit reuses the extraction
     run_cbir(tmp_path, *SMALL, f"paths.data_dir={data}", "data.max_skip_fraction=0.1")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    latest = client.search_runs([client.get_experiment_by_name("cbir").experiment_id],
-                                order_by=["attributes.start_time DESC"])[0]
+    latest = client.search_runs(
+        [client.get_experiment_by_name("cbir").experiment_id], order_by=["attributes.start_time DESC"]
+    )[0]
     assert latest.data.tags["cache"] == "hit" and latest.info.status == "FINISHED"
 
 
@@ -109,12 +116,23 @@ def test_too_many_skips_abort_but_keep_the_embeddings(tmp_path, damaged_data):
 @pytest.mark.parametrize("on_error", ["skip", "raise"])
 def test_a_fifo_named_like_an_image_is_a_failed_row_not_a_hang(tmp_path, on_error):
     """Reading a FIFO waits for a writer forever: only regular files are opened."""
-    root = SyntheticDataset(root=tmp_path / "synthetic", max_per_class=6, min_per_class=4,
-                            image_size=48).load_manifest().root
+    root = (
+        SyntheticDataset(root=tmp_path / "synthetic", max_per_class=6, min_per_class=4, image_size=48)
+        .load_manifest()
+        .root
+    )
     os.mkfifo(root / "CT" / "chest" / "lesion" / "x.png")
-    proc = run_cbir_hang_guarded(tmp_path, "debug=smoke", "encoder=baseline", "dataset=folder", f"dataset.root={root}",
-                                 "extract.num_workers=1", "data.max_skip_fraction=0.1", f"data.on_error={on_error}",
-                                 "tracking.enabled=false")
+    proc = run_cbir_hang_guarded(
+        tmp_path,
+        "debug=smoke",
+        "encoder=baseline",
+        "dataset=folder",
+        f"dataset.root={root}",
+        "extract.num_workers=1",
+        "data.max_skip_fraction=0.1",
+        f"data.on_error={on_error}",
+        "tracking.enabled=false",
+    )
     text = output(proc)
     assert "Traceback" not in text
     if on_error == "raise":
@@ -126,22 +144,29 @@ def test_a_fifo_named_like_an_image_is_a_failed_row_not_a_hang(tmp_path, on_erro
 
 
 # ---------------------------------------------------------------------------- bad config
-@pytest.mark.parametrize("overrides,message", [
-    (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
-    (["eval.n=[0,5]"], "eval.n=[0, 5]: give positive integers"),
-    (["eval.n=[1,100000]"], "N=100000 is larger than the index"),
-    (["eval.query_split=val2"], "eval.query_split=val2: "),
-    (["index.per_class=-3"], "index.per_class=-3: must be positive"),
-    (["data.on_error=ignore"], "data.on_error=ignore: use skip or raise"),
-    (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
-    (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),  # FAISS would abort
-    # the baseline's dimension is known once it is built (cheap): still before any extraction
-    (["index=ivfpq", "index.params.m=16"], "index.params.m=16: must divide the embedding dimension 285; use one of "
-                                           "[1, 3, 5, 15, 19, 57, 95, 285]"),
-    # the index size is known from the manifest and index.per_class: PQ training needs 2^nbits rows
-    (["index=ivfpq", "index.params.m=5", "index.params.nbits=12"], "index.params.nbits=12: product quantisation "
-                                                                   "needs at least 4096 index rows"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["index.type=NoSuchIndex"], "index.type=NoSuchIndex: not a known index"),
+        (["eval.n=[0,5]"], "eval.n=[0, 5]: give positive integers"),
+        (["eval.n=[1,100000]"], "N=100000 is larger than the index"),
+        (["eval.query_split=val2"], "eval.query_split=val2: "),
+        (["index.per_class=-3"], "index.per_class=-3: must be positive"),
+        (["data.on_error=ignore"], "data.on_error=ignore: use skip or raise"),
+        (["encoder=biomedclip"], "Fix: run once with network access"),  # no cached weights offline
+        (["index=hnsw", "index.params.M=0"], "index.params.M=0: give an integer >= 2"),  # FAISS would abort
+        # the baseline's dimension is known once it is built (cheap): still before any extraction
+        (
+            ["index=ivfpq", "index.params.m=16"],
+            "index.params.m=16: must divide the embedding dimension 285; use one of [1, 3, 5, 15, 19, 57, 95, 285]",
+        ),
+        # the index size is known from the manifest and index.per_class: PQ training needs 2^nbits rows
+        (
+            ["index=ivfpq", "index.params.m=5", "index.params.nbits=12"],
+            "index.params.nbits=12: product quantisation needs at least 4096 index rows",
+        ),
+    ],
+)
 @pytest.mark.slow
 def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_data_dir, overrides, message):
     proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", *overrides, check=False)
@@ -151,13 +176,16 @@ def test_config_errors_are_one_line_and_come_before_any_work(tmp_path, shared_da
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no run created
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["seed=-1"], "seed=-1: give an integer >= 0"),  # crashed in the gallery, after extraction
-    (["index.seed=-1", "index.per_class=5"], "index.seed=-1: give an integer >= 0"),  # crashed sampling the index
-    (["extract.accelerator=gpu"], "extract.accelerator=gpu: PyTorch sees no such device"),  # Lightning traceback
-    (["paths.cache_dir={file}"], "paths.cache_dir={file}: {file} is a file, not a folder"),
-    (["paths.cache_dir={file}/cache"], "paths.cache_dir={file}/cache: {file} is a file, not a folder"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["seed=-1"], "seed=-1: give an integer >= 0"),  # crashed in the gallery, after extraction
+        (["index.seed=-1", "index.per_class=5"], "index.seed=-1: give an integer >= 0"),  # crashed sampling the index
+        (["extract.accelerator=gpu"], "extract.accelerator=gpu: PyTorch sees no such device"),  # Lightning traceback
+        (["paths.cache_dir={file}"], "paths.cache_dir={file}: {file} is a file, not a folder"),
+        (["paths.cache_dir={file}/cache"], "paths.cache_dir={file}/cache: {file} is a file, not a folder"),
+    ],
+)
 @pytest.mark.slow
 def test_config_errors_come_before_data_generation(tmp_path, overrides, message):
     if "gpu" in str(overrides) and __import__("torch").cuda.is_available():
@@ -198,8 +226,14 @@ def test_unknown_encoder_lists_the_choices(tmp_path):
 def test_unreachable_tracking_server_fails_fast_with_the_uri(tmp_path, shared_data_dir):
     # one probe, not MLflow's minutes of retries: a hang shows as the subprocess time-out (a guard
     # against hanging, not a speed measure)
-    proc = run_cbir(tmp_path, *SMALL, f"paths.data_dir={shared_data_dir}", "tracking.uri=http://127.0.0.1:9",
-                    check=False, timeout=180)
+    proc = run_cbir(
+        tmp_path,
+        *SMALL,
+        f"paths.data_dir={shared_data_dir}",
+        "tracking.uri=http://127.0.0.1:9",
+        check=False,
+        timeout=180,
+    )
     assert proc.returncode == 2
     assert "tracking.uri=http://127.0.0.1:9: MLflow server not reachable" in output(proc)
     assert not (tmp_path / ".cache").exists()
@@ -209,14 +243,23 @@ def test_unreachable_tracking_server_fails_fast_with_the_uri(tmp_path, shared_da
 def test_duplicate_paths_are_dropped_and_a_single_class_works():
     from cbir import checks, retrieval
 
-    table = pd.DataFrame({"path": ["a.png", "b.png", "a.png", "c.png", "d.png"], "dataset": "x",
-                          "split": ["train", "train", "test", "test", "test"], "modality": "CT",
-                          "anatomy": "abd", "label": "CT/abd/normal"})
+    table = pd.DataFrame(
+        {
+            "path": ["a.png", "b.png", "a.png", "c.png", "d.png"],
+            "dataset": "x",
+            "split": ["train", "train", "test", "test", "test"],
+            "modality": "CT",
+            "anatomy": "abd",
+            "label": "CT/abd/normal",
+        }
+    )
     deduped, count = checks.drop_duplicate_paths(table)
     assert count == 1 and deduped["path"].tolist() == ["a.png", "b.png", "c.png", "d.png"]
     embeddings = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     setup = retrieval.choose_rows(deduped, np.ones(4, bool), "train", "test", None, 0)
-    result = retrieval.run_retrieval(deduped, embeddings, setup, OmegaConf.create({"type": "flat", "use_gpu": False}), [1, 2])
+    result = retrieval.run_retrieval(
+        deduped, embeddings, setup, OmegaConf.create({"type": "flat", "use_gpu": False}), [1, 2]
+    )
     assert result.metrics["micro/P_at_1"] == 1.0 and result.metrics["macro/P_at_2"] == 1.0
 
 
@@ -258,11 +301,23 @@ def test_a_damaged_entry_is_reported_once(tmp_path, caplog):
 @pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_embeddings(tmp_path, shared_data_dir):
     """SIGKILL in the middle of extraction; the re-run finishes the missing rows only."""
-    overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "encoder=resnet50", "encoder.pretrained=false",
-                 "encoder.input_size=128", "extract.batch_size=4", "tracking.enabled=false"]
+    overrides = [
+        *SMALL,
+        f"paths.data_dir={shared_data_dir}",
+        "encoder=resnet50",
+        "encoder.pretrained=false",
+        "encoder.input_size=128",
+        "extract.batch_size=4",
+        "tracking.enabled=false",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *overrides], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cbir.run", *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done_files = lambda: list((tmp_path / ".cache/cbir/embeddings").glob("*.partial/done.npy"))  # noqa: E731
     deadline = time.time() + 120
     killed_at = None
@@ -295,13 +350,18 @@ def test_a_full_cache_disk_is_one_line_and_the_same_command_works_once_there_is_
     row is computed, not lost at the commit."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=432k", "tmpfs", str(disk)],
-                             check=False, capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=432k", "tmpfs", str(disk)], check=False, capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({(mounted.stderr or mounted.stdout).strip()[:120]})")
     try:
-        overrides = ["debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={disk}",
-                     "tracking.enabled=false"]
+        overrides = [
+            "debug=smoke",
+            f"paths.data_dir={shared_data_dir}",
+            f"paths.cache_dir={disk}",
+            "tracking.enabled=false",
+        ]
         proc = run_cbir(tmp_path, *overrides, check=False)
         text = output(proc)
         assert proc.returncode == 2 and "Traceback" not in text
@@ -317,8 +377,17 @@ def test_a_full_cache_disk_is_one_line_and_the_same_command_works_once_there_is_
 def test_concurrent_jobs_extract_a_key_once(tmp_path, shared_data_dir):
     overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=false", "extract.batch_size=4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "cbir.run", *overrides], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cbir.run", *overrides],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     text = "\n".join(outputs)
@@ -330,8 +399,13 @@ def test_no_unsafe_deserialisation_or_shell_in_the_package():
     offenders = []
     for path in (PROJECT / "cbir").rglob("*.py"):
         text = path.read_text()
-        for pattern in (r"allow_pickle\s*=\s*True", r"pickle\.loads?\(", r"\bshell\s*=\s*True", r"os\.system\(",
-                        r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)"):
+        for pattern in (
+            r"allow_pickle\s*=\s*True",
+            r"pickle\.loads?\(",
+            r"\bshell\s*=\s*True",
+            r"os\.system\(",
+            r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)",
+        ):
             if re.search(pattern, text):
                 offenders.append(f"{path.name}: {pattern}")
     assert not offenders, offenders
@@ -414,7 +488,9 @@ def test_a_missing_label_is_refused_naming_the_row_not_made_a_class(tmp_path, la
     from cbir.data.csv_manifest import CSVManifestDataset
     from cbir.data.manifest import ManifestError
 
-    file = _manifest(tmp_path, ["a.png,train,CT,abd,CT/abd/x", "b.png,train,CT,abd,CT/abd/x", f"c.png,test,CT,abd,{label}"])
+    file = _manifest(
+        tmp_path, ["a.png,train,CT,abd,CT/abd/x", "b.png,train,CT,abd,CT/abd/x", f"c.png,test,CT,abd,{label}"]
+    )
     with pytest.raises(ManifestError) as caught:
         CSVManifestDataset(file=str(file)).load_manifest()
     assert f"{file}, row 4: label is " in str(caught.value) and "\n" not in str(caught.value)
@@ -425,8 +501,15 @@ def test_a_parquet_manifest_with_nulls_is_refused_naming_the_row(tmp_path):
     from cbir.data.manifest import ManifestError
 
     _manifest(tmp_path, [])
-    table = pd.DataFrame({"path": ["a.png", "b.png"], "split": ["train", "test"], "modality": "CT",
-                          "anatomy": "abd", "label": ["CT/abd/x", None]})
+    table = pd.DataFrame(
+        {
+            "path": ["a.png", "b.png"],
+            "split": ["train", "test"],
+            "modality": "CT",
+            "anatomy": "abd",
+            "label": ["CT/abd/x", None],
+        }
+    )
     table.to_parquet(tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match=r"m.parquet, row 2: label is "):  # was a class "None" or "nan"
         CSVManifestDataset(file=str(tmp_path / "m.parquet")).load_manifest()
@@ -436,7 +519,10 @@ def test_a_literal_class_name_is_kept(tmp_path):
     from cbir.data.csv_manifest import CSVManifestDataset
 
     file = _manifest(tmp_path, ["a.png,train,CT,abd,CT/abd/NaN-like", "b.png,test,CT,abd,None of these"])
-    assert list(CSVManifestDataset(file=str(file)).load_manifest().table["label"]) == ["CT/abd/NaN-like", "None of these"]
+    assert list(CSVManifestDataset(file=str(file)).load_manifest().table["label"]) == [
+        "CT/abd/NaN-like",
+        "None of these",
+    ]
 
 
 @pytest.mark.parametrize("content", [bytes(range(256)) * 40, b"\x89PNG\r\n\x1a\n" + b"\x00\xff" * 500, b""])
@@ -448,12 +534,16 @@ def test_a_binary_file_given_as_manifest_is_a_one_line_error(tmp_path, content):
     with pytest.raises(ManifestError) as caught:
         CSVManifestDataset(file=str(tmp_path / "scan.csv")).load_manifest()
     message = str(caught.value)
-    assert "\n" not in message and (f"dataset.file={tmp_path / 'scan.csv'}: not a readable UTF-8 CSV file" in message
-                                    or "missing column(s)" in message)
+    assert "\n" not in message and (
+        f"dataset.file={tmp_path / 'scan.csv'}: not a readable UTF-8 CSV file" in message
+        or "missing column(s)" in message
+    )
 
 
 def test_a_binary_manifest_through_the_cli(tmp_path):
     (tmp_path / "scan.csv").write_bytes(bytes(range(256)) * 40)
-    proc = run_cbir(tmp_path, "dataset=csv", f"dataset.file={tmp_path / 'scan.csv'}", "tracking.enabled=false", check=False)
+    proc = run_cbir(
+        tmp_path, "dataset=csv", f"dataset.file={tmp_path / 'scan.csv'}", "tracking.enabled=false", check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in output(proc)
     assert f"dataset.file={tmp_path / 'scan.csv'}: not a readable UTF-8 CSV file" in output(proc)

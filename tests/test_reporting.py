@@ -16,7 +16,7 @@ def runs(*rows):
 def test_labels_modes_are_separate_lines_and_shared_searches_one_point():
     table = runs(
         ("a", "syn", "flat", "single", "retrieval", "5", 0.5, 0.4),
-        ("a", "syn", "flat", "single", "all", "5", 0.5, 0.4),        # same search as the row above
+        ("a", "syn", "flat", "single", "all", "5", 0.5, 0.4),  # same search as the row above
         ("a", "syn", "flat", "multi", "retrieval", "5", 0.3, 0.2),
         ("a", "syn", "flat", "single", "knn_classification", "5", None, None),  # no P@N: no point
         ("a", "syn", "flat", "single", "retrieval", "20", 0.6, 0.5),
@@ -28,6 +28,8 @@ def test_labels_modes_are_separate_lines_and_shared_searches_one_point():
 
 
 def test_different_numbers_at_one_size_are_both_kept():
-    table = runs(("a", "syn", "flat", "single", "retrieval", "5", 0.5, 0.4),
-                 ("a", "syn", "flat", "single", "retrieval", "5", 0.7, 0.6))  # e.g. another index.params
+    table = runs(
+        ("a", "syn", "flat", "single", "retrieval", "5", 0.5, 0.4),
+        ("a", "syn", "flat", "single", "retrieval", "5", 0.7, 0.6),
+    )  # e.g. another index.params
     assert len(saturation_frame(table, [1])) == 2

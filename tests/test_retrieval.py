@@ -21,8 +21,14 @@ def on_circle(degrees) -> np.ndarray:
 @pytest.fixture()
 def five_rows():
     """Five train rows on the unit circle; every similarity is distinct, so the ranking is by angle."""
-    table = pd.DataFrame({"label": ["CT/a", "CT/a", "CT/b", "CT/b", "CT/b"], "modality": "CT",
-                          "anatomy": ["a", "a", "b", "b", "b"], "split": "train"})
+    table = pd.DataFrame(
+        {
+            "label": ["CT/a", "CT/a", "CT/b", "CT/b", "CT/b"],
+            "modality": "CT",
+            "anatomy": ["a", "a", "b", "b", "b"],
+            "split": "train",
+        }
+    )
     return table, on_circle([0, 10, 25, 90, 100])
 
 
@@ -57,8 +63,14 @@ def test_a_query_outside_the_index_is_not_excluded_from_anything():
 def eight_rows(five_rows):
     """The five train rows, one train row whose image failed (row 5), two test rows."""
     table, embeddings = five_rows
-    extra = pd.DataFrame({"label": ["CT/a", "CT/a", "CT/b"], "modality": "CT", "anatomy": ["a", "a", "b"],
-                          "split": ["train", "test", "test"]})
+    extra = pd.DataFrame(
+        {
+            "label": ["CT/a", "CT/a", "CT/b"],
+            "modality": "CT",
+            "anatomy": ["a", "a", "b"],
+            "split": ["train", "test", "test"],
+        }
+    )
     valid = np.array([True] * 5 + [False, True, True])
     return pd.concat([table, extra], ignore_index=True), np.vstack([embeddings, on_circle([5, 2, 93])]), valid
 
@@ -88,12 +100,12 @@ def test_run_retrieval_passes_its_options_through(eight_rows):
     plain = run_retrieval(table, embeddings, setup, FLAT, [1, 2])
     assert sorted(k for k in plain.metrics if k.startswith("micro/")) == ["micro/P_at_1", "micro/P_at_2"]
     assert plain.curve.empty and "level/anatomy/micro/P_at_1" in plain.metrics  # default levels
-    result, search = run_retrieval(table, embeddings, setup, FLAT, [1], curve_k=3, levels=("modality",),
-                                   batch_size=1, return_search=True)
+    result, search = run_retrieval(
+        table, embeddings, setup, FLAT, [1], curve_k=3, levels=("modality",), batch_size=1, return_search=True
+    )
     # queries at 2 deg (a) and 93 deg (b): nearest train rows 0, 1, 2 and 3, 4, 2
     assert search.setup is setup and search.neighbours.tolist() == [[0, 1, 2], [3, 4, 2]]
-    expected = np.take_along_axis(embeddings[setup.query_rows] @ embeddings[setup.index_rows].T,
-                                  search.neighbours, 1)
+    expected = np.take_along_axis(embeddings[setup.query_rows] @ embeddings[setup.index_rows].T, search.neighbours, 1)
     np.testing.assert_allclose(search.scores, expected, rtol=1e-6)
     assert search.index.ntotal == 5
     assert result.curve["micro"].tolist() == pytest.approx([1.0, 1.0, 1.0])  # n_c(a) = 2, n_c(b) = 3

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 from mlflow.tracking import MlflowClient
 
 from cbir.data.synthetic import SyntheticDataset
-from conftest import compose, run_cbir
 
 
 def client(cwd: Path) -> MlflowClient:
@@ -40,8 +40,14 @@ def test_run_logs_metrics_params_and_artifacts(first_run):
     # the job directory holds the same numbers MLflow has
     (job,) = job_dirs(cwd)
     saved = json.loads((job / "metrics.json").read_text())["metrics"]
-    for name in ("micro/P_at_1", "macro/P_at_10", "modality/CT/micro/P_at_1", "level/anatomy/micro/P_at_1",
-                 "anatomy/chest/macro/P_at_5", "micro_std/P_at_1"):
+    for name in (
+        "micro/P_at_1",
+        "macro/P_at_10",
+        "modality/CT/micro/P_at_1",
+        "level/anatomy/micro/P_at_1",
+        "anatomy/chest/macro/P_at_5",
+        "micro_std/P_at_1",
+    ):
         assert run.data.metrics[name] == pytest.approx(saved[name])
     assert 0 < run.data.metrics["micro/P_at_1"] <= 1
     assert run.data.metrics["queries/excluded"] == 0
@@ -75,8 +81,9 @@ def test_run_logs_metrics_params_and_artifacts(first_run):
 def test_second_identical_run_does_not_extract_again(first_run, shared_data_dir):
     cwd, _ = first_run
     run_cbir(cwd, "debug=smoke", f"paths.data_dir={shared_data_dir}", "index.per_class=3")
-    runs = client(cwd).search_runs([client(cwd).get_experiment_by_name("cbir").experiment_id],
-                                   order_by=["attributes.start_time DESC"])
+    runs = client(cwd).search_runs(
+        [client(cwd).get_experiment_by_name("cbir").experiment_id], order_by=["attributes.start_time DESC"]
+    )
     assert len(runs) == 2
     latest = runs[0]
     assert latest.data.tags["cache"] == "hit" and latest.data.metrics["extract/rows"] == 0

@@ -8,11 +8,11 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
 from cbir import multilabel, retrieval
-from conftest import compose, run_cbir
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
@@ -34,15 +34,25 @@ def test_multirun_logs_multilabel_metrics_and_files(multi_sweep):
     by_encoder = {c.data.tags["encoder"]: c for c in children}
     for encoder, run in by_encoder.items():
         m = run.data.metrics
-        for name in ("ml/micro/P_at_1", "ml/macro/P_at_10", "ml/micro/mAP_at_10", "ml/micro/nDCG_at_10",
-                     "ml/micro/R_precision", "ml/modality/XR/micro/nDCG_at_10", "ml/anatomy/chest/macro/P_at_1"):
+        for name in (
+            "ml/micro/P_at_1",
+            "ml/macro/P_at_10",
+            "ml/micro/mAP_at_10",
+            "ml/micro/nDCG_at_10",
+            "ml/micro/R_precision",
+            "ml/modality/XR/micro/nDCG_at_10",
+            "ml/anatomy/chest/macro/P_at_1",
+        ):
             assert 0 <= m[name] <= 1, (encoder, name)
         assert m["ml/queries/multi_finding"] > 0 and m["ml/queries/excluded"] == 0
         # sharing a finding is easier than retrieving the exact finding set
         assert m["ml/micro/P_at_1"] >= m["micro/P_at_1"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"multilabel_metrics.json", "per_finding.csv"} <= artifacts
-    assert by_encoder["baseline"].data.metrics["ml/micro/nDCG_at_10"] > by_encoder["random"].data.metrics["ml/micro/nDCG_at_10"]
+    assert (
+        by_encoder["baseline"].data.metrics["ml/micro/nDCG_at_10"]
+        > by_encoder["random"].data.metrics["ml/micro/nDCG_at_10"]
+    )
     (job,) = [p.parent for p in (multi_sweep / "multirun").glob("*/*/0/multilabel_metrics.json")]
     saved = json.loads((job / "multilabel_metrics.json").read_text())["metrics"]
     run = by_encoder["baseline"]
@@ -59,8 +69,9 @@ def test_report_shows_the_multilabel_table(multi_sweep):
     assert sorted(table["encoder"]) == ["baseline", "random"]
     client = MlflowClient(f"sqlite:///{multi_sweep}/mlruns/mlflow.db")
     for _, row in table.iterrows():
-        (run,) = client.search_runs([client.get_experiment_by_name("cbir").experiment_id],
-                                    filter_string=f"tags.encoder = '{row['encoder']}'")
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("cbir").experiment_id], filter_string=f"tags.encoder = '{row['encoder']}'"
+        )
         assert row["micro P@1"] == pytest.approx(run.data.metrics["ml/micro/P_at_1"])
         assert row["micro nDCG@10"] == pytest.approx(run.data.metrics["ml/micro/nDCG_at_10"])
     assert "Multi-label retrieval" in (multi_sweep / "rep" / "report.md").read_text()
@@ -75,7 +86,11 @@ def single_label_embeddings(tmp_path_factory, shared_data_dir):
     cache = tmp_path_factory.mktemp("cache")
     cfg = compose("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={cache}")
     manifest = instantiate(cfg.dataset).load_manifest()
-    return cfg, manifest.table, extract_embeddings(instantiate(cfg.encoder), manifest, EmbeddingStore(cache), cfg.extract)
+    return (
+        cfg,
+        manifest.table,
+        extract_embeddings(instantiate(cfg.encoder), manifest, EmbeddingStore(cache), cfg.extract),
+    )
 
 
 @pytest.mark.slow
@@ -84,8 +99,9 @@ def test_single_label_search_gives_todays_precision_exactly(single_label_embeddi
     cfg, table, extraction = single_label_embeddings
     assert "findings" not in table.columns
     setup = retrieval.choose_rows(table, extraction.valid, "train", query_split, None, 0)
-    result, search = retrieval.run_retrieval(table, extraction.embeddings, setup, cfg.index, [1, 3, 5, 10],
-                                             levels=[], return_search=True)
+    result, search = retrieval.run_retrieval(
+        table, extraction.embeddings, setup, cfg.index, [1, 3, 5, 10], levels=[], return_search=True
+    )
     ml = multilabel.evaluate_search(table, search, [1, 3, 5, 10]).metrics
     compared = [k for k in result.metrics if "P_at_" in k and "_std" not in k]
     assert len(compared) > 40

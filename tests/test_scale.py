@@ -45,10 +45,17 @@ def test_blocked_evaluation_gives_exactly_the_metrics_of_one_pass(clustered):
     own = pd.Series(np.arange(1600), index=setup.index_rows).reindex(setup.query_rows).fillna(-1).astype(int).to_numpy()
     _, neighbours = search(index, l2_normalise(embeddings[setup.query_rows]), 20, batch_size=10_000, exclude=own)
     columns = ["label", "modality", "anatomy"]
-    one_pass = evaluate(table.iloc[setup.query_rows][columns], table.iloc[setup.index_rows][columns], neighbours,
-                        own, ns=[1, 3, 5, 10], curve_k=20)
-    blocked, found = run_retrieval(table, embeddings, setup, FLAT, [1, 3, 5, 10], curve_k=20, batch_size=7,
-                                   return_search=True)
+    one_pass = evaluate(
+        table.iloc[setup.query_rows][columns],
+        table.iloc[setup.index_rows][columns],
+        neighbours,
+        own,
+        ns=[1, 3, 5, 10],
+        curve_k=20,
+    )
+    blocked, found = run_retrieval(
+        table, embeddings, setup, FLAT, [1, 3, 5, 10], curve_k=20, batch_size=7, return_search=True
+    )
     assert blocked.metrics == one_pass.metrics
     np.testing.assert_array_equal(found.neighbours, neighbours)
     assert "index/recall_at_10" not in blocked.metrics  # exact search: nothing to measure
@@ -64,12 +71,23 @@ def test_ivf_parameters_come_from_the_index_size():
 
 def test_approximate_search_logs_its_recall_and_warns_when_low(clustered, caplog):
     table, embeddings, setup = clustered
-    good = run_retrieval(table, embeddings, setup, OmegaConf.create({"type": "ivf", "use_gpu": False,
-                                                                      "params": {"nlist": None, "nprobe": None}}), [1, 10])
+    good = run_retrieval(
+        table,
+        embeddings,
+        setup,
+        OmegaConf.create({"type": "ivf", "use_gpu": False, "params": {"nlist": None, "nprobe": None}}),
+        [1, 10],
+    )
     assert good.metrics["index/recall_at_10"] >= 0.99
     with caplog.at_level(logging.WARNING, logger="cbir.retrieval"):
-        poor, found = run_retrieval(table, embeddings, setup, OmegaConf.create(
-            {"type": "ivf", "use_gpu": False, "params": {"nlist": 40, "nprobe": 1}}), [1, 10], return_search=True)
+        poor, found = run_retrieval(
+            table,
+            embeddings,
+            setup,
+            OmegaConf.create({"type": "ivf", "use_gpu": False, "params": {"nlist": 40, "nprobe": 1}}),
+            [1, 10],
+            return_search=True,
+        )
     recall = poor.metrics["index/recall_at_10"]
     assert recall < 0.99 and "recall@10 against exact search" in caplog.text
     # the same figure from an exact search of all queries, done here in one piece
@@ -78,5 +96,13 @@ def test_approximate_search_logs_its_recall_and_warns_when_low(clustered, caplog
     _, truth = search(exact, l2_normalise(embeddings[setup.query_rows]), 10, exclude=own)
     expected = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found.neighbours[:, :10])])
     assert recall == pytest.approx(expected)
-    assert neighbour_recall(NormalisedRows(embeddings, setup.index_rows), NormalisedRows(embeddings, setup.query_rows),
-                            own, truth, block=300) == 1.0  # exact neighbours, index scanned in 6 blocks
+    assert (
+        neighbour_recall(
+            NormalisedRows(embeddings, setup.index_rows),
+            NormalisedRows(embeddings, setup.query_rows),
+            own,
+            truth,
+            block=300,
+        )
+        == 1.0
+    )  # exact neighbours, index scanned in 6 blocks

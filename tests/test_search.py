@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cbir
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import run_cbir
 from cbir.gallery import HIT, MISS, draw_gallery, figure_size, sample_queries
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
@@ -26,8 +26,14 @@ ENCODERS = {
 @pytest.fixture(scope="module", params=sorted(ENCODERS))
 def saved_run(request, tmp_path_factory, shared_data_dir):
     cwd = tmp_path_factory.mktemp(f"search-{request.param}")
-    run_cbir(cwd, "debug=smoke", *ENCODERS[request.param], "index.save=true", "hydra.run.dir=job",
-             f"paths.data_dir={shared_data_dir}")
+    run_cbir(
+        cwd,
+        "debug=smoke",
+        *ENCODERS[request.param],
+        "index.save=true",
+        "hydra.run.dir=job",
+        f"paths.data_dir={shared_data_dir}",
+    )
     return cwd
 
 
@@ -45,7 +51,8 @@ def test_run_writes_gallery_and_index(saved_run):
     client = MlflowClient(f"sqlite:///{saved_run}/mlruns/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("cbir").experiment_id])
     assert {"index/index.faiss", "index/manifest.csv", "index/index.json"} <= {
-        a.path for a in client.list_artifacts(run.info.run_id, "index")}
+        a.path for a in client.list_artifacts(run.info.run_id, "index")
+    }
     assert {"gallery.png", "gallery.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
@@ -55,8 +62,15 @@ def test_search_returns_the_runs_neighbours(saved_run):
     root = Path(json.loads((job / "index" / "index.json").read_text())["root"])
     queries = list(dict.fromkeys(expected["query_path"]))[:4]
     images = ",".join(str(root / q) for q in queries)
-    proc = run_cbir(saved_run, "search.index_dir=job/index", f"search.images=[{images}]", "search.k=5",
-                    "search.output=found.csv", "search.gallery=found.png", module="cbir.search")
+    proc = run_cbir(
+        saved_run,
+        "search.index_dir=job/index",
+        f"search.images=[{images}]",
+        "search.k=5",
+        "search.output=found.csv",
+        "search.gallery=found.png",
+        module="cbir.search",
+    )
     assert "similarity" in proc.stdout
     found = pd.read_csv(saved_run / "found.csv")
     for query in queries:
@@ -77,8 +91,9 @@ def test_search_refuses_the_runs_index_with_another_seed(saved_run, tmp_path):
     meta = json.loads((folder / "index.json").read_text())
     (folder / "index.json").write_text(json.dumps({**meta, "seed": meta["seed"] + 1}))
     query = Path(meta["root"]) / pd.read_csv(folder / "manifest.csv")["path"].iloc[0]
-    proc = run_cbir(tmp_path, f"search.index_dir={folder}", f"search.images=[{query}]", module="cbir.search",
-                    check=False)
+    proc = run_cbir(
+        tmp_path, f"search.index_dir={folder}", f"search.images=[{query}]", module="cbir.search", check=False
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text and "similarity" not in text
     assert "is not the one the index was made with" in text
@@ -87,8 +102,9 @@ def test_search_refuses_the_runs_index_with_another_seed(saved_run, tmp_path):
 
 def test_search_without_index_fails_clearly(tmp_path):
     # through the `cbir` command's entry point (it imports cbir.search rather than running it as __main__)
-    proc = run_cbir(tmp_path, "search", f"search.index_dir={tmp_path}", "search.images=[x.png]", module="cbir.cli",
-                    check=False)
+    proc = run_cbir(
+        tmp_path, "search", f"search.index_dir={tmp_path}", "search.images=[x.png]", module="cbir.cli", check=False
+    )
     assert proc.returncode == 2
     assert "no such file" in proc.stdout + proc.stderr
 
@@ -96,13 +112,14 @@ def test_search_without_index_fails_clearly(tmp_path):
 def test_gallery_borders_and_stratified_sample(tmp_path):
     for i, value in enumerate((40, 120, 200)):
         Image.fromarray(np.full((20, 20), value, np.uint8)).save(tmp_path / f"{i}.png")
-    table = pd.DataFrame({"path": ["0.png", "1.png", "2.png"], "label": ["A", "A", "B"],
-                          "modality": ["CT", "CT", "MR"]})
+    table = pd.DataFrame(
+        {"path": ["0.png", "1.png", "2.png"], "label": ["A", "A", "B"], "modality": ["CT", "CT", "MR"]}
+    )
     path = draw_gallery(table, tmp_path, [0], [[1, 2]], [[0.9, 0.5]], tmp_path / "g.png")
     pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
     assert Image.open(path).size == figure_size(1, 2)
     for color in (HIT, MISS):  # one correct (green) and one wrong (red) neighbour
-        rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(pixels.astype(int) - rgb).sum(1) < 30).sum() > 50
     picked = sample_queries(table, np.array([0, 1, 2]), 2, seed=0)
     assert sorted(table["modality"][picked]) == ["CT", "MR"]

@@ -10,16 +10,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose, run_cbir, run_cbir_hang_guarded
 from PIL import Image
 
 from cbir.checks import ConfigError
 from cbir.gallery import figure_size
 from cbir.safe_config import check_trusted
 from cbir.search import INDEX_FILE, MANIFEST_FILE, META_FILE, SavedIndex, SearchError
-from conftest import compose, run_cbir, run_cbir_hang_guarded
 
-BASELINE = {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "baseline", "image_size": 64,
-            "grids": [1, 2, 4, 8], "orientation_bins": 8, "histogram_bins": 16}
+BASELINE = {
+    "_target_": "cbir.encoders.classical.ClassicalEncoder",
+    "name": "baseline",
+    "image_size": 64,
+    "grids": [1, 2, 4, 8],
+    "orientation_bins": 8,
+    "histogram_bins": 16,
+}
 
 
 @pytest.fixture()
@@ -35,15 +41,31 @@ def index_folder(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(images / f"{i}.png")
-    table = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "dataset": "test", "split": "train",
-                          "modality": "XR", "anatomy": "chest", "label": ["A", "A", "A", "B", "B", "B"]})
+    table = pd.DataFrame(
+        {
+            "path": [f"{i}.png" for i in range(6)],
+            "dataset": "test",
+            "split": "train",
+            "modality": "XR",
+            "anatomy": "chest",
+            "label": ["A", "A", "A", "B", "B", "B"],
+        }
+    )
     cfg = compose("encoder=baseline", "index.save=true")
     encoder = build_encoder(cfg)
     embeddings = embed_images(encoder, [images / p for p in table["path"]])
     rows = np.arange(6)
     index = cbir_index.build_index(cbir_index.l2_normalise(embeddings), "flat", use_gpu=False)
-    return save_index(tmp_path / "index", SearchOutput(RetrievalSetup(rows, rows), index, None, None), table, images,
-                      cfg, "test", encoder, embeddings)
+    return save_index(
+        tmp_path / "index",
+        SearchOutput(RetrievalSetup(rows, rows), index, None, None),
+        table,
+        images,
+        cfg,
+        "test",
+        encoder,
+        embeddings,
+    )
 
 
 def edit_meta(folder: Path, **changes) -> None:
@@ -58,24 +80,36 @@ def test_an_intact_folder_loads_and_finds_its_own_images(index_folder):
     assert positions[0, 0] == 4 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("encoder_block", [
-    {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]},
-    {"_target_": "os.system", "_args_": ["touch VICTIM"]},
-    {"_target_": "cbir.encoders.base.weights_identity", "weights": "VICTIM", "pretrained": False},  # not a class
-    {"_target_": "cbir.encoders.base.Path", "_args_": ["VICTIM"]},  # a class, but not an encoder
-    # cbir's encoder interfaces: defined in cbir, but they leave the work to subclasses
-    {"_target_": "cbir.encoders.base.Encoder"},
-    {**BASELINE, "_target_": "cbir.encoders.base.Encoder"},
-    {"_target_": "cbir.encoders.base.PretrainedEncoder", "name": "VICTIM"},
-    {**BASELINE, "_args_": ["VICTIM"]},
-    {**BASELINE, "grids": {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]}},  # nested
-    {**BASELINE, "name": "${oc.env:HOME}"},
-    # a shipped encoder class, but options that make its library run hub code or unpickle a file
-    {"_target_": "cbir.encoders.transformers_encoder.TransformersEncoder", "name": "x", "model_class": "AutoModel",
-     "hub_id": "VICTIM/repo", "model_config": {"trust_remote_code": True}},
-    {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "x", "model_name": "resnet18",
-     "model_kwargs": {"checkpoint_path": "VICTIM"}},
-])
+@pytest.mark.parametrize(
+    "encoder_block",
+    [
+        {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]},
+        {"_target_": "os.system", "_args_": ["touch VICTIM"]},
+        {"_target_": "cbir.encoders.base.weights_identity", "weights": "VICTIM", "pretrained": False},  # not a class
+        {"_target_": "cbir.encoders.base.Path", "_args_": ["VICTIM"]},  # a class, but not an encoder
+        # cbir's encoder interfaces: defined in cbir, but they leave the work to subclasses
+        {"_target_": "cbir.encoders.base.Encoder"},
+        {**BASELINE, "_target_": "cbir.encoders.base.Encoder"},
+        {"_target_": "cbir.encoders.base.PretrainedEncoder", "name": "VICTIM"},
+        {**BASELINE, "_args_": ["VICTIM"]},
+        {**BASELINE, "grids": {"_target_": "builtins.open", "_args_": ["VICTIM", "w"]}},  # nested
+        {**BASELINE, "name": "${oc.env:HOME}"},
+        # a shipped encoder class, but options that make its library run hub code or unpickle a file
+        {
+            "_target_": "cbir.encoders.transformers_encoder.TransformersEncoder",
+            "name": "x",
+            "model_class": "AutoModel",
+            "hub_id": "VICTIM/repo",
+            "model_config": {"trust_remote_code": True},
+        },
+        {
+            "_target_": "cbir.encoders.timm_encoder.TimmEncoder",
+            "name": "x",
+            "model_name": "resnet18",
+            "model_kwargs": {"checkpoint_path": "VICTIM"},
+        },
+    ],
+)
 def test_a_crafted_encoder_block_is_refused_before_anything_is_called(index_folder, tmp_path, encoder_block):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -90,8 +124,13 @@ def test_the_search_command_refuses_a_crafted_index_in_one_line(index_folder, tm
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     edit_meta(index_folder, encoder={"_target_": "builtins.open", "_args_": [str(victim), "w"]})
-    proc = run_cbir(tmp_path, f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
-                    module="cbir.search", check=False)
+    proc = run_cbir(
+        tmp_path,
+        f"search.index_dir={index_folder}",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        module="cbir.search",
+        check=False,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text
     assert "_target_='builtins.open' is not a cbir.encoders class shipped with cbir" in text
@@ -122,25 +161,44 @@ def damage(folder: Path, how: str) -> str:
     elif how == "manifest rows differ":
         pd.read_csv(folder / MANIFEST_FILE).iloc[:4].to_csv(folder / MANIFEST_FILE, index=False)
     return {"index": INDEX_FILE, "json": META_FILE, "manifest": MANIFEST_FILE}[
-        next(word for word in ("index", "json", "manifest") if word in how)]
+        next(word for word in ("index", "json", "manifest") if word in how)
+    ]
 
 
-@pytest.mark.parametrize("how", ["garbage index", "truncated index", "empty index", "bad json", "json not an object",
-                                 "json without rows", "manifest without label", "binary manifest",
-                                 "manifest rows differ"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "garbage index",
+        "truncated index",
+        "empty index",
+        "bad json",
+        "json not an object",
+        "json without rows",
+        "manifest without label",
+        "binary manifest",
+        "manifest rows differ",
+    ],
+)
 def test_a_damaged_folder_is_a_one_line_error_naming_the_file(index_folder, how):
     name = damage(index_folder, how)
     with pytest.raises(SearchError) as caught:
         SavedIndex.load(index_folder)
     message = str(caught.value)
-    assert "\n" not in message and ("save the index again" in message or "rebuild the index: python -m cbir.run" in message)
+    assert "\n" not in message and (
+        "save the index again" in message or "rebuild the index: python -m cbir.run" in message
+    )
     assert name in message
 
 
 def test_the_search_command_reports_a_truncated_index_in_one_line(index_folder, tmp_path):
     damage(index_folder, "truncated index")
-    proc = run_cbir(tmp_path, f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
-                    module="cbir.search", check=False)
+    proc = run_cbir(
+        tmp_path,
+        f"search.index_dir={index_folder}",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        module="cbir.search",
+        check=False,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text
     assert f"{index_folder / INDEX_FILE}: not the file saved with {META_FILE}" in text
@@ -161,8 +219,11 @@ def test_an_index_file_swapped_for_another_of_the_same_shape_is_refused(index_fo
     other = faiss.IndexFlatIP(SavedIndex.load(index_folder).index.d)  # same rows and dimension, other vectors
     other.add(l2_normalise(np.random.default_rng(1).normal(size=(6, other.d))))
     faiss.write_index(other, str(index_folder / INDEX_FILE))
-    with pytest.raises(SearchError, match=f"{INDEX_FILE}: not the file saved with {META_FILE}.*rebuild the index: "
-                                          "python -m cbir.run dataset=synthetic encoder=baseline index.save=true"):
+    with pytest.raises(
+        SearchError,
+        match=f"{INDEX_FILE}: not the file saved with {META_FILE}.*rebuild the index: "
+        "python -m cbir.run dataset=synthetic encoder=baseline index.save=true",
+    ):
         SavedIndex.load(index_folder)
     reseal(index_folder)  # checksum edited to match: the vectors still disagree with the recorded rows
     with pytest.raises(SearchError, match=f"{INDEX_FILE}: does not hold the vectors {META_FILE} records"):
@@ -173,7 +234,10 @@ def test_an_encoder_swapped_for_another_of_the_same_dimension_is_refused(index_f
     from cbir.encoders.classical import ClassicalEncoder
 
     other = {**BASELINE, "image_size": 32}  # same 285-d output, other vectors
-    assert ClassicalEncoder(**{k: v for k, v in other.items() if k != "_target_"}).dim == SavedIndex.load(index_folder).index.d
+    assert (
+        ClassicalEncoder(**{k: v for k, v in other.items() if k != "_target_"}).dim
+        == SavedIndex.load(index_folder).index.d
+    )
     edit_meta(index_folder, encoder=other)
     with pytest.raises(SearchError, match="is not the one the index was made with.*rebuild the index"):
         SavedIndex.load(index_folder).build_encoder()
@@ -185,8 +249,13 @@ def test_an_encoder_swapped_for_another_of_the_same_dimension_is_refused(index_f
 
 def test_the_search_command_refuses_a_swapped_encoder_in_one_line(index_folder, tmp_path):
     edit_meta(index_folder, encoder={**BASELINE, "image_size": 32})
-    proc = run_cbir(tmp_path, f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
-                    module="cbir.search", check=False)
+    proc = run_cbir(
+        tmp_path,
+        f"search.index_dir={index_folder}",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        module="cbir.search",
+        check=False,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text and "similarity" not in text
     assert f"{index_folder / META_FILE}: the encoder it describes" in text and "rebuild the index" in text
@@ -227,16 +296,24 @@ def test_index_paths_outside_the_image_root_are_refused(index_folder, tmp_path, 
 
 def test_an_unknown_encoder_option_is_a_one_line_error(index_folder):
     edit_meta(index_folder, encoder={**BASELINE, "no_such_option": 1})
-    with pytest.raises(SearchError, match="index.json encoder: cannot build cbir.encoders.classical.ClassicalEncoder "
-                                          r"\(.*no_such_option.*\); rebuild the index") as caught:
+    with pytest.raises(
+        SearchError,
+        match="index.json encoder: cannot build cbir.encoders.classical.ClassicalEncoder "
+        r"\(.*no_such_option.*\); rebuild the index",
+    ) as caught:
         SavedIndex.load(index_folder).build_encoder()
     assert "\n" not in str(caught.value)
 
 
 def test_the_search_command_refuses_an_encoder_interface_in_one_line(index_folder, tmp_path):
     edit_meta(index_folder, encoder={**BASELINE, "_target_": "cbir.encoders.base.Encoder"})
-    proc = run_cbir(tmp_path, f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
-                    module="cbir.search", check=False)
+    proc = run_cbir(
+        tmp_path,
+        f"search.index_dir={index_folder}",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        module="cbir.search",
+        check=False,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in text
     assert "_target_='cbir.encoders.base.Encoder' is not a cbir.encoders class shipped with cbir" in text
@@ -246,9 +323,14 @@ def test_a_fifo_among_the_index_images_is_an_unreadable_panel_not_a_hang(index_f
     """The FIFO replaces an indexed image (the folder itself is intact); the gallery must still be drawn."""
     (index_folder.parent / "images" / "3.png").unlink()
     os.mkfifo(index_folder.parent / "images" / "3.png")
-    proc = run_cbir_hang_guarded(tmp_path, f"search.index_dir={index_folder}", "search.k=6",
-                                 f"search.images=[{index_folder.parent}/images/0.png]", "search.gallery=hits.png",
-                                 module="cbir.search")
+    proc = run_cbir_hang_guarded(
+        tmp_path,
+        f"search.index_dir={index_folder}",
+        "search.k=6",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        "search.gallery=hits.png",
+        module="cbir.search",
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in text
     assert "gallery: 1 image(s) shown as 'unreadable', e.g." in text and "3.png: a FIFO (named pipe)" in text
@@ -268,8 +350,12 @@ def test_a_fifo_given_as_query_is_refused_before_any_work(index_folder, tmp_path
 def test_search_k_must_be_positive(index_folder, k):
     from cbir.search import search_command
 
-    cfg = compose(f"search.index_dir={index_folder}", f"search.images=[{index_folder.parent}/images/0.png]",
-                  f"search.k={k}", config_name="search")
+    cfg = compose(
+        f"search.index_dir={index_folder}",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        f"search.k={k}",
+        config_name="search",
+    )
     with pytest.raises(ConfigError, match=f"search.k={k}: give an integer >= 1"):
         search_command(cfg)
 
@@ -278,8 +364,13 @@ def test_one_image_may_be_given_without_brackets(index_folder, tmp_path):
     from cbir.search import search_command
 
     out = tmp_path / "hits.csv"
-    cfg = compose(f"search.index_dir={index_folder}", f"search.images={index_folder.parent}/images/0.png",
-                  "search.k=3", f"search.output={out}", config_name="search")
+    cfg = compose(
+        f"search.index_dir={index_folder}",
+        f"search.images={index_folder.parent}/images/0.png",
+        "search.k=3",
+        f"search.output={out}",
+        config_name="search",
+    )
     results = search_command(cfg)
     assert len(results) == 3 and results["index_row"].iloc[0] == 0
 
@@ -293,18 +384,21 @@ def test_dataset_and_encoder_configs_of_cbir_are_trusted():
         check_trusted(compose(f"dataset={name}").dataset, "cbir.data", "dataset")
 
 
-@pytest.mark.parametrize("overrides", [
-    ["encoder._target_=builtins.exec"],
-    ["dataset._target_=cbir.encoders.classical.ClassicalEncoder"],  # a cbir class, but of the wrong kind
-    ["dataset._target_=cbir.data.base.DatasetReader"],  # the readers' interface: cannot be built
-    ["+dataset.extra._target_=os.system"],
-    ["dataset=combined", "dataset.parts.nih14._target_=subprocess.call"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["encoder._target_=builtins.exec"],
+        ["dataset._target_=cbir.encoders.classical.ClassicalEncoder"],  # a cbir class, but of the wrong kind
+        ["dataset._target_=cbir.data.base.DatasetReader"],  # the readers' interface: cannot be built
+        ["+dataset.extra._target_=os.system"],
+        ["dataset=combined", "dataset.parts.nih14._target_=subprocess.call"],
+    ],
+)
 def test_job_overrides_read_back_cannot_name_other_callables(overrides, tmp_path):
     """The experiments rebuild a job from its overrides logged to MLflow (config/overrides.yaml)."""
-    from experiments.common import Context, run_embeddings
-
     from omegaconf import OmegaConf
+
+    from experiments.common import Context, run_embeddings
 
     ctx = Context(OmegaConf.create({"workdir": str(tmp_path)}))
     with pytest.raises(ConfigError, match="is not a cbir"):

@@ -69,13 +69,9 @@ def make_index_folder(folder: Path, images: Path) -> Path:
     encoder = build_encoder(cfg)
     embeddings = embed_images(encoder, [images / p for p in table["path"]])
     positions = np.arange(len(table))
-    index = cbir_index.build_index(
-        cbir_index.l2_normalise(embeddings), "flat", use_gpu=False
-    )
+    index = cbir_index.build_index(cbir_index.l2_normalise(embeddings), "flat", use_gpu=False)
     search = SearchOutput(RetrievalSetup(positions, positions), index, None, None)
-    return save_index(
-        folder, search, table, images, cfg, "fabricated", encoder, embeddings
-    )
+    return save_index(folder, search, table, images, cfg, "fabricated", encoder, embeddings)
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +94,7 @@ def save_model(index_folder: Path, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded_model(index_folder, tmp_path_factory):
-    return mlflow.pyfunc.load_model(
-        str(save_model(index_folder, tmp_path_factory.mktemp("model") / "retriever"))
-    )
+    return mlflow.pyfunc.load_model(str(save_model(index_folder, tmp_path_factory.mktemp("model") / "retriever")))
 
 
 def encoded(path: Path) -> str:
@@ -119,9 +113,7 @@ def test_predict_gives_the_neighbours_of_cbir_search(loaded_model, index_folder)
     saved = SavedIndex.load(index_folder)
     queries = [saved.root / p for p in saved.manifest["path"].iloc[[0, 5, 9]]]
     answer = loaded_model.predict(
-        pd.DataFrame(
-            {"image": [encoded(q) for q in queries], "name": [str(q) for q in queries]}
-        ),
+        pd.DataFrame({"image": [encoded(q) for q in queries], "name": [str(q) for q in queries]}),
         params={"k": 4},
     )
     scores, positions = saved.search(queries, 4)
@@ -134,9 +126,7 @@ def test_predict_gives_the_neighbours_of_cbir_search(loaded_model, index_folder)
     assert first["label"].tolist() == saved.manifest["label"].iloc[[0, 5, 9]].tolist()
 
 
-def test_dicom_and_jpeg_queries_are_decoded_as_cbir_search_decodes_files(
-    loaded_model, index_folder, tmp_path
-):
+def test_dicom_and_jpeg_queries_are_decoded_as_cbir_search_decodes_files(loaded_model, index_folder, tmp_path):
     from test_images import write_dicom
 
     from cbir.search import SavedIndex
@@ -146,9 +136,7 @@ def test_dicom_and_jpeg_queries_are_decoded_as_cbir_search_decodes_files(
     files = [write_dicom(tmp_path / "scan.dcm", pixels), tmp_path / "photo.jpg"]
     Image.fromarray(_pattern("checks", 98)).save(files[1], quality=90)
     answer = loaded_model.predict(
-        pd.DataFrame(
-            {"image": [encoded(f) for f in files], "name": [f.name for f in files]}
-        ),
+        pd.DataFrame({"image": [encoded(f) for f in files], "name": [f.name for f in files]}),
         params={"k": 3},
     )
     _, positions = saved.search(files, 3)
@@ -172,11 +160,7 @@ def test_dicom_and_jpeg_queries_are_decoded_as_cbir_search_decodes_files(
 def test_a_bad_image_is_a_400_naming_it(loaded_model, index_folder, image, message):
     good = index_folder.parent / "images" / "XR" / "chest" / "normal" / "0.png"
     with pytest.raises(MlflowException, match=message) as error:
-        loaded_model.predict(
-            pd.DataFrame(
-                {"image": [encoded(good), image], "name": ["good.png", "broken.png"]}
-            )
-        )
+        loaded_model.predict(pd.DataFrame({"image": [encoded(good), image], "name": ["good.png", "broken.png"]}))
     assert error.value.get_http_status_code() == 400
 
 
@@ -207,9 +191,7 @@ def test_a_crafted_model_folder_is_refused(index_folder, tmp_path, encoder):
     folder = save_model(index_folder, tmp_path / "crafted")
     meta_path = folder / "artifacts" / "index" / "index.json"
     meta = json.loads(meta_path.read_text())
-    meta["encoder"] = json.loads(
-        json.dumps(encoder).replace("{sentinel}", str(sentinel))
-    )
+    meta["encoder"] = json.loads(json.dumps(encoder).replace("{sentinel}", str(sentinel)))
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(
         ConfigError,
@@ -237,9 +219,7 @@ def test_log_model_settings_are_checked_before_any_work(overrides, message):
 
 
 def test_log_model_settings_that_work_pass():
-    serving.check_config(
-        compose("tracking.log_model=true", "tracking.register_model=cbir-retriever")
-    )
+    serving.check_config(compose("tracking.log_model=true", "tracking.register_model=cbir-retriever"))
     serving.check_config(compose())
 
 
@@ -266,9 +246,7 @@ def logged_job(tmp_path_factory, shared_data_dir):
 @pytest.fixture(scope="module")
 def server(logged_job):
     cwd, uri, run = logged_job
-    with serving.served(
-        f"runs:/{run.info.run_id}/retriever", uri, log_file=cwd / "serve.log"
-    ) as url:
+    with serving.served(f"runs:/{run.info.run_id}/retriever", uri, log_file=cwd / "serve.log") as url:
         yield url
 
 
@@ -277,17 +255,12 @@ def test_job_logs_a_linked_registered_model(logged_job):
     _, uri, run = logged_job
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    (model,) = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert model.name == "retriever" and model.source_run_id == run.info.run_id
     linked = {m.key: m.value for m in model.metrics}
     assert linked["micro/P_at_1"] == pytest.approx(run.data.metrics["micro/P_at_1"])
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/retriever")
-    assert (
-        info.signature.params.to_dict()[0]["name"] == "k"
-        and info.saved_input_example_info is not None
-    )
+    assert info.signature.params.to_dict()[0]["name"] == "k" and info.saved_input_example_info is not None
     (version,) = client.search_model_versions("name = 'cbir-retriever'")
     assert version.run_id == run.info.run_id
 
@@ -299,19 +272,9 @@ def test_served_answers_equal_cbir_search(logged_job, server):
     meta = json.loads((index / "index.json").read_text())
     manifest = pd.read_csv(index / "manifest.csv")
     root = Path(meta["root"])
-    known = manifest.iloc[
-        0
-    ]  # an indexed image: its class is known, its first neighbour is itself
-    table = (
-        pd.read_csv(cwd / "job" / "gallery.csv")
-        if (cwd / "job" / "gallery.csv").exists()
-        else None
-    )
-    others = (
-        list(dict.fromkeys(table["query_path"]))[:2]
-        if table is not None
-        else list(manifest["path"].iloc[1:3])
-    )
+    known = manifest.iloc[0]  # an indexed image: its class is known, its first neighbour is itself
+    table = pd.read_csv(cwd / "job" / "gallery.csv") if (cwd / "job" / "gallery.csv").exists() else None
+    others = list(dict.fromkeys(table["query_path"]))[:2] if table is not None else list(manifest["path"].iloc[1:3])
     queries = [root / known["path"], *(root / p for p in others)]
     status, answer = serving.post(
         f"{server}/invocations",
@@ -343,13 +306,8 @@ def test_served_answers_equal_cbir_search(logged_job, server):
 
 @pytest.mark.slow
 def test_served_bad_image_is_a_400_naming_it(server):
-    status, answer = serving.post(
-        f"{server}/invocations", serving.request_body([("scan.png", b"\x89PNG broken")])
-    )
-    assert (
-        status == 400
-        and "scan.png: not a readable PNG/JPEG/DICOM image" in answer["message"]
-    )
+    status, answer = serving.post(f"{server}/invocations", serving.request_body([("scan.png", b"\x89PNG broken")]))
+    assert status == 400 and "scan.png: not a readable PNG/JPEG/DICOM image" in answer["message"]
 
 
 @pytest.mark.slow
@@ -358,19 +316,13 @@ def test_log_model_command_on_a_saved_index(index_folder, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("cbir").experiment_id])
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    (model,) = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert model.source_run_id == run.info.run_id and run.info.status == "FINISHED"
     crafted = tmp_path / "crafted"
     shutil.copytree(index_folder, crafted)
     meta = json.loads((crafted / "index.json").read_text())
     meta["encoder"]["_target_"] = "os.system"
     (crafted / "index.json").write_text(json.dumps(meta))
-    proc = run_cbir(
-        tmp_path, f"serving.index_dir={crafted}", module="cbir.serving", check=False
-    )
+    proc = run_cbir(tmp_path, f"serving.index_dir={crafted}", module="cbir.serving", check=False)
     assert proc.returncode == 2 and "refusing to build it" in proc.stdout + proc.stderr
-    assert (
-        len(client.search_runs([run.info.experiment_id])) == 1
-    )  # refused before any run is created
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # refused before any run is created

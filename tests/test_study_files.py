@@ -26,8 +26,17 @@ ROWS = [  # not in key order: HDF5 lists keys by name, the CSV does not
     ("nih14/images_002/images/00001337_001.png", "val", "XR/chest/Atelectasis"),
     ("nih14/images_012/images/00030805_000.png", "test", "XR/chest/No Finding"),
 ]
-EXTRACT = OmegaConf.create({"batch_size": 4, "num_workers": 0, "accelerator": "cpu", "devices": 1,
-                            "strategy": "auto", "precision": "32-true", "progress": False})
+EXTRACT = OmegaConf.create(
+    {
+        "batch_size": 4,
+        "num_workers": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "strategy": "auto",
+        "precision": "32-true",
+        "progress": False,
+    }
+)
 
 
 @pytest.fixture()

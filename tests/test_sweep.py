@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import compose, run_cbir
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
@@ -40,7 +39,11 @@ def test_one_parent_four_children_two_extractions(sweep):
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted((c.data.tags["encoder"], c.data.tags["per_class"]) for c in children) == [
-        ("baseline", "10"), ("baseline", "3"), ("random", "10"), ("random", "3")]
+        ("baseline", "10"),
+        ("baseline", "3"),
+        ("random", "10"),
+        ("random", "3"),
+    ]
     # both encoders were extracted in one shared pass before the jobs: every job is a cache hit
     assert [c.data.tags["cache"] for c in children] == ["hit"] * 4
     assert parent.data.metrics["extract/shared_encoders"] == 2
@@ -50,8 +53,9 @@ def test_one_parent_four_children_two_extractions(sweep):
         history = client.get_metric_history(parent.info.run_id, f"saturation/{encoder}/micro/P_at_1")
         assert sorted(m.step for m in history) == [3, 10]
         for point in history:
-            (child,) = [c for c in children if c.data.tags["encoder"] == encoder
-                        and c.data.tags["per_class"] == str(point.step)]
+            (child,) = [
+                c for c in children if c.data.tags["encoder"] == encoder and c.data.tags["per_class"] == str(point.step)
+            ]
             assert point.value == pytest.approx(child.data.metrics["micro/P_at_1"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"saturation.csv", "saturation.png"} <= artifacts
@@ -75,17 +79,23 @@ def test_report_matches_logged_metrics(sweep):
     _, _, children = runs(sweep)
     assert len(table) == 4
     assert list(table.columns[:2]) == ["encoder", "per_class"]
-    assert [c for c in table.columns if "P@" in c and not c.endswith((" low", " high"))] == \
-        [f"{a} P@{n}" for a in ("micro", "macro") for n in (1, 3, 5, 10)]
+    assert [c for c in table.columns if "P@" in c and not c.endswith((" low", " high"))] == [
+        f"{a} P@{n}" for a in ("micro", "macro") for n in (1, 3, 5, 10)
+    ]
     assert table["micro P@1 low"].le(table["micro P@1"]).all()  # bootstrap bounds beside each value
     for child in children:
-        row = table[(table.encoder == child.data.tags["encoder"]) & (table.per_class.astype(str) == child.data.tags["per_class"])]
+        row = table[
+            (table.encoder == child.data.tags["encoder"])
+            & (table.per_class.astype(str) == child.data.tags["per_class"])
+        ]
         assert row["micro P@1"].item() == pytest.approx(child.data.metrics["micro/P_at_1"])
         assert row["macro P@10"].item() == pytest.approx(child.data.metrics["macro/P_at_10"])
     assert list(table["per_class"]) == [3, 10, 3, 10]  # index sizes in numeric order, not as text
     per_modality = pd.read_csv(sweep / "rep" / "per_modality.csv")
-    assert [c for c in per_modality.columns if "P@" in c and not c.endswith((" low", " high"))][:2] == \
-        ["micro P@1", "micro P@3"]  # as table1
+    assert [c for c in per_modality.columns if "P@" in c and not c.endswith((" low", " high"))][:2] == [
+        "micro P@1",
+        "micro P@3",
+    ]  # as table1
     assert "micro P@1 low" in per_modality  # bootstrap bounds beside each value
     assert list(per_modality["per_class"][:8]) == [3, 3, 3, 3, 10, 10, 10, 10]
     _, parents, _ = runs(sweep)

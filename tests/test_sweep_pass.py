@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import run_cbir
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
@@ -39,8 +38,15 @@ def dataset_rows(client, run) -> int:
 @pytest.mark.slow  # a real 3-job multirun
 def test_three_encoder_sweep_decodes_each_image_once(tmp_path, shared_data_dir):
     searchpath = with_tiny_encoder(tmp_path)
-    proc = run_cbir(tmp_path, "-m", "debug=smoke", "encoder=baseline,random,tiny_vit", "extract.num_workers=1",
-                    searchpath, f"paths.data_dir={shared_data_dir}")
+    proc = run_cbir(
+        tmp_path,
+        "-m",
+        "debug=smoke",
+        "encoder=baseline,random,tiny_vit",
+        "extract.num_workers=1",
+        searchpath,
+        f"paths.data_dir={shared_data_dir}",
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     found = client.search_runs([client.get_experiment_by_name("cbir").experiment_id])
     (parent,) = [r for r in found if r.data.tags.get("cbir.role") == "sweep"]
@@ -61,8 +67,13 @@ def test_command_line_pass_with_memory_budget(tmp_path, shared_data_dir):
     """1 MB of weights per pass: baseline and random (no weights) share a pass, the 1.2 MB
     tiny ViT would exceed it and is left alone to its job; a second call finds all cached."""
     searchpath = with_tiny_encoder(tmp_path)
-    common = ["debug=smoke", "encoder=baseline,random,tiny_vit", "extract.group_memory_gb=0.001", searchpath,
-              f"paths.data_dir={shared_data_dir}"]
+    common = [
+        "debug=smoke",
+        "encoder=baseline,random,tiny_vit",
+        "extract.group_memory_gb=0.001",
+        searchpath,
+        f"paths.data_dir={shared_data_dir}",
+    ]
     proc = run_cbir(tmp_path, *common, module="cbir.sweep_pass")
     log = proc.stdout + proc.stderr
     assert "1 shared pass(es), 2 encoders extracted" in log
@@ -75,17 +86,20 @@ def test_command_line_pass_with_memory_budget(tmp_path, shared_data_dir):
 
 def test_jobs_listed_as_the_basic_sweeper_launches_them():
     from conftest import compose
+
     from cbir.sweep_pass import sweep_jobs
 
     cfg = compose("experiment=smoke", hydra_node=True)  # the sweep lives in hydra.sweeper.params
     jobs = sweep_jobs(cfg, None)
-    assert [job[:2] for job in jobs] == [[f"encoder={e}", f"index.per_class={n}"]
-                                         for e in ("baseline", "random") for n in (3, 10, "all")]
+    assert [job[:2] for job in jobs] == [
+        [f"encoder={e}", f"index.per_class={n}"] for e in ("baseline", "random") for n in (3, 10, "all")
+    ]
     assert all(job[2] == "experiment=smoke" for job in jobs)
 
 
 def test_slurm_sweeps_leave_the_pass_to_a_job_of_its_own(caplog):
     from conftest import compose
+
     from cbir.sweep_pass import SharedPassCallback
 
     cfg = compose("hydra/launcher=slurm", hydra_node=True)

@@ -17,16 +17,38 @@ from cbir.checks import ConfigError, DataError
 
 
 def make_cfg(**task):
-    return OmegaConf.create({
-        "seed": 0,
-        "index": {"type": "flat", "per_class": None, "split": "train", "seed": 0, "use_gpu": False, "params": {}},
-        "eval": {"query_split": "test", "search_batch_size": 7, "n": [1], "curve_k": 0, "levels": []},
-        "task": {"name": "all", "evaluations": ["retrieval", "knn_classification", "linear_probe"],
-                 "knn": {"mode": "study", "select_k": True, "k_max": 9, "k": 3, "val_split": "val", **task.get("knn", {})},
-                 "probe": {"lr": 0.05, "weight_decay": 0.01, "batch_size": 16, "max_epochs": 30, "patience": 5,
-                           "init_std": 0.01, "normalise": True, "accelerator": "cpu", "val_split": "val", "cpu_threads": 1,
-                           **task.get("probe", {})}},
-    })
+    return OmegaConf.create(
+        {
+            "seed": 0,
+            "index": {"type": "flat", "per_class": None, "split": "train", "seed": 0, "use_gpu": False, "params": {}},
+            "eval": {"query_split": "test", "search_batch_size": 7, "n": [1], "curve_k": 0, "levels": []},
+            "task": {
+                "name": "all",
+                "evaluations": ["retrieval", "knn_classification", "linear_probe"],
+                "knn": {
+                    "mode": "study",
+                    "select_k": True,
+                    "k_max": 9,
+                    "k": 3,
+                    "val_split": "val",
+                    **task.get("knn", {}),
+                },
+                "probe": {
+                    "lr": 0.05,
+                    "weight_decay": 0.01,
+                    "batch_size": 16,
+                    "max_epochs": 30,
+                    "patience": 5,
+                    "init_std": 0.01,
+                    "normalise": True,
+                    "accelerator": "cpu",
+                    "val_split": "val",
+                    "cpu_threads": 1,
+                    **task.get("probe", {}),
+                },
+            },
+        }
+    )
 
 
 def make_data(seed=0, dim=6, val=True):
@@ -34,8 +56,11 @@ def make_data(seed=0, dim=6, val=True):
     rng = np.random.default_rng(seed)
     centres = {c: rng.normal(size=dim) for c in "ABCD"}
     rows = []
-    for split, per_class in (("train", {"A": 12, "B": 8, "C": 5}), ("val", {"A": 5, "B": 4}),
-                             ("test", {"A": 6, "B": 5, "C": 4, "D": 3})):
+    for split, per_class in (
+        ("train", {"A": 12, "B": 8, "C": 5}),
+        ("val", {"A": 5, "B": 4}),
+        ("test", {"A": 6, "B": 5, "C": 4, "D": 3}),
+    ):
         if split == "val" and not val:
             continue
         for c, n in per_class.items():
@@ -187,14 +212,41 @@ def test_errors_before_any_work():
 def test_report_tables_keep_each_task_to_its_own_table():
     from cbir import report
 
-    runs = pd.DataFrame([
-        {"encoder": "a", "dataset": "d", "index_type": "flat", "per_class": "all", "task": "retrieval",
-         "micro/P_at_1": 0.5, "macro/P_at_1": 0.4},
-        {"encoder": "a", "dataset": "d", "index_type": "flat", "per_class": "all", "task": "knn_classification",
-         "knn/accuracy": 0.7, "knn/macro_f1": 0.6, "knn/k": 5.0, "knn/modality/CT/accuracy": 0.8},
-        {"encoder": "b", "dataset": "d", "index_type": "flat", "per_class": "all", "task": "knn_classification",
-         "knn/accuracy": 0.2, "knn/macro_f1": 0.1, "knn/k": 9.0, "knn/modality/CT/accuracy": 0.3},
-    ])
+    runs = pd.DataFrame(
+        [
+            {
+                "encoder": "a",
+                "dataset": "d",
+                "index_type": "flat",
+                "per_class": "all",
+                "task": "retrieval",
+                "micro/P_at_1": 0.5,
+                "macro/P_at_1": 0.4,
+            },
+            {
+                "encoder": "a",
+                "dataset": "d",
+                "index_type": "flat",
+                "per_class": "all",
+                "task": "knn_classification",
+                "knn/accuracy": 0.7,
+                "knn/macro_f1": 0.6,
+                "knn/k": 5.0,
+                "knn/modality/CT/accuracy": 0.8,
+            },
+            {
+                "encoder": "b",
+                "dataset": "d",
+                "index_type": "flat",
+                "per_class": "all",
+                "task": "knn_classification",
+                "knn/accuracy": 0.2,
+                "knn/macro_f1": 0.1,
+                "knn/k": 9.0,
+                "knn/modality/CT/accuracy": 0.3,
+            },
+        ]
+    )
     assert report.table1(runs, [1])["encoder"].tolist() == ["a"]
     knn = report.classification_table(runs, "knn")
     assert knn["encoder"].tolist() == ["a", "b"] and knn["k"].tolist() == [5, 9]

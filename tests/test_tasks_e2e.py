@@ -62,20 +62,34 @@ def test_all_tasks_in_one_run(tmp_path, shared_data_dir):
     epochs = pd.read_csv(job / "probe_epochs.csv")
     assert m["probe/best_epoch"] == epochs["val_acc"].idxmax()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"knn_per_class.csv", "knn_confusion.csv", "knn_val_k.csv", "probe_per_class.csv",
-            "probe_confusion.csv", "probe_epochs.csv", "metrics.json"} <= artifacts
+    assert {
+        "knn_per_class.csv",
+        "knn_confusion.csv",
+        "knn_val_k.csv",
+        "probe_per_class.csv",
+        "probe_confusion.csv",
+        "probe_epochs.csv",
+        "metrics.json",
+    } <= artifacts
 
 
 @pytest.mark.slow
 def test_sweep_over_encoders_and_tasks_and_the_report(tmp_path, shared_data_dir):
-    run_cbir(tmp_path, "-m", *QUICK, "encoder=baseline,random", "task=retrieval,knn_classification,linear_probe",
-             f"paths.data_dir={shared_data_dir}")
+    run_cbir(
+        tmp_path,
+        "-m",
+        *QUICK,
+        "encoder=baseline,random",
+        "task=retrieval,knn_classification,linear_probe",
+        f"paths.data_dir={shared_data_dir}",
+    )
     _, found = runs(tmp_path)
     parent = [r for r in found if r.data.tags.get("cbir.role") == "sweep"]
     children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert sorted((c.data.tags["encoder"], c.data.tags["task"]) for c in children) == [
-        (e, t) for e in ("baseline", "random") for t in ("knn_classification", "linear_probe", "retrieval")]
+        (e, t) for e in ("baseline", "random") for t in ("knn_classification", "linear_probe", "retrieval")
+    ]
     for child in children:
         keys = {k.split("/")[0] for k in child.data.metrics}
         task = child.data.tags["task"]
@@ -86,8 +100,9 @@ def test_sweep_over_encoders_and_tasks_and_the_report(tmp_path, shared_data_dir)
         table = pd.read_csv(tmp_path / "reports" / f"{name}.csv")
         assert sorted(table["encoder"]) == ["baseline", "random"], name
     knn = pd.read_csv(tmp_path / "reports" / "knn_classification.csv").set_index("encoder")
-    child = next(c for c in children if c.data.tags["task"] == "knn_classification"
-                 and c.data.tags["encoder"] == "baseline")
+    child = next(
+        c for c in children if c.data.tags["task"] == "knn_classification" and c.data.tags["encoder"] == "baseline"
+    )
     assert knn.loc["baseline", "macro F1"] == pytest.approx(child.data.metrics["knn/macro_f1"])
     assert knn.loc["baseline", "k"] == child.data.metrics["knn/k"]
     # the embedding space of the baseline classifies better than random weights
@@ -99,8 +114,14 @@ def test_sweep_over_encoders_and_tasks_and_the_report(tmp_path, shared_data_dir)
 
 
 def test_k_larger_than_the_index_fails_before_any_work(tmp_path, shared_data_dir):
-    proc = run_cbir(tmp_path, "debug=smoke", "task=knn_classification", "task.knn.k_max=5000",
-                    f"paths.data_dir={shared_data_dir}", check=False)
+    proc = run_cbir(
+        tmp_path,
+        "debug=smoke",
+        "task=knn_classification",
+        "task.knn.k_max=5000",
+        f"paths.data_dir={shared_data_dir}",
+        check=False,
+    )
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr
     assert "task.knn.k_max=5000: k is larger than the index" in out and "Traceback" not in out

@@ -32,8 +32,12 @@ from tests.conftest import compose, run_cbir
 CLASSES = ["CT/abd/normal", "MR/knee/meniscal_abnormality", "XR/chest/Pleural Effusion"]
 TEMPLATES = ["a {modality} image of the {anatomy} showing {finding}", "{modality} of the {anatomy}: {finding}"]
 NAMES = {"XR": "X-ray", "MR": "MRI"}
-TINY_SIGLIP = ["encoder.text.model_config.hidden_size=32", "encoder.text.model_config.intermediate_size=64",
-               "encoder.text.model_config.num_hidden_layers=2", "encoder.text.model_config.num_attention_heads=2"]
+TINY_SIGLIP = [
+    "encoder.text.model_config.hidden_size=32",
+    "encoder.text.model_config.intermediate_size=64",
+    "encoder.text.model_config.num_hidden_layers=2",
+    "encoder.text.model_config.num_attention_heads=2",
+]
 
 
 def save_tiny_tokenizer(folder, words=()) -> str:
@@ -79,8 +83,9 @@ def test_open_clip_class_weights_equal_open_clips_zero_shot_classifier(tmp_path)
     tower = build_text_tower(cfg.encoder, seed=1)
     ours = class_embeddings(tower, class_prompts(CLASSES, TEMPLATES, NAMES))
     templates = [lambda c, t=t: class_prompts([c], [t], NAMES)[0][0] for t in TEMPLATES]
-    theirs = build_zero_shot_classifier(model, open_clip.get_tokenizer("ViT-B-32"), CLASSES, templates,
-                                        num_classes_per_batch=2)
+    theirs = build_zero_shot_classifier(
+        model, open_clip.get_tokenizer("ViT-B-32"), CLASSES, templates, num_classes_per_batch=2
+    )
     np.testing.assert_allclose(ours, theirs.T.numpy(), rtol=0, atol=2e-6)
     assert tower.identity()["weights"] == str(weights.resolve())
 
@@ -91,16 +96,22 @@ def test_transformers_text_tower_equals_get_text_features(tmp_path, tokenizers_d
 
     torch.manual_seed(0)
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    model = SiglipModel(SiglipConfig(text_config={**small, "vocab_size": 32000, "max_position_embeddings": 64},
-                                     vision_config={**small, "image_size": 28, "patch_size": 14})).eval()
+    model = SiglipModel(
+        SiglipConfig(
+            text_config={**small, "vocab_size": 32000, "max_position_embeddings": 64},
+            vision_config={**small, "image_size": 28, "patch_size": 14},
+        )
+    ).eval()
     weights = tmp_path / "siglip.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    cfg = compose("encoder=medsiglip", f"encoder.weights={weights}", *TINY_SIGLIP,
-                  f"paths.tokenizers_dir={tokenizers_dir}")
+    cfg = compose(
+        "encoder=medsiglip", f"encoder.weights={weights}", *TINY_SIGLIP, f"paths.tokenizers_dir={tokenizers_dir}"
+    )
     tower = build_text_tower(cfg.encoder, seed=1, tokenizers_dir=cfg.paths.tokenizers_dir)
     texts = [p for ps in class_prompts(CLASSES, TEMPLATES, NAMES) for p in ps]
-    ids = AutoTokenizer.from_pretrained(tokenizers_dir / "medsiglip")(texts, padding="max_length", max_length=64,
-                                                                       return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(tokenizers_dir / "medsiglip")(
+        texts, padding="max_length", max_length=64, return_tensors="pt"
+    )["input_ids"]
     with torch.inference_mode():
         theirs = model.get_text_features(input_ids=ids)
     theirs = getattr(theirs, "pooler_output", theirs)
@@ -222,9 +233,19 @@ def test_sweep_runs_image_and_text_evaluations_side_by_side(tmp_path, tokenizers
     encoder (skipped, saying so), two with text towers; the report puts them in one table."""
     import mlflow
 
-    run_cbir(tmp_path, "-m", "encoder=biomedclip,medsiglip,dinov3", "task=all", "++encoder.pretrained=false",
-             "++encoder.input_size=64", "debug=smoke", "task.probe.max_epochs=3", "task.knn.k_max=5",
-             f"paths.tokenizers_dir={tokenizers_dir}", timeout=3000)
+    run_cbir(
+        tmp_path,
+        "-m",
+        "encoder=biomedclip,medsiglip,dinov3",
+        "task=all",
+        "++encoder.pretrained=false",
+        "++encoder.input_size=64",
+        "debug=smoke",
+        "task.probe.max_epochs=3",
+        "task.knn.k_max=5",
+        f"paths.tokenizers_dir={tokenizers_dir}",
+        timeout=3000,
+    )
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FINISHED'")
     runs = runs[runs["tags.encoder"].notna()].set_index("tags.encoder")
@@ -250,14 +271,29 @@ ONE_TEMPLATE = "task.text.templates=['{modality} of the {anatomy}: {finding}']"
 def test_free_text_search_on_a_saved_index_uses_the_runs_text_tower(tmp_path, shared_data_dir):
     import faiss
 
-    run_cbir(tmp_path, "debug=smoke", *CLIP_B32, "task=text_retrieval", ONE_TEMPLATE, "hydra.run.dir=text_job",
-             f"paths.data_dir={shared_data_dir}")  # fills the class text cache with the run's text tower
-    run_cbir(tmp_path, "debug=smoke", *CLIP_B32, "index.save=true", "hydra.run.dir=job",
-             f"paths.data_dir={shared_data_dir}")
+    run_cbir(
+        tmp_path,
+        "debug=smoke",
+        *CLIP_B32,
+        "task=text_retrieval",
+        ONE_TEMPLATE,
+        "hydra.run.dir=text_job",
+        f"paths.data_dir={shared_data_dir}",
+    )  # fills the class text cache with the run's text tower
+    run_cbir(
+        tmp_path, "debug=smoke", *CLIP_B32, "index.save=true", "hydra.run.dir=job", f"paths.data_dir={shared_data_dir}"
+    )
     prompts = pd.read_csv(tmp_path / "text_job" / "text_prompts.csv")
     label, prompt = prompts.iloc[0]["class"], prompts.iloc[0]["prompt"]
-    proc = run_cbir(tmp_path, "search.index_dir=job/index", f"search.text='{prompt}'", "search.k=5",
-                    "search.output=found.csv", "search.gallery=found.png", module="cbir.search")
+    proc = run_cbir(
+        tmp_path,
+        "search.index_dir=job/index",
+        f"search.text='{prompt}'",
+        "search.k=5",
+        "search.output=found.csv",
+        "search.gallery=found.png",
+        module="cbir.search",
+    )
     assert "similarity" in proc.stdout and (tmp_path / "found.png").is_file()
     found = pd.read_csv(tmp_path / "found.csv").sort_values("rank")
     # the run's own class text embedding of that prompt (its cache), searched in the saved index
@@ -270,8 +306,15 @@ def test_free_text_search_on_a_saved_index_uses_the_runs_text_tower(tmp_path, sh
 
 @pytest.mark.slow
 def test_free_text_search_on_an_index_without_text_tower_is_a_clear_error(tmp_path, shared_data_dir):
-    run_cbir(tmp_path, "debug=smoke", "encoder=baseline", "index.save=true", "hydra.run.dir=job",
-             f"paths.data_dir={shared_data_dir}")
-    proc = run_cbir(tmp_path, "search.index_dir=job/index", "search.text='chest X-ray'", module="cbir.search",
-                    check=False)
+    run_cbir(
+        tmp_path,
+        "debug=smoke",
+        "encoder=baseline",
+        "index.save=true",
+        "hydra.run.dir=job",
+        f"paths.data_dir={shared_data_dir}",
+    )
+    proc = run_cbir(
+        tmp_path, "search.index_dir=job/index", "search.text='chest X-ray'", module="cbir.search", check=False
+    )
     assert proc.returncode == 2 and "has no text tower" in proc.stdout + proc.stderr

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PROJECT, compose, run_cbir
 from mlflow.tracking import MlflowClient
 
 from cbir import process
 from cbir.checks import ConfigError, check_tracking
 from cbir.tracking import PARENT_ENV, Tracker
-from conftest import PROJECT, compose, run_cbir
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
 
@@ -62,8 +62,13 @@ def test_a_store_named_by_the_environment_keeps_its_artifacts_beside_it(tmp_path
     database = tmp_path / "elsewhere" / "env.db"
     launch = tmp_path / "launch"
     launch.mkdir()
-    proc = run_cbir(launch, *SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=true",
-                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{database}"})
+    proc = run_cbir(
+        launch,
+        *SMALL,
+        f"paths.data_dir={shared_data_dir}",
+        "tracking.enabled=true",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{database}"},
+    )
     assert f"artifacts in {database.parent / 'artifacts'}" in output(proc)  # said at start
     _, (run,) = all_runs(f"sqlite:///{database}")
     assert run.info.artifact_uri.startswith((database.parent / "artifacts").as_uri())
@@ -136,11 +141,26 @@ def test_a_read_only_store_is_a_one_line_error_before_any_work(tmp_path, shared_
     database.chmod(0o444)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     try:
-        for uri, message in ((f"sqlite:///{folder}/mlflow.db", f"the database folder {folder} is not writable"),
-                             (f"sqlite:///{database}", f"{database} is not writable by this user")):
-            proc = subprocess.run([*as_an_ordinary_user(), sys.executable, "-m", "cbir.run", *SMALL,
-                                   f"paths.data_dir={shared_data_dir}", f"tracking.uri={uri}"],
-                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        for uri, message in (
+            (f"sqlite:///{folder}/mlflow.db", f"the database folder {folder} is not writable"),
+            (f"sqlite:///{database}", f"{database} is not writable by this user"),
+        ):
+            proc = subprocess.run(
+                [
+                    *as_an_ordinary_user(),
+                    sys.executable,
+                    "-m",
+                    "cbir.run",
+                    *SMALL,
+                    f"paths.data_dir={shared_data_dir}",
+                    f"tracking.uri={uri}",
+                ],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 2, output(proc)[-3000:]
             assert message in output(proc) and "Traceback" not in output(proc)
             assert not (tmp_path / ".cache").exists()  # refused before any extraction
@@ -159,8 +179,9 @@ def test_environment_store_is_used_and_checked_before_any_work(tmp_path, shared_
     assert f"tracking.uri=sqlite:///{folder}: {folder} is a folder" in output(proc)
     assert not (tmp_path / ".cache").exists() and not (tmp_path / "mlruns").exists()
     # a sweep checks it in the launching process, before any job
-    proc = run_cbir(tmp_path, "-m", *SMALL, "encoder=baseline,random", "tracking.uri=mysql://db.example/mlflow",
-                    check=False)
+    proc = run_cbir(
+        tmp_path, "-m", *SMALL, "encoder=baseline,random", "tracking.uri=mysql://db.example/mlflow", check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in output(proc)
     assert "tracking.uri=mysql://db.example/mlflow: the database driver is not installed" in output(proc)
 
@@ -178,8 +199,9 @@ class StoreHeldLocked:
     """Another process holding the SQLite file in an exclusive transaction (a sqlite3 shell, say)."""
 
     def __init__(self, database: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(database)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(database)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout.readline().strip() == "locked"
 
     def release(self) -> None:
@@ -218,8 +240,10 @@ def test_a_store_locked_during_a_run_lets_the_job_write_its_files_then_says_so(t
     tracker = Tracker(f"sqlite:///{database}", "cbir", artifact_root=str(tmp_path / "artifacts"))
     tracker.claim("job", {"config_hash": "c1"})
     out = tmp_path / "job"
-    with (pytest.raises(cbir.tracking.tracking_store.TrackingUnavailable) as caught,
-          tracker.start("job", {"config_hash": "c1"}, {"p": 1}, files_in=out)):
+    with (
+        pytest.raises(cbir.tracking.tracking_store.TrackingUnavailable) as caught,
+        tracker.start("job", {"config_hash": "c1"}, {"p": 1}, files_in=out),
+    ):
         holder = StoreHeldLocked(database)
         try:
             tracker.log_metrics({"micro/P_at_1": 0.5})  # the store is locked: not recorded ...
@@ -254,8 +278,16 @@ with tracker.start("job", {"config_hash": f"c{os.getpid()}"}, {"p": 1}):
 def test_processes_starting_together_on_a_new_store_all_succeed(tmp_path):
     uri, go = f"sqlite:///{tmp_path}/new/mlflow.db", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    procs = [subprocess.Popen([sys.executable, "-c", ONE_RUN, uri, str(go)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ONE_RUN, uri, str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     time.sleep(4)  # all three are waiting at the start line with mlflow imported
     go.touch()
     outputs = [p.communicate(timeout=240)[0] for p in procs]
@@ -281,8 +313,13 @@ def test_claim_marks_dead_runs_killed_and_waits_for_a_live_twin(tmp_path, monkey
     dead = {
         "process gone": twin(**{process.HOST: here, process.PID: ended.stdout.strip()}),
         "pid reused": twin(**{process.HOST: here, process.PID: os.getpid(), process.PID_STARTED: "1"}),
-        "silent elsewhere": twin(**{process.HOST: "node-elsewhere", process.PID: 7,
-                                    process.HEARTBEAT: int(now - 2 * process.STALE_AFTER_SECONDS)}),
+        "silent elsewhere": twin(
+            **{
+                process.HOST: "node-elsewhere",
+                process.PID: 7,
+                process.HEARTBEAT: int(now - 2 * process.STALE_AFTER_SECONDS),
+            }
+        ),
     }
     live = twin(**{process.HOST: "node-elsewhere", process.PID: 7, process.HEARTBEAT: int(now)})
     assert process.is_alive(process.process_tags()) is True and process.is_alive({}) is None
@@ -302,8 +339,17 @@ def test_claim_marks_dead_runs_killed_and_waits_for_a_live_twin(tmp_path, monkey
 def test_two_identical_sweeps_at_once_run_each_job_once(tmp_path, shared_data_dir):
     sweep = ["-m", *SMALL, "encoder=baseline,random", f"paths.data_dir={shared_data_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "cbir.run", *sweep], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cbir.run", *sweep],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     _, runs = all_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -322,8 +368,9 @@ def start_and_stop_mid_extraction(cwd: Path, overrides: list[str], sig: int) -> 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log_file = cwd / f"run-{sig}.log"
     with log_file.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cbir.run", *overrides], cwd=cwd, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cbir.run", *overrides], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     deadline = time.time() + 300
     start_rows = None
     while time.time() < deadline and proc.poll() is None:
@@ -342,8 +389,14 @@ def start_and_stop_mid_extraction(cwd: Path, overrides: list[str], sig: int) -> 
 
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_a_dead_run_is_marked_on_resume(tmp_path, shared_data_dir):
-    overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "encoder=resnet50", "encoder.pretrained=false",
-                 "encoder.input_size=128", "extract.batch_size=4"]
+    overrides = [
+        *SMALL,
+        f"paths.data_dir={shared_data_dir}",
+        "encoder=resnet50",
+        "encoder.pretrained=false",
+        "encoder.input_size=128",
+        "extract.batch_size=4",
+    ]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     # SIGTERM (Slurm's time limit): exit 143, run KILLED, the rows extracted so far kept
     returncode, text, rows_at_term = start_and_stop_mid_extraction(tmp_path, overrides, signal.SIGTERM)

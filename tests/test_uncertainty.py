@@ -30,9 +30,7 @@ def test_interval_agrees_with_scipy_percentile_bootstrap(kind):
         "continuous": rng.beta(2, 5, 400),
         "p_at_10": rng.integers(0, 11, 300) / 10,
     }[kind]
-    bounds = uncertainty.mean_intervals(
-        values, np.zeros(len(values), int), 20000, 0.95, uncertainty.rng_for(7, kind)
-    )
+    bounds = uncertainty.mean_intervals(values, np.zeros(len(values), int), 20000, 0.95, uncertainty.rng_for(7, kind))
     low, high = scipy_interval(values)
     width = high - low
     # Monte-Carlo error of a 2.5 % quantile with 20,000 resamples is ~1 % of the width
@@ -44,17 +42,11 @@ def test_interval_agrees_with_scipy_percentile_bootstrap(kind):
 def test_stratified_resamples_keep_every_class_and_its_count():
     values = np.r_[np.ones(5), np.zeros(95)]
     classes = np.r_[np.zeros(5, int), np.ones(95, int)]
-    sums, counts = uncertainty.class_resample_sums(
-        values, classes, 500, uncertainty.rng_for(0, "t")
-    )
+    sums, counts = uncertainty.class_resample_sums(values, classes, 500, uncertainty.rng_for(0, "t"))
     assert list(counts) == [5, 95]
-    assert np.all(sums[:, 0] == 5) and np.all(
-        sums[:, 1] == 0
-    )  # a class never loses its queries
+    assert np.all(sums[:, 0] == 5) and np.all(sums[:, 1] == 0)  # a class never loses its queries
     # macro is then the same in every resample: mean of 1.0 and 0.0
-    micro, macro = uncertainty.micro_macro_samples(
-        values, classes, 500, uncertainty.rng_for(0, "t")
-    )
+    micro, macro = uncertainty.micro_macro_samples(values, classes, 500, uncertainty.rng_for(0, "t"))
     assert np.allclose(macro, 0.5) and np.allclose(micro, 0.05)
 
 
@@ -64,9 +56,7 @@ def test_stratified_interval_matches_index_resampling_within_each_class():
     rng = np.random.default_rng(5)
     classes = np.repeat(np.arange(4), [10, 30, 60, 200])
     values = rng.integers(0, 6, len(classes)) / 5
-    bounds = uncertainty.mean_intervals(
-        values, classes, 20000, 0.95, uncertainty.rng_for(1, "m")
-    )
+    bounds = uncertainty.mean_intervals(values, classes, 20000, 0.95, uncertainty.rng_for(1, "m"))
     by_class = [values[classes == c] for c in range(4)]
     ci = stats.bootstrap(
         by_class,
@@ -84,9 +74,7 @@ def test_many_distinct_values_use_index_resampling_with_the_same_result():
     rng = np.random.default_rng(9)
     values = rng.random(2000)  # > MAX_DISTINCT distinct values: index-array path
     low, high = scipy_interval(values)
-    bounds = uncertainty.mean_intervals(
-        values, np.zeros(2000, int), 20000, 0.95, uncertainty.rng_for(3, "x")
-    )
+    bounds = uncertainty.mean_intervals(values, np.zeros(2000, int), 20000, 0.95, uncertainty.rng_for(3, "x"))
     assert bounds["micro"][0] == pytest.approx(low, abs=0.04 * (high - low))
     assert bounds["micro"][1] == pytest.approx(high, abs=0.04 * (high - low))
 
@@ -103,22 +91,14 @@ def test_retrieval_intervals_bracket_the_point_estimate_and_are_seeded():
     )
     records.loc[:4, "P@1"] = np.nan  # excluded queries
     first = uncertainty.retrieval_intervals(records, [1, 10], 300, 0.95, seed=42)
-    assert first == uncertainty.retrieval_intervals(
-        records, [1, 10], 300, 0.95, seed=42
-    )
-    assert first != uncertainty.retrieval_intervals(
-        records, [1, 10], 300, 0.95, seed=43
-    )
+    assert first == uncertainty.retrieval_intervals(records, [1, 10], 300, 0.95, seed=42)
+    assert first != uncertainty.retrieval_intervals(records, [1, 10], 300, 0.95, seed=43)
     assert "modality/CT/macro/P_at_10_ci_high" in first
     ok = records["P@1"].notna()
-    micro, macro = uncertainty.point_micro_macro(
-        records["P@1"][ok].to_numpy(), records["class"][ok].to_numpy()
-    )
+    micro, macro = uncertainty.point_micro_macro(records["P@1"][ok].to_numpy(), records["class"][ok].to_numpy())
     assert first["micro/P_at_1_ci_low"] < micro < first["micro/P_at_1_ci_high"]
     assert first["macro/P_at_1_ci_low"] < macro < first["macro/P_at_1_ci_high"]
-    assert (
-        uncertainty.retrieval_intervals(records, [1], 0, 0.95, seed=42) == {}
-    )  # resamples=0: off
+    assert uncertainty.retrieval_intervals(records, [1], 0, 0.95, seed=42) == {}  # resamples=0: off
 
 
 def test_resampled_confusions_give_sklearn_macro_f1_and_weighted_auc_equals_sklearn_on_repeated_rows():
@@ -131,23 +111,17 @@ def test_resampled_confusions_give_sklearn_macro_f1_and_weighted_auc_equals_skle
     repeated = np.repeat(np.arange(120), weights[0].astype(int))
     one_hot = np.eye(4, dtype=bool)[truth]
     for c in range(4):
-        assert uncertainty.weighted_auc(probabilities[:, c], one_hot[:, c], weights)[
-            0
-        ] == pytest.approx(
+        assert uncertainty.weighted_auc(probabilities[:, c], one_hot[:, c], weights)[0] == pytest.approx(
             roc_auc_score(one_hot[repeated, c], probabilities[repeated, c])
         )
-    assert uncertainty.weighted_auc(
-        probabilities.ravel(), one_hot.ravel(), np.repeat(weights, 4, axis=1)
-    )[0] == pytest.approx(
-        roc_auc_score(one_hot[repeated], probabilities[repeated], average="micro")
-    )
+    assert uncertainty.weighted_auc(probabilities.ravel(), one_hot.ravel(), np.repeat(weights, 4, axis=1))[
+        0
+    ] == pytest.approx(roc_auc_score(one_hot[repeated], probabilities[repeated], average="micro"))
     predicted = probabilities.argmax(1)
     matrix = np.zeros((1, 4, 4))
     np.add.at(matrix[0], (truth[repeated], predicted[repeated]), 1)
     f1 = uncertainty.f1_from_confusions(matrix)
-    assert f1["macro_f1"][0] == pytest.approx(
-        f1_score(truth[repeated], predicted[repeated], average="macro")
-    )
+    assert f1["macro_f1"][0] == pytest.approx(f1_score(truth[repeated], predicted[repeated], average="macro"))
     bounds = uncertainty.classification_intervals(
         truth, probabilities, 200, 0.95, 0, modality=np.array(["A", "B"] * 60)
     )
@@ -159,54 +133,32 @@ def test_resampled_confusions_give_sklearn_macro_f1_and_weighted_auc_equals_skle
         "modality/A/macro_f1",
     ):
         assert bounds[f"{name}_ci_low"] <= bounds[f"{name}_ci_high"]
-    assert (
-        bounds["macro_f1_ci_low"]
-        < f1_score(truth, predicted, average="macro")
-        < bounds["macro_f1_ci_high"]
-    )
+    assert bounds["macro_f1_ci_low"] < f1_score(truth, predicted, average="macro") < bounds["macro_f1_ci_high"]
 
 
 def test_sign_flip_exact_for_few_differences_and_matches_enumeration():
     d = np.array([0.3, -0.1, 0.2, 0.0, 0.4])
     # by hand: 16 sign patterns of the 4 nonzero |d|, |sum| >= 0.8
-    patterns = np.array(
-        [
-            [s1, s2, s3, s4]
-            for s1 in (1, -1)
-            for s2 in (1, -1)
-            for s3 in (1, -1)
-            for s4 in (1, -1)
-        ]
-    )
+    patterns = np.array([[s1, s2, s3, s4] for s1 in (1, -1) for s2 in (1, -1) for s3 in (1, -1) for s4 in (1, -1)])
     expected = np.mean(np.abs(patterns @ np.array([0.3, 0.1, 0.2, 0.4])) >= 0.8 - 1e-12)
-    p = uncertainty.sign_flip_p(
-        d, np.zeros(5, int), "micro", 10000, uncertainty.rng_for(0, "f")
-    )
+    p = uncertainty.sign_flip_p(d, np.zeros(5, int), "micro", 10000, uncertainty.rng_for(0, "f"))
     assert p == pytest.approx(expected)
 
 
 def test_sign_flip_monte_carlo_agrees_with_scipy_permutation_test():
     rng = np.random.default_rng(4)
     d = rng.integers(-1, 2, 200) * (rng.random(200) < 0.5) + (rng.random(200) < 0.06)
-    ours = uncertainty.sign_flip_p(
-        d, np.zeros(200, int), "micro", 20000, uncertainty.rng_for(0, "f")
-    )
-    theirs = stats.permutation_test(
-        (d,), np.mean, permutation_type="samples", n_resamples=20000, random_state=0
-    ).pvalue
+    ours = uncertainty.sign_flip_p(d, np.zeros(200, int), "micro", 20000, uncertainty.rng_for(0, "f"))
+    theirs = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=20000, random_state=0).pvalue
     assert ours == pytest.approx(theirs, abs=0.02)
 
 
 def test_holm_matches_the_textbook_example():
-    assert np.allclose(
-        uncertainty.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02]
-    )
+    assert np.allclose(uncertainty.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
     assert np.allclose(uncertainty.holm([0.5, 0.9]), [1.0, 1.0])
 
 
-def paired_records(
-    seed: int, rates: dict[str, float], n: int = 600
-) -> dict[str, pd.DataFrame]:
+def paired_records(seed: int, rates: dict[str, float], n: int = 600) -> dict[str, pd.DataFrame]:
     """Per-query P@1 of several runs on the same queries: a run hits with its rate, and runs
     with equal rates are independent draws (two runs of one encoder with different noise)."""
     rng = np.random.default_rng(seed)
@@ -222,9 +174,7 @@ def paired_records(
 
 def test_paired_comparison_finds_a_planted_difference_and_ties_two_runs_of_one_encoder():
     records = paired_records(2, {"good": 0.6, "good_again": 0.6, "worse": 0.45})
-    table = uncertainty.compare_runs(
-        records, [("micro", "P@1"), ("macro", "P@1")], 500, 0.95, 10000, seed=1
-    )
+    table = uncertainty.compare_runs(records, [("micro", "P@1"), ("macro", "P@1")], 500, 0.95, 10000, seed=1)
     assert len(table) == 6  # 3 pairs x 2 metrics
     for metric in ("micro P@1", "macro P@1"):
         rows = table[table["metric"] == metric]
@@ -262,9 +212,7 @@ def test_scale_of_the_vectorised_bootstrap_is_independent_of_query_count_for_p_a
     q = 1_600_000
     classes = rng.integers(0, 165, q)
     values = rng.integers(0, 11, q) / 10
-    bounds = uncertainty.mean_intervals(
-        values, classes, 200, 0.95, uncertainty.rng_for(0, "big")
-    )
+    bounds = uncertainty.mean_intervals(values, classes, 200, 0.95, uncertainty.rng_for(0, "big"))
     assert bounds["micro"][0] < values.mean() < bounds["micro"][1]
     assert bounds["micro"][1] - bounds["micro"][0] < 0.002
 

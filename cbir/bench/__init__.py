@@ -45,8 +45,17 @@ from cbir import CONFIG_DIR  # noqa: E402
 from cbir.bench import extraction, memory, metrics, published, scale, search, serving, sweep, uncertainty  # noqa: E402
 
 log = logging.getLogger("cbir.bench")
-SECTIONS = {"extraction": extraction, "sweep": sweep, "search": search, "metrics": metrics, "memory": memory,
-            "scale": scale, "serving": serving, "uncertainty": uncertainty, "published": published}
+SECTIONS = {
+    "extraction": extraction,
+    "sweep": sweep,
+    "search": search,
+    "metrics": metrics,
+    "memory": memory,
+    "scale": scale,
+    "serving": serving,
+    "uncertainty": uncertainty,
+    "published": published,
+}
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
@@ -76,8 +85,11 @@ def _metrics_for_mlflow(results: dict) -> dict[str, float]:
     from cbir.tracking import flatten
 
     flat = flatten(json.loads(json.dumps(results, default=str)))
-    return {k.replace("@", "_at_"): float(v) for k, v in flat.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k.replace("@", "_at_"): float(v)
+        for k, v in flat.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -95,9 +107,16 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     data_dir = Path(cfg.paths.data_dir).resolve() / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cbir-bench-", dir=out_dir))
-    results: dict = {"meta": {"quick": bool(bc.quick), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    results: dict = {
+        "meta": {
+            "quick": bool(bc.quick),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    }
     started = time.perf_counter()
     try:
         for name in bc.sections:
@@ -114,9 +133,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     print_table(results)
     print(f"results: {path}")
     tracker = Tracker.from_config(cfg)
-    with tracker.start("bench-quick" if bc.quick else "bench", {"quick": bool(bc.quick)},
-                       {f"bench.{k}": v for k, v in OmegaConf.to_container(bc, resolve=True).items()
-                        if not isinstance(v, dict)}):
+    with tracker.start(
+        "bench-quick" if bc.quick else "bench",
+        {"quick": bool(bc.quick)},
+        {f"bench.{k}": v for k, v in OmegaConf.to_container(bc, resolve=True).items() if not isinstance(v, dict)},
+    ):
         tracker.log_metrics(_metrics_for_mlflow(results))
         tracker.log_artifact(path)
         tracker.log_artifact(out_dir / "bench.md")
@@ -124,8 +145,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
-
-
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -34,20 +34,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-
-
 def child_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-            "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
-
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def run_child(target: str, spec: dict, timeout: int = 1200) -> dict:
     """Run `target(spec)` ("module:function") in a fresh interpreter; it prints one JSON line."""
     module, function = target.split(":")
     code = f"import sys; from {module} import {function}; {function}(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          env=child_env(), timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=child_env(), timeout=timeout
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{target} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -58,8 +60,12 @@ def synthetic(root: Path, n: int, image_size: int):
     from cbir.data.synthetic import SyntheticDataset
 
     per_class = max(2, math.ceil(n / 36) + 1)  # 4 modalities x 3 anatomies x 3 pathologies
-    dataset = SyntheticDataset(root=root / f"synthetic-{image_size}px-{per_class}", max_per_class=per_class,
-                               min_per_class=per_class, image_size=image_size)
+    dataset = SyntheticDataset(
+        root=root / f"synthetic-{image_size}px-{per_class}",
+        max_per_class=per_class,
+        min_per_class=per_class,
+        image_size=image_size,
+    )
     manifest = dataset.load_manifest()
     table = manifest.table.iloc[:n].reset_index(drop=True)
     return manifest.with_table(table)
@@ -88,9 +94,7 @@ def extract_cfg(**overrides) -> DictConfig:
     return OmegaConf.merge(cfg, overrides)
 
 
-
 def random_unit(n: int, dim: int, seed: int) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
-

@@ -37,12 +37,22 @@ log = logging.getLogger("cbir.bench.decode")
 BASELINE = {"_target_": "cbir.encoders.classical.ClassicalEncoder", "name": "baseline"}
 RANDOM = {"_target_": "cbir.encoders.control.RandomEncoder", "name": "random"}
 ENCODER_SETS = {
-    "cheap": {"baseline": BASELINE, "random": RANDOM,
-              "random96": {**RANDOM, "name": "random96", "image_size": 96, "dim": 32}},
-    "mixed": {"baseline": BASELINE, "random": RANDOM,
-              "tiny_vit": {"_target_": "cbir.encoders.timm_encoder.TimmEncoder", "name": "tiny_vit",
-                           "model_name": "test_vit", "pretrained": False,
-                           "preprocess": {"mode": "squash", "crop": 160, "interpolation": "bicubic"}}},
+    "cheap": {
+        "baseline": BASELINE,
+        "random": RANDOM,
+        "random96": {**RANDOM, "name": "random96", "image_size": 96, "dim": 32},
+    },
+    "mixed": {
+        "baseline": BASELINE,
+        "random": RANDOM,
+        "tiny_vit": {
+            "_target_": "cbir.encoders.timm_encoder.TimmEncoder",
+            "name": "tiny_vit",
+            "model_name": "test_vit",
+            "pretrained": False,
+            "preprocess": {"mode": "squash", "crop": 160, "interpolation": "bicubic"},
+        },
+    },
 }
 # CPU preprocessing of one decoded image at the study's input sizes (resize the shorter side
 # then centre-crop, bicubic, RGB as the neural encoders use)
@@ -79,28 +89,38 @@ def projection(per_image: dict, images: int = 1_600_000, cores: int = 16, gpu_sp
     plus one preprocessing per distinct group on the cores, all forwards on the GPU, the longer
     of the two; with device preprocessing the cores only decode. `gpu_speedup` scales the
     published RTX 4090 throughput (e.g. ~2 for an H100 in bf16)."""
+
     def prep_s(size: int) -> float:
         known = min(PREPROCESS_SIZES, key=lambda s: abs(s - size))
         return per_image[f"preprocess_{known}_ms"] / 1000
 
     decode_s = per_image["decode_ms"] / 1000
     gpu = {name: images / (ips * gpu_speedup) for name, (_, _, ips) in STUDY_ENCODERS.items()}
-    singles = sum(max(images * (decode_s + prep_s(size)) / cores, gpu[name])
-                  for name, (size, _, _) in STUDY_ENCODERS.items())
+    singles = sum(
+        max(images * (decode_s + prep_s(size)) / cores, gpu[name]) for name, (size, _, _) in STUDY_ENCODERS.items()
+    )
     groups = {group: size for size, group, _ in STUDY_ENCODERS.values()}
     cpu_shared = images * (decode_s + sum(prep_s(size) for size in groups.values())) / cores
     cpu_device = images * decode_s / cores
     gpu_total = sum(gpu.values())
     hours = 3600
-    return {"images": images, "cores": cores, "gpu_speedup": gpu_speedup, "encoders": len(STUDY_ENCODERS),
-            "preprocess_groups": len(groups),
-            "singles_hours": singles / hours, "singles_cpu_hours": sum(
-                images * (decode_s + prep_s(s)) / cores for s, _, _ in STUDY_ENCODERS.values()) / hours,
-            "shared_cpu_hours": cpu_shared / hours, "shared_device_cpu_hours": cpu_device / hours,
-            "gpu_hours": gpu_total / hours, "shared_hours": max(cpu_shared, gpu_total) / hours,
-            "shared_device_hours": max(cpu_device, gpu_total) / hours,
-            "bound": "GPU (encoder forward)" if gpu_total >= cpu_shared else "CPU (decode + preprocess)",
-            "gpu_hours_sam_medsam_ark": sum(gpu[n] for n in ("sam", "medsam", "ark")) / hours}
+    return {
+        "images": images,
+        "cores": cores,
+        "gpu_speedup": gpu_speedup,
+        "encoders": len(STUDY_ENCODERS),
+        "preprocess_groups": len(groups),
+        "singles_hours": singles / hours,
+        "singles_cpu_hours": sum(images * (decode_s + prep_s(s)) / cores for s, _, _ in STUDY_ENCODERS.values())
+        / hours,
+        "shared_cpu_hours": cpu_shared / hours,
+        "shared_device_cpu_hours": cpu_device / hours,
+        "gpu_hours": gpu_total / hours,
+        "shared_hours": max(cpu_shared, gpu_total) / hours,
+        "shared_device_hours": max(cpu_device, gpu_total) / hours,
+        "bound": "GPU (encoder forward)" if gpu_total >= cpu_shared else "CPU (decode + preprocess)",
+        "gpu_hours_sam_medsam_ark": sum(gpu[n] for n in ("sam", "medsam", "ark")) / hours,
+    }
 
 
 def radiograph_pngs(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
@@ -116,7 +136,7 @@ def radiograph_pngs(folder: Path, n: int, size: int, seed: int = 0) -> list[Path
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     for path in paths:
-        body = np.exp(-(((xx - 0.5) / 0.35) ** 2 + ((yy - 0.55) / 0.45) ** 2) ** 2)  # bright body
+        body = np.exp(-((((xx - 0.5) / 0.35) ** 2 + ((yy - 0.55) / 0.45) ** 2) ** 2))  # bright body
         lungs = sum(np.exp(-(((xx - cx) / 0.13) ** 2 + ((yy - 0.45) / 0.25) ** 2)) for cx in (0.33, 0.67))
         texture = gaussian_filter(rng.standard_normal((size, size)), size / 128)  # ribs/vessels-like structure
         image = 170 * body - 90 * lungs + 25 * texture / texture.std() + rng.normal(0, 3, (size, size)) + 30
@@ -130,8 +150,16 @@ def manifest_of(paths: list[Path]):
 
     from cbir.data.manifest import Manifest
 
-    table = pd.DataFrame({"path": [p.name for p in paths], "dataset": "bench", "split": "train",
-                          "modality": "XR", "anatomy": "chest", "label": "XR/chest/normal"})
+    table = pd.DataFrame(
+        {
+            "path": [p.name for p in paths],
+            "dataset": "bench",
+            "split": "train",
+            "modality": "XR",
+            "anatomy": "chest",
+            "label": "XR/chest/normal",
+        }
+    )
     return Manifest(table=table, root=paths[0].parent, source="bench images")
 
 
@@ -168,16 +196,26 @@ def per_image_parts(paths: list[Path], repeats: int = 3) -> dict:
 
     sample = paths[: min(len(paths), 8)]
     images = [load_image(p) for p in sample]
-    out = {"decode_ms": median_ms(load_image, sample),
-           "file_kb": float(np.mean([p.stat().st_size for p in sample]) / 1024)}
+    out = {
+        "decode_ms": median_ms(load_image, sample),
+        "file_kb": float(np.mean([p.stat().st_size for p in sample]) / 1024),
+    }
     for size in PREPROCESS_SIZES:
         transform = Preprocess(mode="shortest", resize=size, crop=size, interpolation="bicubic").build()
         out[f"preprocess_{size}_ms"] = median_ms(transform, images)
     return out
 
 
-def run(images: int = 64, size: int = 1024, repeats: int = 2, batch_size: int = 16, num_workers: int = 1,
-        data_dir: Path | None = None, work: Path | None = None, encoder_set: str = "cheap") -> dict:
+def run(
+    images: int = 64,
+    size: int = 1024,
+    repeats: int = 2,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    data_dir: Path | None = None,
+    work: Path | None = None,
+    encoder_set: str = "cheap",
+) -> dict:
     import torch
 
     from cbir.extract import extract_embeddings
@@ -211,23 +249,39 @@ def run(images: int = 64, size: int = 1024, repeats: int = 2, batch_size: int = 
         order = (("singles", run_singles), ("shared", run_shared))
         for name, fn in order if r % 2 == 0 else reversed(order):
             (singles if name == "singles" else shared).append(fn())
-    device_shared = extract_shared(build_encoders(encoder_set), manifest, fresh("device"),
-                                   extract_config(batch_size=batch_size, num_workers=num_workers,
-                                                  device_preprocess=True)).seconds
+    device_shared = extract_shared(
+        build_encoders(encoder_set),
+        manifest,
+        fresh("device"),
+        extract_config(batch_size=batch_size, num_workers=num_workers, device_preprocess=True),
+    ).seconds
     single_s, shared_s = statistics.mean(singles), statistics.mean(shared)
-    timing = {name: {part: statistics.mean(p[name][part] for p in parts) for part in parts[0][name]}
-              for name in parts[0]}
+    timing = {
+        name: {part: statistics.mean(p[name][part] for p in parts) for part in parts[0][name]} for name in parts[0]
+    }
     busy = sum(sum(v.values()) for v in timing.values())
     decode = sum(v["decode"] for v in timing.values())
     shutil.rmtree(work, ignore_errors=True)
     return {
-        "images": images, "image_size": size, "encoder_set": encoder_set, "encoders": list(ENCODER_SETS[encoder_set]), "batch_size": batch_size,
-        "num_workers": num_workers, "repeats": repeats, "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "singles_seconds": single_s, "shared_seconds": shared_s, "ratio": shared_s / single_s, "target": 0.6,
+        "images": images,
+        "image_size": size,
+        "encoder_set": encoder_set,
+        "encoders": list(ENCODER_SETS[encoder_set]),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "singles_seconds": single_s,
+        "shared_seconds": shared_s,
+        "ratio": shared_s / single_s,
+        "target": 0.6,
         "shared_device_preprocess_seconds": device_shared,
-        "singles_runs": singles, "shared_runs": shared,
-        "shared_parts_seconds": timing, "decode_share": decode / busy if busy else float("nan"),
+        "singles_runs": singles,
+        "shared_runs": shared,
+        "shared_parts_seconds": timing,
+        "decode_share": decode / busy if busy else float("nan"),
         "per_image": per_image_parts(paths),
     }
 
@@ -240,21 +294,27 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"one decode per image: {result['images']} PNGs of {result['image_size']} px, "
-                        f"encoders {', '.join(result['encoders'])}")
+    table = Table(
+        title=f"one decode per image: {result['images']} PNGs of {result['image_size']} px, "
+        f"encoders {', '.join(result['encoders'])}"
+    )
     for column in ("encoder", "decode s", "preprocess s", "forward s", "write s"):
         table.add_column(column)
     for name, parts in result["shared_parts_seconds"].items():
         table.add_row(name, *(f"{parts[k]:.2f}" for k in ("decode", "preprocess", "forward", "write")))
     console = Console()
     console.print(table)
-    console.print(f"E single passes {result['singles_seconds']:.1f} s, one shared pass {result['shared_seconds']:.1f} s: "
-                  f"ratio {result['ratio']:.2f} (target <= {result['target']}); decode share of the shared pass's "
-                  f"work {result['decode_share']:.0%}; shared with device_preprocess "
-                  f"{result['shared_device_preprocess_seconds']:.1f} s")
+    console.print(
+        f"E single passes {result['singles_seconds']:.1f} s, one shared pass {result['shared_seconds']:.1f} s: "
+        f"ratio {result['ratio']:.2f} (target <= {result['target']}); decode share of the shared pass's "
+        f"work {result['decode_share']:.0%}; shared with device_preprocess "
+        f"{result['shared_device_preprocess_seconds']:.1f} s"
+    )
     per = result["per_image"]
-    console.print("per image, one core: decode {decode_ms:.1f} ms ({file_kb:.0f} kB PNG); ".format(**per)
-                  + ", ".join(f"preprocess to {s} px {per[f'preprocess_{s}_ms']:.1f} ms" for s in PREPROCESS_SIZES))
+    console.print(
+        "per image, one core: decode {decode_ms:.1f} ms ({file_kb:.0f} kB PNG); ".format(**per)
+        + ", ".join(f"preprocess to {s} px {per[f'preprocess_{s}_ms']:.1f} ms" for s in PREPROCESS_SIZES)
+    )
     pr = result.get("projection")
     if pr:
         console.print(
@@ -262,7 +322,8 @@ def print_table(result: dict) -> None:
             f"{pr['gpu_speedup']:g} x RTX 4090: E single passes {pr['singles_hours']:.1f} h; shared pass "
             f"{pr['shared_hours']:.1f} h (CPU {pr['shared_cpu_hours']:.1f} h, GPU {pr['gpu_hours']:.1f} h, of which "
             f"SAM+MedSAM+Ark {pr['gpu_hours_sam_medsam_ark']:.1f} h); with device preprocessing "
-            f"{pr['shared_device_hours']:.1f} h (CPU {pr['shared_device_cpu_hours']:.1f} h). Bound: {pr['bound']}")
+            f"{pr['shared_device_hours']:.1f} h (CPU {pr['shared_device_cpu_hours']:.1f} h). Bound: {pr['bound']}"
+        )
 
 
 def main() -> None:
@@ -275,8 +336,11 @@ def main() -> None:
         images, size, repeats = (16, 512, 1) if cfg.quick else (int(cfg.images), int(cfg.size), int(cfg.repeats))
         if cfg.encoders not in ENCODER_SETS:
             raise SystemExit(f"encoders={cfg.encoders}: use one of {', '.join(sorted(ENCODER_SETS))}")
-        result = with_projection(run(images, size, repeats, int(cfg.batch_size), int(cfg.num_workers),
-                                     encoder_set=str(cfg.encoders)), int(cfg.cores), float(cfg.gpu_speedup))
+        result = with_projection(
+            run(images, size, repeats, int(cfg.batch_size), int(cfg.num_workers), encoder_set=str(cfg.encoders)),
+            int(cfg.cores),
+            float(cfg.gpu_speedup),
+        )
         print_table(result)
         if cfg.json:
             Path(cfg.json).write_text(json.dumps(result, indent=1))

@@ -28,8 +28,14 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(str(ec.precision), accelerator)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-    out = {"images": n, "image_size": int(ec.image_size), "batch_size": int(ec.batch_size),
-           "precision": precision, "device": str(device), "encoders": {}}
+    out = {
+        "images": n,
+        "image_size": int(ec.image_size),
+        "batch_size": int(ec.batch_size),
+        "precision": precision,
+        "device": str(device),
+        "encoders": {},
+    }
     for name in ec.encoders:
         if not (CONF / "encoder" / f"{name}.yaml").exists():
             log.warning("extraction: no conf/encoder/%s.yaml, skipped", name)
@@ -43,8 +49,11 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
             x = x.contiguous(memory_format=torch.channels_last)
         encoder.to(device)
         x = x.to(device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
-                    if "mixed" in precision else None)
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+            if "mixed" in precision
+            else None
+        )
         forward = torch.compile(encoder) if ec.compile else encoder
         n_batches = math.ceil(n / batch)
 
@@ -66,8 +75,14 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
 
         before = forward_only()
         encoder.cpu()
-        cfg = extract_cfg(batch_size=batch, num_workers=int(ec.num_workers), precision=precision,
-                           accelerator="auto", channels_last=bool(ec.channels_last), compile=bool(ec.compile))
+        cfg = extract_cfg(
+            batch_size=batch,
+            num_workers=int(ec.num_workers),
+            precision=precision,
+            accelerator="auto",
+            channels_last=bool(ec.channels_last),
+            compile=bool(ec.compile),
+        )
         cache = work / f"extract-{name}"
         shutil.rmtree(cache, ignore_errors=True)
         extraction = extract_embeddings(encoder, manifest, EmbeddingStore(cache), cfg)
@@ -77,9 +92,14 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
         encoder.to(device)
         after = forward_only() if sizes.forward_twice else before  # before and after: less noise
         forward_ips = (before + after) / 2
-        out["encoders"][name] = {"pipeline_images_per_s": pipeline, "forward_images_per_s": forward_ips,
-                                 "forward_before": before, "forward_after": after,
-                                 "ratio": pipeline / forward_ips, "target": float(ec.target)}
+        out["encoders"][name] = {
+            "pipeline_images_per_s": pipeline,
+            "forward_images_per_s": forward_ips,
+            "forward_before": before,
+            "forward_after": after,
+            "ratio": pipeline / forward_ips,
+            "target": float(ec.target),
+        }
         log.info("extraction %s: pipeline %.1f img/s, forward-only %.1f img/s", name, pipeline, forward_ips)
         encoder = forward = None  # free this model before the next one is built
     ratios = [v["ratio"] for v in out["encoders"].values()]
@@ -93,7 +113,13 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     """(section, measured, baseline, ratio, target) rows for the console and the README."""
     rows = []
     for name, v in result["encoders"].items():
-        rows.append((f"extraction {name}", f"{v['pipeline_images_per_s']:.1f} img/s pipeline",
-                     f"{v['forward_images_per_s']:.1f} img/s forward-only", f"{v['ratio']:.2f}",
-                     f">= {v['target']:.2f} {'ok' if v['ratio'] >= v['target'] else 'MISS'}"))
+        rows.append(
+            (
+                f"extraction {name}",
+                f"{v['pipeline_images_per_s']:.1f} img/s pipeline",
+                f"{v['forward_images_per_s']:.1f} img/s forward-only",
+                f"{v['ratio']:.2f}",
+                f">= {v['target']:.2f} {'ok' if v['ratio'] >= v['target'] else 'MISS'}",
+            )
+        )
     return rows

@@ -22,9 +22,18 @@ def child(spec_json: str) -> None:
     cfg = extract_cfg(batch_size=32, num_workers=1, accelerator="auto")
     extraction = extract_embeddings(encoder, manifest, EmbeddingStore(spec["cache"]), cfg)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"images": len(manifest), "seconds": extraction.seconds, "peak_rss_mb": peak_rss_mb(),
-                      "rss_before_extraction_mb": baseline, "worker_peak_rss_mb": children,
-                      "embedding_mb": extraction.embeddings.nbytes / 2**20}))
+    print(
+        json.dumps(
+            {
+                "images": len(manifest),
+                "seconds": extraction.seconds,
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_before_extraction_mb": baseline,
+                "worker_peak_rss_mb": children,
+                "embedding_mb": extraction.embeddings.nbytes / 2**20,
+            }
+        )
+    )
 
 
 def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
@@ -35,18 +44,32 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     for images in (n, 10 * n):
         cache = work / f"memory-{images}"
         shutil.rmtree(cache, ignore_errors=True)
-        runs.append(run_child("cbir.bench.memory:child", {"images": images, "image_size": int(mc.image_size),
-                                                "encoder": str(mc.encoder), "data_dir": str(data_dir),
-                                                "cache": str(cache)}))
+        runs.append(
+            run_child(
+                "cbir.bench.memory:child",
+                {
+                    "images": images,
+                    "image_size": int(mc.image_size),
+                    "encoder": str(mc.encoder),
+                    "data_dir": str(data_dir),
+                    "cache": str(cache),
+                },
+            )
+        )
         shutil.rmtree(cache, ignore_errors=True)
     small, large = runs
 
     main = large["peak_rss_mb"] / small["peak_rss_mb"]
     worker = large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"]
-    return {"runs": runs, "ratio": max(main, worker), "main_ratio": main, "worker_ratio": worker,
-            "target": 1 + float(mc.target),
-            "baseline": f"peak RSS at N={n} (ratio = peak at 10N / peak at N; the larger of the main "
-                        "process and the decoding worker)"}
+    return {
+        "runs": runs,
+        "ratio": max(main, worker),
+        "main_ratio": main,
+        "worker_ratio": worker,
+        "target": 1 + float(mc.target),
+        "baseline": f"peak RSS at N={n} (ratio = peak at 10N / peak at N; the larger of the main "
+        "process and the decoding worker)",
+    }
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
@@ -54,9 +77,13 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     rows = []
     small, large = result["runs"]
     ok = result["ratio"] <= result["target"]
-    rows.append((f"memory {small['images']} vs {large['images']} images",
-                 f"{large['peak_rss_mb']:.0f} MB main, {large['worker_peak_rss_mb']:.0f} MB worker at 10N",
-                 f"{small['peak_rss_mb']:.0f} MB main, {small['worker_peak_rss_mb']:.0f} MB worker at N",
-                 f"{result['ratio']:.3f}",
-                 f"<= {result['target']:.2f} {'ok' if ok else 'MISS'}"))
+    rows.append(
+        (
+            f"memory {small['images']} vs {large['images']} images",
+            f"{large['peak_rss_mb']:.0f} MB main, {large['worker_peak_rss_mb']:.0f} MB worker at 10N",
+            f"{small['peak_rss_mb']:.0f} MB main, {small['worker_peak_rss_mb']:.0f} MB worker at N",
+            f"{result['ratio']:.3f}",
+            f"<= {result['target']:.2f} {'ok' if ok else 'MISS'}",
+        )
+    )
     return rows

@@ -32,8 +32,9 @@ def _metric_data(q: int, k: int, seed: int = 0):
     counts = np.bincount(index_codes, minlength=len(classes))
     neighbours = rng.integers(0, q, size=(q, k), dtype=np.int64)
     hit = rng.random((q, k), dtype=np.float32) < 0.6
-    own = starts[query_codes][:, None] + (rng.random((q, k), dtype=np.float32)
-                                          * np.maximum(counts[query_codes], 1)[:, None]).astype(np.int64)
+    own = starts[query_codes][:, None] + (
+        rng.random((q, k), dtype=np.float32) * np.maximum(counts[query_codes], 1)[:, None]
+    ).astype(np.int64)
     neighbours = np.where(hit & (counts[query_codes] > 0)[:, None], own, neighbours)
     del hit, own
     return frame(q, query_codes), frame(q, index_codes), neighbours
@@ -84,40 +85,74 @@ def child(spec_json: str) -> None:
     # the loop on a subsample must agree with the vectorised values on the same subsample
     p_sub = summarise(p[:, :sub], q_codes[:sub])
     agree = all(abs(loop[f"micro/P_at_{n}"] - p_sub["micro"][j]) < 1e-9 for j, n in enumerate(ns))
-    print(json.dumps({"queries": q, "k": k, "core_seconds": core_s, "evaluate_seconds": evaluate_s,
-                      "loop_seconds_extrapolated": loop_s, "loop_queries_measured": sub,
-                      "speedup": loop_s / core_s, "loop_agrees": agree,
-                      "input_mb": neighbours.nbytes / 2**20, "rss_after_data_mb": rss_data,
-                      "peak_rss_mb": peak_rss_mb(), "micro_P_at_1": result.metrics["micro/P_at_1"]}))
+    print(
+        json.dumps(
+            {
+                "queries": q,
+                "k": k,
+                "core_seconds": core_s,
+                "evaluate_seconds": evaluate_s,
+                "loop_seconds_extrapolated": loop_s,
+                "loop_queries_measured": sub,
+                "speedup": loop_s / core_s,
+                "loop_agrees": agree,
+                "input_mb": neighbours.nbytes / 2**20,
+                "rss_after_data_mb": rss_data,
+                "peak_rss_mb": peak_rss_mb(),
+                "micro_P_at_1": result.metrics["micro/P_at_1"],
+            }
+        )
+    )
 
 
 def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     mc = bc.metrics
-    runs = [run_child("cbir.bench.metrics:child", {"queries": int(q), "k": int(mc.k), "ns": list(mc.ns),
-                                         "loop_queries": int(mc.loop_queries)})
-            for q in sizes.metrics_queries]
+    runs = [
+        run_child(
+            "cbir.bench.metrics:child",
+            {"queries": int(q), "k": int(mc.k), "ns": list(mc.ns), "loop_queries": int(mc.loop_queries)},
+        )
+        for q in sizes.metrics_queries
+    ]
     largest = runs[-1]
     target_q = int(mc.target_queries)
     # evaluate time grows linearly with the query count: extrapolate when 1.6M was not run
     at_target = largest["evaluate_seconds"] * target_q / largest["queries"]
-    return {"sizes": runs, "ratio": min(r["speedup"] for r in runs),
-            "evaluate_seconds_at_target": at_target, "target_measured": largest["queries"] >= target_q,
-            "target_seconds": float(mc.target_seconds), "target_queries": target_q,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "baseline": "per-query Python loop (speedup = loop time / vectorised time)"}
+    return {
+        "sizes": runs,
+        "ratio": min(r["speedup"] for r in runs),
+        "evaluate_seconds_at_target": at_target,
+        "target_measured": largest["queries"] >= target_q,
+        "target_seconds": float(mc.target_seconds),
+        "target_queries": target_q,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "baseline": "per-query Python loop (speedup = loop time / vectorised time)",
+    }
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     """(section, measured, baseline, ratio, target) rows for the console and the README."""
     rows = []
     for r in result["sizes"]:
-        rows.append((f"metrics {r['queries']:,} q, k={r['k']}", f"{r['core_seconds']:.2f} s vectorised P@N",
-                     f"{r['loop_seconds_extrapolated']:.1f} s loop (extrapolated)",
-                     f"{r['speedup']:.0f}x faster",
-                     f"evaluate {r['evaluate_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
-                     f"(input {r['input_mb']:.0f} MB)"))
+        rows.append(
+            (
+                f"metrics {r['queries']:,} q, k={r['k']}",
+                f"{r['core_seconds']:.2f} s vectorised P@N",
+                f"{r['loop_seconds_extrapolated']:.1f} s loop (extrapolated)",
+                f"{r['speedup']:.0f}x faster",
+                f"evaluate {r['evaluate_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                f"(input {r['input_mb']:.0f} MB)",
+            )
+        )
     ok = result["evaluate_seconds_at_target"] <= result["target_seconds"]
-    rows.append((f"metrics at {result['target_queries']:,} q", f"{result['evaluate_seconds_at_target']:.1f} s evaluate"
-                 + ("" if result["target_measured"] else " (extrapolated)"), "", "",
-                 f"<= {result['target_seconds']:.0f} s {'ok' if ok else 'MISS'}"))
+    rows.append(
+        (
+            f"metrics at {result['target_queries']:,} q",
+            f"{result['evaluate_seconds_at_target']:.1f} s evaluate"
+            + ("" if result["target_measured"] else " (extrapolated)"),
+            "",
+            "",
+            f"<= {result['target_seconds']:.0f} s {'ok' if ok else 'MISS'}",
+        )
+    )
     return rows

@@ -33,8 +33,17 @@ FABRICATED = [
 ]
 
 
-def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed: int = 0, styles: int = 500,
-              class_shift: float = 0.12, noise: float = 0.8, file_missing: int = 0) -> dict:
+def fabricate(
+    out: Path,
+    rows: int,
+    dim: int,
+    encoder: str = "biomedclip",
+    seed: int = 0,
+    styles: int = 500,
+    class_shift: float = 0.12,
+    noise: float = 0.8,
+    file_missing: int = 0,
+) -> dict:
     """Study-shaped artifacts under `out`: datasets/<dataset>.csv and embeddings/<Model>/<dataset>.h5.
     An embedding is one of `styles` "acquisition styles" of its modality/anatomy (shared by that
     region's classes), plus a small class direction (`class_shift`) and noise, L2-normalised:
@@ -53,11 +62,15 @@ def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed:
     centroids = class_shift * rng.standard_normal((len(classes), dim)).astype(np.float32)
     style_vectors = rng.standard_normal((len(FABRICATED), styles, dim)).astype(np.float32)
     style = rng.integers(0, styles, rows)
-    table = pd.DataFrame({
-        "dataset": [classes[c][0] for c in picked], "modality": [classes[c][1] for c in picked],
-        "anatomy": [classes[c][2] for c in picked], "label": [classes[c][3] for c in picked],
-        "split": rng.choice(["train", "val", "test"], size=rows, p=[0.8, 0.1, 0.1]),
-    })
+    table = pd.DataFrame(
+        {
+            "dataset": [classes[c][0] for c in picked],
+            "modality": [classes[c][1] for c in picked],
+            "anatomy": [classes[c][2] for c in picked],
+            "label": [classes[c][3] for c in picked],
+            "split": rng.choice(["train", "val", "test"], size=rows, p=[0.8, 0.1, 0.1]),
+        }
+    )
     table["path"] = [f"{ds}/images_{i // 10000:03d}/{i:08d}.png" for i, ds in enumerate(table["dataset"])]
     files: dict = {"csv": [], "h5": []}
     model = model_folder(encoder)
@@ -69,22 +82,26 @@ def fabricate(out: Path, rows: int, dim: int, encoder: str = "biomedclip", seed:
             vectors = np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=(len(part), dim))
             positions = part.index.to_numpy()
             for start in range(0, len(part), 65536):  # bounded memory at any size
-                at = positions[start:start + 65536]
+                at = positions[start : start + 65536]
                 block = style_vectors[region[picked[at]], style[at]] + centroids[picked[at]]
                 block += noise * rng.standard_normal(block.shape).astype(np.float32)
-                vectors[start:start + len(at)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+                vectors[start : start + len(at)] = block / np.linalg.norm(block, axis=1, keepdims=True)
             vectors.flush()
             del vectors
             # one file per process: HDF5 writing is one core's work per file
-            writes.append(pool.submit(_write_h5_from, out / "embeddings" / model / f"{dataset}.h5",
-                                      part["path"].tolist(), vectors_file))
+            writes.append(
+                pool.submit(
+                    _write_h5_from, out / "embeddings" / model / f"{dataset}.h5", part["path"].tolist(), vectors_file
+                )
+            )
             csv_rows = part
             if dataset == "nih14" and file_missing:
                 extra = part.iloc[:file_missing].copy()
                 extra["path"] = FILE_MISSING
                 csv_rows = pd.concat([part, extra], ignore_index=True)
-            files["csv"].append(write_split_csv(csv_rows.reset_index(drop=True),
-                                                out / "datasets" / STUDY_CSV_NAMES[dataset]))
+            files["csv"].append(
+                write_split_csv(csv_rows.reset_index(drop=True), out / "datasets" / STUDY_CSV_NAMES[dataset])
+            )
         files["h5"] = [w.result() for w in writes]
     return {"rows": rows, "dim": dim, "files": {k: [str(p) for p in v] for k, v in files.items()}}
 
@@ -162,13 +179,28 @@ def step_load(data: Path, cache: Path, sample_keys: int = 5000) -> dict:
             if key in h5:
                 h5[key][:]
     per_key_s = (time.perf_counter() - start) / len(keys)
-    return {"rows": len(manifest), "dim": encoder.dim, "manifest_s": manifest_s, "hdf5_to_cache_s": load_s,
-            "per_key_lookup_us": per_key_s * 1e6, "cache_hit": extraction.cache_hit, "peak_rss_mb": _peak_mb(),
-            "base_rss_mb": base_mb}
+    return {
+        "rows": len(manifest),
+        "dim": encoder.dim,
+        "manifest_s": manifest_s,
+        "hdf5_to_cache_s": load_s,
+        "per_key_lookup_us": per_key_s * 1e6,
+        "cache_hit": extraction.cache_hit,
+        "peak_rss_mb": _peak_mb(),
+        "base_rss_mb": base_mb,
+    }
 
 
-def step_evaluate(data: Path, cache: Path, per_class: int, nlist: int | None, nprobe: int | None,
-                  ns=(1, 3, 5, 10), curve_k: int = 100, exact_queries: int = 2000) -> dict:
+def step_evaluate(
+    data: Path,
+    cache: Path,
+    per_class: int,
+    nlist: int | None,
+    nprobe: int | None,
+    ns=(1, 3, 5, 10),
+    curve_k: int = 100,
+    exact_queries: int = 2000,
+) -> dict:
     """The Table-1 evaluation as a run does it (manifest, cached embeddings as a memory map, IVF
     with parameters from the size unless given, search, metrics, recall@10 against exact); then,
     in the same process, the baseline: exact flat search over the same index rows, timed on
@@ -184,22 +216,38 @@ def step_evaluate(data: Path, cache: Path, per_class: int, nlist: int | None, np
     base_mb = _baseline_mb()
     start = time.perf_counter()
     manifest = _manifest(data)
-    extraction = extract_embeddings(PrecomputedEncoder("biomedclip", dir=data / "embeddings"), manifest,
-                                    EmbeddingStore(cache), _extract_cfg(), on_error="raise")
+    extraction = extract_embeddings(
+        PrecomputedEncoder("biomedclip", dir=data / "embeddings"),
+        manifest,
+        EmbeddingStore(cache),
+        _extract_cfg(),
+        on_error="raise",
+    )
     table, emb, valid = manifest.table, extraction.embeddings, extraction.valid
     setup = choose_rows(table, valid, "train", "test", None, 0)
     load_s = time.perf_counter() - start
-    out: dict = {"cache_hit": extraction.cache_hit, "load_s": load_s, "queries": len(setup.query_rows),
-                 "index_rows": len(setup.index_rows), "matrix_mb": emb.nbytes / 2 ** 20}
+    out: dict = {
+        "cache_hit": extraction.cache_hit,
+        "load_s": load_s,
+        "queries": len(setup.query_rows),
+        "index_rows": len(setup.index_rows),
+        "matrix_mb": emb.nbytes / 2**20,
+    }
 
     ivf = {"type": "ivf", "use_gpu": False, "params": {"nlist": nlist, "nprobe": nprobe}}
     timings: dict = {}
     approx = run_retrieval(table, emb, setup, OmegaConf.create(ivf), list(ns), curve_k, timings=timings)
     # hook: per-query records and bootstrap intervals (SPEC section 11) are computed here, timed
     # like the stages above, once they exist
-    out["ivf"] = {"nlist": int(approx.metrics["index/nlist"]), "nprobe": int(approx.metrics["index/nprobe"]), **timings, "recall_at_10": approx.metrics["index/recall_at_10"],
-                  "micro_P_at_1": approx.metrics["micro/P_at_1"], "macro_P_at_1": approx.metrics["macro/P_at_1"],
-                  "micro_P_at_10": approx.metrics["micro/P_at_10"]}
+    out["ivf"] = {
+        "nlist": int(approx.metrics["index/nlist"]),
+        "nprobe": int(approx.metrics["index/nprobe"]),
+        **timings,
+        "recall_at_10": approx.metrics["index/recall_at_10"],
+        "micro_P_at_1": approx.metrics["micro/P_at_1"],
+        "macro_P_at_1": approx.metrics["macro/P_at_1"],
+        "micro_P_at_10": approx.metrics["micro/P_at_10"],
+    }
     out["evaluation_s"] = load_s + sum(timings.values())
     out["evaluation_peak_rss_mb"] = _peak_mb()  # before the baseline below builds its own index
     del approx
@@ -207,27 +255,36 @@ def step_evaluate(data: Path, cache: Path, per_class: int, nlist: int | None, np
     picked = np.sort(np.random.default_rng(0).permutation(setup.query_rows)[:exact_queries])
     flat = OmegaConf.create({"type": "flat", "use_gpu": False, "params": {}})
     exact_timings: dict = {}
-    exact = run_retrieval(table, emb, RetrievalSetup(setup.index_rows, picked), flat, list(ns), curve_k,
-                          timings=exact_timings)
+    exact = run_retrieval(
+        table, emb, RetrievalSetup(setup.index_rows, picked), flat, list(ns), curve_k, timings=exact_timings
+    )
     scale = len(setup.query_rows) / len(picked)
-    out["exact"] = {**exact_timings, "sampled_queries": len(picked),
-                    "all_queries_s": exact_timings["index_s"] + exact_timings["search_s"] * scale
-                    + timings["metrics_s"], "micro_P_at_1_sample": exact.metrics["micro/P_at_1"]}
+    out["exact"] = {
+        **exact_timings,
+        "sampled_queries": len(picked),
+        "all_queries_s": exact_timings["index_s"] + exact_timings["search_s"] * scale + timings["metrics_s"],
+        "micro_P_at_1_sample": exact.metrics["micro/P_at_1"],
+    }
     del exact
     # the ratio of the two, both measured here: robust to a CPU shared with other work
     out["ratio_to_exact"] = (load_s + sum(timings.values())) / (load_s + out["exact"]["all_queries_s"])
     subset_timings: dict = {}
     subset_setup = choose_rows(table, valid, "train", "test", per_class, 0)
     subset = run_retrieval(table, emb, subset_setup, flat, list(ns), curve_k, timings=subset_timings)
-    out["per_class"] = {"per_class": per_class, "seconds": sum(subset_timings.values()),
-                        "index_rows": len(subset_setup.index_rows), "micro_P_at_1": subset.metrics["micro/P_at_1"]}
+    out["per_class"] = {
+        "per_class": per_class,
+        "seconds": sum(subset_timings.values()),
+        "index_rows": len(subset_setup.index_rows),
+        "micro_P_at_1": subset.metrics["micro/P_at_1"],
+    }
     out["peak_rss_mb"], out["base_rss_mb"] = _peak_mb(), base_mb
     out["peak_to_matrix"] = out["evaluation_peak_rss_mb"] / out["matrix_mb"]
     return out
 
 
-def benchmark(rows: int, dim: int, workdir: Path, per_class: int = 1000, nlist: int | None = None,
-              nprobe: int | None = None) -> dict:
+def benchmark(
+    rows: int, dim: int, workdir: Path, per_class: int = 1000, nlist: int | None = None, nprobe: int | None = None
+) -> dict:
     """Fabricated files (made once per size, reused), HDF5 -> cache, then the evaluation; each
     step in its own process so its peak memory is its own."""
     data, cache = workdir / f"study_{rows}x{dim}", workdir / "cache"
@@ -263,26 +320,50 @@ def result_rows(result: dict) -> list[tuple[str, str, str]]:
     ivf, exact = ev["ivf"], ev["exact"]
     gb = 1 / 1024
     return [
-        ("fabricate study-shaped files", f"{fab['seconds'] / 60:.1f} min",
-         f"{fab['peak_rss_mb'] * gb:.1f} GB" if "peak_rss_mb" in fab else "-"),
+        (
+            "fabricate study-shaped files",
+            f"{fab['seconds'] / 60:.1f} min",
+            f"{fab['peak_rss_mb'] * gb:.1f} GB" if "peak_rss_mb" in fab else "-",
+        ),
         ("split CSVs -> manifest", f"{load['manifest_s']:.0f} s", "-"),
-        ("HDF5 -> embedding cache", (f"{load['hdf5_to_cache_s'] / 60:.1f} min "
-                                     f"({load['hdf5_to_cache_s'] / load['rows'] * 1e6:.0f} us/row)"),
-         f"{load['peak_rss_mb'] * gb:.1f} GB"),
+        (
+            "HDF5 -> embedding cache",
+            (f"{load['hdf5_to_cache_s'] / 60:.1f} min ({load['hdf5_to_cache_s'] / load['rows'] * 1e6:.0f} us/row)"),
+            f"{load['peak_rss_mb'] * gb:.1f} GB",
+        ),
         ("  the study's h5f[key] per image (sample)", f"{load['per_key_lookup_us']:.0f} us/row", "-"),
         ("Table-1 evaluation: manifest + cached embeddings", f"{ev['load_s']:.0f} s", ""),
-        (f"  IVF nlist={ivf['nlist']} (k-means on a sample), add {ev['index_rows']} rows", f"{ivf['index_s']:.0f} s", ""),
+        (
+            f"  IVF nlist={ivf['nlist']} (k-means on a sample), add {ev['index_rows']} rows",
+            f"{ivf['index_s']:.0f} s",
+            "",
+        ),
         ("  exact neighbours of 1,000 sampled queries", f"{ivf['exact_sample_s']:.0f} s", ""),
         (f"  nprobe from the size, checked on them: nprobe={ivf['nprobe']}", f"{ivf.get('tune_s', 0):.0f} s", ""),
-        (f"  search {ev['queries']} queries, k=100: recall@10 {ivf['recall_at_10']:.4f}", f"{ivf['search_s']:.0f} s", ""),
+        (
+            f"  search {ev['queries']} queries, k=100: recall@10 {ivf['recall_at_10']:.4f}",
+            f"{ivf['search_s']:.0f} s",
+            "",
+        ),
         ("  metrics (P@N, breakdowns, curve)", f"{ivf['metrics_s']:.0f} s", ""),
-        ("  whole evaluation", f"{ev['evaluation_s'] / 60:.1f} min",
-         (f"{ev['evaluation_peak_rss_mb'] * gb:.1f} GB ({ev['peak_to_matrix']:.2f} x the "
-          f"{ev['matrix_mb'] * gb:.1f} GB matrix)")),
-        (f"exact flat instead (search timed on {exact['sampled_queries']} queries, x all)",
-         f"{exact['all_queries_s'] / 60:.0f} min (ratio {ev['ratio_to_exact']:.3f})", ""),
-        (f"exact, per_class={ev['per_class']['per_class']} ({ev['per_class']['index_rows']} rows)",
-         f"{ev['per_class']['seconds']:.0f} s", f"{ev['peak_rss_mb'] * gb:.1f} GB (whole step)"),
+        (
+            "  whole evaluation",
+            f"{ev['evaluation_s'] / 60:.1f} min",
+            (
+                f"{ev['evaluation_peak_rss_mb'] * gb:.1f} GB ({ev['peak_to_matrix']:.2f} x the "
+                f"{ev['matrix_mb'] * gb:.1f} GB matrix)"
+            ),
+        ),
+        (
+            f"exact flat instead (search timed on {exact['sampled_queries']} queries, x all)",
+            f"{exact['all_queries_s'] / 60:.0f} min (ratio {ev['ratio_to_exact']:.3f})",
+            "",
+        ),
+        (
+            f"exact, per_class={ev['per_class']['per_class']} ({ev['per_class']['index_rows']} rows)",
+            f"{ev['per_class']['seconds']:.0f} s",
+            f"{ev['peak_rss_mb'] * gb:.1f} GB (whole step)",
+        ),
     ]
 
 
@@ -293,8 +374,13 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     pc = bc.published
     result = benchmark(int(pc.rows), int(pc.dim), Path(pc.workdir).resolve(), int(pc.per_class))
     ev = result["measured"]["evaluate"]
-    return {**result, "ratio": ev["ratio_to_exact"], "peak_to_matrix": ev["peak_to_matrix"],
-            "target_seconds": float(pc.target_minutes) * 60, "target_peak_to_matrix": float(pc.target_peak_to_matrix)}
+    return {
+        **result,
+        "ratio": ev["ratio_to_exact"],
+        "peak_to_matrix": ev["peak_to_matrix"],
+        "target_seconds": float(pc.target_minutes) * 60,
+        "target_peak_to_matrix": float(pc.target_peak_to_matrix),
+    }
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
@@ -304,13 +390,20 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     fast = ev["evaluation_s"] <= result["target_seconds"] and ev["ivf"]["recall_at_10"] >= 0.99
     small = ev["peak_to_matrix"] <= result["target_peak_to_matrix"]
     return [
-        (f"published {n} rows: Table-1 evaluation (IVF, recall@10 {ev['ivf']['recall_at_10']:.3f})",
-         f"{ev['evaluation_s'] / 60:.1f} min", f"{ev['exact']['all_queries_s'] / 60:.0f} min exact flat",
-         f"{result['ratio']:.3f}", (f"<= {result['target_seconds'] / 60:.0f} min, recall >= 0.99 "
-                                    f"{'ok' if fast else 'MISS'}")),
-        (f"published {n} rows: evaluation peak RSS", f"{ev['evaluation_peak_rss_mb'] / 1024:.1f} GB",
-         f"{ev['matrix_mb'] / 1024:.1f} GB embedding matrix", f"{result['peak_to_matrix']:.2f}",
-         f"<= {result['target_peak_to_matrix']:.0f} {'ok' if small else 'MISS'}"),
+        (
+            f"published {n} rows: Table-1 evaluation (IVF, recall@10 {ev['ivf']['recall_at_10']:.3f})",
+            f"{ev['evaluation_s'] / 60:.1f} min",
+            f"{ev['exact']['all_queries_s'] / 60:.0f} min exact flat",
+            f"{result['ratio']:.3f}",
+            (f"<= {result['target_seconds'] / 60:.0f} min, recall >= 0.99 {'ok' if fast else 'MISS'}"),
+        ),
+        (
+            f"published {n} rows: evaluation peak RSS",
+            f"{ev['evaluation_peak_rss_mb'] / 1024:.1f} GB",
+            f"{ev['matrix_mb'] / 1024:.1f} GB embedding matrix",
+            f"{result['peak_to_matrix']:.2f}",
+            f"<= {result['target_peak_to_matrix']:.0f} {'ok' if small else 'MISS'}",
+        ),
     ]
 
 
@@ -322,8 +415,7 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench_published")
     def run(cfg: DictConfig) -> None:
-        result = benchmark(int(cfg.rows), int(cfg.dim), Path(cfg.workdir), int(cfg.per_class), cfg.nlist,
-                           cfg.nprobe)
+        result = benchmark(int(cfg.rows), int(cfg.dim), Path(cfg.workdir), int(cfg.per_class), cfg.nlist, cfg.nprobe)
         print_result(result)
         print(f"written: {Path(cfg.workdir) / 'published_scale.json'}")
 

@@ -16,7 +16,7 @@ def _torch_tiled_topk(index_t, queries_t, k: int, tile: int = 65536):
     best_s = torch.full((len(queries_t), k), -float("inf"), device=queries_t.device)
     best_i = torch.full((len(queries_t), k), -1, dtype=torch.int64, device=queries_t.device)
     for start in range(0, len(index_t), tile):
-        block = index_t[start:start + tile]
+        block = index_t[start : start + tile]
         s = (queries_t @ block.T).float()
         s, i = torch.topk(s, min(k, s.shape[1]), dim=1)
         merged_s = torch.cat([best_s, s], 1)
@@ -42,11 +42,20 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     cbir_index.search(index, queries, k, int(sc.batch_size))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     factor = (tq / nq) * (ti / n)
-    out = {"index": n, "queries": nq, "dim": dim, "k": k, "cpu_seconds": cpu, "wall_seconds": wall,
-           "cpu_hours_extrapolated": cpu * factor / 3600, "wall_hours_extrapolated": wall * factor / 3600,
-           "gflops": 2 * n * nq * dim / wall / 1e9,
-           "largest_tile_mb": int(sc.batch_size) * n * 4 / 2**20,
-           "full_matrix_mb": tq * ti * 4 / 2**20, "gpu": {}}
+    out = {
+        "index": n,
+        "queries": nq,
+        "dim": dim,
+        "k": k,
+        "cpu_seconds": cpu,
+        "wall_seconds": wall,
+        "cpu_hours_extrapolated": cpu * factor / 3600,
+        "wall_hours_extrapolated": wall * factor / 3600,
+        "gflops": 2 * n * nq * dim / wall / 1e9,
+        "largest_tile_mb": int(sc.batch_size) * n * 4 / 2**20,
+        "full_matrix_mb": tq * ti * 4 / 2**20,
+        "gpu": {},
+    }
     if torch.cuda.is_available():
         device = torch.device("cuda")
         index_t = torch.from_numpy(vectors).to(device)
@@ -57,18 +66,23 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
             torch.cuda.synchronize()
             start = time.perf_counter()
             for s in range(0, nq, int(sc.batch_size)):
-                _torch_tiled_topk(a, b[s:s + int(sc.batch_size)], k)
+                _torch_tiled_topk(a, b[s : s + int(sc.batch_size)], k)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             out["gpu"][f"torch_{str(dtype).split('.')[-1]}"] = {
-                "seconds": seconds, "hours_extrapolated": seconds * factor / 3600}
+                "seconds": seconds,
+                "hours_extrapolated": seconds * factor / 3600,
+            }
         if cbir_index.gpu_available():
             gpu_index = cbir_index.build_index(vectors, "flat", use_gpu=True)
             start = time.perf_counter()
             cbir_index.search(gpu_index, queries, k, int(sc.batch_size))
             seconds = time.perf_counter() - start
-            out["gpu"]["faiss_gpu"] = {"seconds": seconds, "hours_extrapolated": seconds * factor / 3600,
-                                       "gpus": faiss.get_num_gpus()}
+            out["gpu"]["faiss_gpu"] = {
+                "seconds": seconds,
+                "hours_extrapolated": seconds * factor / 3600,
+                "gpus": faiss.get_num_gpus(),
+            }
     else:
         out["gpu"] = {"skipped": "no CUDA device (torch.cuda.is_available() is False)"}
     out["ratio"] = out["full_matrix_mb"] / out["largest_tile_mb"]  # memory saved by tiling
@@ -78,12 +92,19 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
 
 def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     """(section, measured, baseline, ratio, target) rows for the console and the README."""
-    gpu = ("skipped (no CUDA)" if "skipped" in result["gpu"]
-           else ", ".join(f"{name} {v['hours_extrapolated']:.2f} h" for name, v in result["gpu"].items()))
+    gpu = (
+        "skipped (no CUDA)"
+        if "skipped" in result["gpu"]
+        else ", ".join(f"{name} {v['hours_extrapolated']:.2f} h" for name, v in result["gpu"].items())
+    )
     rows = []
-    rows.append((f"scale {result['queries']} q x {result['index']} rows, {result['dim']}-d",
-                 f"{result['cpu_seconds']:.1f} s CPU ({result['gflops']:.0f} GFLOP/s)",
-                 f"1.6M x 1.6M: {result['cpu_hours_extrapolated']:.1f} CPU-h, {result['wall_hours_extrapolated']:.1f} h wall",
-                 f"{result['ratio']:,.0f}x less memory: {result['largest_tile_mb']:.0f} MB tile vs full score matrix",
-                 "GPU: " + gpu))
+    rows.append(
+        (
+            f"scale {result['queries']} q x {result['index']} rows, {result['dim']}-d",
+            f"{result['cpu_seconds']:.1f} s CPU ({result['gflops']:.0f} GFLOP/s)",
+            f"1.6M x 1.6M: {result['cpu_hours_extrapolated']:.1f} CPU-h, {result['wall_hours_extrapolated']:.1f} h wall",
+            f"{result['ratio']:,.0f}x less memory: {result['largest_tile_mb']:.0f} MB tile vs full score matrix",
+            "GPU: " + gpu,
+        )
+    )
     return rows

@@ -40,19 +40,42 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     for q in queries[:sub]:
         naive.search(q[None, :], k)
     naive_s = add_s + (time.perf_counter() - start) * nq / sub
-    return {"index": n, "queries": nq, "dim": dim, "k": k, "cbir_seconds": cbir_s, "raw_seconds": raw_s,
-            "naive_seconds_extrapolated": naive_s, "naive_queries_measured": sub,
-            "ratio": raw_s / cbir_s, "speedup_vs_naive": naive_s / cbir_s, "top1_agreement": agree,
-            "target": float(sc.target), "baseline": "faiss.IndexFlatIP.search on all queries at once"}
+    return {
+        "index": n,
+        "queries": nq,
+        "dim": dim,
+        "k": k,
+        "cbir_seconds": cbir_s,
+        "raw_seconds": raw_s,
+        "naive_seconds_extrapolated": naive_s,
+        "naive_queries_measured": sub,
+        "ratio": raw_s / cbir_s,
+        "speedup_vs_naive": naive_s / cbir_s,
+        "top1_agreement": agree,
+        "target": float(sc.target),
+        "baseline": "faiss.IndexFlatIP.search on all queries at once",
+    }
 
 
 def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     """(section, measured, baseline, ratio, target) rows for the console and the README."""
     rows = []
-    rows.append((f"search {result['queries']} q x {result['index']} rows", f"{result['cbir_seconds']:.2f} s cbir",
-                 f"{result['raw_seconds']:.2f} s raw IndexFlatIP", f"{result['ratio']:.2f}",
-                 f">= {result['target']:.2f} {'ok' if result['ratio'] >= result['target'] else 'MISS'}"))
-    rows.append(("search naive (1 by 1)", f"{result['cbir_seconds']:.2f} s cbir",
-                 f"{result['naive_seconds_extrapolated']:.1f} s (extrapolated)",
-                 f"{result['speedup_vs_naive']:.0f}x faster", ""))
+    rows.append(
+        (
+            f"search {result['queries']} q x {result['index']} rows",
+            f"{result['cbir_seconds']:.2f} s cbir",
+            f"{result['raw_seconds']:.2f} s raw IndexFlatIP",
+            f"{result['ratio']:.2f}",
+            f">= {result['target']:.2f} {'ok' if result['ratio'] >= result['target'] else 'MISS'}",
+        )
+    )
+    rows.append(
+        (
+            "search naive (1 by 1)",
+            f"{result['cbir_seconds']:.2f} s cbir",
+            f"{result['naive_seconds_extrapolated']:.1f} s (extrapolated)",
+            f"{result['speedup_vs_naive']:.0f}x faster",
+            "",
+        )
+    )
     return rows

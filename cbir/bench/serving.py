@@ -78,35 +78,23 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
 
         for size, n in repeats.items():
             bodies = [
-                serving.request_body(
-                    [files[(i * size + j) % len(files)] for j in range(size)], k
-                )
-                for i in range(n)
+                serving.request_body([files[(i * size + j) % len(files)] for j in range(size)], k) for i in range(n)
             ]
             frames = [pd.DataFrame(body["dataframe_records"]) for body in bodies]
             request(bodies[0])  # warm-up, both ways
             model.predict(frames[0], params={"k": k})
             served, local = [], []
-            for body, frame in zip(
-                bodies, frames
-            ):  # bounded: n requests; interleaved, so that
-                served.append(
-                    _seconds(request, body)
-                )  # the shared machine's load hits both alike
+            for body, frame in zip(bodies, frames):  # bounded: n requests; interleaved, so that
+                served.append(_seconds(request, body))  # the shared machine's load hits both alike
                 local.append(_seconds(model.predict, frame, {"k": k}))
             figures = {
                 "served": _figures(served, size),
                 "in_process": _figures(local, size),
             }
-            figures["ratio"] = (
-                figures["served"]["images_per_s"]
-                / figures["in_process"]["images_per_s"]
-            )
+            figures["ratio"] = figures["served"]["images_per_s"] / figures["in_process"]["images_per_s"]
             results["batches"][size] = figures
     results["ratio"] = results["batches"][max(repeats)]["ratio"]
-    results["baseline"] = (
-        "the same model's predict in this process (same base64 input, no HTTP or JSON)"
-    )
+    results["baseline"] = "the same model's predict in this process (same base64 input, no HTTP or JSON)"
     return results
 
 

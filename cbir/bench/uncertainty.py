@@ -49,9 +49,7 @@ def child(spec_json: str) -> None:
     )
     runs = records(q)
     start = time.perf_counter()
-    intervals = uncertainty.retrieval_intervals(
-        runs["a"], [1, 10], resamples, 0.95, seed=0
-    )
+    intervals = uncertainty.retrieval_intervals(runs["a"], [1, 10], resamples, 0.95, seed=0)
     intervals_s = time.perf_counter() - start
     start = time.perf_counter()
     pairs = uncertainty.compare_runs(
@@ -76,9 +74,7 @@ def child(spec_json: str) -> None:
         members = values[classes == c]
         for b in range(0, resamples, 100):
             total[b : b + 100] += members[
-                rng.integers(
-                    0, len(members), size=(min(100, resamples - b), len(members))
-                )
+                rng.integers(0, len(members), size=(min(100, resamples - b), len(members)))
             ].sum(1)
     naive_s = (time.perf_counter() - start) * q / sub
     metrics_per_run = 2 * 2 * (1 + 4)  # P@1, P@10 x micro/macro x (all + 4 modalities)
@@ -127,9 +123,7 @@ def coverage(
                 "macro": float(rates.mean()),
             }
         values = (rng.random(len(classes)) < rates[classes]).astype(np.float64)
-        bounds = uncertainty.mean_intervals(
-            values, classes, resamples, level, uncertainty.rng_for(seed, f"cov{d}")
-        )
+        bounds = uncertainty.mean_intervals(values, classes, resamples, level, uncertainty.rng_for(seed, f"cov{d}"))
         for average in covered:
             low, high = bounds[average]
             covered[average] += int(low <= population[average] <= high)
@@ -160,9 +154,7 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     return {
         "sizes": runs,
         "ratio": min(r["speedup"] for r in runs),
-        "coverage": coverage(
-            int(sizes.coverage_datasets), int(uc.resamples), populations=8
-        ),
+        "coverage": coverage(int(sizes.coverage_datasets), int(uc.resamples), populations=8),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "baseline": "explicit index-array resampling per class (extrapolated from a subsample)",
     }
@@ -185,7 +177,5 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
         )
     c = result["coverage"]
     shown = f"micro {c['micro_coverage']:.3f}, macro {c['macro_coverage']:.3f} over {c['datasets']} datasets"
-    out.append(
-        (f"coverage of the {c['level']:.0%} interval", shown, "", "", "0.93-0.97")
-    )
+    out.append((f"coverage of the {c['level']:.0%} interval", shown, "", "", "0.93-0.97"))
     return out

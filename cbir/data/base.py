@@ -43,14 +43,20 @@ class Scan:
     def drop(self, reason: str, count: int, examples=()) -> None:
         if count:
             self.dropped[reason] = self.dropped.get(reason, 0) + int(count)
-            self.examples.setdefault(reason, []).extend(list(examples)[: 3])
+            self.examples.setdefault(reason, []).extend(list(examples)[:3])
 
 
 class DatasetReader:
     """Base class of the readers; subclasses set `manifest_root` and implement scan/inputs."""
 
-    def __init__(self, root: str | os.PathLike, name: str, cache_dir: str | os.PathLike | None = None,
-                 rebuild: bool = False, labels: str = "single") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        name: str,
+        cache_dir: str | os.PathLike | None = None,
+        rebuild: bool = False,
+        labels: str = "single",
+    ) -> None:
         self.root = Path(root)
         self.name = str(name)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -86,8 +92,12 @@ class DatasetReader:
             scan = self._cached_scan()
         self.last_scan = scan
         if scan.dropped:
-            log.info("%s: %d rows, dropped %s", self.name, len(scan.table),
-                     ", ".join(f"{n} {reason}" for reason, n in scan.dropped.items()))
+            log.info(
+                "%s: %d rows, dropped %s",
+                self.name,
+                len(scan.table),
+                ", ".join(f"{n} {reason}" for reason, n in scan.dropped.items()),
+            )
         return Manifest(table=scan.table, root=self.manifest_root, source=self.describe())
 
     def describe(self) -> str:
@@ -97,7 +107,8 @@ class DatasetReader:
         if not self.root.is_dir():
             raise ManifestError(
                 f"dataset {self.name}: root folder {self.root} does not exist; "
-                f"set dataset.root=<folder> (see conf/dataset/*.yaml for the expected layout)")
+                f"set dataset.root=<folder> (see conf/dataset/*.yaml for the expected layout)"
+            )
 
     def cache_key(self) -> str:
         stats = []
@@ -112,7 +123,9 @@ class DatasetReader:
                 stats.append((str(p), None, None))
         payload = {
             "reader": f"{type(self).__module__}.{type(self).__qualname__}",
-            "rules": RULES_VERSION, "name": self.name, "root": str(self.root.resolve()),
+            "rules": RULES_VERSION,
+            "name": self.name,
+            "root": str(self.root.resolve()),
             "options": {**self.options(), **({"labels": self.labels} if self.labels != "single" else {})},
             "inputs": stats,
         }
@@ -209,7 +222,8 @@ def apply_missing_policy(scan: Scan, base: Path, policy: str, dataset: str) -> N
     if policy == "error":
         raise ManifestError(
             f"dataset {dataset}: {len(missing)} image(s) listed in the metadata are missing under {base}, "
-            f"e.g. {list(missing[:3])}; check dataset.root, or set dataset.missing=drop to count and skip them")
+            f"e.g. {list(missing[:3])}; check dataset.root, or set dataset.missing=drop to count and skip them"
+        )
     scan.drop("image file missing", len(missing), missing[:3])
     scan.table = scan.table.loc[mask].reset_index(drop=True)
 
@@ -227,5 +241,4 @@ def first_existing(folder: Path, names, what: str, key: str) -> Path:
     for name in names:
         if (folder / name).is_file():
             return folder / name
-    raise ManifestError(f"{what}: none of {list(names)} found in {folder}; "
-                        f"check dataset.root or set {key}=<file name>")
+    raise ManifestError(f"{what}: none of {list(names)} found in {folder}; check dataset.root or set {key}=<file name>")

@@ -34,9 +34,19 @@ UNCERTAIN_POLICIES = ("drop", "zero")
 
 
 class CheXpertDataset(DatasetReader):
-    def __init__(self, root, name: str = "chexpert", cache_dir=None, rebuild: bool = False,
-                 release: str | None = None, uncertain: str = "drop", train_fraction: float = 0.9,
-                 seed: int = 42, missing: str = "error", labels: str = "single") -> None:
+    def __init__(
+        self,
+        root,
+        name: str = "chexpert",
+        cache_dir=None,
+        rebuild: bool = False,
+        release: str | None = None,
+        uncertain: str = "drop",
+        train_fraction: float = 0.9,
+        seed: int = 42,
+        missing: str = "error",
+        labels: str = "single",
+    ) -> None:
         super().__init__(root, name, cache_dir, rebuild, labels)
         self.release = release
         self.uncertain = check_policy(uncertain, "dataset.uncertain", UNCERTAIN_POLICIES)
@@ -55,15 +65,21 @@ class CheXpertDataset(DatasetReader):
             return self.root
         raise ManifestError(
             f"dataset {self.name}: no train.csv in {[str(self.root / r) for r in candidates]}; set dataset.root "
-            "to the folder that contains CheXpert-v1.0/ (or CheXpert-v1.0-small/), or dataset.release=<folder>")
+            "to the folder that contains CheXpert-v1.0/ (or CheXpert-v1.0-small/), or dataset.release=<folder>"
+        )
 
     @property
     def manifest_root(self) -> Path:
         return self.csv_dir.parent  # `Path` values start with the release folder
 
     def options(self) -> dict:
-        return {"release": self.release, "uncertain": self.uncertain, "train_fraction": self.train_fraction,
-                "seed": self.seed, "missing": self.missing}
+        return {
+            "release": self.release,
+            "uncertain": self.uncertain,
+            "train_fraction": self.train_fraction,
+            "seed": self.seed,
+            "missing": self.missing,
+        }
 
     def inputs(self) -> list[Path]:
         d = self.csv_dir
@@ -73,7 +89,7 @@ class CheXpertDataset(DatasetReader):
         scan = Scan(pd.DataFrame())
         train = self._read(self.csv_dir / "train.csv")
         test = self._read(self.csv_dir / "valid.csv")
-        classes = [c for c in train.columns[len(METADATA_COLUMNS):] if c not in NOT_A_CLASS]
+        classes = [c for c in train.columns[len(METADATA_COLUMNS) :] if c not in NOT_A_CLASS]
 
         values = train[classes].fillna(0.0)
         if self.uncertain == "zero":
@@ -109,23 +125,32 @@ class CheXpertDataset(DatasetReader):
         scan.drop(f"{wording} (valid.csv)", (~test_keep).sum(), test["Path"][~test_keep])
         test = test[test_keep].assign(split="test", finding=positive_lists(test_values[test_keep] == 1))
 
-        table = pd.concat([train[train["split"] == "train"], train[train["split"] == "val"], test],
-                          ignore_index=True)
-        scan.table = pd.DataFrame({
-            "path": table["Path"], "dataset": self.name, "split": table["split"], "modality": "XR",
-            "anatomy": "chest", **label_columns("XR", "chest", table["finding"], self.labels),
-            "patient": table["Path"].map(_patient_of),  # for the leakage audit
-        })
+        table = pd.concat([train[train["split"] == "train"], train[train["split"] == "val"], test], ignore_index=True)
+        scan.table = pd.DataFrame(
+            {
+                "path": table["Path"],
+                "dataset": self.name,
+                "split": table["split"],
+                "modality": "XR",
+                "anatomy": "chest",
+                **label_columns("XR", "chest", table["finding"], self.labels),
+                "patient": table["Path"].map(_patient_of),  # for the leakage audit
+            }
+        )
         apply_missing_policy(scan, self.manifest_root, self.missing, self.name)
         return scan
 
     def _read(self, csv: Path) -> pd.DataFrame:
         if not csv.is_file():
-            raise ManifestError(f"dataset {self.name}: {csv} not found; the release folder needs train.csv and valid.csv")
+            raise ManifestError(
+                f"dataset {self.name}: {csv} not found; the release folder needs train.csv and valid.csv"
+            )
         table = pd.read_csv(csv, dtype={"Path": str})
-        if tuple(table.columns[:len(METADATA_COLUMNS)]) != METADATA_COLUMNS:
-            raise ManifestError(f"{csv}: header starts {list(table.columns[:5])}; expected the official CheXpert "
-                                f"header {list(METADATA_COLUMNS)} followed by the 14 label columns")
+        if tuple(table.columns[: len(METADATA_COLUMNS)]) != METADATA_COLUMNS:
+            raise ManifestError(
+                f"{csv}: header starts {list(table.columns[:5])}; expected the official CheXpert "
+                f"header {list(METADATA_COLUMNS)} followed by the 14 label columns"
+            )
         return table
 
 

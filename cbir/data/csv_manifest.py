@@ -24,13 +24,43 @@ from cbir.data.manifest import MANIFEST_COLUMNS, ManifestError, class_name, path
 
 REQUIRED = tuple(c for c in MANIFEST_COLUMNS if c != "dataset")
 # the texts pandas.read_csv reads as missing by default (its documented na_values), plus "none"
-MISSING_MARKERS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                             "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "none"})
+MISSING_MARKERS = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+        "none",
+    }
+)
 
 
 class CSVManifestDataset(DatasetReader):
-    def __init__(self, file, root=None, name: str = "csv", cache_dir=None, rebuild: bool = False,
-                 missing: str = "error", labels: str = "single") -> None:
+    def __init__(
+        self,
+        file,
+        root=None,
+        name: str = "csv",
+        cache_dir=None,
+        rebuild: bool = False,
+        missing: str = "error",
+        labels: str = "single",
+    ) -> None:
         if not file:
             raise ManifestError("dataset.file is not set; give the manifest file: dataset.file=<path/to/manifest.csv>")
         self.file = Path(file)
@@ -51,7 +81,8 @@ class CSVManifestDataset(DatasetReader):
         if missing:
             raise ManifestError(
                 f"{self.file}: missing column(s) {missing}; a manifest needs columns {list(REQUIRED)} "
-                f"(plus optional 'dataset'); add them to the header line")
+                f"(plus optional 'dataset'); add them to the header line"
+            )
         if "dataset" not in table.columns:
             table["dataset"] = self.name
         for column in MANIFEST_COLUMNS:
@@ -60,11 +91,14 @@ class CSVManifestDataset(DatasetReader):
         table["path"] = [self._inside_root(p, i) for i, p in enumerate(table["path"])]
         if self.labels == "multi":
             if "findings" not in table.columns:
-                raise ManifestError(f"{self.file}: dataset.labels=multi needs a 'findings' column (finding names "
-                                    "joined by |, e.g. Edema|Pleural Effusion); add it or use dataset.labels=single")
+                raise ManifestError(
+                    f"{self.file}: dataset.labels=multi needs a 'findings' column (finding names "
+                    "joined by |, e.g. Edema|Pleural Effusion); add it or use dataset.labels=single"
+                )
             table = fill_findings(table.astype({"findings": str}))
-            table["label"] = [class_name(m, a, f) for m, a, f in
-                              zip(table["modality"], table["anatomy"], table["findings"])]
+            table["label"] = [
+                class_name(m, a, f) for m, a, f in zip(table["modality"], table["anatomy"], table["findings"])
+            ]
         scan = Scan(table.reset_index(drop=True))
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan
@@ -79,8 +113,10 @@ class CSVManifestDataset(DatasetReader):
         except Exception as e:  # pandas/pyarrow raise many types for a file that is not a table
             kind = "Parquet" if self.file.suffix.lower() == ".parquet" else "UTF-8 CSV"
             reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            raise ManifestError(f"dataset.file={self.file}: not a readable {kind} file ({reason}); give a "
-                                f"{kind} table with the columns {list(REQUIRED)}") from None
+            raise ManifestError(
+                f"dataset.file={self.file}: not a readable {kind} file ({reason}); give a "
+                f"{kind} table with the columns {list(REQUIRED)}"
+            ) from None
 
     def _check_filled(self, values: pd.Series, column: str) -> None:
         """Every row needs a value: empty cells, nulls and the texts pandas reads as missing
@@ -91,7 +127,8 @@ class CSVManifestDataset(DatasetReader):
             row = int(bad.argmax())
             raise ManifestError(
                 f"{self.file}, row {self._row_number(row)}: {column} is {values.iloc[row]!r}, an empty or missing value; "
-                f"give every row a {column} (a class literally named like a missing value needs another name)")
+                f"give every row a {column} (a class literally named like a missing value needs another name)"
+            )
 
     def _row_number(self, position: int) -> int:
         """What a person sees: the line in the CSV file (the header is line 1), the 1-based Parquet row."""
@@ -103,5 +140,6 @@ class CSVManifestDataset(DatasetReader):
             raise ManifestError(
                 f"{self.file}, row {self._row_number(row)}: path {path!r} is outside the manifest root "
                 f"{os.path.abspath(self.root)}; make paths relative to dataset.root (default: the manifest's "
-                "folder) or set dataset.root")
+                "folder) or set dataset.root"
+            )
         return inside

@@ -24,8 +24,10 @@ SEPARATOR = "|"
 
 def check_labels_mode(value: str) -> str:
     if value not in LABEL_MODES:
-        raise ManifestError(f"dataset.labels={value!r}: choose one of {list(LABEL_MODES)} "
-                            "(single: the study's single-finding images; multi: every image with its findings)")
+        raise ManifestError(
+            f"dataset.labels={value!r}: choose one of {list(LABEL_MODES)} "
+            "(single: the study's single-finding images; multi: every image with its findings)"
+        )
     return value
 
 

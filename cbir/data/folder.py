@@ -27,9 +27,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".
 
 
 class FolderDataset(DatasetReader):
-    def __init__(self, root, name: str = "folder", cache_dir=None, rebuild: bool = False,
-                 extensions=IMAGE_SUFFIXES, split_fractions: dict | None = None, seed: int = 0,
-                 split_file: str | None = None, labels: str = "single", findings_file: str | None = None) -> None:
+    def __init__(
+        self,
+        root,
+        name: str = "folder",
+        cache_dir=None,
+        rebuild: bool = False,
+        extensions=IMAGE_SUFFIXES,
+        split_fractions: dict | None = None,
+        seed: int = 0,
+        split_file: str | None = None,
+        labels: str = "single",
+        findings_file: str | None = None,
+    ) -> None:
         super().__init__(root, name, cache_dir, rebuild, labels)
         self.findings_file = Path(findings_file) if findings_file else None
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -38,14 +48,21 @@ class FolderDataset(DatasetReader):
         self.split_file = Path(split_file) if split_file else None
 
     def options(self) -> dict:
-        return {"extensions": self.extensions, "split_fractions": self.split_fractions, "seed": self.seed,
-                "split_file": str(self.split_file),
-                **({"findings_file": str(self.findings_file)} if self.labels == "multi" else {})}
+        return {
+            "extensions": self.extensions,
+            "split_fractions": self.split_fractions,
+            "seed": self.seed,
+            "split_file": str(self.split_file),
+            **({"findings_file": str(self.findings_file)} if self.labels == "multi" else {}),
+        }
 
     def inputs(self) -> list[Path]:
         dirs = sorted(Path(d) for d, _, _ in os.walk(self.root))
-        return (dirs + ([self.split_file] if self.split_file else [])
-                + ([self.findings_file] if self.findings_file and self.labels == "multi" else []))
+        return (
+            dirs
+            + ([self.split_file] if self.split_file else [])
+            + ([self.findings_file] if self.findings_file and self.labels == "multi" else [])
+        )
 
     def scan(self) -> Scan:
         scan = Scan(pd.DataFrame())
@@ -60,20 +77,29 @@ class FolderDataset(DatasetReader):
                 (paths if path.count("/") >= 3 else shallow).append(path)
         scan.drop("image not inside <modality>/<anatomy>/<pathology>/", len(shallow), shallow)
         if not paths:
-            raise ManifestError(f"dataset {self.name}: no images ({', '.join(self.extensions)}) found in "
-                                f"{self.root}/<modality>/<anatomy>/<pathology>/; check dataset.root")
+            raise ManifestError(
+                f"dataset {self.name}: no images ({', '.join(self.extensions)}) found in "
+                f"{self.root}/<modality>/<anatomy>/<pathology>/; check dataset.root"
+            )
         parts = [p.split("/") for p in paths]
-        table = pd.DataFrame({
-            "path": paths, "dataset": self.name, "modality": [p[0] for p in parts],
-            "anatomy": [p[1] for p in parts], "label": [class_name(*p[:3]) for p in parts],
-        })
+        table = pd.DataFrame(
+            {
+                "path": paths,
+                "dataset": self.name,
+                "modality": [p[0] for p in parts],
+                "anatomy": [p[1] for p in parts],
+                "label": [class_name(*p[:3]) for p in parts],
+            }
+        )
         if self.split_file is None:  # stratified by folder class, so both label modes split alike
             table["split"] = stratified_split(table["label"], self.split_fractions, self.seed)
         if self.labels == "multi":
             given = self._read_findings_file()
             table["findings"] = [join_findings(given.get(path, p[2]).split("|")) for path, p in zip(paths, parts)]
-            table["label"] = [multi_label(m, a, f.split("|")) for m, a, f in
-                              zip(table["modality"], table["anatomy"], table["findings"])]
+            table["label"] = [
+                multi_label(m, a, f.split("|"))
+                for m, a, f in zip(table["modality"], table["anatomy"], table["findings"])
+            ]
         if self.split_file is not None:
             table["split"] = table["path"].map(self._read_split_file())
             unlisted = table["split"].isna()
@@ -85,14 +111,16 @@ class FolderDataset(DatasetReader):
     def _read_findings_file(self) -> dict[str, str]:
         if self.findings_file is None:
             return {}
-        table = _read_path_table(self.findings_file, "dataset.findings_file", "findings",
-                                 "path,findings (findings joined by |)")
+        table = _read_path_table(
+            self.findings_file, "dataset.findings_file", "findings", "path,findings (findings joined by |)"
+        )
         paths = [PurePosixPath(p.replace("\\", "/")).as_posix() for p in table["path"]]
         return {p: f for p, f in zip(paths, table["findings"]) if f.strip()}
 
     def _read_split_file(self) -> dict[str, str]:
-        table = _read_path_table(self.split_file, "dataset.split_file", "split",
-                                 "path,split (paths relative to dataset.root)")
+        table = _read_path_table(
+            self.split_file, "dataset.split_file", "split", "path,split (paths relative to dataset.root)"
+        )
         bad = sorted(set(table["split"]) - set(SPLITS))
         if bad:
             raise ManifestError(f"{self.split_file}: unknown split value(s) {bad}; use {list(SPLITS)}")

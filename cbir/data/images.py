@@ -37,8 +37,13 @@ def not_regular(mode: int) -> str | None:
     """What a file of this st_mode is when it is not a regular file (None for a regular file)."""
     if stat.S_ISREG(mode):
         return None
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
     return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
@@ -116,7 +121,8 @@ def _load_dicom(file, path: Path) -> Image.Image:
     except Exception as e:
         raise ImageLoadError(
             f"{path}: cannot decode DICOM pixel data ({e}); compressed transfer syntaxes need a "
-            "decoder plugin, e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from e
+            "decoder plugin, e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+        ) from e
     samples = int(ds.get("SamplesPerPixel", 1))
     if pixels.ndim == (3 if samples == 1 else 4):
         pixels = pixels[pixels.shape[0] // 2]  # multi-frame: the middle frame

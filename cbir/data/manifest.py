@@ -39,7 +39,7 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.table)
 
-    def with_table(self, table: pd.DataFrame) -> "Manifest":
+    def with_table(self, table: pd.DataFrame) -> Manifest:
         """The same dataset with other rows (e.g. a subset), keeping root, source and generator."""
         return dataclasses.replace(self, table=table)
 
@@ -62,7 +62,7 @@ class Manifest:
         cannot be read. One stat per file, in threads: network file systems answer in parallel."""
         root = str(self.root)
         paths = [os.path.join(root, p) for p in self.table["path"]]
-        chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
+        chunks = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(chunks)))) as pool:
             parts = list(pool.map(_stat_chunk, chunks))
         return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
@@ -89,9 +89,7 @@ def _stat_chunk(paths: list[str]) -> np.ndarray:
 def validate_table(table: pd.DataFrame, source: str) -> None:
     missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
     if missing:
-        raise ManifestError(
-            f"{source}: missing column(s) {missing}; a manifest needs {list(MANIFEST_COLUMNS)}"
-        )
+        raise ManifestError(f"{source}: missing column(s) {missing}; a manifest needs {list(MANIFEST_COLUMNS)}")
     if len(table) == 0:
         raise ManifestError(f"{source}: the manifest has no rows")
     bad_splits = sorted(set(table["split"]) - set(SPLITS))

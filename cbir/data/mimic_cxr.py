@@ -16,8 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from cbir.data.base import (MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy,
-                            first_existing, folders)
+from cbir.data.base import (
+    MISSING_POLICIES,
+    DatasetReader,
+    Scan,
+    apply_missing_policy,
+    check_policy,
+    first_existing,
+    folders,
+)
 from cbir.data.findings import label_columns, positive_lists
 from cbir.data.manifest import ManifestError
 
@@ -27,34 +34,48 @@ UNCERTAIN_POLICIES = ("zero", "drop")
 
 
 class MimicCXRDataset(DatasetReader):
-    def __init__(self, root, name: str = "mimic_cxr", cache_dir=None, rebuild: bool = False,
-                 split_csv: str = "mimic-cxr-2.0.0-split.csv", labels_csv: str = "mimic-cxr-2.0.0-chexpert.csv",
-                 uncertain: str = "zero", missing: str = "error", labels: str = "single") -> None:
+    def __init__(
+        self,
+        root,
+        name: str = "mimic_cxr",
+        cache_dir=None,
+        rebuild: bool = False,
+        split_csv: str = "mimic-cxr-2.0.0-split.csv",
+        labels_csv: str = "mimic-cxr-2.0.0-chexpert.csv",
+        uncertain: str = "zero",
+        missing: str = "error",
+        labels: str = "single",
+    ) -> None:
         super().__init__(root, name, cache_dir, rebuild, labels)
         self.split_csv, self.labels_csv = split_csv, labels_csv
         self.uncertain = check_policy(uncertain, "dataset.uncertain", UNCERTAIN_POLICIES)
         self.missing = check_policy(missing, "dataset.missing", MISSING_POLICIES)
 
     def options(self) -> dict:
-        return {"split_csv": self.split_csv, "labels_csv": self.labels_csv,
-                "uncertain": self.uncertain, "missing": self.missing}
+        return {
+            "split_csv": self.split_csv,
+            "labels_csv": self.labels_csv,
+            "uncertain": self.uncertain,
+            "missing": self.missing,
+        }
 
     def inputs(self) -> list[Path]:
         files = [self.root / (n + gz) for n in (self.split_csv, self.labels_csv) for gz in ("", ".gz")]
         return files + folders(self.root / "files", 1)  # files/ and files/p1X/
 
     def scan(self) -> Scan:
-        split_file = first_existing(self.root, (self.split_csv, self.split_csv + ".gz"),
-                                    f"dataset {self.name}", "dataset.split_csv")
-        labels_file = first_existing(self.root, (self.labels_csv, self.labels_csv + ".gz"),
-                                     f"dataset {self.name}", "dataset.labels_csv")
+        split_file = first_existing(
+            self.root, (self.split_csv, self.split_csv + ".gz"), f"dataset {self.name}", "dataset.split_csv"
+        )
+        labels_file = first_existing(
+            self.root, (self.labels_csv, self.labels_csv + ".gz"), f"dataset {self.name}", "dataset.labels_csv"
+        )
         splits = _read(split_file, ("dicom_id", "study_id", "subject_id", "split"))
         labels = _read(labels_file, ("subject_id", "study_id"))
         # label columns by position, after subject_id and study_id, as the study read them
         classes = [c for c in labels.columns[2:] if c not in NOT_A_CLASS]
         labels = labels.drop_duplicates(["subject_id", "study_id"], keep="first")
-        table = splits.merge(labels, on=["subject_id", "study_id"], how="left", validate="many_to_one",
-                             indicator=True)
+        table = splits.merge(labels, on=["subject_id", "study_id"], how="left", validate="many_to_one", indicator=True)
         scan = Scan(pd.DataFrame())
         unlabelled = table["_merge"] == "left_only"
         scan.drop("study has no row in the label file", unlabelled.sum(), table["dicom_id"][unlabelled])
@@ -62,8 +83,10 @@ class MimicCXRDataset(DatasetReader):
 
         unknown = ~table["split"].isin(list(SPLIT_VALUES))
         if unknown.any():
-            raise ManifestError(f"{split_file}: unknown split value(s) {sorted(set(table['split'][unknown]))}; "
-                                f"expected {list(SPLIT_VALUES)}")
+            raise ManifestError(
+                f"{split_file}: unknown split value(s) {sorted(set(table['split'][unknown]))}; "
+                f"expected {list(SPLIT_VALUES)}"
+            )
         values = table[classes].apply(pd.to_numeric, errors="coerce")
         if self.uncertain == "drop":
             uncertain = (values == -1).any(axis=1)
@@ -79,12 +102,17 @@ class MimicCXRDataset(DatasetReader):
         table, positive = table[keep], positive[keep]
 
         subject, study = table["subject_id"].astype(str), table["study_id"].astype(str)
-        scan.table = pd.DataFrame({
-            "path": "files/p" + subject.str[:2] + "/p" + subject + "/s" + study + "/" + table["dicom_id"] + ".jpg",
-            "dataset": self.name, "split": table["split"].map(SPLIT_VALUES), "modality": "XR", "anatomy": "chest",
-            **label_columns("XR", "chest", positive_lists(positive), self.labels),
-            "patient": subject,  # for the leakage audit
-        }).reset_index(drop=True)
+        scan.table = pd.DataFrame(
+            {
+                "path": "files/p" + subject.str[:2] + "/p" + subject + "/s" + study + "/" + table["dicom_id"] + ".jpg",
+                "dataset": self.name,
+                "split": table["split"].map(SPLIT_VALUES),
+                "modality": "XR",
+                "anatomy": "chest",
+                **label_columns("XR", "chest", positive_lists(positive), self.labels),
+                "patient": subject,  # for the leakage audit
+            }
+        ).reset_index(drop=True)
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan
 

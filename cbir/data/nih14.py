@@ -18,28 +18,54 @@ from pathlib import Path
 
 import pandas as pd
 
-from cbir.data.base import (MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy,
-                            first_existing, folders)
+from cbir.data.base import (
+    MISSING_POLICIES,
+    DatasetReader,
+    Scan,
+    apply_missing_policy,
+    check_policy,
+    first_existing,
+    folders,
+)
 from cbir.data.findings import label_columns
 from cbir.data.manifest import ManifestError
 from cbir.data.splits import split_patients
 
 # `Finding Labels` names in the study's column order, and the names the classes get
 FINDINGS = {
-    "No Finding": "No Finding", "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly",
-    "Consolidation": "Consolidation", "Edema": "Edema", "Effusion": "Pleural Effusion",
-    "Infiltration": "Infiltration", "Mass": "Mass", "Nodule": "Nodule", "Pneumonia": "Pneumonia",
-    "Pneumothorax": "Pneumothorax", "Emphysema": "Emphysema", "Fibrosis": "Fibrosis",
-    "Pleural_Thickening": "Pleural Thickening", "Hernia": "Hernia",
+    "No Finding": "No Finding",
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Consolidation": "Consolidation",
+    "Edema": "Edema",
+    "Effusion": "Pleural Effusion",
+    "Infiltration": "Infiltration",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+    "Emphysema": "Emphysema",
+    "Fibrosis": "Fibrosis",
+    "Pleural_Thickening": "Pleural Thickening",
+    "Hernia": "Hernia",
 }
 DATA_ENTRY_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 NEEDED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 
 class NIH14Dataset(DatasetReader):
-    def __init__(self, root, name: str = "nih14", cache_dir=None, rebuild: bool = False,
-                 data_entry: str | None = None, train_fraction: float = 0.9, seed: int = 42,
-                 missing: str = "drop", labels: str = "single") -> None:
+    def __init__(
+        self,
+        root,
+        name: str = "nih14",
+        cache_dir=None,
+        rebuild: bool = False,
+        data_entry: str | None = None,
+        train_fraction: float = 0.9,
+        seed: int = 42,
+        missing: str = "drop",
+        labels: str = "single",
+    ) -> None:
         super().__init__(root, name, cache_dir, rebuild, labels)
         self.data_entry = data_entry
         self.train_fraction = float(train_fraction)
@@ -47,8 +73,12 @@ class NIH14Dataset(DatasetReader):
         self.missing = check_policy(missing, "dataset.missing", MISSING_POLICIES)
 
     def options(self) -> dict:
-        return {"data_entry": self.data_entry, "train_fraction": self.train_fraction,
-                "seed": self.seed, "missing": self.missing}
+        return {
+            "data_entry": self.data_entry,
+            "train_fraction": self.train_fraction,
+            "seed": self.seed,
+            "missing": self.missing,
+        }
 
     def inputs(self) -> list[Path]:
         files = [self.root / n for n in (*DATA_ENTRY_NAMES, "train_val_list.txt", "test_list.txt")]
@@ -84,12 +114,17 @@ class NIH14Dataset(DatasetReader):
         table, findings = table[keep], known[keep]
 
         paths = self._find_images()
-        scan.table = pd.DataFrame({
-            "path": table["Image Index"].map(lambda n: paths.get(n, "images/" + n)),
-            "dataset": self.name, "split": table["split"], "modality": "XR", "anatomy": "chest",
-            **label_columns("XR", "chest", findings, self.labels),
-            "patient": table["Patient ID"].astype(str),  # for the leakage audit
-        }).reset_index(drop=True)
+        scan.table = pd.DataFrame(
+            {
+                "path": table["Image Index"].map(lambda n: paths.get(n, "images/" + n)),
+                "dataset": self.name,
+                "split": table["split"],
+                "modality": "XR",
+                "anatomy": "chest",
+                **label_columns("XR", "chest", findings, self.labels),
+                "patient": table["Patient ID"].astype(str),  # for the leakage audit
+            }
+        ).reset_index(drop=True)
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan
 
@@ -100,15 +135,18 @@ class NIH14Dataset(DatasetReader):
         table = pd.read_csv(csv, index_col=False, dtype={"Image Index": str, "Finding Labels": str})
         missing = [c for c in NEEDED_COLUMNS if c not in table.columns]
         if missing:
-            raise ManifestError(f"{csv}: missing column(s) {missing}; expected the official NIH header "
-                                "starting 'Image Index,Finding Labels,Follow-up #,Patient ID,...'")
+            raise ManifestError(
+                f"{csv}: missing column(s) {missing}; expected the official NIH header "
+                "starting 'Image Index,Finding Labels,Follow-up #,Patient ID,...'"
+            )
         return table.loc[:, list(NEEDED_COLUMNS)]
 
     def _read_list(self, fname: str) -> set[str]:
         path = self.root / fname
         if not path.is_file():
-            raise ManifestError(f"dataset {self.name}: {path} not found; put the official {fname} "
-                                f"in dataset.root ({self.root})")
+            raise ManifestError(
+                f"dataset {self.name}: {path} not found; put the official {fname} in dataset.root ({self.root})"
+            )
         with open(path, encoding="utf-8") as f:
             return {line.strip() for line in f if line.strip()}
 

@@ -33,8 +33,9 @@ def counts_table(title: str, counts, key_columns: list[str]) -> Table:
         table.add_column(c, justify="right")
     for row in counts.itertuples(index=False):
         values = row._asdict()
-        table.add_row(*(str(values[c]) for c in key_columns),
-                      *(f"{values[c]:,}" for c in ("train", "val", "test", "total")))
+        table.add_row(
+            *(str(values[c]) for c in key_columns), *(f"{values[c]:,}" for c in ("train", "val", "test", "total"))
+        )
     return table
 
 
@@ -51,8 +52,10 @@ def dropped_table(scans: dict) -> Table:
 def print_summary(name: str, manifest, scans: dict, console: Console | None = None) -> None:
     console = console or Console()
     summary = dataset_summary(manifest)
-    console.print(f"[bold]{name}[/bold]: {summary['rows']:,} images, {summary['classes']} classes, "
-                  f"root {manifest.root}, digest {summary['digest']}")
+    console.print(
+        f"[bold]{name}[/bold]: {summary['rows']:,} images, {summary['classes']} classes, "
+        f"root {manifest.root}, digest {summary['digest']}"
+    )
     console.print(counts_table("Per split and dataset", summary["dataset_counts"], ["dataset"]))
     console.print(counts_table("Per modality", summary["modality_counts"], ["modality"]))
     console.print(counts_table("Per class", summary["class_counts"], ["label"]))

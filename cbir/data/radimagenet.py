@@ -37,8 +37,16 @@ def radimagenet_class(filename: str) -> tuple[str, str, str] | None:
 
 
 class RadImageNetDataset(DatasetReader):
-    def __init__(self, root, name: str = "radimagenet", cache_dir=None, rebuild: bool = False,
-                 split_files: dict | None = None, ignore_list: str | None = None, missing: str = "error") -> None:
+    def __init__(
+        self,
+        root,
+        name: str = "radimagenet",
+        cache_dir=None,
+        rebuild: bool = False,
+        split_files: dict | None = None,
+        ignore_list: str | None = None,
+        missing: str = "error",
+    ) -> None:
         super().__init__(root, name, cache_dir, rebuild)
         self.split_files = dict(split_files or {s: f"RadiologyAI_{s}.csv" for s in SPLITS})
         bad = set(self.split_files) - set(SPLITS)
@@ -62,12 +70,16 @@ class RadImageNetDataset(DatasetReader):
         for split, fname in self.split_files.items():
             csv = self.root / fname
             if not csv.is_file():
-                raise ManifestError(f"dataset {self.name}: split file {csv} not found; put the official "
-                                    f"RadiologyAI_{split}.csv in dataset.root ({self.root})")
+                raise ManifestError(
+                    f"dataset {self.name}: split file {csv} not found; put the official "
+                    f"RadiologyAI_{split}.csv in dataset.root ({self.root})"
+                )
             table = pd.read_csv(csv, dtype=str, keep_default_na=False)
             if "filename" not in table.columns:
-                raise ManifestError(f"{csv}: no 'filename' column (found {list(table.columns)}); "
-                                    "expected the official header filename,label")
+                raise ManifestError(
+                    f"{csv}: no 'filename' column (found {list(table.columns)}); "
+                    "expected the official header filename,label"
+                )
             names = table["filename"].str.strip()
             is_ignored = names.isin(ignored)
             scan.drop("in the ignore list", is_ignored.sum(), names[is_ignored])
@@ -83,12 +95,17 @@ class RadImageNetDataset(DatasetReader):
         table = table[~bad.to_numpy()].reset_index(drop=True)
         classes = [c for c in classes if c is not None]
         modality, anatomy, finding = (list(x) for x in zip(*classes)) if classes else ([], [], [])
-        scan.table = pd.DataFrame({
-            # `filename` starts with the distribution's top folder; paths are relative to it
-            "path": [f.split("/", 1)[1] for f in table["filename"]],
-            "dataset": self.name, "split": table["split"], "modality": modality, "anatomy": anatomy,
-            "label": [class_name(m, a, f) for m, a, f in zip(modality, anatomy, finding)],
-        })
+        scan.table = pd.DataFrame(
+            {
+                # `filename` starts with the distribution's top folder; paths are relative to it
+                "path": [f.split("/", 1)[1] for f in table["filename"]],
+                "dataset": self.name,
+                "split": table["split"],
+                "modality": modality,
+                "anatomy": anatomy,
+                "label": [class_name(m, a, f) for m, a, f in zip(modality, anatomy, finding)],
+            }
+        )
         apply_missing_policy(scan, self.root, self.missing, self.name)
         return scan
 
@@ -96,7 +113,9 @@ class RadImageNetDataset(DatasetReader):
         if self.ignore_list is None:
             return set()
         if not self.ignore_list.is_file():
-            raise ManifestError(f"dataset.ignore_list={self.ignore_list}: file not found; "
-                                "give a text file with one radiology_ai/... path per line, or null")
+            raise ManifestError(
+                f"dataset.ignore_list={self.ignore_list}: file not found; "
+                "give a text file with one radiology_ai/... path per line, or null"
+            )
         with open(self.ignore_list, encoding="utf-8") as f:
             return {line.strip() for line in f if line.strip()}

@@ -23,7 +23,8 @@ def split_patients(patient_ids, train_size: float = 0.9, seed: int = 42) -> tupl
     if n_train == 0 or n_train == n:
         raise ManifestError(
             f"cannot split {n} patient(s) {train_size:g}/{1 - train_size:g} into train and val: "
-            "both parts would need at least one patient; add data or change dataset.train_fraction")
+            "both parts would need at least one patient; add data or change dataset.train_fraction"
+        )
     train_ids, val_ids = train_test_split(ids, train_size=train_size, random_state=seed)
     return train_ids, val_ids
 

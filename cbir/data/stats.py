@@ -47,5 +47,6 @@ def mlflow_dataset(manifest: Manifest, name: str):
     """The manifest as an `mlflow.data` dataset (for `mlflow.log_input`), with the content digest."""
     import mlflow.data
 
-    return mlflow.data.from_pandas(manifest.table[list(MANIFEST_COLUMNS)], source=str(manifest.root),
-                                   name=name, digest=manifest_digest(manifest))
+    return mlflow.data.from_pandas(
+        manifest.table[list(MANIFEST_COLUMNS)], source=str(manifest.root), name=name, digest=manifest_digest(manifest)
+    )

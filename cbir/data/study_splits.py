@@ -19,8 +19,17 @@ from cbir.study_format import FILE_MISSING, STUDY_CSV_NAMES, StudyFormatError, r
 
 
 class StudySplitsDataset(DatasetReader):
-    def __init__(self, root, files=None, dir=None, name: str = "study_splits", missing: str = "auto",
-                 images_needed: bool = True, cache_dir=None, rebuild: bool = False) -> None:
+    def __init__(
+        self,
+        root,
+        files=None,
+        dir=None,
+        name: str = "study_splits",
+        missing: str = "auto",
+        images_needed: bool = True,
+        cache_dir=None,
+        rebuild: bool = False,
+    ) -> None:
         super().__init__(root, name, cache_dir, rebuild)
         self.files = self._find_files(files, dir)
         self.missing = check_policy(missing, "dataset.missing", ("auto", *MISSING_POLICIES))
@@ -36,12 +45,16 @@ class StudySplitsDataset(DatasetReader):
         if files:
             return [Path(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
         if folder is None:
-            raise ManifestError("dataset.files is not set; give the study's split CSVs: "
-                                "dataset.files=[/data/datasets/nih14.csv,...] or dataset.dir=<folder holding them>")
+            raise ManifestError(
+                "dataset.files is not set; give the study's split CSVs: "
+                "dataset.files=[/data/datasets/nih14.csv,...] or dataset.dir=<folder holding them>"
+            )
         found = [Path(folder) / n for n in STUDY_CSV_NAMES.values() if (Path(folder) / n).is_file()]
         if not found:
-            raise ManifestError(f"dataset.dir={folder}: none of the study's split CSVs {list(STUDY_CSV_NAMES.values())} "
-                                "is there; unpack datasets.zip into it or list the files with dataset.files=[...]")
+            raise ManifestError(
+                f"dataset.dir={folder}: none of the study's split CSVs {list(STUDY_CSV_NAMES.values())} "
+                "is there; unpack datasets.zip into it or list the files with dataset.files=[...]"
+            )
         return found
 
     def options(self) -> dict:

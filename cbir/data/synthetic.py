@@ -75,9 +75,7 @@ class SyntheticDataset:
             (_MODALITY_STYLE, _ANATOMY_DRAW, _PATHOLOGY_DRAW),
         ):
             if names:
-                raise ValueError(
-                    f"dataset.{kind}: unknown value(s) {sorted(names)}; choose from {sorted(known)}"
-                )
+                raise ValueError(f"dataset.{kind}: unknown value(s) {sorted(names)}; choose from {sorted(known)}")
         if not 1 <= min_per_class <= max_per_class:
             raise ValueError(
                 "dataset.min_per_class and dataset.max_per_class: need 1 <= min <= max, "
@@ -124,17 +122,10 @@ class SyntheticDataset:
         return Manifest(table=table, root=folder, source=str(folder / "manifest.csv"), generator=self.params())
 
     def class_sizes(self) -> dict[str, int]:
-        classes = [
-            class_name(m, a, p)
-            for m in self.modalities
-            for a in self.anatomies
-            for p in self.pathologies
-        ]
+        classes = [class_name(m, a, p) for m in self.modalities for a in self.anatomies for p in self.pathologies]
         n = len(classes)
         ratio = self.min_per_class / self.max_per_class
-        sizes = [
-            int(round(self.max_per_class * ratio ** (r / max(n - 1, 1)))) for r in range(n)
-        ]
+        sizes = [int(round(self.max_per_class * ratio ** (r / max(n - 1, 1)))) for r in range(n)]
         order = np.random.default_rng(self.seed).permutation(n)
         return {classes[i]: sizes[rank] for rank, i in enumerate(order)}
 
@@ -142,9 +133,13 @@ class SyntheticDataset:
         """labels=multi: (modality, anatomy, finding 1, finding 2) -> number of images."""
         sizes = self.class_sizes()
         found = [p for p in self.pathologies if p != "normal"]
-        return {(m, a, p1, p2): min(sizes[class_name(m, a, p1)], sizes[class_name(m, a, p2)])
-                for m in self.modalities for a in self.anatomies
-                for i, p1 in enumerate(found) for p2 in found[i + 1:]}
+        return {
+            (m, a, p1, p2): min(sizes[class_name(m, a, p1)], sizes[class_name(m, a, p2)])
+            for m in self.modalities
+            for a in self.anatomies
+            for i, p1 in enumerate(found)
+            for p2 in found[i + 1 :]
+        }
 
     # ----------------------------------------------------------------- private
     def _generate(self, folder: Path) -> None:
@@ -164,8 +159,17 @@ class SyntheticDataset:
                 rel = f"{modality}/{anatomy}/{folder_name}/{i:05d}.png"
                 Image.fromarray(image, mode="L").save(tmp / rel)
                 findings = pathology.split("|")
-                rows.append((rel, self.name, splits[i], modality, anatomy, multi_label(modality, anatomy, findings),
-                             join_findings(findings)))
+                rows.append(
+                    (
+                        rel,
+                        self.name,
+                        splits[i],
+                        modality,
+                        anatomy,
+                        multi_label(modality, anatomy, findings),
+                        join_findings(findings),
+                    )
+                )
         table = pd.DataFrame(rows, columns=["path", "dataset", "split", "modality", "anatomy", "label", "findings"])
         if self.labels == "single":
             table = table.drop(columns="findings")

@@ -46,7 +46,7 @@ class ArkEncoder(TimmEncoder):
         model = ArkModel(backbone, self.projector_dim)
         if self.weights:
             state_dict = read_state_dict(self.weights, self.name)
-            projector = {k[len("projector."):]: v for k, v in state_dict.items() if k.startswith("projector.")}
+            projector = {k[len("projector.") :]: v for k, v in state_dict.items() if k.startswith("projector.")}
             trunk = {k: v for k, v in state_dict.items() if not k.startswith(("projector.", "omni_heads."))}
             remap = sys.modules[type(backbone).__module__].checkpoint_filter_fn
             load_into(backbone, remap(trunk, backbone), self.name, str(self.weights))

@@ -62,8 +62,7 @@ def weights_identity(weights: str | None, pretrained: bool) -> dict[str, Any]:
         p = Path(weights).expanduser()
         if not p.is_file():
             raise EncoderError(
-                f"encoder.weights={weights}: no such file; give the path of a local "
-                ".safetensors or .pth file"
+                f"encoder.weights={weights}: no such file; give the path of a local .safetensors or .pth file"
             )
         st = p.stat()
         return {"weights": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -110,8 +109,12 @@ class PretrainedEncoder(Encoder):
         if commit:
             log.info("encoder %s: weights %s at commit %s", self.name, repo_id, commit)
         else:
-            log.warning("encoder %s: cannot tell which revision of %s was loaded; its embedding cache key "
-                        "names the model only (pin one with encoder.revision=<commit>)", self.name, repo_id)
+            log.warning(
+                "encoder %s: cannot tell which revision of %s was loaded; its embedding cache key "
+                "names the model only (pin one with encoder.revision=<commit>)",
+                self.name,
+                repo_id,
+            )
 
     def check_dim(self, actual: int) -> None:
         self.dim = int(actual)

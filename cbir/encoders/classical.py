@@ -35,8 +35,13 @@ class ClassicalEncoder(Encoder):
         self.orientation_bins = int(orientation_bins)
         self.histogram_bins = int(histogram_bins)
         self.preprocess = Preprocess(
-            mode="squash", resize=self.image_size, crop=self.image_size,
-            interpolation="bilinear", mean=(0.0,), std=(1.0,), channels=1,
+            mode="squash",
+            resize=self.image_size,
+            crop=self.image_size,
+            interpolation="bilinear",
+            mean=(0.0,),
+            std=(1.0,),
+            channels=1,
         )
         sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
         laplace = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -63,7 +68,12 @@ class ClassicalEncoder(Encoder):
         }
 
     def info(self) -> dict:
-        return {**super().info(), "input_size": self.image_size, "source": "classical descriptor (no weights)", "license": "n/a"}
+        return {
+            **super().info(),
+            "input_size": self.image_size,
+            "source": "classical descriptor (no weights)",
+            "license": "n/a",
+        }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
@@ -82,9 +92,7 @@ class ClassicalEncoder(Encoder):
         bins.scatter_add_(1, ((lo.long() + 1) % self.orientation_bins), magnitude * w_hi)
 
         blocks = [torch.cat([F.adaptive_avg_pool2d(x, g).flatten(1) for g in self.grids], 1)]
-        blocks.append(
-            torch.cat([F.adaptive_avg_pool2d(bins, g).flatten(1) for g in self.grids if g <= 4], 1).sqrt()
-        )
+        blocks.append(torch.cat([F.adaptive_avg_pool2d(bins, g).flatten(1) for g in self.grids if g <= 4], 1).sqrt())
         centres = (torch.arange(self.histogram_bins, device=x.device) + 0.5) / self.histogram_bins
         soft = torch.relu(1 - (x.flatten(1)[:, :, None] - centres).abs() * self.histogram_bins)
         blocks.append(soft.mean(1).sqrt())

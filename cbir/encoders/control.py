@@ -20,8 +20,15 @@ class RandomEncoder(Encoder):
     def __init__(self, name: str = "random", dim: int = 64, image_size: int = 32) -> None:
         super().__init__()
         self.name, self.dim, self.image_size = name, int(dim), int(image_size)
-        self.preprocess = Preprocess(mode="squash", resize=self.image_size, crop=self.image_size,
-                                     interpolation="bilinear", mean=(0.0,), std=(1.0,), channels=1)
+        self.preprocess = Preprocess(
+            mode="squash",
+            resize=self.image_size,
+            crop=self.image_size,
+            interpolation="bilinear",
+            mean=(0.0,),
+            std=(1.0,),
+            channels=1,
+        )
 
     def transform(self):
         return self.preprocess.build()
@@ -30,7 +37,12 @@ class RandomEncoder(Encoder):
         return {"class": "RandomEncoder", "dim": self.dim, "preprocess": self.preprocess.as_dict()}
 
     def info(self) -> dict:
-        return {**super().info(), "input_size": self.image_size, "source": "random control (no weights)", "license": "n/a"}
+        return {
+            **super().info(),
+            "input_size": self.image_size,
+            "source": "random control (no weights)",
+            "license": "n/a",
+        }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = []

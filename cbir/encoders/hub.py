@@ -115,7 +115,12 @@ def cached_commit(repo_id: str, revision: str | None = None) -> str | None:
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / (revision or "main")
+    ref = (
+        Path(constants.HF_HUB_CACHE)
+        / repo_folder_name(repo_id=repo_id, repo_type="model")
+        / "refs"
+        / (revision or "main")
+    )
     try:
         commit = ref.read_text().strip()
     except OSError:
@@ -165,7 +170,7 @@ def strip_prefix(state_dict: dict, prefix: str, keep_others: bool = True) -> dic
     out = {}
     for k, v in state_dict.items():
         if k.startswith(prefix):
-            out[k[len(prefix):]] = v
+            out[k[len(prefix) :]] = v
         elif keep_others:
             out[k] = v
     return out
@@ -181,5 +186,10 @@ def load_into(module: torch.nn.Module, state_dict: dict, encoder: str, source: s
             f"e.g. {missing[:5]}; is it the right file for this encoder?"
         )
     if result.unexpected_keys:
-        log.info("encoder %s: ignored %d key(s) of %s not used for embeddings, e.g. %s",
-                 encoder, len(result.unexpected_keys), source, result.unexpected_keys[:3])
+        log.info(
+            "encoder %s: ignored %d key(s) of %s not used for embeddings, e.g. %s",
+            encoder,
+            len(result.unexpected_keys),
+            source,
+            result.unexpected_keys[:3],
+        )

@@ -39,8 +39,9 @@ class OpenClipEncoder(PretrainedEncoder):
         text: Any = None,  # the text tower's config: built apart, by cbir.encoders.text, for text tasks only
     ) -> None:
         if pool is not None:
-            raise EncoderError(f"encoder {name}: encoder.pool is not supported; the embedding is the "
-                               "model's projected image embedding")
+            raise EncoderError(
+                f"encoder {name}: encoder.pool is not supported; the embedding is the model's projected image embedding"
+            )
         super().__init__(name, pretrained, weights, dim, preprocess, input_size, None, source, license)
         import open_clip
 
@@ -79,5 +80,11 @@ class OpenClipEncoder(PretrainedEncoder):
         return self.model(images)
 
     def model_identity(self) -> dict:
-        return {"model_name": self.model_name, "embed_dim": self.embed_dim, "vision_cfg": self.vision_cfg,
-                "quick_gelu": self.quick_gelu, "hub_id": self.hub_id, "revision": self.revision}
+        return {
+            "model_name": self.model_name,
+            "embed_dim": self.embed_dim,
+            "vision_cfg": self.vision_cfg,
+            "quick_gelu": self.quick_gelu,
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+        }

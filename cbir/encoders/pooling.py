@@ -23,8 +23,10 @@ def normalise_pool(pool: str | None, encoder: str, allowed=POOLS) -> str | None:
         return None
     name = _ALIASES.get(str(pool), str(pool))
     if name not in allowed:
-        raise EncoderError(f"encoder {encoder}: encoder.pool={pool}: use one of {', '.join(allowed)} "
-                           "or null for the model's standard head")
+        raise EncoderError(
+            f"encoder {encoder}: encoder.pool={pool}: use one of {', '.join(allowed)} "
+            "or null for the model's standard head"
+        )
     return name
 
 
@@ -35,8 +37,9 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int, encoder
         return tokens[:, 0]
     if pool == "mean":
         return tokens[:, num_prefix_tokens:].mean(1)
-    raise EncoderError(f"encoder {encoder}: encoder.pool={pool} needs a CNN feature map; ViT tokens are "
-                       "signed, use cls or mean")
+    raise EncoderError(
+        f"encoder {encoder}: encoder.pool={pool} needs a CNN feature map; ViT tokens are signed, use cls or mean"
+    )
 
 
 def pool_map(fmap: torch.Tensor, pool: str, encoder: str, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,7 +51,7 @@ class Preprocess:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg) -> "Preprocess":
+    def from_config(cls, cfg) -> Preprocess:
         d = dict(cfg or {})
         for key in ("mean", "std"):
             if key in d:
@@ -59,8 +59,7 @@ class Preprocess:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(
-                f"encoder.preprocess: unknown key(s) {sorted(unknown)}; "
-                f"known: {sorted(cls.__dataclass_fields__)}"
+                f"encoder.preprocess: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
             )
         if d.get("mode", "shortest") not in MODES:
             raise ValueError(f"encoder.preprocess.mode={d['mode']}: use one of {', '.join(MODES)}")
@@ -158,7 +157,7 @@ class _CenterCropFloor:
         if h < self.size or w < self.size:  # smaller than the crop: torchvision pads it, centred
             return T.CenterCrop(self.size)(image)
         top, left = (h - self.size) // 2, (w - self.size) // 2
-        return image[..., top:top + self.size, left:left + self.size]
+        return image[..., top : top + self.size, left : left + self.size]
 
 
 class _PadToSquare:

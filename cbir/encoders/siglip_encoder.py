@@ -19,11 +19,14 @@ from cbir.encoders.transformers_encoder import TransformersEncoder
 
 
 class SiglipEncoder(TransformersEncoder):
-    def __init__(self, name: str, model_class: str = "SiglipVisionModel", pool: str | None = None,
-                 text: Any = None, **kwargs) -> None:
+    def __init__(
+        self, name: str, model_class: str = "SiglipVisionModel", pool: str | None = None, text: Any = None, **kwargs
+    ) -> None:
         if pool not in (None, "mean"):
-            raise EncoderError(f"encoder {name}: encoder.pool={pool}: SigLIP has no class token; use null (the "
-                               "attention-pooling head, as get_image_features) or mean")
+            raise EncoderError(
+                f"encoder {name}: encoder.pool={pool}: SigLIP has no class token; use null (the "
+                "attention-pooling head, as get_image_features) or mean"
+            )
         self._siglip_pool = pool
         super().__init__(name, model_class, pool=pool, **kwargs)
 

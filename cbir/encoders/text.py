@@ -50,8 +50,9 @@ class TextTower:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        parts = [self.model_output(self.tokenize(list(texts[i:i + batch_size])))
-                 for i in range(0, len(texts), batch_size)]
+        parts = [
+            self.model_output(self.tokenize(list(texts[i : i + batch_size]))) for i in range(0, len(texts), batch_size)
+        ]
         return torch.cat(parts).float()
 
     def model_output(self, tokens) -> torch.Tensor:
@@ -93,13 +94,16 @@ def load_hf_tokenizer(encoder: str, source: str):
             f"encoder {encoder}: its text tokenizer '{source}' is not in the local cache and the model hub is not "
             f"reachable ({type(e).__name__}). Fix: run once online to fill the Hugging Face cache, or save the "
             f"tokenizer (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) into "
-            f"paths.tokenizers_dir/{encoder} or pass encoder.text.tokenizer=<dir>") from e
+            f"paths.tokenizers_dir/{encoder} or pass encoder.text.tokenizer=<dir>"
+        ) from e
 
 
 def build_text_tower(encoder_cfg: DictConfig, seed: int, tokenizers_dir: str | None = None) -> TextTower:
     if not has_text_tower(encoder_cfg):
-        raise EncoderError(f"encoder {encoder_cfg.name}: has no text tower (text queries and zero-shot need one; "
-                           "encoders with one: the configs with a `text` block)")
+        raise EncoderError(
+            f"encoder {encoder_cfg.name}: has no text tower (text queries and zero-shot need one; "
+            "encoders with one: the configs with a `text` block)"
+        )
     library = encoder_cfg.text.get("library")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
@@ -127,7 +131,9 @@ def _open_clip_tower(encoder_cfg: DictConfig, seed: int, tokenizers_dir: str | N
     arch = open_clip.get_model_config(model_name) if model_name else {}
     embed_dim = int(encoder_cfg.get("embed_dim") or arch["embed_dim"])
     text_cfg = {**arch.get("text_cfg", {}), **text.get("text_cfg", {})}
-    quick_gelu = bool(arch.get("quick_gelu", False) if encoder_cfg.get("quick_gelu") is None else encoder_cfg.quick_gelu)
+    quick_gelu = bool(
+        arch.get("quick_gelu", False) if encoder_cfg.get("quick_gelu") is None else encoder_cfg.quick_gelu
+    )
     if "hf_model_name" in text_cfg:  # a Hugging Face text model (BiomedCLIP): its config is given here
         import transformers
         from open_clip.hf_model import HFTextEncoder
@@ -135,12 +141,19 @@ def _open_clip_tower(encoder_cfg: DictConfig, seed: int, tokenizers_dir: str | N
 
         hf_config = dict(text["hf_config"])
         config = transformers.CONFIG_MAPPING[hf_config.pop("model_type")](**hf_config)
-        model = HFTextEncoder(text_cfg["hf_model_name"], embed_dim, config=config,
-                              pooler_type=text_cfg.get("hf_pooler_type"), proj_type=text_cfg.get("hf_proj_type"),
-                              pretrained=False)
+        model = HFTextEncoder(
+            text_cfg["hf_model_name"],
+            embed_dim,
+            config=config,
+            pooler_type=text_cfg.get("hf_pooler_type"),
+            proj_type=text_cfg.get("hf_proj_type"),
+            pretrained=False,
+        )
         if text_cfg.get("hf_pooler_type") != "cls_pooler" and getattr(model.transformer, "pooler", None) is not None:
             model.transformer.pooler = None  # as open_clip builds it (add_pooling_layer=False): not in checkpoints
-        source = tokenizer_source(encoder_cfg, tokenizers_dir, text_cfg.get("hf_tokenizer_name", text_cfg["hf_model_name"]))
+        source = tokenizer_source(
+            encoder_cfg, tokenizers_dir, text_cfg.get("hf_tokenizer_name", text_cfg["hf_model_name"])
+        )
         load_hf_tokenizer(name, source)  # a clear error when it cannot be had
         tokenizer = HFTokenizer(source, context_length=int(text_cfg.get("context_length", 77)))
         tok_id = {**tokenizer_identity(tokenizer.tokenizer), "context_length": tokenizer.context_length}
@@ -152,16 +165,24 @@ def _open_clip_tower(encoder_cfg: DictConfig, seed: int, tokenizers_dir: str | N
         prefix = ""
     weights_id = _weights_id(encoder_cfg, seed)
     if weights_id["weights"] != "random-init":
-        path = encoder_cfg.get("weights") or hub_file(name, encoder_cfg.hub_id, list(encoder_cfg.hub_files),
-                                                        encoder_cfg.get("revision"))
+        path = encoder_cfg.get("weights") or hub_file(
+            name, encoder_cfg.hub_id, list(encoder_cfg.hub_files), encoder_cfg.get("revision")
+        )
         state_dict = read_state_dict(path, name)
         if prefix:
             state_dict = strip_prefix(state_dict, prefix, keep_others=False)
         else:  # CLIP: the text weights are the top-level keys that are not the image tower's
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("visual.", "logit_"))}
         load_into(model, state_dict, name, f"{path} (text tower)")
-    identity = {"library": "open_clip", "model_name": model_name, "embed_dim": embed_dim, "text_cfg": text_cfg,
-                "quick_gelu": quick_gelu, **weights_id, **tok_id}
+    identity = {
+        "library": "open_clip",
+        "model_name": model_name,
+        "embed_dim": embed_dim,
+        "text_cfg": text_cfg,
+        "quick_gelu": quick_gelu,
+        **weights_id,
+        **tok_id,
+    }
     return TextTower(name, model, tokenizer, identity)
 
 
@@ -192,9 +213,17 @@ def _transformers_tower(encoder_cfg: DictConfig, seed: int, tokenizers_dir: str 
 
     def tokenize(texts: list[str]) -> torch.Tensor:
         # input ids only, as SiglipProcessor gives them: the model was trained attending to the padding
-        return tokenizer(texts, padding=padding, max_length=max_length, truncation=True,
-                         return_tensors="pt")["input_ids"]
+        return tokenizer(texts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt")[
+            "input_ids"
+        ]
 
-    identity = {"library": "transformers", "model_class": text["model_class"], "model_config": model_config,
-                **weights_id, **tokenizer_identity(tokenizer), "padding": padding, "max_length": max_length}
+    identity = {
+        "library": "transformers",
+        "model_class": text["model_class"],
+        "model_config": model_config,
+        **weights_id,
+        **tokenizer_identity(tokenizer),
+        "padding": padding,
+        "max_length": max_length,
+    }
     return TextTower(name, model, tokenize, identity)

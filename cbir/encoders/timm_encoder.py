@@ -15,8 +15,14 @@ from typing import Any
 import torch
 
 from cbir.encoders.base import EncoderError, PretrainedEncoder
-from cbir.encoders.hub import (cached_commit, load_into, missing_weights_error, no_hub_error, prepare_hub_access,
-                               read_state_dict)
+from cbir.encoders.hub import (
+    cached_commit,
+    load_into,
+    missing_weights_error,
+    no_hub_error,
+    prepare_hub_access,
+    read_state_dict,
+)
 from cbir.encoders.pooling import normalise_pool, pool_map, pool_tokens
 
 
@@ -38,8 +44,17 @@ class TimmEncoder(PretrainedEncoder):
         revision: str | None = None,
     ) -> None:
         name = name or model_name
-        super().__init__(name, pretrained, weights, dim, preprocess, input_size,
-                         normalise_pool(pool, name), source or f"timm {model_name}", license)
+        super().__init__(
+            name,
+            pretrained,
+            weights,
+            dim,
+            preprocess,
+            input_size,
+            normalise_pool(pool, name),
+            source or f"timm {model_name}",
+            license,
+        )
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs or {})
         self.weights_from = weights_from
@@ -67,8 +82,10 @@ class TimmEncoder(PretrainedEncoder):
         hub_id = timm.models.get_pretrained_cfg(self.model_name).hf_hub_id
         if self.revision:
             if not hub_id:
-                raise EncoderError(f"encoder {self.name}: encoder.revision needs weights on the Hugging Face hub; "
-                                   f"timm has no hub repo for '{self.model_name}'")
+                raise EncoderError(
+                    f"encoder {self.name}: encoder.revision needs weights on the Hugging Face hub; "
+                    f"timm has no hub repo for '{self.model_name}'"
+                )
             kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": f"{hub_id}@{self.revision}"}
         try:
             model = timm.create_model(self.model_name, pretrained=True, **kwargs)

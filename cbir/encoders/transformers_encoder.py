@@ -20,8 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from cbir.encoders.base import EncoderError, PretrainedEncoder
-from cbir.encoders.hub import (cached_commit, load_into, missing_weights_error, no_hub_error, prepare_hub_access,
-                               read_state_dict, strip_prefix)
+from cbir.encoders.hub import (
+    cached_commit,
+    load_into,
+    missing_weights_error,
+    no_hub_error,
+    prepare_hub_access,
+    read_state_dict,
+    strip_prefix,
+)
 from cbir.encoders.pooling import normalise_pool, pool_tokens
 
 
@@ -42,8 +49,17 @@ class TransformersEncoder(PretrainedEncoder):
         source: str | None = None,
         license: str | None = None,
     ) -> None:
-        super().__init__(name, pretrained, weights, dim, preprocess, input_size,
-                         normalise_pool(pool, name, allowed=("cls", "mean")), source, license)
+        super().__init__(
+            name,
+            pretrained,
+            weights,
+            dim,
+            preprocess,
+            input_size,
+            normalise_pool(pool, name, allowed=("cls", "mean")),
+            source,
+            license,
+        )
         import transformers
 
         self.model_class, self.hub_id, self.revision = model_class, hub_id, revision
@@ -53,8 +69,10 @@ class TransformersEncoder(PretrainedEncoder):
             raise EncoderError(f"encoder {name}: transformers has no model class '{model_class}'")
         self.model = self._build(cls)
         if getattr(self.model.config, "mask_ratio", 0.0) != 0.0:
-            raise EncoderError(f"encoder {name}: mask_ratio={self.model.config.mask_ratio} drops random patches, "
-                               "so embeddings would change from call to call; set model_config.mask_ratio=0.0")
+            raise EncoderError(
+                f"encoder {name}: mask_ratio={self.model.config.mask_ratio} drops random patches, "
+                "so embeddings would change from call to call; set model_config.mask_ratio=0.0"
+            )
         self.model.eval()
         self.check_dim(self.model.config.hidden_size)
 
@@ -90,8 +108,12 @@ class TransformersEncoder(PretrainedEncoder):
         return pool_tokens(tokens, self.pool or "cls", 1, self.name)
 
     def model_identity(self) -> dict:
-        return {"model_class": self.model_class, "hub_id": self.hub_id, "revision": self.revision,
-                "model_config": self.model_config}
+        return {
+            "model_class": self.model_class,
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+            "model_config": self.model_config,
+        }
 
 
 class MedClipVision(torch.nn.Module):
