@@ -239,6 +239,7 @@ def _classification_section(runs: pd.DataFrame) -> str:
     for prefix, title in (
         ("knn", "k-NN classification (test split; k chosen on val)"),
         ("probe", "Linear probe (test split; epoch chosen on val)"),
+        ("zero_shot", "Zero-shot classification (test split; class prompts of the text tower)"),
     ):
         if f"{prefix}/accuracy" not in runs:
             continue

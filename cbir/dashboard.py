@@ -169,6 +169,8 @@ CLASSIFICATION_HEADLINE = {
     "knn/macro_f1": "k-NN macro F1",
     "probe/accuracy": "probe acc",
     "probe/macro_f1": "probe macro F1",
+    "zero_shot/accuracy": "zero-shot acc",  # task=zero_shot | all with a text tower
+    "text/micro/P_at_1": "text micro P@1",  # task=text_retrieval | all with a text tower
 }
 
 

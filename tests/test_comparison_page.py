@@ -62,6 +62,18 @@ def fabricated_runs() -> pd.DataFrame:
             },
         }
     )
+    rows.append(  # an encoder with a text tower: zero-shot classification beside k-NN
+        {
+            "run": "clip · flat · all · zero_shot",
+            "run_id": "z",
+            "encoder": "clip",
+            "per_class": "all",
+            "task": "zero_shot",
+            **{f"zero_shot/{m}": 0.25 for m in ("micro_roc_auc", "macro_roc_auc", "micro_f1", "macro_f1")},
+            **{f"zero_shot/{m}": 0.25 for m in ("macro_precision", "macro_recall")},
+            "zero_shot/accuracy": 0.3125,
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -102,6 +114,7 @@ def test_page_is_self_contained_and_labels_index_sizes(page):
     # index sizes on a category axis in their order, `all` named as such (not a number)
     assert '"categoryarray":["3","all"]' in text and "index size (rows per class" in text
     assert "k-NN classification" in text and 'id="per-class"' in text and "tied for best" in text
+    assert "Zero-shot classification" in text and "0.3125" in text  # beside k-NN, with its value
 
 
 def chromium() -> str | None:
