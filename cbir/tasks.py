@@ -118,6 +118,31 @@ def split_rows(table: pd.DataFrame, valid: np.ndarray, split: str) -> np.ndarray
     return np.flatnonzero((table["split"].to_numpy() == split) & np.asarray(valid, dtype=bool))
 
 
+def index_of_job(cfg, table, embeddings, valid, search):
+    """(setup, index) of the job's retrieval search when it ran one; otherwise the same rows and
+    index type built here (a task without retrieval: k-NN, probe or text tasks alone)."""
+    from cbir import index as cbir_index
+    from cbir import retrieval
+
+    if search is not None:
+        return search.setup, search.index
+    setup = retrieval.choose_rows(
+        table,
+        valid,
+        cfg.index.split,
+        cfg.eval.query_split,
+        retrieval.per_class_value(cfg.index.per_class),
+        cfg.index.seed,
+    )
+    index = cbir_index.build_index(
+        cbir_index.l2_normalise(embeddings[setup.index_rows]),
+        cfg.index.type,
+        cfg.index.get("use_gpu", "auto"),
+        dict(cfg.index.get("params") or {}),
+    )
+    return setup, index
+
+
 def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid: np.ndarray, search=None) -> TaskOutput:
     """k-NN classification; `search` (a retrieval SearchOutput of the same index) saves the index
     build and the test search."""
@@ -125,23 +150,7 @@ def run_knn(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, valid:
     from cbir import index as cbir_index
 
     kc = cfg.task.knn
-    if search is None:
-        setup = retrieval.choose_rows(
-            table,
-            valid,
-            cfg.index.split,
-            cfg.eval.query_split,
-            retrieval.per_class_value(cfg.index.per_class),
-            cfg.index.seed,
-        )
-        index = cbir_index.build_index(
-            cbir_index.l2_normalise(embeddings[setup.index_rows]),
-            cfg.index.type,
-            cfg.index.get("use_gpu", "auto"),
-            dict(cfg.index.get("params") or {}),
-        )
-    else:
-        setup, index = search.setup, search.index
+    setup, index = index_of_job(cfg, table, embeddings, valid, search)
     labels = table["label"].astype(str).to_numpy()
     classes, index_codes = np.unique(labels[setup.index_rows], return_inverse=True)
     sorted_classes, rank = classes, np.arange(len(classes))

@@ -206,8 +206,7 @@ def run_text_evaluations(
 ) -> dict[str, Path]:
     """The text evaluations of this job (none, or skipped with a message, when the encoder has no
     text tower): metrics to MLflow, files into `out`."""
-    from cbir import index as cbir_index
-    from cbir import retrieval, tasks
+    from cbir import tasks
     from cbir.encoders.text import build_text_tower, has_text_tower
 
     names = evaluations(cfg)
@@ -218,23 +217,7 @@ def run_text_evaluations(
         tracker.set_tags({"text_tasks": "skipped: no text tower"})
         return {}
     text = cfg.task.text
-    if search is None:
-        setup = retrieval.choose_rows(
-            table,
-            valid,
-            cfg.index.split,
-            cfg.eval.query_split,
-            retrieval.per_class_value(cfg.index.per_class),
-            cfg.index.seed,
-        )
-        index = cbir_index.build_index(
-            cbir_index.l2_normalise(embeddings[setup.index_rows]),
-            cfg.index.type,
-            cfg.index.get("use_gpu", "auto"),
-            dict(cfg.index.get("params") or {}),
-        )
-    else:
-        setup, index = search.setup, search.index
+    setup, index = tasks.index_of_job(cfg, table, embeddings, valid, search)
     labels = table["label"].astype(str).to_numpy()
     classes, index_codes = np.unique(labels[setup.index_rows], return_inverse=True)
     query_classes = np.unique(labels[np.asarray(valid, dtype=bool)])  # every class is a text query
