@@ -4,8 +4,6 @@ preprocessing is compared with each library's own transform / processor."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -92,9 +90,7 @@ def test_offline_pretrained_2025_encoders_fail_fast_naming_the_fixes(name):
 )
 @pytest.mark.parametrize("pretrained", [True, False])
 def test_models_no_library_here_can_load_fail_at_once_saying_where_and_which_loader(name, where, loader, pretrained):
-    started = time.perf_counter()
     with no_network() as attempts, pytest.raises(EncoderError) as caught:
         build(name, pretrained=pretrained)
     message = str(caught.value)
     assert attempts == [] and where in message and loader in message and f"encoder {name}" in message
-    assert time.perf_counter() - started < 60  # generous: it builds nothing
