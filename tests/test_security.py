@@ -68,6 +68,18 @@ def index_folder(tmp_path) -> Path:
     )
 
 
+def refused_search(index_folder: Path, tmp_path: Path):
+    """`python -m cbir.search` on the folder's first image, expected to fail: (process, its output)."""
+    proc = run_cbir(
+        tmp_path,
+        f"search.index_dir={index_folder}",
+        f"search.images=[{index_folder.parent}/images/0.png]",
+        module="cbir.search",
+        check=False,
+    )
+    return proc, proc.stdout + proc.stderr
+
+
 def edit_meta(folder: Path, **changes) -> None:
     meta = json.loads((folder / META_FILE).read_text())
     meta.update(changes)
@@ -124,14 +136,7 @@ def test_the_search_command_refuses_a_crafted_index_in_one_line(index_folder, tm
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     edit_meta(index_folder, encoder={"_target_": "builtins.open", "_args_": [str(victim), "w"]})
-    proc = run_cbir(
-        tmp_path,
-        f"search.index_dir={index_folder}",
-        f"search.images=[{index_folder.parent}/images/0.png]",
-        module="cbir.search",
-        check=False,
-    )
-    text = proc.stdout + proc.stderr
+    proc, text = refused_search(index_folder, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in text
     assert "_target_='builtins.open' is not a cbir.encoders class shipped with cbir" in text
     assert victim.read_text() == "precious"
@@ -192,14 +197,7 @@ def test_a_damaged_folder_is_a_one_line_error_naming_the_file(index_folder, how)
 
 def test_the_search_command_reports_a_truncated_index_in_one_line(index_folder, tmp_path):
     damage(index_folder, "truncated index")
-    proc = run_cbir(
-        tmp_path,
-        f"search.index_dir={index_folder}",
-        f"search.images=[{index_folder.parent}/images/0.png]",
-        module="cbir.search",
-        check=False,
-    )
-    text = proc.stdout + proc.stderr
+    proc, text = refused_search(index_folder, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in text
     assert f"{index_folder / INDEX_FILE}: not the file saved with {META_FILE}" in text
 
@@ -249,14 +247,7 @@ def test_an_encoder_swapped_for_another_of_the_same_dimension_is_refused(index_f
 
 def test_the_search_command_refuses_a_swapped_encoder_in_one_line(index_folder, tmp_path):
     edit_meta(index_folder, encoder={**BASELINE, "image_size": 32})
-    proc = run_cbir(
-        tmp_path,
-        f"search.index_dir={index_folder}",
-        f"search.images=[{index_folder.parent}/images/0.png]",
-        module="cbir.search",
-        check=False,
-    )
-    text = proc.stdout + proc.stderr
+    proc, text = refused_search(index_folder, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in text and "similarity" not in text
     assert f"{index_folder / META_FILE}: the encoder it describes" in text and "rebuild the index" in text
 
@@ -307,14 +298,7 @@ def test_an_unknown_encoder_option_is_a_one_line_error(index_folder):
 
 def test_the_search_command_refuses_an_encoder_interface_in_one_line(index_folder, tmp_path):
     edit_meta(index_folder, encoder={**BASELINE, "_target_": "cbir.encoders.base.Encoder"})
-    proc = run_cbir(
-        tmp_path,
-        f"search.index_dir={index_folder}",
-        f"search.images=[{index_folder.parent}/images/0.png]",
-        module="cbir.search",
-        check=False,
-    )
-    text = proc.stdout + proc.stderr
+    proc, text = refused_search(index_folder, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in text
     assert "_target_='cbir.encoders.base.Encoder' is not a cbir.encoders class shipped with cbir" in text
 
