@@ -10,7 +10,7 @@ import sys
 # command: (module, one line for `cbir --help`)
 COMMANDS = {
     "run": ("cbir.run", "one benchmark job, or a sweep with -m (encoder x dataset x index, modified P@N)"),
-    "report": ("cbir.report", "tables from the runs in MLflow (Table 1 layout, per modality, saturation)"),
+    "report": ("cbir.report.from_runs", "tables from the runs in MLflow (Table 1 layout, per modality, saturation)"),
     "search": ("cbir.search", "query a saved index with your own images (gallery of the nearest ones)"),
     "bench": ("cbir.bench", "speed and memory benchmark of extraction, index and search"),
     "prepare": ("cbir.data.prepare", "build or refresh a dataset's manifest and print what it holds"),

@@ -51,14 +51,14 @@ class SearchError(ValueError):
 def save_index(
     folder: Path, search, table: pd.DataFrame, root: Path, cfg, run_name: str, encoder, embeddings: np.ndarray
 ) -> Path:
-    """Write the index folder of a run. `search` is the run's cbir.retrieval.SearchOutput, `embeddings`
+    """Write the index folder of a run. `search` is the run's cbir.evaluate.retrieval.SearchOutput, `embeddings`
     the run's embeddings of every manifest row (a few index rows are kept as the fingerprint)."""
     import faiss
     from omegaconf import OmegaConf
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from cbir.index import gpu_available
+    from cbir.evaluate.index import gpu_available
 
     index = search.index
     if gpu_available():  # a GPU index (or shards over GPUs) cannot be written as it is
@@ -101,8 +101,8 @@ def file_digest(path: Path) -> str:
 def fingerprint(index_rows: np.ndarray, embeddings: np.ndarray, paths: list[Path]) -> list[dict]:
     """A few index positions, spread over the index, with the SHA-256 of their image and their stored
     (L2-normalised) embedding; rows whose image cannot be read now are left out."""
-    from cbir import index as cbir_index
     from cbir.data.images import ImageLoadError
+    from cbir.evaluate import index as cbir_index
 
     out = []
     for position in np.unique(np.linspace(0, len(index_rows) - 1, FINGERPRINT_ROWS).round().astype(int)):
@@ -128,34 +128,6 @@ def rebuild_command(cfg) -> str:
         overrides = [f"dataset={cfg.dataset.name}", f"encoder={cfg.encoder.name}"]
     overrides = [o for o in overrides if not o.startswith("index.save=")] + ["index.save=true"]
     return "python -m cbir.run " + " ".join(shlex.quote(o) for o in overrides)
-
-
-def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker, encoder, embeddings) -> dict[str, Path]:
-    """What a person uses of a run beyond its metrics: the gallery (eval.gallery) and the saved
-    index (index.save, logged as the MLflow artifact folder `index`). Returns the gallery files."""
-    files: dict[str, Path] = {}
-    if cfg.eval.get("gallery", False):
-        from cbir.gallery import gallery_for_run
-
-        files = gallery_for_run(
-            manifest.table,
-            manifest.root,
-            search,
-            int(cfg.eval.get("gallery_queries", 8)),
-            int(cfg.eval.get("gallery_k", 5)),
-            out,
-            seed=int(cfg.seed),
-            title=run_name,
-        )
-    if cfg.index.get("save", False):
-        folder = save_index(out / "index", search, manifest.table, manifest.root, cfg, run_name, encoder, embeddings)
-        tracker.log_artifact(folder, "index")
-        log.info(
-            "index saved to %s (search it with: python -m cbir.search search.index_dir=%s 'search.images=[...]')",
-            folder,
-            folder,
-        )
-    return files
 
 
 # ------------------------------------------------------------------ loading and searching
@@ -199,8 +171,8 @@ class SavedIndex:
         from hydra.errors import InstantiationException
         from omegaconf import OmegaConf
 
-        from cbir.jobs import build
-        from cbir.safe_config import check_trusted
+        from cbir.common.safe_config import check_trusted
+        from cbir.job.inputs import build
 
         check_trusted(self.meta["encoder"], "cbir.encoders", f"{META_FILE} encoder")
         torch.manual_seed(self.meta["seed"])
@@ -251,7 +223,7 @@ class SavedIndex:
                 self.root,
             )
             return
-        from cbir import index as cbir_index
+        from cbir.evaluate import index as cbir_index
 
         stored = cbir_index.l2_normalise(np.asarray(stored, dtype=np.float32))
         again = cbir_index.l2_normalise(embed_images(encoder, images))
@@ -266,7 +238,7 @@ class SavedIndex:
 
     def search(self, images: list[str | Path], k: int = 5, encoder=None, batch_size: int = 16):
         """(scores, positions) of the k nearest index rows for each image (positions into manifest)."""
-        from cbir import index as cbir_index
+        from cbir.evaluate import index as cbir_index
 
         vectors = embed_images(encoder or self.build_encoder(), images, batch_size)
         return cbir_index.search(self.index, cbir_index.l2_normalise(vectors), min(int(k), self.index.ntotal))
@@ -276,8 +248,8 @@ class SavedIndex:
         text tower of the index's encoder (same config and seed as the run)."""
         from omegaconf import OmegaConf
 
-        from cbir import index as cbir_index
         from cbir.encoders.text import build_text_tower, has_text_tower
+        from cbir.evaluate import index as cbir_index
 
         encoder_cfg = OmegaConf.create(self.meta["encoder"])
         if not has_text_tower(encoder_cfg):
@@ -302,7 +274,7 @@ def read_meta(path: Path) -> dict:
         raise SearchError(f"{path}: not valid JSON ({e}); the index folder is damaged, save the index again") from None
     if not isinstance(meta, dict):
         raise SearchError(f"{path}: expected a JSON object; the index folder is damaged, save the index again")
-    from cbir.safe_config import check_trusted
+    from cbir.common.safe_config import check_trusted
 
     check_trusted(meta.get("encoder"), "cbir.encoders", f"{path} encoder")  # before anything else uses it
     for key, kind in (("rows", int), ("dim", int), ("seed", int), ("root", str)):
@@ -452,8 +424,8 @@ def results_table(saved: SavedIndex, images, scores, positions) -> pd.DataFrame:
 
 def write_gallery(saved: SavedIndex, images, scores, positions, path: Path) -> Path:
     """Gallery of outside queries: the index manifest plus the query files as extra rows
-    (absolute paths, unknown class), so one table serves cbir.gallery.draw_gallery."""
-    from cbir.gallery import draw_gallery
+    (absolute paths, unknown class), so one table serves cbir.report.gallery.draw_gallery."""
+    from cbir.report.gallery import draw_gallery
 
     queries = pd.DataFrame({"path": [str(Path(p).resolve()) for p in images], "label": ""})
     table = pd.concat([saved.manifest[["path", "label"]], queries], ignore_index=True)
@@ -486,7 +458,7 @@ def print_results(results: pd.DataFrame, saved: SavedIndex) -> None:
 
 
 def search_command(cfg) -> pd.DataFrame:
-    from cbir.checks import integer
+    from cbir.job.checks import integer
 
     k = integer(cfg.search.k, "search.k", minimum=1)
     images = cfg.search.images or []
@@ -533,7 +505,7 @@ def text_search_command(cfg, texts: list[str], k: int) -> pd.DataFrame:
         results.to_csv(cfg.search.output, index=False)
         log.info("results written to %s", cfg.search.output)
     if cfg.search.get("gallery"):
-        from cbir.gallery import draw_gallery
+        from cbir.report.gallery import draw_gallery
 
         path = draw_gallery(
             saved.manifest[["path", "label"]],
@@ -558,7 +530,7 @@ def main():
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="search")
     def search_main(cfg) -> None:
         from cbir.data.images import ImageLoadError
-        from cbir.jobs import user_errors
+        from cbir.job.inputs import user_errors
 
         try:
             search_command(cfg)

@@ -65,7 +65,7 @@ class Retriever(mlflow.pyfunc.PythonModel):
         self.encoder = self.saved.build_encoder()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from cbir import index as cbir_index
+        from cbir.evaluate import index as cbir_index
 
         k = _k_param((params or {}).get("k", DEFAULT_K))
         table = pd.DataFrame(model_input)
@@ -258,7 +258,7 @@ def log_retriever(index_dir: str | Path, register: str | None = None):
 
 def check_config(cfg) -> None:
     """tracking.log_model / tracking.register_model, checked before any work."""
-    from cbir.errors import ConfigError
+    from cbir.common.errors import ConfigError
 
     log_model, register = (
         cfg.tracking.get("log_model", False),
@@ -273,26 +273,13 @@ def check_config(cfg) -> None:
     if log_model and not cfg.tracking.enabled:
         raise ConfigError("tracking.log_model=true needs tracking.enabled=true (the model is logged to the job's run)")
     if log_model:
-        from cbir import tasks
+        from cbir.evaluate import tasks
 
         if "retrieval" not in tasks.evaluations(cfg):
             raise ConfigError(
                 f"tracking.log_model=true serves the retrieval index, but task={tasks.task_name(cfg)} "
                 "runs no retrieval; use task=retrieval or task=all"
             )
-
-
-def job_outputs(cfg, manifest, search, out: Path, run_name: str, tracker, encoder, embeddings) -> None:
-    """The record step's hook: with tracking.log_model=true, the job's index (saved to <job>/index as
-    index.save does, if it was not) is logged as the run's model `retriever`."""
-    if not cfg.tracking.get("log_model", False) or not tracker.enabled:
-        return
-    from cbir.search import save_index
-
-    folder = out / "index"
-    if not cfg.index.get("save", False):
-        save_index(folder, search, manifest.table, manifest.root, cfg, run_name, encoder, embeddings)
-    log_retriever(folder, cfg.tracking.get("register_model"))
 
 
 # ------------------------------------------------------------------ a loopback server (tests, bench)
@@ -406,14 +393,14 @@ def _stop(process: subprocess.Popen) -> None:
 # ------------------------------------------------------------------ command: log an existing saved index
 def log_command(cfg) -> object:
     from cbir.search import SearchError
-    from cbir.tracking import Tracker, retry_locked
+    from cbir.tracking.runs import Tracker, retry_locked
 
     if not cfg.serving.get("index_dir"):
         raise SearchError("serving.index_dir is not set; give the `index` folder of a run made with index.save=true")
     register = cfg.tracking.get("register_model")
     tracker = Tracker.from_config(cfg)
     if not tracker.enabled:
-        from cbir.errors import ConfigError
+        from cbir.common.errors import ConfigError
 
         raise ConfigError("tracking.enabled=false: the model is logged to MLflow; leave tracking enabled")
     from cbir.search import SavedIndex
@@ -452,7 +439,7 @@ def main():
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serving")
     def serving_main(cfg) -> None:
-        from cbir.jobs import user_errors
+        from cbir.job.inputs import user_errors
         from cbir.search import SearchError
 
         try:

@@ -51,7 +51,7 @@ def main(name: str, run) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cbir.console import quiet
+    from cbir.common.console import quiet
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     quiet()
@@ -116,7 +116,7 @@ class Context:
         return path
 
     def tracker(self):
-        from cbir import tracking
+        from cbir.tracking import runs as tracking
 
         with self.chdir():  # a relative SQLite URI resolves against the working folder
             return tracking.Tracker(
@@ -205,9 +205,9 @@ class Context:
         return found[0].info.run_id
 
     def runs(self, parent: str) -> pd.DataFrame:
-        """FINISHED child runs of a sweep: cbir.report's table (tags + metrics) plus the params
+        """FINISHED child runs of a sweep: cbir.report.from_runs's table (tags + metrics) plus the params
         (prefixed `param.`) and the job's Hydra overrides."""
-        from cbir import report
+        from cbir.report import from_runs as report
 
         table, _ = report.load_runs(self.tracker(), parent, None)
         if table.empty:
@@ -242,7 +242,7 @@ class Context:
             client.log_artifact(parent, str(path), f"experiments/{self.cfg.name}")
 
     def write_table(self, frame: pd.DataFrame, stem: str) -> list[Path]:
-        from cbir.report import to_markdown
+        from cbir.report.from_runs import to_markdown
 
         csv, md = self.out / f"{stem}.csv", self.out / f"{stem}.md"
         frame.to_csv(csv, index=False)
@@ -289,11 +289,12 @@ def run_embeddings(ctx: Context, overrides: list[str]):
     import torch
     from hydra import compose, initialize_config_dir
 
-    from cbir import CONFIG_DIR, checks
-    from cbir.extract import extract_embeddings
-    from cbir.jobs import build
-    from cbir.safe_config import check_trusted
-    from cbir.store import EmbeddingStore
+    from cbir import CONFIG_DIR
+    from cbir.common.safe_config import check_trusted
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
+    from cbir.job import checks
+    from cbir.job.inputs import build
 
     with ctx.chdir():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

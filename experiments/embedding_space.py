@@ -35,7 +35,7 @@ def stratified_sample(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarra
 
 
 def describe(ctx: Context, run_id: str, encoder: str) -> dict:
-    from cbir import figures
+    from cbir.report import figures
 
     _, manifest, extraction = run_embeddings(ctx, ctx.job_overrides(run_id))
     table = manifest.table

@@ -2,7 +2,7 @@
 
 The retrieval quality (P@N) of each index type comes from a tracked cbir sweep over the index
 presets (one extraction). The index itself is then measured on the same cached embeddings
-with cbir.index: recall@k of each structure against the exact (flat) neighbours, build time,
+with cbir.evaluate.index: recall@k of each structure against the exact (flat) neighbours, build time,
 query latency (batched and one query at a time) and memory (serialised index size).
 
     python experiments/index_types.py data_dir=/data
@@ -30,7 +30,7 @@ def measure(
 ) -> tuple[dict, np.ndarray]:
     import faiss
 
-    from cbir import index as cbir_index
+    from cbir.evaluate import index as cbir_index
 
     start = time.perf_counter()
     index = cbir_index.build_index(
@@ -59,8 +59,9 @@ def measure(
 
 
 def run(cfg) -> dict:
-    from cbir import figures, retrieval
-    from cbir.index import l2_normalise
+    from cbir.evaluate import retrieval
+    from cbir.evaluate.index import l2_normalise
+    from cbir.report import figures
 
     ctx = Context(cfg)
     runs, parents = ctx.sweep_runs()

@@ -65,7 +65,7 @@ def findings(table: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def run(cfg) -> dict:
-    from cbir import figures
+    from cbir.report import figures
 
     ctx = Context(cfg)
     runs, parents = ctx.sweep_runs()

@@ -61,7 +61,7 @@ def long_table(runs: pd.DataFrame, ns) -> pd.DataFrame:
 
 
 def run(cfg) -> dict:
-    from cbir import figures
+    from cbir.report import figures
 
     ctx = Context(cfg)
     runs, parents = ctx.sweep_runs()

@@ -31,7 +31,7 @@ from experiments.common import Context, ExperimentError, main  # noqa: E402
 
 def published_sweep(cfg) -> list[str]:
     """The study sweep on its published split CSVs and embeddings (every model folder present)."""
-    from cbir.study_format import STUDY_MODELS, model_folders
+    from cbir.study.format import STUDY_MODELS, model_folders
 
     if not cfg.get("published_dir"):
         raise ExperimentError("source=published needs published_dir=<folder holding datasets/ and embeddings/>")
@@ -56,7 +56,7 @@ def published_sweep(cfg) -> list[str]:
 
 def beyond_study_table(cfg, ctx: Context, measured: pd.DataFrame) -> dict:
     """Sweep the encoders beyond the study in the same setting; the study's rows, then theirs."""
-    from cbir import report
+    from cbir.report import from_runs as report
 
     sweeps = cfg.get("beyond_study")
     if cfg.source != "cbir" or not sweeps:
@@ -70,7 +70,8 @@ def beyond_study_table(cfg, ctx: Context, measured: pd.DataFrame) -> dict:
 
 
 def run(cfg) -> dict:
-    from cbir import figures, report
+    from cbir.report import figures
+    from cbir.report import from_runs as report
 
     if cfg.source == "published":  # own MLflow experiment: never mixed with runs that extracted
         cfg.sweeps.full, cfg.smoke = [published_sweep(cfg)], False

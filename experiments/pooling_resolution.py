@@ -21,7 +21,7 @@ from experiments.common import Context, main, show  # noqa: E402
 
 
 def run(cfg) -> dict:
-    from cbir import figures
+    from cbir.report import figures
 
     ctx = Context(cfg)
     runs, parents = ctx.sweep_runs()

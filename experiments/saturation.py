@@ -24,7 +24,7 @@ from experiments.common import Context, main, show  # noqa: E402
 
 def by_modality(runs: pd.DataFrame, ns) -> pd.DataFrame:
     """Long table: encoder, modality, per_class, step, micro/P_at_N, macro/P_at_N."""
-    from cbir.reporting import saturation_frame
+    from cbir.report.job_files import saturation_frame
 
     modalities = sorted({c.split("/")[1] for c in runs.columns if c.startswith("modality/")})
     frames = [saturation_frame(runs, ns).assign(modality="all")]
@@ -70,7 +70,8 @@ def knee(curves: pd.DataFrame, fraction: float, metric: str = "micro/P_at_1") ->
 
 
 def run(cfg) -> dict:
-    from cbir import figures, reporting
+    from cbir.report import figures
+    from cbir.report import job_files as reporting
 
     ctx = Context(cfg)
     runs, parents = ctx.sweep_runs()

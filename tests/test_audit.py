@@ -12,8 +12,8 @@ import pytest
 from conftest import compose, run_cbir
 from mlflow.tracking import MlflowClient
 
-from cbir import audit, retrieval
-from cbir.metrics import evaluate
+from cbir.evaluate import audit, retrieval
+from cbir.evaluate.metrics import evaluate
 
 
 def leaky_dataset(root: Path) -> Path:

@@ -17,8 +17,8 @@ from cbir.data.images import ImageLoadError
 from cbir.data.manifest import ManifestError
 from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
-from cbir.extract import cache_key, extract_embeddings
-from cbir.store import EmbeddingStore
+from cbir.extract.single import cache_key, extract_embeddings
+from cbir.extract.store import EmbeddingStore
 
 EXTRACT = OmegaConf.create(
     dict(
@@ -134,7 +134,7 @@ class UnstableEncoder(ClassicalEncoder):
 def test_nan_embeddings_are_failed_rows_counted_listed_and_left_out(tiny):
     from PIL import Image
 
-    from cbir.retrieval import choose_rows
+    from cbir.evaluate.retrieval import choose_rows
 
     manifest, _, store = tiny
     path = manifest.paths()[4]
@@ -233,7 +233,7 @@ def test_the_integrity_check_covers_every_row(tmp_path):
 
 # ---------------------------------------------------------------------------- disk space
 def test_a_full_disk_is_a_message_before_any_row_is_written(tiny, monkeypatch):
-    from cbir.jobs import user_errors
+    from cbir.job.inputs import user_errors
 
     manifest, encoder, store = tiny
     usage = shutil.disk_usage(store.cache_dir.parent)
@@ -285,8 +285,8 @@ def fill(disk: Path) -> Path:
 
 
 def test_a_disk_filling_up_before_the_commit_loses_no_computed_row(small_disk):
-    from cbir.jobs import user_errors
-    from cbir.store import CacheSpaceError
+    from cbir.extract.store import CacheSpaceError
+    from cbir.job.inputs import user_errors
 
     store, n, dim = EmbeddingStore(small_disk / "cache"), 300, 256  # 300 KB of embeddings
     values = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
@@ -311,7 +311,7 @@ def test_a_disk_filling_up_before_the_commit_loses_no_computed_row(small_disk):
 
 def test_the_space_check_counts_what_the_commit_writes(small_disk):
     """An entry whose arrays fit but whose commit files would not is refused before any row."""
-    from cbir.store import CacheSpaceError, entry_bytes
+    from cbir.extract.store import CacheSpaceError, entry_bytes
 
     store = EmbeddingStore(small_disk / "cache")
     free = shutil.disk_usage(small_disk).free

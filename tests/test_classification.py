@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cbir import classification, knn
+from cbir.evaluate import classification, knn
 
 
 def study_evaluate(y_true_onehot, y_pred):

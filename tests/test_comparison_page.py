@@ -9,13 +9,13 @@ import subprocess
 import pandas as pd
 import pytest
 
-from cbir import comparison_page
+from cbir.report import page as comparison_page
 
 NS = [1, 10]
 
 
 def fabricated_runs() -> pd.DataFrame:
-    """Two encoders at two index sizes, as cbir.report.load_runs returns them, plus a k-NN run."""
+    """Two encoders at two index sizes, as cbir.report.from_runs.load_runs returns them, plus a k-NN run."""
     rows = []
     for encoder, base in (("baseline", 0.40), ("random", 0.05)):
         for per_class, bump in (("3", 0.0), ("all", 0.03)):

@@ -1,5 +1,5 @@
 """Paired comparisons across runs that answered the same queries: the sweep's table, its parent
-run and cbir.report name the encoders tied for best."""
+run and cbir.report.from_runs name the encoders tied for best."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from conftest import compose, run_cbir
 from mlflow.tracking import MlflowClient
 
-from cbir import comparisons
+from cbir.evaluate import comparisons
 
 
 def records(seed: int, rate: float, n: int = 500, rows=None) -> pd.DataFrame:

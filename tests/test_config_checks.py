@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import compose
 
-from cbir.checks import ConfigError, check_index_type, validate_config
+from cbir.job.checks import ConfigError, check_index_type, validate_config
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_dimension_dependent_checks_run_once_the_encoder_is_built():
 
 def test_build_index_refuses_what_would_crash_faiss():
     """HNSW with M=0 aborts the process inside FAISS; PQ with too few rows fails mid-training."""
-    from cbir.index import build_index
+    from cbir.evaluate.index import build_index
 
     vectors = np.eye(16, dtype=np.float32)
     with pytest.raises(ConfigError, match="index.params.M=0"):
@@ -182,7 +182,7 @@ def _table(per_class: dict[str, int]):
 
 
 def test_index_params_are_settled_before_extraction_and_written_where_they_are_logged(caplog):
-    from cbir.checks import settle_index_params
+    from cbir.job.checks import settle_index_params
 
     table = _table({"a": 200, "b": 56})  # 256 index rows
     cfg = compose("tracking.enabled=false", "index=ivf", "index.params.nlist=100000")
@@ -220,7 +220,7 @@ def test_index_params_are_settled_before_extraction_and_written_where_they_are_l
     ],
 )
 def test_a_product_quantiser_without_enough_rows_is_refused_before_extraction(overrides, message):
-    from cbir.checks import settle_index_params
+    from cbir.job.checks import settle_index_params
 
     cfg = compose("tracking.enabled=false", "index=ivfpq", *overrides)
     with pytest.raises(ConfigError) as caught:
@@ -229,7 +229,7 @@ def test_a_product_quantiser_without_enough_rows_is_refused_before_extraction(ov
 
 
 def test_build_index_chooses_the_pq_size_from_the_dimension():
-    from cbir.index import build_index, pq_size
+    from cbir.evaluate.index import build_index, pq_size
 
     assert [pq_size(d) for d in (285, 768, 2048, 384, 7)] == [15, 16, 16, 16, 7]
     vectors = np.random.default_rng(0).normal(size=(64, 285)).astype(np.float32)

@@ -9,8 +9,8 @@ import logging
 import pytest
 from conftest import compose
 
-from cbir import tracking
-from cbir.tracking import PARENT_ENV, config_hash
+from cbir.tracking import runs as tracking
+from cbir.tracking.runs import PARENT_ENV, config_hash
 
 BASE = ("debug=smoke",)
 

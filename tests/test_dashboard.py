@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from conftest import PROJECT, compose, run_cbir
 
-from cbir import dashboard, tracking
+from cbir.tracking import dashboard
+from cbir.tracking import runs as tracking
 
 sys.path.insert(0, str(PROJECT / "scripts"))
 from dashboard_screenshots import api, mlflow_server  # noqa: E402
@@ -175,7 +176,7 @@ def test_quiet_console_drops_the_chatter_and_keeps_other_warnings(caplog):
     import logging
     import warnings
 
-    from cbir import console
+    from cbir.common import console
 
     console.quiet()
     with warnings.catch_warnings(record=True) as caught:

@@ -17,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
 
-from cbir import cli, dashboard
-from cbir.run import job_run_name
+from cbir import cli
+from cbir.job.plan import job_run_name
+from cbir.tracking import dashboard
 
 DOCS = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 # `python -m cbir.x …` anywhere in a code line or inline code span (after `srun …`, say), `cbir …` at its start
@@ -64,15 +65,21 @@ def commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def config_name(module: str) -> str:
-    """The Hydra config a module's main() composes, read from its source."""
-    source = Path(importlib.util.find_spec(module).origin).read_text()
-    return next(
-        filter(
-            None,
-            re.search(r'config_name="(\w+)"|compose_config\(\s*"(\w+)"', source).groups(),
-        )
-    )
+def config_name(module: str, seen: tuple[str, ...] = ()) -> str:
+    """The Hydra config a module's main() composes, read from its source (a package's __init__ or
+    __main__, and a command module that only re-exports another module's main)."""
+    spec = importlib.util.find_spec(module)
+    sources = [Path(spec.origin).read_text()]
+    if spec.submodule_search_locations:  # `python -m <package>` runs its __main__
+        sources.append(Path(importlib.util.find_spec(f"{module}.__main__").origin).read_text())
+    for source in sources:
+        if found := re.search(r'config_name="(\w+)"|compose_config\(\s*"(\w+)"', source):
+            return next(filter(None, found.groups()))
+    for source in sources:
+        delegate = re.search(r"from (cbir[\w.]*) import main", source)
+        if delegate and delegate.group(1) not in (module, *seen):
+            return config_name(delegate.group(1), (*seen, module))
+    raise AssertionError(f"{module}: no Hydra config name found in its source")
 
 
 def override_sets(args: list[str]) -> list[list[str]]:

@@ -29,8 +29,8 @@ from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders import hub
 from cbir.encoders.base import EncoderError
 from cbir.encoders.preprocess import Preprocess
-from cbir.extract import extract_embeddings
-from cbir.store import EmbeddingStore
+from cbir.extract.single import extract_embeddings
+from cbir.extract.store import EmbeddingStore
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -16,7 +16,7 @@ from tests.test_preprocess_parity import assert_close, cbir_transform, images  #
 
 def build(name: str, *overrides: str, pretrained: bool = False):
     """The encoder as cbir.run builds it (cbir's own errors unwrapped), with the fast test sizes."""
-    from cbir.jobs import build as build_node
+    from cbir.job.inputs import build as build_node
 
     cfg = compose(f"encoder={name}", *FAST.get(name, []), *overrides)
     cfg.encoder.pretrained = pretrained

@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from cbir.data.manifest import Manifest
-from cbir.extract import cache_key, extract_embeddings
-from cbir.extract_many import extract_shared, plan_inputs, prepare_on_device
-from cbir.store import EmbeddingStore
+from cbir.extract.shared import extract_shared, plan_inputs, prepare_on_device
+from cbir.extract.single import cache_key, extract_embeddings
+from cbir.extract.store import EmbeddingStore
 
 TIMM = "cbir.encoders.timm_encoder.TimmEncoder"
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -77,7 +77,7 @@ def test_shared_pass_equals_single_extractions_bit_for_bit(setup, singles, tmp_p
     cfg, manifest = setup
     encoders = [build(name) for name in ENCODERS]
     store = EmbeddingStore(tmp_path)
-    with caplog.at_level("INFO", logger="cbir.extract_many"):
+    with caplog.at_level("INFO", logger="cbir.extract.shared"):
         shared = extract_shared(encoders, manifest, store, cfg.extract)
     assert shared.decodes == len(manifest)  # each image decoded once for five encoders
     assert f"decoded {len(manifest)} images once for 5 encoders" in caplog.text
@@ -111,7 +111,7 @@ def test_killed_pass_resumes_per_encoder(setup, singles, tmp_path, caplog):
 
     with pytest.raises(ImageLoadError, match="broken.png"):
         extract_shared([build(n) for n in names], damaged, store, cfg.extract, on_error="raise")
-    with caplog.at_level("INFO", logger="cbir.extract_many"):
+    with caplog.at_level("INFO", logger="cbir.extract.shared"):
         resumed = extract_shared([build(n) for n in names], damaged, store, cfg.extract, on_error="skip")
     assert caplog.text.count("resuming extraction") == 2
     assert resumed.decodes == 1  # only the unreadable row was left
@@ -183,7 +183,7 @@ def test_a_transform_failing_on_an_image_fails_only_its_own_input(tmp_path):
     for the encoders fed by that preprocessing only, not for every encoder of the pass."""
     from PIL import Image
 
-    from cbir.extract_many import SharedImageRows
+    from cbir.extract.shared import SharedImageRows
 
     def fails_on_small(image):
         if min(image.size) < 16:

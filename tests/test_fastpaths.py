@@ -9,8 +9,8 @@ import torch
 from conftest import compose
 from hydra.utils import instantiate
 
-from cbir.extract import extract_embeddings
-from cbir.store import EmbeddingStore
+from cbir.extract.single import extract_embeddings
+from cbir.extract.store import EmbeddingStore
 
 TINY_TIMM = {
     "_target_": "cbir.encoders.timm_encoder.TimmEncoder",
@@ -63,7 +63,7 @@ def _ddp_rank(rank: int, shipped: bytes, paths: list, rows, shape) -> None:
     from torch.utils.data import DataLoader, SequentialSampler
 
     from cbir.encoders.classical import ClassicalEncoder
-    from cbir.extract import EmbeddingModule, ImageRows
+    from cbir.extract.single import EmbeddingModule, ImageRows
 
     writer, encoder = pickle.loads(shipped), ClassicalEncoder()
     module = EmbeddingModule(encoder)
@@ -88,8 +88,8 @@ def test_ddp_ranks_write_their_rows_at_the_manifest_rows(tmp_path):
     from cbir.data.images import load_image
     from cbir.data.synthetic import SyntheticDataset
     from cbir.encoders.classical import ClassicalEncoder
-    from cbir.extract import ArrayWriter, _probe_shape
-    from cbir.store import PartialEntry, read_skipped
+    from cbir.extract.single import ArrayWriter, _probe_shape
+    from cbir.extract.store import PartialEntry, read_skipped
 
     manifest = SyntheticDataset(
         root=tmp_path / "data",
@@ -147,7 +147,7 @@ def test_compile_and_channels_last_match_eager(tmp_path, shared_data_dir):
 def test_index_presets_apply_params(preset, attribute, value):
     import faiss
 
-    from cbir.index import build_index, l2_normalise, search
+    from cbir.evaluate.index import build_index, l2_normalise, search
 
     small = ["++index.params.m=8", "++index.params.nbits=4"] if preset == "ivfpq" else []  # quick PQ training
     cfg = compose(f"index={preset}", f"index.params.{attribute}={value}", "++index.params.nlist=16", *small)
@@ -166,7 +166,7 @@ def test_index_presets_apply_params(preset, attribute, value):
 
 
 def test_index_params_reject_unknown_keys():
-    from cbir.index import build_index
+    from cbir.evaluate.index import build_index
 
     with pytest.raises(ValueError, match="nprobes"):
         build_index(np.eye(4, dtype=np.float32), "ivf", use_gpu=False, params={"nprobes": 3})
@@ -178,7 +178,7 @@ def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
     index=flat on the same embeddings, the same neighbours."""
     import faiss
 
-    from cbir import retrieval
+    from cbir.evaluate import retrieval
     from cbir.run import run
 
     common = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbir import figures
-from cbir.index import l2_normalise
+from cbir.evaluate.index import l2_normalise
+from cbir.report import figures
 
 
 def test_knn_purity_counts_neighbours_other_than_the_sample_itself():

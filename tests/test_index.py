@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbir.index import build_index, l2_normalise, sample_per_class, search
+from cbir.evaluate.index import build_index, l2_normalise, sample_per_class, search
 
 
 def test_subsets_are_nested_capped_and_seeded():

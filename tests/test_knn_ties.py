@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 from conftest import compose
 
-from cbir import tasks
 from cbir.data.study_splits import StudySplitsDataset
-from cbir.study_format import write_split_csv
+from cbir.evaluate import tasks
+from cbir.study.format import write_split_csv
 
 CSV_ORDER = [
     "XR/chest/No Finding",

@@ -5,7 +5,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbir.metrics import evaluate
+from cbir.evaluate.metrics import evaluate
 
 N_VALUES = [1, 3, 5]
 

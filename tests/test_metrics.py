@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbir.metrics import evaluate, modified_precision, precision_curve
+from cbir.evaluate.metrics import evaluate, modified_precision, precision_curve
 
 
 def frame(labels):

@@ -1,6 +1,6 @@
-"""Multi-label metrics (cbir/metrics_multilabel.py) against independent computations:
+"""Multi-label metrics (cbir/evaluate/multilabel.py) against independent computations:
 sklearn's ndcg_score / average_precision_score per query, plain loops, hand-worked cases, and
-the single-label modified P@N of cbir.metrics."""
+the single-label modified P@N of cbir.evaluate.metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbir.metrics import evaluate
-from cbir.metrics_multilabel import evaluate_multilabel, per_query
+from cbir.evaluate.metrics import evaluate
+from cbir.evaluate.multilabel import evaluate_multilabel, per_query
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -96,7 +96,7 @@ def test_truncated_ap_precision_and_r_precision_equal_plain_loops():
 def test_tied_similarities_through_the_real_search():
     """Duplicate embeddings tie in similarity; the search orders them by index row and the
     metrics score that order (checked against sklearn fed with the independently sorted order)."""
-    from cbir.index import build_index, l2_normalise, search
+    from cbir.evaluate.index import build_index, l2_normalise, search
 
     rng = np.random.default_rng(2)
     index, query = random_case(rng, n_index=30, n_query=12, findings="abc")

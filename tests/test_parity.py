@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import compose, run_cbir
 
-from cbir.parity import compare
+from cbir.study.parity import compare
 
 GROUPS = {("nih14", "XR"): 400, ("radiology_ai", "CT"): 400, ("radiology_ai", "MR"): 50}
 
@@ -107,7 +107,7 @@ def test_summary_worst_rows_and_counts_are_exact(three_groups):
 
 
 def test_an_empty_comparison_still_has_the_summary_columns(three_groups, tmp_path):
-    from cbir.parity import write_report
+    from cbir.study.parity import write_report
 
     table, ours, published = three_groups
     report = compare(table, ours, np.zeros(len(table)), published, np.ones(len(table)))
@@ -129,7 +129,7 @@ def test_an_empty_comparison_still_has_the_summary_columns(three_groups, tmp_pat
 def test_report_files_hold_the_verdict_rule_counts_and_tables(three_groups, tmp_path):
     import json
 
-    from cbir.parity import write_report
+    from cbir.study.parity import write_report
 
     table, ours, published = three_groups
     published[:10] = unit_rows(10, 8, 6)  # 2.5% of the XR group: its 1st percentile fails
@@ -156,7 +156,7 @@ def test_report_files_hold_the_verdict_rule_counts_and_tables(three_groups, tmp_
 
 
 def test_another_embedding_length_is_named(three_groups):
-    from cbir.checks import DataError
+    from cbir.job.checks import DataError
 
     table, ours, published = three_groups
     with pytest.raises(
@@ -168,7 +168,7 @@ def test_another_embedding_length_is_named(three_groups):
 
 
 def test_cosine_rows_in_blocks_equals_one_pass(three_groups):
-    from cbir.parity import cosine_rows
+    from cbir.study.parity import cosine_rows
 
     _, ours, _ = three_groups
     other = 3.0 * unit_rows(len(ours), 8, 5)  # unrelated vectors, not of unit length

@@ -14,16 +14,16 @@ from conftest import compose, run_cbir
 from omegaconf import OmegaConf
 
 from cbir.bench.published import fabricate
-from cbir.checks import DataError
 from cbir.data.manifest import ManifestError
 from cbir.data.study_splits import StudySplitsDataset
 from cbir.encoders.base import EncoderError
 from cbir.encoders.precomputed import PrecomputedEncoder
-from cbir.export import export_embeddings, manifest_and_embeddings
-from cbir.extract import extract_embeddings
-from cbir.parity import compare
-from cbir.retrieval import choose_rows, run_retrieval
-from cbir.store import EmbeddingStore
+from cbir.evaluate.retrieval import choose_rows, run_retrieval
+from cbir.extract.single import extract_embeddings
+from cbir.extract.store import EmbeddingStore
+from cbir.job.checks import DataError
+from cbir.study.export import export_embeddings, manifest_and_embeddings
+from cbir.study.parity import compare
 
 EXTRACT = OmegaConf.create(
     dict(
@@ -168,7 +168,7 @@ def test_a_cached_missing_key_under_on_error_raise_names_the_key_and_the_files(p
 
 
 def test_nan_or_inf_embeddings_are_failed_rows_or_stop_naming_file_and_key(published, tmp_path):
-    from cbir.retrieval import choose_rows
+    from cbir.evaluate.retrieval import choose_rows
 
     manifest = reader(published).load_manifest()
     nih = tmp_path / "nih14.h5"
@@ -311,8 +311,8 @@ def test_parity_passes_for_the_same_preprocessing_and_catches_a_wrong_resize(bas
 
 
 def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path, caplog):
-    from cbir.checks import ConfigError
-    from cbir.parity import parity_command, write_report
+    from cbir.job.checks import ConfigError
+    from cbir.study.parity import parity_command, write_report
 
     cfg, manifest, extraction, work, files = baseline_export
     theirs = extract_embeddings(
@@ -342,7 +342,7 @@ def test_parity_fails_when_too_few_rows_are_compared(baseline_export, tmp_path, 
         f"paths.cache_dir={work / 'cache'}",
         "encoder=baseline",
     ]
-    with caplog.at_level("ERROR", logger="cbir.parity"):
+    with caplog.at_level("ERROR", logger="cbir.study.parity"):
         report = parity_command(
             compose(
                 *common,
@@ -463,8 +463,8 @@ def test_scale_benchmark_measures_every_step(tmp_path):
 def test_export_and_parity_commands_from_their_configs(baseline_export, tmp_path):
     """`python -m cbir.export` / `python -m cbir.parity` as composed from conf/export.yaml and
     conf/parity.yaml (the run's own overrides pick its cache entry)."""
-    from cbir.export import export_command
-    from cbir.parity import parity_command
+    from cbir.study.export import export_command
+    from cbir.study.parity import parity_command
 
     cfg, manifest, extraction, work, files = baseline_export
     common = [
@@ -491,7 +491,7 @@ def test_fast_reader_gives_what_hdf5_reads_for_every_layout_and_type(tmp_path):
     """Contiguous little-endian float32 datasets (what write_h5 and h5py write) are copied from the
     file's bytes at their offset; chunked, compressed, big-endian or float64 ones go through HDF5.
     Every one must come back with the values h5py reads."""
-    from cbir.study_format import dataset_keys, read_vectors, write_h5
+    from cbir.study.format import dataset_keys, read_vectors, write_h5
 
     rng = np.random.default_rng(0)
     file = write_h5(

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
-from cbir.extract import extract_embeddings
-from cbir.store import EmbeddingStore
+from cbir.extract.single import extract_embeddings
+from cbir.extract.store import EmbeddingStore
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
 EXTRACT = OmegaConf.create(
@@ -241,7 +241,8 @@ def test_unreachable_tracking_server_fails_fast_with_the_uri(tmp_path, shared_da
 
 # ---------------------------------------------------------------------------- data edge cases
 def test_duplicate_paths_are_dropped_and_a_single_class_works():
-    from cbir import checks, retrieval
+    from cbir.evaluate import retrieval
+    from cbir.job import checks
 
     table = pd.DataFrame(
         {
@@ -293,7 +294,7 @@ def test_a_damaged_entry_is_reported_once(tmp_path, caplog):
         data[-64:] = bytes([damage + 1]) * 64
         path.write_bytes(bytes(data))
         caplog.clear()
-        with caplog.at_level("WARNING", logger="cbir.store"):
+        with caplog.at_level("WARNING", logger="cbir.extract.store"):
             assert not extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit
         assert sum("is damaged" in r.getMessage() for r in caplog.records) == 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cbir.reporting import saturation_frame
+from cbir.report.job_files import saturation_frame
 
 
 def runs(*rows):

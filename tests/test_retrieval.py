@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from cbir.retrieval import choose_rows, own_positions, run_retrieval
+from cbir.evaluate.retrieval import choose_rows, own_positions, run_retrieval
 
 FLAT = OmegaConf.create({"type": "flat", "use_gpu": False, "params": {}})
 

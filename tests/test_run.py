@@ -95,9 +95,9 @@ def test_second_identical_run_does_not_extract_again(first_run, shared_data_dir)
 def test_anatomy_is_easier_than_pathology_and_baseline_beats_chance(tmp_path, shared_data_dir):
     """The metrics discriminate: the baseline scores far above chance, the random control at
     chance (computed from the class frequencies), and coarse levels are easier."""
-    from cbir import retrieval
-    from cbir.extract import extract_embeddings
-    from cbir.store import EmbeddingStore
+    from cbir.evaluate import retrieval
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
 
     cfg = compose("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={tmp_path}")
     manifest = SyntheticDataset(**{k: v for k, v in cfg.dataset.items() if k != "_target_"}).load_manifest()

@@ -12,7 +12,7 @@ from conftest import compose, run_cbir
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from cbir import multilabel, retrieval
+from cbir.evaluate import multilabel, retrieval
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
@@ -80,8 +80,8 @@ def test_report_shows_the_multilabel_table(multi_sweep):
 @pytest.fixture(scope="module")
 def single_label_embeddings(tmp_path_factory, shared_data_dir):
     """The shared single-label synthetic set (smoke size) and its baseline embeddings."""
-    from cbir.extract import extract_embeddings
-    from cbir.store import EmbeddingStore
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
 
     cache = tmp_path_factory.mktemp("cache")
     cfg = compose("debug=smoke", f"paths.data_dir={shared_data_dir}", f"paths.cache_dir={cache}")

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from cbir.index import build_index, l2_normalise, search, sized_params
-from cbir.metrics import evaluate
-from cbir.retrieval import (
+from cbir.evaluate.index import build_index, l2_normalise, search, sized_params
+from cbir.evaluate.metrics import evaluate
+from cbir.evaluate.retrieval import (
     NormalisedRows,
     RetrievalSetup,
     neighbour_recall,
@@ -79,7 +79,7 @@ def test_approximate_search_logs_its_recall_and_warns_when_low(clustered, caplog
         [1, 10],
     )
     assert good.metrics["index/recall_at_10"] >= 0.99
-    with caplog.at_level(logging.WARNING, logger="cbir.retrieval"):
+    with caplog.at_level(logging.WARNING, logger="cbir.evaluate.retrieval"):
         poor, found = run_retrieval(
             table,
             embeddings,

@@ -12,7 +12,7 @@ from conftest import run_cbir
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cbir.gallery import HIT, MISS, draw_gallery, figure_size, sample_queries
+from cbir.report.gallery import HIT, MISS, draw_gallery, figure_size, sample_queries
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 

@@ -13,9 +13,9 @@ import pytest
 from conftest import compose, run_cbir, run_cbir_hang_guarded
 from PIL import Image
 
-from cbir.checks import ConfigError
-from cbir.gallery import figure_size
-from cbir.safe_config import check_trusted
+from cbir.common.safe_config import check_trusted
+from cbir.job.checks import ConfigError
+from cbir.report.gallery import figure_size
 from cbir.search import INDEX_FILE, MANIFEST_FILE, META_FILE, SavedIndex, SearchError
 
 BASELINE = {
@@ -31,9 +31,9 @@ BASELINE = {
 @pytest.fixture()
 def index_folder(tmp_path) -> Path:
     """A saved index written by the code `index.save=true` runs: 6 images embedded by the baseline encoder."""
-    from cbir import index as cbir_index
-    from cbir.jobs import build_encoder
-    from cbir.retrieval import RetrievalSetup, SearchOutput
+    from cbir.evaluate import index as cbir_index
+    from cbir.evaluate.retrieval import RetrievalSetup, SearchOutput
+    from cbir.job.inputs import build_encoder
     from cbir.search import embed_images, save_index
 
     images = tmp_path / "images"
@@ -212,7 +212,7 @@ def reseal(folder: Path) -> None:
 def test_an_index_file_swapped_for_another_of_the_same_shape_is_refused(index_folder):
     import faiss
 
-    from cbir.index import l2_normalise
+    from cbir.evaluate.index import l2_normalise
 
     other = faiss.IndexFlatIP(SavedIndex.load(index_folder).index.d)  # same rows and dimension, other vectors
     other.add(l2_normalise(np.random.default_rng(1).normal(size=(6, other.d))))

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from cbir import serving
-from cbir.errors import ConfigError
+from cbir.common.errors import ConfigError
 
 CLASSES = {
     "XR/chest/normal": "stripes",
@@ -42,9 +42,9 @@ def _pattern(kind: str, seed: int) -> np.ndarray:
 def make_index_folder(folder: Path, images: Path) -> Path:
     """A saved index folder written by the code `index.save=true` runs (cbir.search.save_index), over
     fabricated images of three classes, with the weights-free baseline encoder."""
-    from cbir import index as cbir_index
-    from cbir.jobs import build_encoder
-    from cbir.retrieval import RetrievalSetup, SearchOutput
+    from cbir.evaluate import index as cbir_index
+    from cbir.evaluate.retrieval import RetrievalSetup, SearchOutput
+    from cbir.job.inputs import build_encoder
     from cbir.search import embed_images, save_index
 
     rows = []

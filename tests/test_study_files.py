@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from cbir.data.study_splits import StudySplitsDataset
 from cbir.encoders.precomputed import PrecomputedEncoder
-from cbir.extract import extract_embeddings
-from cbir.store import EmbeddingStore
+from cbir.extract.single import extract_embeddings
+from cbir.extract.store import EmbeddingStore
 
 CLASSES = ["XR/chest/No Finding", "XR/chest/Atelectasis", "XR/chest/Pleural Effusion"]
 # filepath (relative to the common data folder), split, class; nih14 as the study's script lays it out

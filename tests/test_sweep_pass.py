@@ -87,7 +87,7 @@ def test_command_line_pass_with_memory_budget(tmp_path, shared_data_dir):
 def test_jobs_listed_as_the_basic_sweeper_launches_them():
     from conftest import compose
 
-    from cbir.sweep_pass import sweep_jobs
+    from cbir.job.sweep_pass import sweep_jobs
 
     cfg = compose("experiment=smoke", hydra_node=True)  # the sweep lives in hydra.sweeper.params
     jobs = sweep_jobs(cfg, None)
@@ -100,9 +100,9 @@ def test_jobs_listed_as_the_basic_sweeper_launches_them():
 def test_slurm_sweeps_leave_the_pass_to_a_job_of_its_own(caplog):
     from conftest import compose
 
-    from cbir.sweep_pass import SharedPassCallback
+    from cbir.job.sweep_pass import SharedPassCallback
 
     cfg = compose("hydra/launcher=slurm", hydra_node=True)
-    with caplog.at_level("INFO", logger="cbir.sweep_pass"):
+    with caplog.at_level("INFO", logger="cbir.job.sweep_pass"):
         SharedPassCallback().on_multirun_start(cfg)
     assert "python -m cbir.sweep_pass" in caplog.text

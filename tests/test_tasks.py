@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from sklearn import metrics as skm
 from test_classification import study_evaluate
 
-from cbir import classification, probe, retrieval, tasks
-from cbir.checks import ConfigError, DataError
+from cbir.evaluate import classification, probe, retrieval, tasks
+from cbir.job.checks import ConfigError, DataError
 
 
 def make_cfg(**task):
@@ -210,7 +210,7 @@ def test_errors_before_any_work():
 
 
 def test_report_tables_keep_each_task_to_its_own_table():
-    from cbir import report
+    from cbir.report import from_runs as report
 
     runs = pd.DataFrame(
         [

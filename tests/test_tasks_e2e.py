@@ -11,7 +11,7 @@ import pytest
 from conftest import compose, run_cbir
 from mlflow.tracking import MlflowClient
 
-from cbir import classification
+from cbir.evaluate import classification
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs and sweeps (deselect with -m "not slow")
 
@@ -25,7 +25,7 @@ def runs(cwd: Path):
 
 
 def test_task_is_part_of_the_config_and_its_hash():
-    from cbir import tracking
+    from cbir.tracking import runs as tracking
 
     default = compose()
     assert default.task.name == "retrieval" and list(default.task.evaluations) == ["retrieval"]

@@ -16,10 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cbir.checks import ConfigError
 from cbir.encoders.base import EncoderError
 from cbir.encoders.text import build_text_tower
-from cbir.text_tasks import (
+from cbir.evaluate.text import (
     cached_class_embeddings,
     class_embeddings,
     class_prompts,
@@ -27,6 +26,7 @@ from cbir.text_tasks import (
     text_retrieval,
     zero_shot,
 )
+from cbir.job.checks import ConfigError
 from tests.conftest import compose, run_cbir
 
 CLASSES = ["CT/abd/normal", "MR/knee/meniscal_abnormality", "XR/chest/Pleural Effusion"]
@@ -208,7 +208,7 @@ def test_zero_shot_classifies_by_cosine_to_the_class_prompts():
 
 # ---------------------------------------------------------------------------- configuration and runs
 def test_task_all_adds_the_text_tasks_and_a_text_task_needs_a_text_tower():
-    from cbir import tasks
+    from cbir.evaluate import tasks
 
     cfg = compose("task=all", "encoder=clip")
     assert {"text_retrieval", "zero_shot"} <= set(cfg.task.evaluations) and cfg.task.text.templates

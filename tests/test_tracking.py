@@ -16,9 +16,9 @@ import pytest
 from conftest import PROJECT, compose, run_cbir
 from mlflow.tracking import MlflowClient
 
-from cbir import process
-from cbir.checks import ConfigError, check_tracking
-from cbir.tracking import PARENT_ENV, Tracker
+from cbir.job.checks import ConfigError, check_tracking
+from cbir.tracking import process
+from cbir.tracking.runs import PARENT_ENV, Tracker
 
 SMALL = ["debug=smoke", "dataset.max_per_class=6", "dataset.min_per_class=4"]
 
@@ -233,15 +233,15 @@ def sqlite3_file(path: Path) -> None:
 
 
 def test_a_store_locked_during_a_run_lets_the_job_write_its_files_then_says_so(tmp_path, monkeypatch, capfd):
-    import cbir.tracking
+    import cbir.tracking.runs
 
-    monkeypatch.setattr(cbir.tracking, "LOCK_ATTEMPTS", 1)  # one wait on SQLite's busy timeout, not eight
+    monkeypatch.setattr(cbir.tracking.runs, "LOCK_ATTEMPTS", 1)  # one wait on SQLite's busy timeout, not eight
     database = tmp_path / "mlflow.db"
     tracker = Tracker(f"sqlite:///{database}", "cbir", artifact_root=str(tmp_path / "artifacts"))
     tracker.claim("job", {"config_hash": "c1"})
     out = tmp_path / "job"
     with (
-        pytest.raises(cbir.tracking.tracking_store.TrackingUnavailable) as caught,
+        pytest.raises(cbir.tracking.runs.tracking_store.TrackingUnavailable) as caught,
         tracker.start("job", {"config_hash": "c1"}, {"p": 1}, files_in=out),
     ):
         holder = StoreHeldLocked(database)
@@ -265,7 +265,7 @@ def test_a_store_locked_during_a_run_lets_the_job_write_its_files_then_says_so(t
 ONE_RUN = """
 import os, sys, time
 from pathlib import Path
-from cbir.tracking import Tracker
+from cbir.tracking.runs import Tracker
 while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
 tracker = Tracker(sys.argv[1], "cbir")

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import f1_score, roc_auc_score
 
-from cbir import uncertainty
+from cbir.evaluate import uncertainty
 
 
 def scipy_interval(values, resamples=20000, seed=1):
@@ -247,8 +247,8 @@ def test_the_95_percent_interval_covers_the_population_value_in_93_to_97_percent
 def test_bad_interval_and_audit_settings_are_config_errors(override):
     from conftest import compose
 
-    from cbir import per_query
-    from cbir.checks import ConfigError
+    from cbir.evaluate import per_query
+    from cbir.job.checks import ConfigError
 
     per_query.check_config(compose("debug=smoke"))  # the defaults are fine
     with pytest.raises(ConfigError, match=override.split("=")[0]):

@@ -8,7 +8,7 @@ shared machine are context only.
    the encoder's forward-only images/s on ready-made tensors (same batch size, precision);
 2. sweep: wall time of a real E x S multirun over E single runs, and the naive E x S runs
    that each extract again;
-3. search: cbir.index.search over raw `IndexFlatIP.search`, and over one-at-a-time add/search;
+3. search: cbir.evaluate.index.search over raw `IndexFlatIP.search`, and over one-at-a-time add/search;
 4. metrics: vectorised modified P@N over a per-query loop, at growing query counts, with
    the full `evaluate` time and peak RSS (each size in its own process);
 5. memory: peak RSS of an extraction of N and 10 x N images (each in its own process);
@@ -82,7 +82,7 @@ def markdown_table(results: dict) -> str:
 
 
 def _metrics_for_mlflow(results: dict) -> dict[str, float]:
-    from cbir.tracking import flatten
+    from cbir.tracking.runs import flatten
 
     flat = flatten(json.loads(json.dumps(results, default=str)))
     return {
@@ -95,7 +95,7 @@ def _metrics_for_mlflow(results: dict) -> dict[str, float]:
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     import torch
 
-    from cbir.tracking import Tracker
+    from cbir.tracking.runs import Tracker
 
     bc = cfg.bench
     sizes = bc.small if bc.quick else bc.full

@@ -1,7 +1,7 @@
 """Decode benchmark: `python -m cbir.bench.decode [images=64] [size=1024] [quick=true]` (conf/bench_decode.yaml).
 
 E single-encoder extractions (one decode per image per encoder, as E separate jobs do) against
-one shared pass (`cbir.extract_many`, one decode per image for all E), on the same images, in
+one shared pass (`cbir.extract.shared`, one decode per image for all E), on the same images, in
 this process, alternating their order to even out drift. The shared pass also reports where
 its time goes, per encoder: decode and preprocess (loader workers), forward and write (main
 process). A per-image micro-measure of decode and of CPU preprocessing at the study's input
@@ -218,9 +218,9 @@ def run(
 ) -> dict:
     import torch
 
-    from cbir.extract import extract_embeddings
-    from cbir.extract_many import extract_shared
-    from cbir.store import EmbeddingStore
+    from cbir.extract.shared import extract_shared
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
 
     data_dir = Path(data_dir or Path("data") / "bench_decode") / f"{size}px"
     paths = radiograph_pngs(data_dir, images, size)

@@ -19,8 +19,8 @@ log = logging.getLogger("cbir.bench")
 def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     import torch
 
-    from cbir.extract import _probe_shape, extract_embeddings, resolve_precision
-    from cbir.store import EmbeddingStore
+    from cbir.extract.single import _probe_shape, extract_embeddings, resolve_precision
+    from cbir.extract.store import EmbeddingStore
 
     ec = bc.extraction
     n = int(sizes.extract_images)

@@ -12,8 +12,8 @@ from cbir.bench.common import build_encoder, extract_cfg, peak_rss_mb, run_child
 
 def child(spec_json: str) -> None:
     """One extraction in a clean process: prints peak RSS (this process and its workers)."""
-    from cbir.extract import extract_embeddings
-    from cbir.store import EmbeddingStore
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
 
     spec = json.loads(spec_json)
     manifest = synthetic(Path(spec["data_dir"]), int(spec["images"]), int(spec["image_size"]))

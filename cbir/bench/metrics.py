@@ -64,7 +64,7 @@ def _loop_precision(query, index, neighbours, ns) -> dict:
 
 def child(spec_json: str) -> None:
     """One metrics size in a clean process: prints timings and peak RSS as JSON."""
-    from cbir.metrics import evaluate, level_precision, summarise
+    from cbir.evaluate.metrics import evaluate, level_precision, summarise
 
     spec = json.loads(spec_json)
     q, k, ns = int(spec["queries"]), int(spec["k"]), [int(n) for n in spec["ns"]]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.study_format import model_folder, write_split_csv
+from cbir.study.format import model_folder, write_split_csv
 
 # (dataset column, CSV stem, modality, anatomy, findings) of the fabricated classes
 FABRICATED = [
@@ -52,7 +52,7 @@ def fabricate(
     structure for IVF). `file_missing` NIH rows get the study's `File Missing` path (no embedding)."""
     import pandas as pd
 
-    from cbir.study_format import FILE_MISSING, STUDY_CSV_NAMES
+    from cbir.study.format import FILE_MISSING, STUDY_CSV_NAMES
 
     rng = np.random.default_rng(seed)
     classes = [(ds, m, a, f"{m}/{a}/{f}") for ds, m, a, fs in FABRICATED for f in fs]
@@ -107,7 +107,7 @@ def fabricate(
 
 
 def _write_h5_from(file: Path, keys: list[str], vectors_file: Path) -> Path:
-    from cbir.study_format import write_h5
+    from cbir.study.format import write_h5
 
     written = write_h5(file, keys, np.load(vectors_file, mmap_mode="r"))
     vectors_file.unlink()
@@ -125,8 +125,8 @@ def _baseline_mb() -> float:
     import h5py  # noqa: F401
     import torch  # noqa: F401
 
-    import cbir.extract  # noqa: F401
-    import cbir.retrieval  # noqa: F401
+    import cbir.evaluate.retrieval  # noqa: F401
+    import cbir.extract.single  # noqa: F401
 
     return _peak_mb()
 
@@ -159,8 +159,8 @@ def step_load(data: Path, cache: Path, sample_keys: int = 5000) -> dict:
     import h5py
 
     from cbir.encoders.precomputed import PrecomputedEncoder
-    from cbir.extract import extract_embeddings
-    from cbir.store import EmbeddingStore
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
 
     base_mb = _baseline_mb()
     shutil.rmtree(cache, ignore_errors=True)
@@ -209,9 +209,9 @@ def step_evaluate(
     from omegaconf import OmegaConf
 
     from cbir.encoders.precomputed import PrecomputedEncoder
-    from cbir.extract import extract_embeddings
-    from cbir.retrieval import RetrievalSetup, choose_rows, run_retrieval
-    from cbir.store import EmbeddingStore
+    from cbir.evaluate.retrieval import RetrievalSetup, choose_rows, run_retrieval
+    from cbir.extract.single import extract_embeddings
+    from cbir.extract.store import EmbeddingStore
 
     base_mb = _baseline_mb()
     start = time.perf_counter()

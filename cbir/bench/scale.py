@@ -30,7 +30,7 @@ def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     import faiss
     import torch
 
-    from cbir import index as cbir_index
+    from cbir.evaluate import index as cbir_index
 
     sc = bc.scale
     n, nq, k, dim = int(sizes.scale_index), int(sizes.scale_queries), int(sc.k), int(sc.dim)

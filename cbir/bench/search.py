@@ -1,4 +1,4 @@
-"""Search: cbir.index.search over raw `IndexFlatIP.search`, and over one-at-a-time add/search."""
+"""Search: cbir.evaluate.index.search over raw `IndexFlatIP.search`, and over one-at-a-time add/search."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cbir.bench.common import random_unit
 def measure(bc, sizes, data_dir: Path, work: Path) -> dict:
     import faiss
 
-    from cbir import index as cbir_index
+    from cbir.evaluate import index as cbir_index
 
     sc = bc.search
     n, nq, k, dim = int(sizes.search_index), int(sizes.search_queries), int(sc.k), int(sc.dim)

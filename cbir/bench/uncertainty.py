@@ -1,5 +1,5 @@
 """Uncertainty: bootstrap intervals and paired comparisons over per-query records at growing
-query counts (cbir.uncertainty), against explicit index-array resampling (the textbook way,
+query counts (cbir.evaluate.uncertainty), against explicit index-array resampling (the textbook way,
 measured on a subsample and extrapolated); and the coverage of the 95 % interval on repeated
 datasets drawn with the synthetic generator's class layout."""
 
@@ -39,7 +39,7 @@ def records(q: int, classes: int = 165, seed: int = 0) -> dict[str, pd.DataFrame
 
 def child(spec_json: str) -> None:
     """One query count in a clean process: timings and peak RSS as JSON."""
-    from cbir import uncertainty
+    from cbir.evaluate import uncertainty
 
     spec = json.loads(spec_json)
     q, resamples, flips = (
@@ -108,8 +108,8 @@ def coverage(
     query counts: the synthetic generator's (36 classes, 120 down to 12 queries); each of
     `populations` populations gives every class a hit rate, and its datasets draw every query's
     P@1 from its class's rate (datasets split evenly across the populations)."""
-    from cbir import uncertainty
     from cbir.data.synthetic import SyntheticDataset
+    from cbir.evaluate import uncertainty
 
     sizes = np.array(list(SyntheticDataset(root=".").class_sizes().values()))
     rng = np.random.default_rng(seed)

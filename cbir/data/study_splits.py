@@ -15,7 +15,7 @@ import pandas as pd
 
 from cbir.data.base import MISSING_POLICIES, DatasetReader, Scan, apply_missing_policy, check_policy
 from cbir.data.manifest import ManifestError
-from cbir.study_format import FILE_MISSING, STUDY_CSV_NAMES, StudyFormatError, read_split_csv
+from cbir.study.format import FILE_MISSING, STUDY_CSV_NAMES, StudyFormatError, read_split_csv
 
 
 class StudySplitsDataset(DatasetReader):

@@ -2,7 +2,7 @@
 
 Rows are matched by key: the manifest `path` (or, with `key_root`, the image path relative to
 that folder) is the HDF5 dataset key. The result goes into the embedding cache like any
-extraction (cbir.extract.extract_embeddings calls `fill` instead of the predict loop), keyed by
+extraction (cbir.extract.single.extract_embeddings calls `fill` instead of the predict loop), keyed by
 the files' identity (resolved path, size, modification time), so sweeps, saturation, reports
 and every other task reuse it unchanged. No image is ever opened.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from cbir.checks import DataError
+from cbir.common.errors import DataError
 from cbir.encoders.base import Encoder, EncoderError
-from cbir.study_format import (
+from cbir.study.format import (
     StudyFormatError,
     dataset_keys,
     image_keys,
