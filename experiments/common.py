@@ -205,7 +205,7 @@ class Context:
         return found[0].info.run_id
 
     def runs(self, parent: str) -> pd.DataFrame:
-        """FINISHED child runs of a sweep: cbir.report.from_runs's table (tags + metrics) plus the params
+        """FINISHED child runs of a sweep: cbir.report's table (tags + metrics) plus the params
         (prefixed `param.`) and the job's Hydra overrides."""
         from cbir.report import from_runs as report
 

@@ -50,10 +50,7 @@ class Record:
     @contextmanager
     def open(self, run_name: str, tags: dict, out: Path):
         """The job's run, active for the body; every outcome added is logged when the body ends."""
-        cfg = self.cfg
-        # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
-        params = dashboard.curated_params(tracking.flatten(tracking.resolved(cfg)))
-        with self.tracker.start(run_name, tags, params, files_in=out):
+        with self.tracker.start(run_name, tags, {}, files_in=out):
             try:
                 yield self
             finally:
@@ -61,6 +58,8 @@ class Record:
 
     def _log_all(self, out: Path) -> None:
         tracker = self.tracker
+        # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
+        tracker.log_params(dashboard.curated_params(tracking.flatten(tracking.resolved(self.cfg))))
         dashboard.annotate_run(tracker, self.cfg, out)
         for outcome in self.outcomes:
             log_outcome(tracker, outcome, self.cfg, out)

@@ -400,65 +400,6 @@ def ui_address(uri: str, experiment_id: str, run_id: str | None = None, artifact
     )
 
 
-def log_parent(
-    client, parent_id: str, jobs: pd.DataFrame, folder: Path, ns, pairs=None, verdicts=None
-) -> dict[str, Path]:
-    """Comparison table (artifact viewer renders it), CSV, figure and description on the parent run."""
-    from cbir.report import figures
-    from cbir.report.from_runs import to_markdown
-    from cbir.tracking.runs import retry_locked
-
-    folder.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(jobs)
-    files = {"comparison.csv": folder / "comparison.csv"}
-    table.to_csv(files["comparison.csv"], index=False)
-    long = modality_frame(jobs)
-    if not long.empty:
-        files["comparison.png"] = figures.comparison_bars(
-            long, folder / "comparison.png", "micro and macro P@1 by encoder and index size"
-        )
-    if pairs is not None and len(pairs):  # paired comparisons of the jobs that answered the same queries
-        files["comparisons.csv"] = folder / "comparisons.csv"
-        pairs.to_csv(files["comparisons.csv"], index=False)
-    for path in files.values():
-        retry_locked(client.log_artifact, parent_id, str(path))
-    existing = {a.path for a in retry_locked(client.list_artifacts, parent_id)}
-    if "comparison_table.json" in existing:  # a resumed sweep: replace, log_table would append
-        path = folder / "comparison_table.json"
-        table.to_json(path, orient="split", index=False)
-        retry_locked(client.log_artifact, parent_id, str(path))
-    else:
-        retry_locked(client.log_table, parent_id, data=table, artifact_file="comparison_table.json")
-    shown = uncertainty.merge_interval_columns(table.drop(columns=["run", "run_id", "cache", "seconds"]))  # narrow
-    note = answer_line(jobs, verdicts) + (
-        "Comparison of this sweep's jobs (modified P@N). Artifacts: comparison_table.json (table view), "
-        "comparison.png (micro/macro P@1 per modality), saturation.png (P@N against index size).\n\n"
-        + to_markdown(shown)
-    )
-    if verdicts is not None and len(verdicts):
-        from cbir.evaluate import comparisons
-
-        note += (
-            "\nPaired comparisons (comparisons.csv: difference, interval, sign-flip p, Holm-adjusted p; "
-            "tied for best = Holm-adjusted p >= 0.05 against the best):\n\n"
-            + "\n".join(f"- {line}" for line in comparisons.summary_lines(verdicts))
-            + "\n"
-        )
-    retry_locked(client.set_tag, parent_id, "mlflow.note.content", note)
-    return files
-
-
-def answer_line(jobs: pd.DataFrame, verdicts=None) -> str:
-    """The plain-words answer that opens the parent run's description (above the fold)."""
-    from cbir.evaluate import comparisons
-    from cbir.report import page as comparison_page
-
-    done = jobs[jobs["status"].isin(["FINISHED", "done earlier"])] if "status" in jobs else jobs
-    tied = comparisons.tied_labels(verdicts) if verdicts is not None and len(verdicts) else None
-    line = comparison_page.best_line(done, tied)
-    return f"**{line}** (comparison.html: leaderboard, P@N against index size, heat map)\n\n" if line else ""
-
-
 def annotate_run(tracker, cfg: DictConfig, out: Path) -> None:
     """At the start of a job run: experiment tags, and the full resolved config as an artifact."""
     if not tracker.enabled:

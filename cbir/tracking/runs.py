@@ -301,7 +301,8 @@ class Tracker:
         heartbeat = process.Heartbeat(self.uri, self.run_id)
         self.lost = None
         try:
-            self.log_params(params)
+            if params:
+                self.log_params(params)
             yield self
             if self.lost is not None:  # the job's files are written: now report the store
                 raise self._lost_with(files_in)
