@@ -106,3 +106,25 @@ def test_approximate_search_logs_its_recall_and_warns_when_low(clustered, caplog
         )
         == 1.0
     )  # exact neighbours, index scanned in 6 blocks
+
+
+def test_an_unset_nprobe_is_the_smallest_that_reaches_the_tuning_recall(clustered):
+    """The size-based default probes every list of this small index (more than enough): the tuning
+    halves it while the sampled recall stays >= 0.995, so the search scans fewer lists."""
+    from cbir.evaluate.retrieval import MIN_TUNED_NPROBE, TUNE_RECALL
+
+    table, embeddings, setup = clustered
+
+    def ivf(nprobe):
+        params = {"nlist": 40, "nprobe": nprobe}
+        return run_retrieval(
+            table, embeddings, setup, OmegaConf.create({"type": "ivf", "use_gpu": False, "params": params}), [1, 10]
+        )
+
+    default = sized_params("ivf", {"nlist": 40, "nprobe": None}, len(setup.index_rows))["nprobe"]
+    tuned = ivf(None)
+    chosen = int(tuned.metrics["index/nprobe"])
+    assert MIN_TUNED_NPROBE <= chosen < default and tuned.metrics["index/recall_at_10"] >= TUNE_RECALL
+    assert ivf(chosen).metrics["micro/P_at_1"] == tuned.metrics["micro/P_at_1"]  # the nprobe logged is the one used
+    if chosen > MIN_TUNED_NPROBE:
+        assert ivf(max(MIN_TUNED_NPROBE, chosen // 2)).metrics["index/recall_at_10"] < TUNE_RECALL
