@@ -451,10 +451,11 @@ def test_scale_benchmark_measures_every_step(tmp_path):
     assert evaluation["per_class"]["index_rows"] <= 12 * 50 < evaluation["index_rows"]
     ivf = evaluation["ivf"]
     assert ivf["recall_at_10"] >= 0.99  # nprobe unset: raised until the sampled recall reaches 0.99
-    assert {"index_s", "exact_sample_s", "tune_s", "search_s", "metrics_s"} <= set(ivf)
-    assert evaluation["evaluation_s"] == pytest.approx(
-        evaluation["load_s"] + sum(ivf[k] for k in ("index_s", "exact_sample_s", "tune_s", "search_s", "metrics_s"))
-    )
+    stages = ("index_s", "exact_sample_s", "tune_s", "search_s", "metrics_s", "intervals_s")
+    assert set(stages) <= set(ivf)
+    assert evaluation["evaluation_s"] == pytest.approx(evaluation["load_s"] + sum(ivf[k] for k in stages))
+    low, high = ivf["micro_P_at_1_interval"]  # the run's bootstrap interval around its P@1
+    assert low <= ivf["micro_P_at_1"] <= high and high - low > 0
     assert evaluation["exact"]["sampled_queries"] == min(2000, evaluation["queries"])
     assert evaluation["ratio_to_exact"] > 0 and evaluation["peak_to_matrix"] > 0
     assert (tmp_path / "published_scale.json").is_file()

@@ -208,7 +208,9 @@ def step_evaluate(
     a per_class subset searched exactly."""
     from omegaconf import OmegaConf
 
+    from cbir import CONFIG_DIR
     from cbir.encoders.precomputed import PrecomputedEncoder
+    from cbir.evaluate import per_query
     from cbir.evaluate.retrieval import RetrievalSetup, choose_rows, run_retrieval
     from cbir.extract.single import extract_embeddings
     from cbir.extract.store import EmbeddingStore
@@ -236,9 +238,17 @@ def step_evaluate(
 
     ivf = {"type": "ivf", "use_gpu": False, "params": {"nlist": nlist, "nprobe": nprobe}}
     timings: dict = {}
-    approx = run_retrieval(table, emb, setup, OmegaConf.create(ivf), list(ns), curve_k, timings=timings)
-    # hook: per-query records and bootstrap intervals (SPEC section 11) are computed here, timed
-    # like the stages above, once they exist
+    approx, found = run_retrieval(
+        table, emb, setup, OmegaConf.create(ivf), list(ns), curve_k, return_search=True, timings=timings
+    )
+    # the job's per-query records and bootstrap intervals (SPEC section 11), with eval.ci's defaults
+    started = time.perf_counter()
+    ci = OmegaConf.merge(OmegaConf.load(Path(CONFIG_DIR) / "eval" / "default.yaml"), {"n": list(ns)})
+    per_query.add_retrieval_intervals(
+        approx, per_query.retrieval_records(table, found, approx), OmegaConf.create({"eval": ci, "seed": 42})
+    )
+    timings["intervals_s"] = time.perf_counter() - started
+    del found
     out["ivf"] = {
         "nlist": int(approx.metrics["index/nlist"]),
         "nprobe": int(approx.metrics["index/nprobe"]),
@@ -247,6 +257,8 @@ def step_evaluate(
         "micro_P_at_1": approx.metrics["micro/P_at_1"],
         "macro_P_at_1": approx.metrics["macro/P_at_1"],
         "micro_P_at_10": approx.metrics["micro/P_at_10"],
+        "micro_P_at_1_interval": [approx.metrics["micro/P_at_1_ci_low"], approx.metrics["micro/P_at_1_ci_high"]],
+        "macro_P_at_1_interval": [approx.metrics["macro/P_at_1_ci_low"], approx.metrics["macro/P_at_1_ci_high"]],
     }
     out["evaluation_s"] = load_s + sum(timings.values())
     out["evaluation_peak_rss_mb"] = _peak_mb()  # before the baseline below builds its own index
