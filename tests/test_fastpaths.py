@@ -174,8 +174,8 @@ def test_index_params_reject_unknown_keys():
 
 def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
     """The preset's nlist is larger than the small index: it is reduced, and the run works. Its
-    nprobe (32) then covers every list, so IVF finds what exact search finds: the same metrics as
-    index=flat on the same embeddings, the same neighbours."""
+    nprobe is tuned until sampled recall@10 reaches 0.995, so IVF finds what exact search finds:
+    the same metrics as index=flat on the same embeddings, the same neighbours."""
     import faiss
 
     from cbir.evaluate import retrieval
@@ -206,6 +206,6 @@ def test_ivf_preset_end_to_end(tmp_path, shared_data_dir):
             manifest.table, embeddings.embeddings, setup, cfg.index, [10], return_search=True
         )
     inner = faiss.downcast_index(found["ivf"].index)
-    assert inner.nlist < 1024 and inner.nprobe >= inner.nlist  # reduced to the index's size, all lists probed
+    assert inner.nlist < 1024 and 1 <= inner.nprobe <= inner.nlist  # reduced to the index's size
     agree = (found["ivf"].neighbours == found["flat"].neighbours).mean()
     assert agree >= 0.99, agree
