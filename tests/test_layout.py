@@ -14,7 +14,7 @@ from tests.conftest import compose
 CBIR = Path(__file__).resolve().parents[1] / "cbir"
 # the stages, lowest first: a module may import its own package and the ones before it
 STAGES = ["common", "data", "encoders", "extract", "evaluate", "tracking", "report", "job", "study"]
-LEAVES = {"cbir", "cbir.study.format"}  # imported from any stage: CONFIG_DIR; the study's file format (no cbir import)
+LEAVES = {"cbir", "cbir.study.format"}  # from any stage: CONFIG_DIR; the study's file format (imports only cbir.common)
 # the job saves its index in the format `cbir.search` reads and logs it as the model `cbir.serving` serves
 ALLOWED = {("job", "cbir.search"), ("job", "cbir.serving")}
 # writes to an MLflow store (Tracker, fluent API or client)

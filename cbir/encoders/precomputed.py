@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cbir.common.errors import DataError
+from cbir.common.pages import release_pages
 from cbir.encoders.base import Encoder, EncoderError
 from cbir.study.format import (
     StudyFormatError,
@@ -197,6 +198,7 @@ def _read_into(partial, plan, wanted: np.ndarray, dim: int, on_error: str = "ski
                         partial.write(rows[finite], block[finite], np.ones(int(finite.sum()), dtype=bool))
                         if not finite.all():
                             _not_finite(partial, file, names[start : start + len(block)], rows, finite, dim, on_error)
+                        release_pages(partial.embeddings)  # written pages: in the page cache, not resident here
                         progress.advance(task, len(rows))
                 except StudyFormatError as e:
                     raise DataError(str(e)) from None

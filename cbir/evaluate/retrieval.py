@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cbir.common.pages import release_pages
 from cbir.evaluate import index as cbir_index
 from cbir.evaluate.metrics import evaluate
 
@@ -74,17 +75,6 @@ class NormalisedRows:
         block = cbir_index.l2_normalise(self.embeddings[self.rows[at]])
         release_pages(self.embeddings)
         return block
-
-
-def release_pages(array) -> None:
-    """Drop a memory map's pages from this process's resident set once read: they stay in the
-    kernel's page cache (clean, reclaimable), and peak RSS counts the index, not the whole cache
-    file read through it. Arrays that are not memory maps are left alone."""
-    import mmap
-
-    mapped = getattr(array, "_mmap", None)
-    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 RECALL_QUERIES = 1000  # queries whose approximate neighbours are checked against exact search

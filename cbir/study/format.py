@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbir.common.pages import release_pages
+
 SPLIT_COLUMNS = ("filepath", "dataset", "split", "modality", "anatomic_region")
 FILE_MISSING = "File Missing"  # the study's filepath for NIH images it could not find
 
@@ -213,6 +215,7 @@ def read_vectors(h5, file: Path, keys: list[bytes], dim: int, batch: int = 8192)
                     f"{file}: cannot read embedding {key.decode()!r} ({e}); the file is damaged"
                 ) from None
         yield start, buffer[: len(block)]
+        release_pages(raw)  # the file is read front to back once: its pages need not stay resident
 
 
 _FLOAT32_LE = np.dtype("<f4")
