@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from cbir.data.images import ImageLoadError
 from cbir.data.manifest import ManifestError
 from cbir.data.synthetic import SyntheticDataset
 from cbir.encoders.classical import ClassicalEncoder
+from cbir.extract.shared import extract_shared
 from cbir.extract.single import cache_key, extract_embeddings
 from cbir.extract.store import EmbeddingStore
 
@@ -78,6 +80,68 @@ def test_generator_parameters_decide_the_folder_and_the_key(tmp_path):
         )
     }
     assert len(folders) == 3
+
+
+# ---------------------------------------------------------------------------- reading an entry once
+class CountingStore(EmbeddingStore):
+    """A real store that counts how often each entry is read; `before_lock(key)` runs when an
+    extraction asks for a key's lock, before it has it (what another job may do meanwhile)."""
+
+    def __init__(self, cache_dir, before_lock=None) -> None:
+        super().__init__(cache_dir)
+        self.reads: Counter = Counter()
+        self.before_lock = before_lock
+
+    def load(self, key):
+        self.reads[key] += 1
+        return super().load(key)
+
+    def lock(self, key):
+        if self.before_lock is not None:
+            self.before_lock(key)
+        return super().lock(key)
+
+
+def test_a_shared_pass_reads_each_entry_once(tiny):
+    """Absent, out of date (a file changed) or fresh: one read of each entry per pass."""
+    manifest, encoder, store = tiny
+    store = CountingStore(store.cache_dir)
+    encoders = [encoder, ClassicalEncoder(name="coarse", grids=(1, 2))]
+    keys = [cache_key(e, manifest) for e in encoders]
+    first = extract_shared(encoders, manifest, store, EXTRACT)
+    assert first.extracted == keys and store.reads == dict.fromkeys(keys, 1)
+    paths = manifest.paths()
+    shutil.copyfile(paths[7], paths[0])
+    store.reads.clear()
+    stale = extract_shared(encoders, manifest, store, EXTRACT)
+    assert [stale.extractions[k].rows_extracted for k in keys] == [1, 1]  # the older entry was the base
+    assert store.reads == dict.fromkeys(keys, 1)
+    store.reads.clear()
+    hit = extract_shared(encoders, manifest, store, EXTRACT)
+    assert hit.decodes == 0 and hit.extracted == [] and store.reads == dict.fromkeys(keys, 1)
+    store.reads.clear()
+    assert extract_embeddings(encoder, manifest, store, EXTRACT).cache_hit and store.reads == {keys[0]: 1}
+
+
+@pytest.mark.parametrize("extraction", ["single", "shared"])
+def test_an_entry_another_job_finished_while_we_waited_is_read_again_and_used(tiny, extraction):
+    manifest, encoder, store = tiny
+    key = cache_key(encoder, manifest)
+
+    def other_job(locked_key):
+        if locked_key == key and not store.folder(key).exists():
+            extract_embeddings(ClassicalEncoder(), manifest, EmbeddingStore(store.cache_dir), EXTRACT)
+
+    counting = CountingStore(store.cache_dir, before_lock=other_job)
+    if extraction == "single":
+        got = extract_embeddings(encoder, manifest, counting, EXTRACT)
+    else:
+        coarse = ClassicalEncoder(name="coarse", grids=(1, 2))
+        shared = extract_shared([encoder, coarse], manifest, counting, EXTRACT)
+        assert shared.extracted == [cache_key(coarse, manifest)]
+        got = shared.extractions[key]
+    assert got.cache_hit and got.rows_extracted == 0  # the other job's entry, not extracted a second time
+    assert counting.reads[key] == 2  # absent before the lock, changed once we had it
 
 
 # ---------------------------------------------------------------------------- failed rows

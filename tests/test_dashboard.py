@@ -199,3 +199,72 @@ def test_quiet_console_drops_the_chatter_and_keeps_other_warnings(caplog):
         "GPU available: False, used: False",
         "GPU available: True (cuda), used: True",
     ]
+
+
+def test_the_sweep_end_searches_the_children_once(tmp_path, monkeypatch):
+    """Both callbacks end a sweep (table, comparison page, saturation curves) from one search of
+    the parent's children, in Hydra's order (SweepSummary first, SweepCallback last)."""
+    from mlflow.tracking import MlflowClient
+
+    from cbir.job.sweep import SweepCallback, SweepSummary
+    from cbir.report import from_runs as report
+
+    monkeypatch.setenv(tracking.PARENT_ENV, "")  # restored afterwards: the callbacks set both
+    monkeypatch.setenv(dashboard.SWEPT_KEYS_ENV, "")
+    cfg = compose(
+        "debug=smoke",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        hydra_node=True,
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    searches = []
+    search_runs = MlflowClient.search_runs
+
+    def counted(self, experiment_ids, filter_string="", *args, **kwargs):
+        searches.append(filter_string)
+        return search_runs(self, experiment_ids, filter_string, *args, **kwargs)
+
+    def sweep(encoders):
+        """A sweep whose jobs finish as `encoders` x two index sizes: its parent-run callback, the summary."""
+        parent_end, summary = SweepCallback(), SweepSummary()
+        parent_end.on_multirun_start(cfg)
+        summary.on_multirun_start(cfg)
+        for encoder in encoders:  # finished jobs, as a sweep's children record them
+            for size, value in (("3", 0.25), ("10", 0.5)):
+                tags = {"mlflow.parentRunId": parent_end.parent_id, "encoder": encoder, "per_class": size}
+                tags.update(dataset="synthetic_small", index_type="flat", config_hash=f"{encoder}-{size}")
+                run = client.create_run(parent_end.experiment_id, tags=tags)
+                for n in cfg.eval.n:
+                    for average in ("micro", "macro"):
+                        client.log_metric(run.info.run_id, f"{average}/P_at_{n}", value)
+                client.set_terminated(run.info.run_id)
+        searches.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, "search_runs", counted)
+            summary.on_multirun_end(cfg)
+            parent_end.on_multirun_end(cfg)
+        assert sum("mlflow.parentRunId" in f for f in searches) == 1, searches
+        assert (tmp_path / "multirun" / "comparison.html").exists()
+        assert client.get_run(parent_end.parent_id).info.status == "FINISHED"
+        curve = client.get_metric_history(parent_end.parent_id, f"saturation/{encoders[0]}/micro/P_at_1")
+        assert sorted((m.step, m.value) for m in curve) == [(3, 0.25), (10, 0.5)]
+        return parent_end, (tmp_path / "multirun" / "sweep_summary.txt").read_text()
+
+    parent_end, first = sweep(["baseline", "random"])
+    assert "baseline" in first and "random" in first
+    # the comparison page's table is the report's of this sweep (report.runs=<parent>): still the
+    # newest FINISHED run per config, with a running job, one without a config hash and a rerun
+    experiment, parent = parent_end.experiment_id, parent_end.parent_id
+    for tags, status in (({"config_hash": "x"}, None), ({}, "FINISHED"), ({"config_hash": "random-3"}, "FINISHED")):
+        tags.update({"mlflow.parentRunId": parent, "encoder": "random", "per_class": "3", "index_type": "flat"})
+        run = client.create_run(experiment, tags={"dataset": "synthetic_small", **tags})
+        if status:
+            client.log_metric(run.info.run_id, "micro/P_at_1", 1.0)
+            client.set_terminated(run.info.run_id, status)
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+    expected, _ = report.load_runs(tracking.Tracker.from_config(cfg), parent, None)
+    assert len(expected) == 4 and expected.loc[expected.config_hash == "random-3", "micro/P_at_1"].item() == 1.0
+    pd.testing.assert_frame_equal(report.sweep_runs_table(children), expected)
+    # the same sweep again in this process (same parent run) with one more encoder: searched anew
+    assert "extra" in sweep(["extra"])[1]

@@ -186,3 +186,24 @@ def test_blocks_and_chunks_do_not_change_the_values():
         np.testing.assert_array_equal(whole[name], chunked[name])
     qs, ix = finding_sets(query), finding_sets(index)
     assert list(n_rel) == [sum(bool(q & i) for i in ix) for q in qs]
+
+
+def test_per_finding_means_are_computed_once_per_subset_and_feed_both_macro_and_the_table(monkeypatch):
+    from cbir.evaluate import multilabel as metrics_multilabel
+
+    calls = []
+
+    def counted(values, pairs, mask):
+        calls.append(mask)
+        return finding_means(values, pairs, mask)
+
+    finding_means = metrics_multilabel._finding_means
+    monkeypatch.setattr(metrics_multilabel, "_finding_means", counted)
+    rng = np.random.default_rng(5)
+    index, query = random_case(rng)  # two modalities, one anatomy
+    neighbours = np.stack([rng.permutation(40)[:10] for _ in range(25)])
+    result = evaluate_multilabel(query, index, neighbours, ns=[1, 10])
+    names = list(result.per_query)
+    assert len(calls) == len(names) * (1 + 2 + 1)  # all queries, each modality, the anatomy
+    for name in names:  # macro = mean over the findings of the table's column, bit for bit
+        assert result.metrics[f"ml/macro/{name}"] == result.per_finding[name.replace("_at_", "@")].mean(), name

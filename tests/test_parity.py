@@ -188,9 +188,9 @@ def test_parity_command_exit_codes(tmp_path, shared_data_dir):
         f"paths.cache_dir={tmp_path / 'cache'}",
         "encoder=baseline",
     ]
-    run_cbir(tmp_path, *common, f"export.dir={tmp_path / 'export'}", module="cbir.export")
+    run_cbir(tmp_path, *common, f"export.dir={tmp_path / 'export'}", module="cbir.study.export")
     parity = [*common, f"parity.dir={tmp_path / 'export' / 'embeddings'}", f"parity.output_dir={tmp_path / 'parity'}"]
-    passed = run_cbir(tmp_path, *parity, module="cbir.parity", check=False)
+    passed = run_cbir(tmp_path, *parity, module="cbir.study.parity", check=False)
     assert passed.returncode == 0, passed.stderr[-3000:]
     assert '"verdict": "PASS"' in (tmp_path / "parity" / "parity.json").read_text()
 
@@ -201,11 +201,11 @@ def test_parity_command_exit_codes(tmp_path, shared_data_dir):
     (h5,) = (tmp_path / "export" / "embeddings").glob("*/synthetic.h5")
     with h5py.File(h5, "r+") as f:
         f[us_key][...] = -f[us_key][...]
-    failed = run_cbir(tmp_path, *parity, module="cbir.parity", check=False)
+    failed = run_cbir(tmp_path, *parity, module="cbir.study.parity", check=False)
     assert failed.returncode == 1, failed.stderr[-3000:]
     summary = pd.read_csv(tmp_path / "parity" / "parity_summary.csv").set_index("modality")
     assert summary.loc["US", "p1"] < 0.99 and summary.loc["all", "p1"] >= 0.99
     assert (summary.drop("US")["p1"] >= 0.99).all()
 
-    missing = run_cbir(tmp_path, *common, f"parity.dir={tmp_path / 'nowhere'}", module="cbir.parity", check=False)
+    missing = run_cbir(tmp_path, *common, f"parity.dir={tmp_path / 'nowhere'}", module="cbir.study.parity", check=False)
     assert missing.returncode == 2, missing.stderr[-3000:]

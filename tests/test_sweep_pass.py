@@ -74,13 +74,13 @@ def test_command_line_pass_with_memory_budget(tmp_path, shared_data_dir):
         searchpath,
         f"paths.data_dir={shared_data_dir}",
     ]
-    proc = run_cbir(tmp_path, *common, module="cbir.sweep_pass")
+    proc = run_cbir(tmp_path, *common, module="cbir.job.sweep_pass")
     log = proc.stdout + proc.stderr
     assert "1 shared pass(es), 2 encoders extracted" in log
     assert "(baseline, random)" in log
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / ".cache/cbir/embeddings").iterdir() if p.is_dir())
     assert entries == ["baseline", "random"]
-    proc = run_cbir(tmp_path, *common, module="cbir.sweep_pass")
+    proc = run_cbir(tmp_path, *common, module="cbir.job.sweep_pass")
     assert "0 shared pass(es), 0 encoders extracted, 0 images decoded" in proc.stdout + proc.stderr
 
 

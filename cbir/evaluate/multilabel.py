@@ -231,16 +231,18 @@ def evaluate_multilabel(
 
     pairs = _query_finding_pairs(sets, member)
 
-    def put(prefix: str, mask: np.ndarray) -> None:
+    def put(prefix: str, mask: np.ndarray) -> dict[str, pd.Series]:
+        """Micro and macro values of the queries in mask; returns the per-finding means."""
+        finding_means = {}
         for name in names:
             v = values[name][mask]
             v = v[~np.isnan(v)]
-            means = _finding_means(values[name], pairs, mask)
+            means = finding_means[name] = _finding_means(values[name], pairs, mask)
             metrics[f"{PREFIX}{prefix}micro/{name}"] = float(v.mean()) if len(v) else float("nan")
             metrics[f"{PREFIX}{prefix}macro/{name}"] = float(means.mean()) if len(means) else float("nan")
+        return finding_means
 
-    everyone = np.ones(len(query), bool)
-    put("", everyone)
+    per_finding = put("", np.ones(len(query), bool))  # also the per-finding table's columns
     for column in ("modality", "anatomy"):
         for value in sorted(query[column].astype(str).unique()):
             put(f"{column}/{value}/", (query[column].astype(str) == value).to_numpy())
@@ -258,7 +260,7 @@ def evaluate_multilabel(
     table["queries"] = np.bincount(pairs[1][~excluded[pairs[0]]], minlength=len(table))
     table["n_index"] = (member.T @ np.bincount(sets.index_combo, minlength=len(member))).astype(int)
     for name in names:
-        table[name.replace("_at_", "@")] = _finding_means(values[name], pairs, everyone).reindex(table.index)
+        table[name.replace("_at_", "@")] = per_finding[name].reindex(table.index)
     table = table[table["queries"] > 0].reset_index(drop=True)
     return MultiLabelResult(metrics, table, len(query), int(excluded.sum()), values)
 

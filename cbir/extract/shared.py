@@ -5,8 +5,8 @@ sense together.)
 Each image is read and decoded once; every distinct preprocessing of the group (resize, crop,
 normalisation, size) is applied to that one decoded image, and every encoder writes its rows
 into its own cache entry, under the key and through the store calls a single-encoder
-extraction uses (`cache_key`, `EmbeddingStore.open_partial` / `commit`, `entry_meta`), so a
-later single run is a cache hit and an interrupted pass resumes per encoder.
+extraction uses (`cache_key`, `EmbeddingStore.load_fresh` / `open_partial` / `commit`,
+`entry_meta`), so a later single run is a cache hit and an interrupted pass resumes per encoder.
 
 With `extract.device_preprocess=true` the loader workers only decode (uint8 tensors); resize,
 crop and normalisation run on the encoders' device, on stacks of equally sized images.
@@ -45,7 +45,7 @@ from cbir.extract.single import (
     make_trainer,
     prepare_encoder,
 )
-from cbir.extract.store import EmbeddingStore
+from cbir.extract.store import CacheLookup, EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -257,36 +257,36 @@ def extract_shared(
     on_error: str = "skip",
     retry_failed: bool = False,
     files: np.ndarray | None = None,
+    looked_up: dict[str, CacheLookup] | None = None,
 ) -> SharedPass:
     """Embeddings of every manifest row for every encoder, from the cache or extracted now in
     one shared pass (holding the lock of each key extracted, so parallel jobs wait for it). As in
     `extract_embeddings`, an entry is fresh when no row's file changed since it was written (and,
-    under `retry_failed`, no row failed); `files` = `manifest.file_stats()` when already taken."""
+    under `retry_failed`, no row failed); `files` = `manifest.file_stats()` when already taken,
+    `looked_up` = the caller's own `EmbeddingStore.load_fresh` of some keys: each entry is read
+    once, and again only if another job changed it meanwhile."""
     start = time.perf_counter()
     files = manifest.file_stats() if files is None else files
     keys = [cache_key(encoder, manifest) for encoder in encoders]
     by_key = dict(zip(keys, encoders))  # an encoder listed twice is extracted once
     result = SharedPass({}, 0, 0.0)
-
-    def fresh(key):
-        cached = store.load(key)
-        return cached if cached is not None and not len(cached.stale_rows(files, retry_failed)) else None
+    found = dict(looked_up or {})
 
     with ExitStack() as locks:
-        missing = []
         for key in sorted(by_key):  # one lock order for every process: no deadlock
-            if fresh(key) is None:
+            found[key] = store.load_fresh(key, files, retry_failed, known=found.get(key))
+            if not found[key].fresh:
                 locks.enter_context(store.lock(key))
-                missing.append(key)
+                # another job may have finished it while we waited
+                found[key] = store.load_fresh(key, files, retry_failed, known=found[key])
         for key in by_key:
-            cached = fresh(key)  # another job may have finished it while we waited
-            if cached is not None:
-                result.extractions[key] = Extraction(cached, True, 0.0, 0)
-        todo = [key for key in missing if key not in result.extractions]
+            if found[key].fresh:
+                result.extractions[key] = Extraction(found[key].entry, True, 0.0, 0)
+        todo = [key for key in sorted(by_key) if not found[key].fresh]
         if todo:
             partials = [
                 store.open_partial(
-                    key, len(manifest), by_key[key].dim, files, base=store.load(key), retry_failed=retry_failed
+                    key, len(manifest), by_key[key].dim, files, base=found[key].entry, retry_failed=retry_failed
                 )
                 for key in todo
             ]

@@ -158,19 +158,20 @@ def extract_embeddings(
     key = cache_key(encoder, manifest)
     # stored embeddings do not depend on the image files (which may be absent): their key names the HDF5 files
     files = manifest.no_file_stats() if encoder.precomputed else manifest.file_stats()
-    cached = store.load(key)
-    if cached is not None and not len(cached.stale_rows(files, retry_failed)):
-        return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error, encoder)
+    found = store.load_fresh(key, files, retry_failed)
+    if found.fresh:
+        return _finish(Extraction(found.entry, True, time.perf_counter() - start, 0), manifest, on_error, encoder)
     with store.lock(key):
-        cached = store.load(key)  # another job may have finished or refreshed it while we waited
+        # another job may have finished or refreshed it while we waited
+        found = store.load_fresh(key, files, retry_failed, known=found)
+        cached = found.entry
         if cached is not None:
-            stale = cached.stale_rows(files, retry_failed)
-            if not len(stale):
+            if found.fresh:
                 return _finish(Extraction(cached, True, time.perf_counter() - start, 0), manifest, on_error, encoder)
             log.info(
                 "embeddings %s: %d of %d rows are out of date (their file changed%s); extracting them again",
                 key,
-                len(stale),
+                len(found.stale),
                 len(manifest),
                 ", or they failed and data.retry_failed=true" if retry_failed else "",
             )

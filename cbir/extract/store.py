@@ -9,6 +9,7 @@ One folder per key (encoder identity x which images, see `cbir.extract.single.ca
 - Every row is tied to its file: a row whose file now has another size or modification time
   is out of date and extracted again, the other rows are reused (`stale_rows`). A changed or a
   fixed image therefore never serves old numbers, and fixing 10 files re-extracts 10 rows.
+  `EmbeddingStore.load_fresh` is the one place that decides whether an entry is a cache hit.
 - A CRC-32 of every byte of the three arrays is written at commit and verified when an entry is
   first loaded in a process: any damage since commit (bit flips, a truncated or altered file)
   makes the entry count as absent, so it is recomputed. It guards against accidents, not against
@@ -77,6 +78,22 @@ class CachedEmbeddings:
         return sorted(read_skipped(self.path / "skipped.csv"))
 
 
+@dataclass
+class CacheLookup:
+    """What `EmbeddingStore.load_fresh` found for a key: the complete, undamaged entry (None when
+    absent or damaged) and its rows to extract again."""
+
+    key: str
+    entry: CachedEmbeddings | None
+    stale: np.ndarray  # rows whose file changed since, or (retry_failed) that failed; empty without an entry
+    state: tuple | None  # the entry's files when it was read (None: no entry folder), see `load_fresh`
+
+    @property
+    def fresh(self) -> bool:
+        """A cache hit: an entry with no row to extract again."""
+        return self.entry is not None and not len(self.stale)
+
+
 class EmbeddingStore:
     _verified: dict[tuple, str] = {}  # entries already checksummed in this process (by file identity)
     _reported_damage: ClassVar[dict[str, str]] = {}  # damaged entry folder -> the reason already logged in this process
@@ -105,6 +122,22 @@ class EmbeddingStore:
                 self._reported_damage[str(folder)] = str(e)
                 log.warning("embedding cache %s is damaged (%s); recomputing it", folder, e)
             return None
+
+    def load_fresh(
+        self, key: str, files: np.ndarray, retry_failed: bool = False, known: CacheLookup | None = None
+    ) -> CacheLookup:
+        """The entry of `key` and which of its rows are out of date for `files` (each row's file
+        size and mtime now): the one test of whether a cached entry can be used as it is. `known`,
+        an earlier lookup of the same key (e.g. before waiting for its lock), is reused when the
+        entry's files are still the ones it read, so a caller reads an entry once; a changed
+        folder (another job committed meanwhile) is read again."""
+        state = _entry_state(self.folder(key))  # taken first: a commit racing the read counts as a change
+        if known is not None and known.key == key and known.state == state:
+            entry = known.entry
+        else:
+            entry = self.load(key)
+        stale = entry.stale_rows(files, retry_failed) if entry is not None else np.zeros(0, dtype=np.int64)
+        return CacheLookup(key, entry, stale, state)
 
     def _read(self, key: str, folder: Path, verify: bool) -> CachedEmbeddings:
         meta = json.loads((folder / "meta.json").read_text())
@@ -223,9 +256,27 @@ def checksum(*arrays: np.ndarray) -> str:
     return f"crc32:{crc:08x}"
 
 
+ENTRY_FILES = ("embeddings.npy", "valid.npy", "files.npy", "meta.json")  # what `EmbeddingStore.load` reads
+
+
 def _file_identity(folder: Path) -> tuple:
-    stats = [(folder / name).stat() for name in ("embeddings.npy", "valid.npy", "files.npy", "meta.json")]
+    stats = [(folder / name).stat() for name in ENTRY_FILES]
     return (str(folder),) + tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+def _entry_state(folder: Path) -> tuple | None:
+    """Inode, size and mtime of each file an entry load reads (None for a missing one); None
+    without the folder. A commit swaps in new files, so any change to the entry changes this."""
+    if not folder.is_dir():
+        return None
+    state = []
+    for name in ENTRY_FILES:
+        try:
+            s = (folder / name).stat()
+            state.append((s.st_ino, s.st_size, s.st_mtime_ns))
+        except FileNotFoundError:
+            state.append(None)
+    return tuple(state)
 
 
 def _size(n: int) -> str:

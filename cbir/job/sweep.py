@@ -37,18 +37,31 @@ def sweep_key(config: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def children_table(client, parent_id: str, experiment_id: str):
-    """One row per FINISHED child of a sweep: its tags and final metric values."""
+_children: dict[str, list] = {}  # parent run id -> its child runs, searched once at the sweep's end
+
+
+def sweep_children(client, parent_id: str, experiment_id: str) -> list:
+    """Every child run of a sweep, whatever its status, searched once when the sweep ends: the
+    summary table, the comparison page (SweepSummary, which ends first) and the saturation curves
+    (SweepCallback, which ends last and forgets the list) all read this one search."""
+    if parent_id not in _children:
+        _children[parent_id] = retry_locked(
+            client.search_runs,
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            max_results=5000,
+        )
+    return _children[parent_id]
+
+
+def children_table(children: list):
+    """One row per FINISHED child of a sweep (`children`: sweep_children): its tags and final metric values."""
     import pandas as pd
 
-    runs = retry_locked(
-        client.search_runs,
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
-        max_results=5000,
-    )
     rows = []
-    for run in runs:
+    for run in children:
+        if run.info.status != "FINISHED":
+            continue
         tags = run.data.tags
         rows.append(
             {
@@ -149,7 +162,7 @@ class SweepCallback(_HydraCallback):
             from cbir.report import job_files as reporting
 
             with self.tracker.lock():  # two identical sweeps ending together log the curves once
-                children = children_table(self.client, self.parent_id, self.experiment_id)
+                children = children_table(sweep_children(self.client, self.parent_id, self.experiment_id))
                 # a resumed sweep with nothing new would log every curve point a second time
                 logged_for = hashlib.sha256(" ".join(sorted(children.get("run_id", []))).encode()).hexdigest()[:16]
                 previous = retry_locked(self.client.get_run, self.parent_id).data.tags.get("cbir.curves_of")
@@ -162,6 +175,8 @@ class SweepCallback(_HydraCallback):
             retry_locked(self.client.set_terminated, self.parent_id, status=status)
         except Exception as e:  # e.g. the server went away: say so in one line, the re-run completes it
             log.error("could not finalise sweep parent run %s: %s", self.parent_id, str(e)[:500])
+        finally:  # the last reader: a sweep resumed in this process under the same parent searches again
+            _children.pop(self.parent_id, None)
 
     def _log_curves(self, curves) -> None:
         from mlflow.entities import Metric
@@ -229,7 +244,8 @@ class SweepSummary(_HydraCallback):
         if not console.is_terminal:  # piped or a log file: no need to squeeze the table into 80 columns
             console = Console(width=max(console.width, 190))  # 190: metric cells carry intervals
         try:
-            jobs = dashboard.sweep_jobs(self.client, self.parent_id, self.experiment_id, self.started_ms)
+            children = sweep_children(self.client, self.parent_id, self.experiment_id)
+            jobs = dashboard.sweep_jobs(children, self.started_ms)
             if jobs.empty:
                 console.print("[yellow]no job of this sweep started a run; see the errors above[/]")
                 return
@@ -244,7 +260,7 @@ class SweepSummary(_HydraCallback):
             files = log_parent(self.client, self.parent_id, jobs, self.sweep_dir, self.ns, pairs, verdicts)
             write_summary_log(jobs, self.sweep_dir)
             files.update(
-                write_comparison_page(self.client, self.tracker, self.parent_id, self.ns, verdicts, self.sweep_dir)
+                write_comparison_page(self.client, self.parent_id, children, self.ns, verdicts, self.sweep_dir)
             )
         except Exception as e:  # the summary must not hide the sweep's own outcome
             log.warning("sweep summary incomplete: %s", e)
@@ -302,12 +318,13 @@ def comparison_page_name() -> str:
     return PAGE_NAME
 
 
-def write_comparison_page(client, tracker, parent_id: str, ns, verdicts, folder: Path) -> dict[str, Path]:
-    """comparison.html next to the sweep's files and on the parent run (cbir.report.page)."""
+def write_comparison_page(client, parent_id: str, children: list, ns, verdicts, folder: Path) -> dict[str, Path]:
+    """comparison.html next to the sweep's files and on the parent run (cbir.report.page),
+    of the finished children as `python -m cbir.report report.runs=<parent>` selects them."""
     from cbir.report import from_runs as report
     from cbir.report import page as comparison_page
 
-    runs, _ = report.load_runs(tracker, parent_id, None)
+    runs = report.sweep_runs_table(children)
     if runs.empty:
         return {}
     tied = comparisons.tied_labels(verdicts) if len(verdicts) else None

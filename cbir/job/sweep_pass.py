@@ -93,7 +93,7 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
     from cbir.common import console
     from cbir.extract.shared import extract_shared
     from cbir.extract.single import cache_key
-    from cbir.extract.store import EmbeddingStore
+    from cbir.extract.store import CacheLookup, EmbeddingStore
     from cbir.job.inputs import build_encoder, load_job_manifest, user_errors
 
     console.quiet()  # Lightning is imported now: its own stderr handler would print each line twice
@@ -110,7 +110,8 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
     size_cap = int(cfg.get("group_size") or 0) or len(jobs)
     byte_cap = float(cfg.get("group_memory_gb") or 0) * 1e9 or float("inf")
     passes, group, group_bytes, seen = [], [], 0, set()
-    group_keys: set[str] = set()  # cache keys of `group` (a key hashes every manifest path: computed once)
+    # the load_fresh of each cache key in `group`, handed to its pass (a key hashes every manifest path: computed once)
+    group_found: dict[str, CacheLookup] = {}
 
     def flush() -> None:
         nonlocal group, group_bytes
@@ -124,10 +125,11 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
                     on_error=str(first.data.on_error),
                     retry_failed=retry_failed,
                     files=files,
+                    looked_up=group_found,
                 )
             )
         group, group_bytes = [], 0
-        group_keys.clear()
+        group_found.clear()
 
     for job in jobs:
         identity = json.dumps(
@@ -144,16 +146,16 @@ def _bucket_passes(jobs: list[DictConfig]) -> list:
         if encoder.precomputed:  # stored embeddings: no images to decode
             continue
         key = cache_key(encoder, manifest)
-        cached = store.load(key)
-        if cached is not None and not len(cached.stale_rows(files, retry_failed)):
+        if key in group_found:
             continue
-        if key in group_keys:
+        found = store.load_fresh(key, files, retry_failed)
+        if found.fresh:
             continue
         size = weight_bytes(encoder)
         if group and (len(group) >= size_cap or group_bytes + size > byte_cap):
             flush()
         group.append(encoder)
-        group_keys.add(key)
+        group_found[key] = found
         group_bytes += size
     flush()
     return passes

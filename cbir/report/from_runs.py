@@ -58,6 +58,18 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
     found = client.search_runs(
         [eid], filter_string=" and ".join(filters), order_by=["attributes.start_time DESC"], max_results=50000
     )
+    where = f"children of sweep run {parent}" if parent else f"all runs of experiment '{tracker.experiment}'"
+    return runs_table(found), where
+
+
+def sweep_runs_table(children: list) -> pd.DataFrame:
+    """load_runs' table of one sweep (`report.runs=<parent>`) from its child runs, already searched."""
+    finished = [r for r in children if r.info.status == "FINISHED" and r.data.tags.get("config_hash")]
+    return runs_table(sorted(finished, key=lambda r: -r.info.start_time))  # newest first, as load_runs asks
+
+
+def runs_table(found: list) -> pd.DataFrame:
+    """MLflow runs, newest first, as load_runs' table: tags + final metrics, the newest run per config."""
     rows = [
         {
             "run_id": r.info.run_id,
@@ -73,8 +85,7 @@ def load_runs(tracker: tracking.Tracker, runs: str, extra_filter: str | None) ->
         table["task"] = table["task"].fillna("retrieval")  # runs from before the task group
         table["labels"] = table["labels"].fillna("single")  # runs from before multi-label mode
         table = table.drop_duplicates("config_hash", keep="first")  # newest run of each config
-    where = f"children of sweep run {parent}" if parent else f"all runs of experiment '{tracker.experiment}'"
-    return table, where
+    return table
 
 
 def sweep_parent(client, experiment_id: str, runs: str) -> str | None:

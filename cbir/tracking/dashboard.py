@@ -169,17 +169,10 @@ CLASSIFICATION_HEADLINE = {
 }
 
 
-def sweep_jobs(client, parent_id: str, experiment_id: str, since_ms: int | None = None) -> pd.DataFrame:
-    """One row per child run of a sweep, whatever its status: name, identity, headline
-    metrics, cache, seconds, status ('done earlier' for a run an earlier attempt finished)."""
-    from cbir.tracking.runs import retry_locked
-
-    runs = retry_locked(
-        client.search_runs,
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-        max_results=5000,
-    )
+def sweep_jobs(runs: list, since_ms: int | None = None) -> pd.DataFrame:
+    """One row per child run of a sweep (`runs`: all of them, whatever their status, see
+    cbir.job.sweep.sweep_children): name, identity, headline metrics, cache, seconds, status
+    ('done earlier' for a run an earlier attempt finished)."""
     rows = []
     for run in runs:
         tags, info = run.data.tags, run.info
