@@ -1,5 +1,5 @@
 """The sweep's Hydra callbacks. `SweepCallback`: one MLflow parent run per multirun, created
-before any job starts, finalised with the saturation figure when the sweep ends; jobs attach to it
+before any job starts, finalised with the saturation curves when the sweep ends; jobs attach to it
 through the environment (`PARENT_ENV`), whichever launcher starts them (in-process, joblib workers,
 submitit, Slurm). `SweepSummary`: the table across jobs and the parent's comparison (the content
 comes from cbir.dashboard)."""
@@ -73,9 +73,8 @@ class SweepCallback(_HydraCallback):
 
     Jobs (in this process or others) attach to it through the `CBIR_PARENT_RUN_ID`
     environment variable. At the end the parent gets the saturation curves (P@N against
-    index size per encoder) as a figure and a CSV, not as stepped metrics: MLflow's line charts
-    fit the y axis to the data, so a flat curve (0.301 to 0.305) would be drawn as a steep fall.
-    If the sweep stops on a failed job, the parent is still finalised (FAILED) with what finished."""
+    index size per encoder) as stepped metrics, a figure and a CSV. If the sweep stops on a
+    failed job, the parent is still finalised (FAILED) with what finished."""
 
     def __init__(self) -> None:
         self.parent_id: str | None = None
@@ -146,9 +145,9 @@ class SweepCallback(_HydraCallback):
         try:
             from cbir import reporting
 
-            with self.tracker.lock():  # two identical sweeps ending together draw the curves once
+            with self.tracker.lock():  # two identical sweeps ending together log the curves once
                 children = children_table(self.client, self.parent_id, self.experiment_id)
-                # a resumed sweep with nothing new: the parent already has this figure
+                # a resumed sweep with nothing new would log every curve point a second time
                 logged_for = hashlib.sha256(" ".join(sorted(children.get("run_id", []))).encode()).hexdigest()[:16]
                 previous = retry_locked(self.client.get_run, self.parent_id).data.tags.get("cbir.curves_of")
                 if len(children) and logged_for != previous:
@@ -162,8 +161,19 @@ class SweepCallback(_HydraCallback):
             log.error("could not finalise sweep parent run %s: %s", self.parent_id, str(e)[:500])
 
     def _log_curves(self, curves) -> None:
+        from mlflow.entities import Metric
+
         from cbir import reporting
 
+        stamp = int(time.time() * 1000)
+        metrics = [
+            Metric(f"saturation/{row.group}/{name}", float(row[name]), stamp, int(row.step))
+            for _, row in curves.iterrows()
+            for name in reporting.curve_metric_names(self.ns)
+            if row[name] == row[name]
+        ]
+        for start in range(0, len(metrics), 1000):
+            retry_locked(self.client.log_batch, self.parent_id, metrics=metrics[start : start + 1000])
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         csv, png = self.sweep_dir / "saturation.csv", self.sweep_dir / "saturation.png"
         curves.to_csv(csv, index=False)

@@ -24,12 +24,6 @@ def runs(cwd: Path):
     return client, parents, children
 
 
-def parent_curves(client, parent_id: str, folder: Path) -> pd.DataFrame:
-    """The saturation curves a sweep's parent run carries (saturation.csv)."""
-    folder.mkdir(exist_ok=True)
-    return pd.read_csv(client.download_artifacts(parent_id, "saturation.csv", str(folder)))
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, shared_data_dir):
     cwd = tmp_path_factory.mktemp("sweep")
@@ -54,24 +48,17 @@ def test_one_parent_four_children_two_extractions(sweep):
     assert [c.data.tags["cache"] for c in children] == ["hit"] * 4
     assert parent.data.metrics["extract/shared_encoders"] == 2
     assert len({c.data.tags["config_hash"] for c in children}) == 4
-    # saturation: one point per encoder and index size, values equal to the children's metrics
-    curves = parent_curves(client, parent.info.run_id, sweep / "downloads")
-    assert sorted(zip(curves["group"], curves["step"])) == [
-        ("baseline", 3),
-        ("baseline", 10),
-        ("random", 3),
-        ("random", 10),
-    ]
-    for _, point in curves.iterrows():
-        (child,) = [
-            c
-            for c in children
-            if c.data.tags["encoder"] == point["group"] and c.data.tags["per_class"] == str(point["step"])
-        ]
-        assert point["micro/P_at_1"] == pytest.approx(child.data.metrics["micro/P_at_1"])
-    assert "saturation.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    # no stepped series on the parent: MLflow's charts would zoom a flat curve into a trend
-    assert not [k for k in parent.data.metrics if k.startswith("saturation/")]
+    # saturation: one point per index size, values equal to the children's metrics
+    for encoder in ("baseline", "random"):
+        history = client.get_metric_history(parent.info.run_id, f"saturation/{encoder}/micro/P_at_1")
+        assert sorted(m.step for m in history) == [3, 10]
+        for point in history:
+            (child,) = [
+                c for c in children if c.data.tags["encoder"] == encoder and c.data.tags["per_class"] == str(point.step)
+            ]
+            assert point.value == pytest.approx(child.data.metrics["micro/P_at_1"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"saturation.csv", "saturation.png"} <= artifacts
 
 
 def test_rerun_is_a_no_op(sweep, shared_data_dir):
@@ -82,7 +69,8 @@ def test_rerun_is_a_no_op(sweep, shared_data_dir):
     assert "4 of 4 jobs already FINISHED, left out" in proc.stderr + proc.stdout  # no encoder built for them
     assert "extracted" not in proc.stderr + proc.stdout
     client = MlflowClient(f"sqlite:///{sweep}/mlruns/mlflow.db")
-    assert len(parent_curves(client, parents[0].info.run_id, sweep / "downloads-rerun")) == 4  # still whole
+    history = client.get_metric_history(parents[0].info.run_id, "saturation/baseline/micro/P_at_1")
+    assert len(history) == 2  # curves not logged twice
 
 
 def test_report_matches_logged_metrics(sweep):
