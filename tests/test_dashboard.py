@@ -94,9 +94,10 @@ def test_sweep_ends_with_a_table_and_where_to_look(sweep):
     assert "python -m cbir.report report.runs=" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     parent = out.split("Parent run", 1)[1].split()[0]
     assert f"report.runs={parent}" in out
-    # the addresses open MLflow's Model-training side: the parent's comparison page, the runs table sorted
+    # the addresses open MLflow's Model-training side: the parent's comparison page, the runs table in
+    # the experiment's saved view (headline columns, best first)
     assert f"/runs/{parent}/artifacts/comparison.html?workflowType=machine_learning" in out
-    assert "/runs?workflowType=machine_learning&orderByKey=metrics.%60micro%2FP_at_1%60&orderByAsc=false" in out
+    assert "/runs?workflowType=machine_learning&viewStateShareKey=cbir-headline" in out
     # one line per finished job; its full table only in its run.log
     assert sum(line.startswith("done ") for line in out.splitlines()) == 4 and "all queries" not in out
     assert (proc.stdout + proc.stderr).count("GPU available:") <= 1
@@ -268,3 +269,23 @@ def test_the_sweep_end_searches_the_children_once(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(report.sweep_runs_table(children), expected)
     # the same sweep again in this process (same parent run) with one more encoder: searched anew
     assert "extra" in sweep(["extra"])[1]
+
+
+def test_experiment_gets_the_runs_table_view_once(tmp_path):
+    """The saved view behind the printed runs-table address: headline metrics as columns, best first;
+    a view the user changed afterwards is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("cbir", artifact_location=str(tmp_path / "artifacts"))
+    dashboard.tag_experiment(client, experiment_id)
+    envelope = json.loads(client.get_experiment(experiment_id).tags[dashboard.RUNS_VIEW_TAG])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`micro/P_at_1`" and state["orderByAsc"] is False
+    assert state["selectedColumns"][:2] == ["metrics.`micro/P_at_1`", "metrics.`macro/P_at_1`"]
+    _, address = dashboard.ui_address(f"sqlite:///{tmp_path}/mlflow.db", experiment_id)
+    assert address.endswith(f"/runs?workflowType=machine_learning&viewStateShareKey={dashboard.RUNS_VIEW_KEY}")
+    client.set_experiment_tag(experiment_id, dashboard.RUNS_VIEW_TAG, "edited in the UI")
+    dashboard.tag_experiment(client, experiment_id)
+    assert client.get_experiment(experiment_id).tags[dashboard.RUNS_VIEW_TAG] == "edited in the UI"

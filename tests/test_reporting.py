@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cbir.report.job_files import saturation_frame
+from cbir.report.job_files import saturation_figure, saturation_frame
 
 
 def runs(*rows):
@@ -33,3 +33,18 @@ def test_different_numbers_at_one_size_are_both_kept():
         ("a", "syn", "flat", "single", "retrieval", "5", 0.7, 0.6),
     )  # e.g. another index.params
     assert len(saturation_frame(table, [1])) == 2
+
+
+def test_saturation_figure_keeps_a_flat_curve_flat():
+    """The whole precision scale on the y axis: 0.301 to 0.305 must not fill the plot as a steep fall."""
+    import matplotlib.pyplot as plt
+
+    table = runs(
+        ("a", "syn", "flat", "single", "retrieval", "10", 0.305, 0.2),
+        ("a", "syn", "flat", "single", "retrieval", "100", 0.301, 0.2),
+    )
+    fig = saturation_figure(saturation_frame(table, [1]), [1])
+    try:
+        assert [ax.get_ylim() for ax in fig.axes] == [(0, 1.02), (0, 1.02)]
+    finally:
+        plt.close(fig)

@@ -147,11 +147,11 @@ def headline(metrics: dict[str, float], ns) -> str:
 
 
 def tag_experiment(client, experiment_id: str) -> None:
-    """Experiment tags, set once (the user may edit the description afterwards)."""
+    """Experiment tags and the runs-table view, set once (the user may edit them afterwards)."""
     from cbir.tracking.runs import retry_locked
 
     existing = retry_locked(client.get_experiment, experiment_id).tags
-    for key, value in EXPERIMENT_TAGS.items():
+    for key, value in {**EXPERIMENT_TAGS, RUNS_VIEW_TAG: runs_view()}.items():
         if key not in existing:
             retry_locked(client.set_experiment_tag, experiment_id, key, value)
 
@@ -372,19 +372,51 @@ def swept_keys(config: DictConfig) -> list[str]:
     return list(dict.fromkeys(k.lstrip("+~") for k in keys))
 
 
+# MLflow keeps the runs table's column choice in the browser, so a fresh browser shows no metric. A saved
+# view (what the UI's "Share" button writes: an experiment tag `mlflow.sharedViewState.<key>`) is the one
+# place the store can say which columns to show; an address with `viewStateShareKey=<key>` opens it.
+RUNS_VIEW_KEY = "cbir-headline"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW_COLUMNS = (
+    *(f"metrics.`{m}`" for m in HEADLINE_METRICS),
+    "params.`encoder.name`",
+    "params.`index.type`",
+    "params.`index.per_class`",
+    "params.`dataset.name`",
+)
+
+
+def runs_view() -> str:
+    """The saved view's tag value, in MLflow 3's envelope: the runs table sorted by micro/P_at_1, best
+    first, with the headline metrics and the identity params as columns."""
+    import json
+
+    state = {
+        "searchFilter": "",
+        "orderByKey": f"metrics.`{HEADLINE_METRICS[0]}`",
+        "orderByAsc": False,
+        "selectedColumns": list(RUNS_VIEW_COLUMNS),
+    }
+    stamp = int(time.time() * 1000)
+    envelope = {"name": "cbir: headline metrics", "createdAt": stamp, "updatedAt": stamp, "state": json.dumps(state)}
+    return json.dumps(envelope)
+
+
 # The UI's "Model training" side (MLflow 3 otherwise opens an experiment on its GenAI overview)
-# and, for the runs table, sorted by the headline metric; both are URL parameters of MLflow's UI.
+# and, for the runs table, the saved view (columns and sort); both are URL parameters of MLflow's UI.
+# The UI ignores the saved view when the address also carries a sort or filter of its own.
 TRAINING_VIEW = "workflowType=machine_learning"
-SORTED_BY_HEADLINE = "orderByKey=metrics.%60micro%2FP_at_1%60&orderByAsc=false"
+HEADLINE_VIEW = f"viewStateShareKey={RUNS_VIEW_KEY}"
 
 
 def ui_address(uri: str, experiment_id: str, run_id: str | None = None, artifact: str | None = None) -> tuple[str, str]:
     """(command that starts a UI for this store, the page to open in it): the run (or one of its
-    artifacts) on the Model-training side, or without a run the runs table sorted by micro/P_at_1."""
+    artifacts) on the Model-training side, or without a run the runs table in the saved view
+    (headline metrics as columns, sorted by micro/P_at_1)."""
     if run_id:
         page = f"/runs/{run_id}" + (f"/artifacts/{artifact}" if artifact else "") + f"?{TRAINING_VIEW}"
     else:
-        page = f"/runs?{TRAINING_VIEW}&{SORTED_BY_HEADLINE}"
+        page = f"/runs?{TRAINING_VIEW}&{HEADLINE_VIEW}"
     if uri.startswith(("http://", "https://")):
         return "", f"{uri.rstrip('/')}/#/experiments/{experiment_id}{page}"
     return (
