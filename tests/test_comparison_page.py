@@ -104,7 +104,9 @@ def test_answer_names_the_best_and_only_ties_on_the_same_queries():
     # baseline at index size 3 answered other queries (q3): not a tie of the best (qall)
     assert line == "best micro P@1: baseline · flat · all 0.430 [0.39, 0.47]; tied: random · flat · all 0.080"
     assert line.startswith("best micro P@1: ") and "baseline · flat · 3" not in line
-    assert comparison_page.best_line(runs, {}).endswith("tied: none (the best is ahead of every other run)")
+    assert comparison_page.best_line(runs, {}).endswith(
+        "tied: none (ahead of every run that answered the same queries)"
+    )
 
 
 def test_page_is_self_contained_and_labels_index_sizes(page):

@@ -56,7 +56,9 @@ def best_line(runs: pd.DataFrame, tied: dict[str, str] | None = None) -> str:
             for _, row in ranked[same].iloc[1:].iterrows()
             if "µP@1" in (tied.get(row["run"]) or "").split()
         ]
-        line += "; tied: " + (", ".join(others) if others else "none (the best is ahead of every other run)")
+        line += "; tied: " + (
+            ", ".join(others) if others else "none (ahead of every run that answered the same queries)"
+        )
     return line
 
 
