@@ -156,3 +156,119 @@ def test_matches_the_study_formula_on_random_data():
         cls = pd.Series([c for _, c in per_query])
         assert result[f"micro/P_at_{n_value}"] == pytest.approx(s.mean())
         assert result[f"macro/P_at_{n_value}"] == pytest.approx(s.groupby(cls).mean().mean())
+
+
+# Five index rows and five queries worked out by hand, with every output of evaluate checked:
+# query 0's patient also has index rows 1 (its class) and 2 (another class) which the search left
+# out (removed_pairs), and query 3's class has no index row.
+HAND_INDEX = ["CT/abd/a", "CT/abd/a", "CT/abd/b", "MR/head/c", "CT/chest/d"]
+HAND_QUERY = ["CT/abd/a", "CT/abd/b", "MR/head/c", "MR/head/e", "CT/abd/a"]
+HAND_NEIGHBOURS = np.array([[0, 3, 4], [0, 1, 2], [4, 3, 0], [3, 0, 1], [2, 0, 1]])
+HAND_REMOVED = (np.array([0, 0]), np.array([1, 2]))
+
+
+def hand_evaluate(**options):
+    return evaluate(
+        frame(HAND_QUERY),
+        frame(HAND_INDEX),
+        HAND_NEIGHBOURS,
+        ns=[2, 1],
+        levels=("modality", "anatomy"),
+        removed_pairs=HAND_REMOVED,
+        **options,
+    )
+
+
+def test_every_metric_of_a_hand_worked_run_with_removed_rows():
+    result = hand_evaluate()
+    # class level, n_c without the removed rows of the query's class: 1, 1, 1, 0 (excluded), 2
+    p1 = [1.0, 0.0, 0.0, 0.0]  # queries 0, 1, 2, 4
+    p2 = [1.0, 0.0, 0.0, 0.5]  # n = min(2, n_c): 1, 1, 1, 2
+    expected = {
+        "micro/P_at_1": 1 / 4,
+        "macro/P_at_1": (0.5 + 0 + 0) / 3,  # a: (1 + 0) / 2, b: 0, c: 0
+        "micro_std/P_at_1": np.std(p1, ddof=1),
+        "macro_std/P_at_1": np.std([1.0, 0.0], ddof=1),  # b and c have one query: no spread
+        "micro/P_at_2": 3 / 8,
+        "macro/P_at_2": (0.75 + 0 + 0) / 3,
+        "micro_std/P_at_2": np.std(p2, ddof=1),
+        "macro_std/P_at_2": np.std([1.0, 0.5], ddof=1),
+        # per query modality / anatomy (over class codes): CT = queries 0, 1, 4; MR = 2 (3 excluded)
+        "modality/CT/micro/P_at_1": 1 / 3,
+        "modality/CT/macro/P_at_1": (0.5 + 0) / 2,
+        "modality/CT/micro/P_at_2": 1.5 / 3,
+        "modality/CT/macro/P_at_2": (0.75 + 0) / 2,
+        "modality/MR/micro/P_at_1": 0.0,
+        "modality/MR/macro/P_at_1": 0.0,
+        "modality/MR/micro/P_at_2": 0.0,
+        "modality/MR/macro/P_at_2": 0.0,
+        "anatomy/abd/micro/P_at_1": 1 / 3,
+        "anatomy/abd/macro/P_at_1": 0.25,
+        "anatomy/abd/micro/P_at_2": 0.5,
+        "anatomy/abd/macro/P_at_2": 0.375,
+        "anatomy/head/micro/P_at_1": 0.0,
+        "anatomy/head/macro/P_at_1": 0.0,
+        "anatomy/head/micro/P_at_2": 0.0,
+        "anatomy/head/macro/P_at_2": 0.0,
+        # modality level: CT has 4 index rows, 2 of them removed for query 0 -> n_c 2, 4, 1, 1, 4
+        "level/modality/micro/P_at_1": 4 / 5,
+        "level/modality/macro/P_at_1": (1 + 0.5) / 2,
+        "level/modality/micro/P_at_2": (0.5 + 1 + 0 + 1 + 1) / 5,
+        "level/modality/macro/P_at_2": ((0.5 + 1 + 1) / 3 + 0.5) / 2,
+        # modality/anatomy level: CT/abd has 3 index rows, 2 removed for query 0 -> n_c 1, 3, 1, 1, 3
+        "level/anatomy/micro/P_at_1": 4 / 5,
+        "level/anatomy/macro/P_at_1": (1 + 0.5) / 2,
+        "level/anatomy/micro/P_at_2": 4 / 5,
+        "level/anatomy/macro/P_at_2": (1 + 0.5) / 2,
+        "queries/total": 5.0,
+        "queries/excluded": 1.0,
+        "index/size": 5.0,
+        "index/classes": 4.0,
+        "index/max_per_class": 2.0,
+    }
+    assert result.metrics.keys() == expected.keys()
+    for name, value in expected.items():
+        assert result.metrics[name] == pytest.approx(value), name
+    assert (result.n_queries, result.n_excluded, result.excluded_classes) == (5, 1, ["MR/head/e"])
+
+    per_query = result.per_query
+    assert list(per_query.columns) == ["class", "modality", "anatomy", "first", "P@1", "P@2"]
+    assert per_query["class"].tolist() == HAND_QUERY
+    assert per_query["modality"].tolist() == ["CT", "CT", "MR", "MR", "CT"]
+    assert per_query["anatomy"].tolist() == ["abd", "abd", "head", "head", "abd"]
+    assert per_query["first"].tolist() == [0, 0, 4, 3, 2]
+    assert per_query["P@1"].tolist() == pytest.approx([1.0, 0.0, 0.0, np.nan, 0.0], nan_ok=True)
+    assert per_query["P@2"].tolist() == pytest.approx([1.0, 0.0, 0.0, np.nan, 0.5], nan_ok=True)
+
+    table = result.per_class
+    assert list(table.columns) == [
+        "class",
+        "modality",
+        "anatomy",
+        "queries",
+        "n_index",
+        "P@1",
+        "P@2",
+        "most_confused",
+        "most_confused_count",
+    ]
+    assert table["class"].tolist() == ["CT/abd/a", "CT/abd/b", "MR/head/c", "MR/head/e"]
+    assert table["modality"].tolist() == ["CT", "CT", "MR", "MR"]
+    assert table["anatomy"].tolist() == ["abd", "abd", "head", "head"]
+    assert table["queries"].tolist() == [2, 1, 1, 1]
+    assert table["n_index"].tolist() == [2, 1, 1, 0]
+    assert table["P@1"].tolist() == pytest.approx([0.5, 0.0, 0.0, np.nan], nan_ok=True)
+    assert table["P@2"].tolist() == pytest.approx([0.75, 0.0, 0.0, np.nan], nan_ok=True)
+    # the nearest row of a wrong first neighbour: query 4 -> b, 1 -> a, 2 -> d, 3 -> c
+    assert table["most_confused"].tolist() == ["CT/abd/b", "CT/abd/a", "CT/chest/d", "MR/head/c"]
+    assert table["most_confused_count"].tolist() == [1, 1, 1, 1]
+
+    # no curve unless asked for
+    assert result.curve.empty and list(result.curve.columns) == ["N", "micro", "macro"]
+
+
+def test_curve_counts_n_c_without_the_removed_rows():
+    curve = hand_evaluate(curve_k=2).curve
+    assert curve["N"].tolist() == [1, 2]
+    assert curve["micro"].tolist() == pytest.approx([1 / 4, 3 / 8])
+    assert curve["macro"].tolist() == pytest.approx([1 / 6, 1 / 4])
