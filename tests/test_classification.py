@@ -161,3 +161,18 @@ def test_per_class_table_covers_every_class_even_without_queries():
     assert table["train_rows"].tolist() == [0, 0, 0]
     assert table["recall"].tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert table["most_confused_with"].tolist() == ["CT/a/y", "", ""]
+
+
+def test_two_classes_have_a_micro_auc_and_one_true_class_has_no_macro_auc():
+    # two classes: positive cells .7, .6, .4 against negative cells .3, .4, .6 (ties count 1/2)
+    two = classification.scores(np.array([0, 1, 1]), np.array([[0.7, 0.3], [0.4, 0.6], [0.6, 0.4]]))
+    assert two["micro_roc_auc"] == pytest.approx((3 + 2.5 + 1.5) / 9)
+    assert two["macro_roc_auc"] == 1.0 and two["roc_auc_classes"] == 2
+    # every query of class 0 (of three): no class has both outcomes, so no macro AUC
+    one = classification.scores(np.array([0, 0]), np.array([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]]))
+    assert np.isnan(one["macro_roc_auc"]) and one["roc_auc_classes"] == 0
+    # pooled: .5 beats 3 of the 4 negative cells and ties one, .2 ties one -> 4 / 8
+    assert one["micro_roc_auc"] == pytest.approx(0.5)
+    # predictions 0, 1: class 0 P 1 R 1/2 F1 2/3; class 1 predicted, never true: 0
+    assert one["macro_f1"] == pytest.approx(1 / 3) and one["macro_recall"] == pytest.approx(0.25)
+    assert one["macro_precision"] == pytest.approx(0.5) and one["accuracy"] == 0.5
