@@ -253,3 +253,114 @@ def test_bad_interval_and_audit_settings_are_config_errors(override):
     per_query.check_config(compose("debug=smoke"))  # the defaults are fine
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         per_query.check_config(compose("debug=smoke", override))
+
+
+def test_percentile_interval_and_point_estimates_by_hand():
+    samples = np.r_[np.arange(101.0), np.nan, np.nan]  # resamples without a value are left out
+    assert uncertainty.percentile_interval(samples, 0.9) == pytest.approx((5.0, 95.0))
+    assert uncertainty.percentile_interval(samples, 0.5) == pytest.approx((25.0, 75.0))
+    assert all(np.isnan(uncertainty.percentile_interval(np.array([np.nan]), 0.95)))
+    # class a: 1, 0; class b: 0, 1, 1 -> micro 3/5, macro (1/2 + 2/3) / 2
+    micro, macro = uncertainty.point_micro_macro(np.array([1.0, 0, 0, 1, 1]), np.array(list("aabbb")))
+    assert (micro, macro) == pytest.approx((0.6, (0.5 + 2 / 3) / 2))
+    assert all(np.isnan(uncertainty.point_micro_macro(np.zeros(0), np.zeros(0))))
+    # all values missing: no interval
+    nan = uncertainty.mean_intervals(np.full(3, np.nan), np.zeros(3), 10, 0.95, uncertainty.rng_for(0, "n"))
+    assert all(np.isnan(nan["micro"])) and all(np.isnan(nan["macro"]))
+
+
+def test_rng_is_reproducible_and_differs_by_seed_and_by_name():
+    def draw(seed, *names):
+        return uncertainty.rng_for(seed, *names).random(4).tolist()
+
+    assert draw(0, "micro") == draw(0, "micro")
+    assert draw(0, "micro") != draw(1, "micro")
+    assert draw(0, "micro") != draw(0, "macro")
+    assert draw(0, "flip", "x") != draw(0, "diff", "x")
+
+
+def test_f1_from_confusions_by_hand_leaves_out_a_class_never_true_nor_predicted():
+    # true class rows, predicted columns; class 2 absent; class 3 predicted once, never true
+    matrix = np.array([[3, 1, 0, 0], [0, 2, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=float)
+    got = uncertainty.f1_from_confusions(matrix[None])
+    # F1 = 2 tp / (row + column): class 0 6/7, class 1 4/6, class 3 0
+    assert got["macro_f1"][0] == pytest.approx((6 / 7 + 4 / 6 + 0) / 3)
+    assert got["accuracy"][0] == pytest.approx(5 / 7)
+
+
+def test_resampled_confusions_keep_each_true_class_count():
+    truth = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 0, 1, 1, 0])
+    confusions = uncertainty._resampled_confusions(truth, predicted, 4, 50, uncertainty.rng_for(0, "c"))
+    assert confusions.shape == (50, 4, 4)
+    assert np.all(confusions.sum(axis=2) == [3, 2, 1, 0])  # per true class: its query count
+    # a true class's draws land only where its queries were predicted
+    assert np.all(confusions[:, 1, [0, 2, 3]] == 0) and np.all(confusions[:, 2, 1:] == 0)
+    assert np.any(confusions[:, 0, 0] != 2)  # and they vary between resamples
+
+
+def test_holm_caps_at_one():
+    assert uncertainty.holm([0.6, 0.7]).tolist() == [1.0, 1.0]  # 2 x 0.6 and 2 x 0.7 would exceed 1
+    assert uncertainty.holm([0.2]).tolist() == [0.2]
+
+
+def sign_flip_by_enumeration(d, classes):
+    """The definition: the share of all sign vectors whose |mean of class means| is at least the observed one."""
+    import itertools
+
+    frame = pd.DataFrame({"d": d, "c": classes})
+
+    def statistic(values):
+        return abs(frame.assign(d=values).groupby("c")["d"].mean().mean())
+
+    observed = statistic(d)
+    signs = itertools.product((1, -1), repeat=len(d))
+    return np.mean([statistic(np.asarray(s) * d) >= observed - 1e-12 for s in signs])
+
+
+def test_macro_sign_flip_is_exact_over_class_means_and_at_the_flip_count_boundary():
+    d = np.array([1.0, 0.5, 0.5, -0.25])
+    classes = np.array(["a", "a", "a", "b"])
+    p = uncertainty.sign_flip_p(d, classes, "macro", 10000, uncertainty.rng_for(0, "m"))
+    assert p == pytest.approx(sign_flip_by_enumeration(d, classes))
+    assert p != pytest.approx(uncertainty.sign_flip_p(d, classes, "micro", 10000, uncertainty.rng_for(0, "m")))
+    # 4 nonzero differences, 16 flips: still the exact enumeration (random flips give k / 17)
+    assert uncertainty.sign_flip_p(d, classes, "macro", 16, uncertainty.rng_for(0, "m")) == pytest.approx(p)
+    assert uncertainty.sign_flip_p(np.zeros(4), classes, "macro", 16, uncertainty.rng_for(0, "m")) == 1.0
+
+
+def test_tied_for_best_by_hand():
+    pairs = pd.DataFrame({"a": ["a", "c", "a"], "b": ["b", "a", "c"], "p_holm": [0.05, 0.01, 0.2]})
+    # b: p 0.05 against the best is not below alpha (tied); c: 0.01 (not tied)
+    assert uncertainty.tied_for_best({"a": 0.5, "b": 0.4, "c": 0.3}, pairs) == ["a", "b"]
+    assert uncertainty.tied_for_best({"a": 0.5, "b": 0.4, "c": 0.3}, pairs, alpha=0.06) == ["a"]
+    # equal values: the later name is the best
+    assert uncertainty.tied_for_best({"a": 0.3, "b": 0.1, "c": 0.3}, pairs)[0] == "c"
+
+
+def test_compare_runs_pairs_queries_by_row_not_by_order():
+    records = paired_records(2, {"good": 0.6, "worse": 0.45}, n=200)
+    table = uncertainty.compare_runs(records, [("micro", "P@1"), ("macro", "P@1")], 100, 0.95, 1000, seed=1)
+    shuffled = dict(records, worse=records["worse"].sample(frac=1, random_state=0))
+    again = uncertainty.compare_runs(shuffled, [("micro", "P@1"), ("macro", "P@1")], 100, 0.95, 1000, seed=1)
+    pd.testing.assert_frame_equal(table, again)
+    assert list(table.columns) == ["metric", "a", "b", "difference", "ci_low", "ci_high", "p", "p_holm"]
+    assert table["metric"].tolist() == ["micro P@1", "macro P@1"]
+    good, worse = records["good"], records["worse"]
+    micro = good["P@1"].mean() - worse["P@1"].mean()
+    macro = (good.groupby("class")["P@1"].mean() - worse.groupby("class")["P@1"].mean()).mean()
+    assert table["difference"].tolist() == pytest.approx([micro, macro])
+    assert table["p_holm"].tolist() == pytest.approx(table["p"].tolist())  # one pair per metric
+    fewer = dict(records, worse=records["worse"].iloc[1:])
+    with pytest.raises(ValueError, match="good and worse answered different queries"):
+        uncertainty.compare_runs(fewer, [("micro", "P@1")], 100, 0.95, 1000, seed=1)
+
+
+def test_merged_interval_columns_and_digits():
+    frame = pd.DataFrame({"run": ["x"], "P@1": [0.409], "P@1 low": [0.3712], "P@1 high": [0.4488], "n": [3]})
+    merged = uncertainty.merge_interval_columns(frame)
+    assert merged.to_dict("records") == [{"run": "x", "P@1": "0.409 [0.37, 0.45]", "n": 3}]
+    assert frame["P@1"].tolist() == [0.409] and len(frame.columns) == 5  # the input is left alone
+    assert uncertainty.fmt_interval(0.5, 0.41, 0.62, digits=2) == "0.50 [0.4, 0.6]"
+    assert uncertainty.fmt_interval(np.nan, 0.1, 0.2) == "-" and uncertainty.fmt_interval(0.5, np.nan, 0.6) == "0.500"
+    assert uncertainty.with_interval({"m": 0.5, "m_ci_low": 0.4, "m_ci_high": 0.6}, "m", 2) == "0.50 [0.4, 0.6]"
