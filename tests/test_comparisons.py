@@ -101,3 +101,73 @@ def test_sweep_names_the_encoders_tied_for_best(tmp_path, shared_data_dir):
     assert "Tied for best" in report and "] |" in report  # intervals in table 1
     tied = pd.read_csv(tmp_path / "rep" / "tied_for_best.csv")
     assert set(tied["run"].str.split(" ").str[0]) == {"baseline"}
+
+
+def test_group_tables_hold_each_runs_point_values_and_one_best():
+    runs = pd.DataFrame(
+        {
+            "name": ["enc_a", "enc_b", "enc_b", "no_records", "ungrouped", "c1", "c2"],
+            "group": ["g1", "g1", "g1", "g1", None, "g2", "g2"],
+            "run_id": ["r1", "r2", "r2bis", "r9", "r6", "r7", "r8"],
+        }
+    )
+    data = {
+        "r1": records(1, 0.6),
+        "r2": records(2, 0.4),
+        "r2bis": records(3, 0.9),  # the second row of name enc_b: dropped
+        "r6": records(6, 0.9),
+        "r7": records(7, 0.5).drop(columns="P@10"),  # group g2 compares P@1 only
+        "r8": records(8, 0.5),
+    }
+    pairs, verdicts = comparisons.compare_groups(runs, data, 50, 0.95, 500, seed=0)
+    assert list(pairs.columns) == comparisons.PAIR_COLUMNS
+    assert pairs["group"].tolist() == ["g1"] * 4 + ["g2"] * 2
+    assert pairs["metric"].tolist() == ["micro P@1", "macro P@1", "micro P@10", "macro P@10", "micro P@1", "macro P@1"]
+
+    def point(frame, average, column):
+        if average == "micro":
+            return frame[column].mean()
+        return frame.groupby("class")[column].mean().mean()
+
+    for row in pairs.itertuples():
+        average, column = row.metric.split()
+        first = {"g1": ("r1", "r2"), "g2": ("r7", "r8")}[row.group]
+        assert (row.a, row.b) == {"g1": ("enc_a", "enc_b"), "g2": ("c1", "c2")}[row.group]
+        assert row.a_value == pytest.approx(point(data[first[0]], average, column))
+        assert row.b_value == pytest.approx(point(data[first[1]], average, column))
+        assert row.difference == pytest.approx(row.a_value - row.b_value)
+    assert list(verdicts.columns) == ["group", "metric", "run", "value", "best", "tied_for_best"]
+    assert len(verdicts) == 2 * 4 + 2 * 2
+    g1 = verdicts[verdicts["group"] == "g1"].set_index(["metric", "run"])
+    assert g1.loc[("micro P@1", "enc_a"), "best"] and not g1.loc[("micro P@1", "enc_b"), "best"]
+    assert g1.loc[("micro P@1", "enc_a"), "value"] == pytest.approx(data["r1"]["P@1"].mean())
+    assert verdicts.groupby(["group", "metric"])["best"].sum().tolist() == [1] * 6
+    assert (verdicts["best"] <= verdicts["tied_for_best"]).all()  # the best is always tied for best
+    # two query sets: each line names its group
+    lines = comparisons.summary_lines(verdicts)
+    assert len(lines) == 6 and lines[0].startswith("micro P@1 [queries g1]: tied for best: enc_a (")
+    assert "µP@1" in comparisons.tied_labels(verdicts)["enc_a"].split()
+
+
+def test_no_group_with_two_runs_gives_empty_tables():
+    runs = pd.DataFrame({"name": ["a", "b"], "group": ["g1", "g2"], "run_id": ["r1", "r2"]})
+    pairs, verdicts = comparisons.compare_groups(runs, {"r1": records(1, 0.5), "r2": records(2, 0.5)}, 10, 0.95, 10, 0)
+    assert pairs.empty and list(pairs.columns) == comparisons.PAIR_COLUMNS
+    assert verdicts.empty and list(verdicts.columns) == ["group", "metric", "run", "value", "best", "tied_for_best"]
+
+
+def test_query_set_tells_splits_seeds_labels_and_patient_exclusion_apart():
+    base = compose("debug=smoke")
+    key = comparisons.query_set(base, "digest")
+    for override in ("eval.query_split=val", "index.split=val", "index.seed=1", "eval.exclude_same_patient=true"):
+        assert key != comparisons.query_set(compose("debug=smoke", override), "digest"), override
+    assert len(key) == 16 and int(key, 16) >= 0
+
+
+def test_ci_settings_from_the_config_and_defaults_without_one():
+    from omegaconf import OmegaConf
+
+    assert comparisons.ci_settings(None) == (1000, 0.95, 10000, 42)
+    assert comparisons.ci_settings(OmegaConf.create({})) == (1000, 0.95, 10000, 42)
+    cfg = OmegaConf.create({"seed": 7, "eval": {"ci": {"resamples": 20, "level": 0.9, "flips": 30}}})
+    assert comparisons.ci_settings(cfg) == (20, 0.9, 30, 7)
