@@ -272,3 +272,20 @@ def test_curve_counts_n_c_without_the_removed_rows():
     assert curve["N"].tolist() == [1, 2]
     assert curve["micro"].tolist() == pytest.approx([1 / 4, 3 / 8])
     assert curve["macro"].tolist() == pytest.approx([1 / 6, 1 / 4])
+
+
+def test_spread_of_two_queries_and_of_one():
+    two = evaluate(frame(["CT/abd/a", "CT/abd/b"]), frame(["CT/abd/a", "CT/abd/b"]), np.array([[0], [0]]), ns=[1])
+    assert two.metrics["micro_std/P_at_1"] == pytest.approx(np.sqrt(0.5))  # P@1 = 1, 0
+    assert np.isnan(two.metrics["macro_std/P_at_1"])  # each class has one query
+    one = evaluate(frame(["CT/abd/a"]), frame(["CT/abd/a"]), np.array([[0]]), ns=[1], levels=[])
+    assert one.metrics["micro/P_at_1"] == 1.0 and np.isnan(one.metrics["micro_std/P_at_1"])
+
+
+def test_too_few_neighbours_for_n_is_an_error_naming_both_counts():
+    hits = np.array([[1, 0], [0, 0]], bool)
+    # the first query's class has 5 rows: P@3 needs 3 neighbours; the second's has none (excluded)
+    with pytest.raises(ValueError, match=r"P@3 needs 3 neighbours, search returned 2"):
+        modified_precision(hits, np.array([5, 0]), [1, 3])
+    # a class of 2 rows needs only 2 neighbours for any N
+    assert modified_precision(hits, np.array([2, 0]), [3])[0, 0] == pytest.approx(0.5)
