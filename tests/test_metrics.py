@@ -272,6 +272,14 @@ def test_curve_counts_n_c_without_the_removed_rows():
     assert curve["N"].tolist() == [1, 2]
     assert curve["micro"].tolist() == pytest.approx([1 / 4, 3 / 8])
     assert curve["macro"].tolist() == pytest.approx([1 / 6, 1 / 4])
+    # N stops at the 3 neighbours searched; n = min(3, n_c) is n = min(2, n_c) for every query here
+    curve = hand_evaluate(curve_k=10).curve
+    assert curve["N"].tolist() == [1, 2, 3]
+    assert curve["micro"].tolist() == pytest.approx([1 / 4, 3 / 8, 3 / 8])
+    # one query: the mean of one value
+    index = frame(["CT/abd/b", "CT/abd/a", "CT/abd/a"])
+    one = precision_curve(frame(["CT/abd/a"]), index, np.array([[0, 1]]), np.full(1, -1), k=2)
+    assert one["micro"].tolist() == [0.0, 0.5] and one["macro"].tolist() == [0.0, 0.5]
 
 
 def test_spread_of_two_queries_and_of_one():
