@@ -176,3 +176,17 @@ def test_two_classes_have_a_micro_auc_and_one_true_class_has_no_macro_auc():
     # predictions 0, 1: class 0 P 1 R 1/2 F1 2/3; class 1 predicted, never true: 0
     assert one["macro_f1"] == pytest.approx(1 / 3) and one["macro_recall"] == pytest.approx(0.25)
     assert one["macro_precision"] == pytest.approx(0.5) and one["accuracy"] == 0.5
+
+
+def test_evaluate_logs_the_seven_metrics_overall_and_per_modality_and_no_other_key():
+    result = classification.evaluate(TRUTH, PROBS, ["A", "B", "C"], modality=["MR", "CT", "MR", "CT"])
+    per_modality = {f"modality/{m}/{name}" for m in ("CT", "MR") for name in classification.METRICS}
+    assert set(result.metrics) == set(classification.METRICS) | {"roc_auc_classes"} | per_modality
+    # MR queries 0 and 2 (truth A, B; predicted A, B); CT queries 1 and 3 (truth A, C; predicted B, A)
+    assert result.metrics["modality/MR/accuracy"] == 1.0 and result.metrics["modality/CT/accuracy"] == 0.0
+    assert result.metrics["modality/MR/macro_roc_auc"] == pytest.approx(
+        classification.scores(TRUTH[[0, 2]], PROBS[[0, 2]])["macro_roc_auc"]
+    )
+    assert classification.evaluate(TRUTH, PROBS, ["A", "B", "C"]).metrics.keys() == set(classification.METRICS) | {
+        "roc_auc_classes"
+    }
