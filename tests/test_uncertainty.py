@@ -364,3 +364,58 @@ def test_merged_interval_columns_and_digits():
     assert uncertainty.fmt_interval(0.5, 0.41, 0.62, digits=2) == "0.50 [0.4, 0.6]"
     assert uncertainty.fmt_interval(np.nan, 0.1, 0.2) == "-" and uncertainty.fmt_interval(0.5, np.nan, 0.6) == "0.500"
     assert uncertainty.with_interval({"m": 0.5, "m_ci_low": 0.4, "m_ci_high": 0.6}, "m", 2) == "0.50 [0.4, 0.6]"
+
+
+def test_classification_intervals_keys_and_agreement_with_resampled_correctness():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, 150)
+    probabilities = rng.dirichlet(np.ones(3), 150)
+    probabilities[np.arange(90), truth[:90]] += 0.6
+    modality = np.where(np.arange(150) % 3 == 0, "MR", "CT")
+    bounds = uncertainty.classification_intervals(truth, probabilities, 4000, 0.9, 5, modality=modality, prefix="knn/")
+    names = ("accuracy", "micro_f1", "macro_f1", "micro_roc_auc", "macro_roc_auc")
+    subsets = ("knn/", "knn/modality/CT/", "knn/modality/MR/")
+    assert set(bounds) == {f"{s}{n}_ci_{end}" for s in subsets for n in names for end in ("low", "high")}
+    assert bounds["knn/micro_f1_ci_low"] == bounds["knn/accuracy_ci_low"]
+    # accuracy resampled within each true class = the stratified interval of per-query correctness
+    correct = (probabilities.argmax(1) == truth).astype(float)
+    for subset, rows in (("knn/", slice(None)), ("knn/modality/MR/", modality == "MR")):
+        expected = uncertainty.mean_intervals(correct[rows], truth[rows], 4000, 0.9, uncertainty.rng_for(0, "c"))
+        width = expected["micro"][1] - expected["micro"][0]
+        assert bounds[f"{subset}accuracy_ci_low"] == pytest.approx(expected["micro"][0], abs=0.1 * width)
+        assert bounds[f"{subset}accuracy_ci_high"] == pytest.approx(expected["micro"][1], abs=0.1 * width)
+    point = roc_auc_score(np.eye(3)[truth], probabilities, average="micro")
+    assert bounds["knn/micro_roc_auc_ci_low"] < point < bounds["knn/micro_roc_auc_ci_high"]
+    point = roc_auc_score(np.eye(3)[truth], probabilities, average="macro")
+    assert bounds["knn/macro_roc_auc_ci_low"] < point < bounds["knn/macro_roc_auc_ci_high"]
+    assert bounds["knn/macro_roc_auc_ci_high"] - bounds["knn/macro_roc_auc_ci_low"] < 0.2
+    # too many cells to recompute ROC-AUC, or a single class: F1 and accuracy only
+    big = uncertainty.classification_intervals(truth, probabilities, 50000, 0.9, 5)
+    assert set(big) == {f"{n}_ci_{end}" for n in names[:3] for end in ("low", "high")}
+    single = uncertainty.classification_intervals(np.zeros(5, int), np.ones((5, 1)), 20, 0.9, 5)
+    assert set(single) == {f"{n}_ci_{end}" for n in names[:3] for end in ("low", "high")}
+    assert uncertainty.classification_intervals(truth, probabilities, 0, 0.9, 5) == {}
+
+
+def test_weighted_auc_counts_ties_as_one_half_by_hand():
+    scores, positive = np.array([0.5, 0.5, 0.2, 0.8]), np.array([True, False, False, True])
+    # positives .5 and .8 against negatives .5 and .2: 0.5 (tie) + 1 + 1 + 1 out of 4 pairs
+    assert uncertainty.weighted_auc(scores, positive, np.ones((1, 4)))[0] == pytest.approx(3.5 / 4)
+    # the positive .5 counted twice: (2 x 1.5 + 2) / (3 x 2)
+    assert uncertainty.weighted_auc(scores, positive, np.array([[2.0, 1, 1, 1]]))[0] == pytest.approx(5 / 6)
+    # a resample without a negative has no AUC
+    assert np.isnan(uncertainty.weighted_auc(scores, positive, np.array([[1.0, 0, 0, 1]]))[0])
+
+
+def test_macro_and_micro_roc_auc_intervals_are_told_apart():
+    """Scores that rank each class's queries perfectly (macro 1) but sit at a different level
+    per class, so that pooled cells mix (micro well below 1)."""
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 90)
+    scores = 0.3 * np.arange(3)[None, :] + 0.2 * np.eye(3)[truth] + 0.01 * rng.random((90, 3))
+    bounds = uncertainty.classification_intervals(truth, scores, 300, 0.95, 0)
+    assert bounds["macro_roc_auc_ci_low"] == bounds["macro_roc_auc_ci_high"] == 1.0
+    # pooled, the ranking of cells depends only on the class counts, which resampling keeps
+    micro = roc_auc_score(np.eye(3)[truth], scores, average="micro")
+    assert micro < 0.9
+    assert (bounds["micro_roc_auc_ci_low"], bounds["micro_roc_auc_ci_high"]) == pytest.approx((micro, micro))
