@@ -419,3 +419,31 @@ def test_macro_and_micro_roc_auc_intervals_are_told_apart():
     micro = roc_auc_score(np.eye(3)[truth], scores, average="micro")
     assert micro < 0.9
     assert (bounds["micro_roc_auc_ci_low"], bounds["micro_roc_auc_ci_high"]) == pytest.approx((micro, micro))
+
+
+def test_resamples_drawn_in_chunks_equal_one_draw(monkeypatch):
+    """Chunks bound memory only: the generator's draws, and so the numbers, are the same."""
+    rng = np.random.default_rng(0)
+    classes = np.repeat([0, 1, 2], [40, 25, 1])
+    few = rng.integers(1, 5, len(classes)) / 4  # multinomial over distinct values
+    many = 1 + 0.01 * rng.random(len(classes))  # index resampling
+    d = rng.integers(-1, 2, 60) * rng.integers(1, 4, 60) / 4  # random sign flips
+
+    def draw():
+        return (
+            uncertainty.class_resample_sums(few, classes, 37, uncertainty.rng_for(0, "a")),
+            uncertainty.class_resample_sums(many, classes, 37, uncertainty.rng_for(0, "b")),
+            uncertainty.sign_flip_p(d, np.zeros(60), "micro", 500, uncertainty.rng_for(0, "c")),
+        )
+
+    monkeypatch.setattr(uncertainty, "MAX_DISTINCT", 10)
+    whole = draw()
+    monkeypatch.setattr(uncertainty, "CHUNK_ELEMENTS", 50)  # a few resamples per chunk
+    chunked = draw()
+    for (sums, counts), (sums_chunked, counts_chunked) in zip(whole[:2], chunked[:2]):
+        assert np.array_equal(sums, sums_chunked) and np.array_equal(counts, counts_chunked)
+        assert np.all(sums[:, 2] == sums[0, 2])  # a one-query class: its value every time
+    assert whole[2] == chunked[2]
+    # stratified: each resample's class sum is a sum of the class's count of its values
+    for values, (sums, _) in zip((few, many), whole[:2]):
+        assert np.all(sums[:, 0] <= 40 * values[:40].max()) and np.all(sums[:, 0] >= 40 * values[:40].min())
