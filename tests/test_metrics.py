@@ -297,3 +297,12 @@ def test_too_few_neighbours_for_n_is_an_error_naming_both_counts():
         modified_precision(hits, np.array([5, 0]), [1, 3])
     # a class of 2 rows needs only 2 neighbours for any N
     assert modified_precision(hits, np.array([2, 0]), [3])[0, 0] == pytest.approx(0.5)
+
+
+def test_no_neighbours_searched_gives_no_first_row():
+    """Every query's class is absent from the index: nothing to retrieve, every query excluded."""
+    result = evaluate(frame(["CT/abd/z", "MR/head/y"]), frame(["CT/abd/a"]), np.zeros((2, 0), int), ns=[1], levels=[])
+    assert result.per_query["first"].tolist() == [-1, -1]
+    assert result.per_class["most_confused"].tolist() == ["", ""]
+    assert result.per_class["most_confused_count"].tolist() == [0, 0]
+    assert result.n_excluded == 2 and np.isnan(result.metrics["micro/P_at_1"])
