@@ -150,7 +150,10 @@ def test_group_tables_hold_each_runs_point_values_and_one_best():
 
 
 def test_no_group_with_two_runs_gives_empty_tables():
-    runs = pd.DataFrame({"name": ["a", "b"], "group": ["g1", "g2"], "run_id": ["r1", "r2"]})
+    # g1 and g2 have one run each; g3's runs have no per-query records
+    runs = pd.DataFrame(
+        {"name": ["a", "b", "c", "d"], "group": ["g1", "g2", "g3", "g3"], "run_id": ["r1", "r2", "r3", "r4"]}
+    )
     pairs, verdicts = comparisons.compare_groups(runs, {"r1": records(1, 0.5), "r2": records(2, 0.5)}, 10, 0.95, 10, 0)
     assert pairs.empty and list(pairs.columns) == comparisons.PAIR_COLUMNS
     assert verdicts.empty and list(verdicts.columns) == ["group", "metric", "run", "value", "best", "tied_for_best"]
