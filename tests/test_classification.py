@@ -3,6 +3,8 @@ hand-built probability matrices (the study's `evaluate`, written out again here)
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -136,7 +138,9 @@ def test_no_queries_one_query_and_one_class():
     one = classification.scores(np.array([1]), np.array([[0.2, 0.7, 0.1]]))
     assert one["accuracy"] == 1.0 and one["macro_precision"] == 1.0 and one["roc_auc_classes"] == 0
     assert one["micro_roc_auc"] == 1.0  # pooled cells: the true cell scores highest
-    single = classification.scores(np.array([0, 0]), np.ones((2, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN without scikit-learn's warning about one class
+        single = classification.scores(np.array([0, 0]), np.ones((2, 1)))
     assert np.isnan(single["micro_roc_auc"]) and single["accuracy"] == 1.0  # one class: no AUC
 
 
@@ -158,7 +162,7 @@ def test_per_class_table_covers_every_class_even_without_queries():
     table = result.per_class
     assert list(table.columns) == ["class", "queries", "train_rows", "precision", "recall", "f1", "most_confused_with"]
     assert table["class"].tolist() == ["CT/a/x", "CT/a/y", "MR/b/z"] and table["queries"].tolist() == [2, 1, 0]
-    assert table["train_rows"].tolist() == [0, 0, 0]
+    assert table["train_rows"].tolist() == [0, 0, 0] and table["train_rows"].dtype.kind == "i"  # "0", not "0.0"
     assert table["recall"].tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert table["most_confused_with"].tolist() == ["CT/a/y", "", ""]
 
