@@ -3,6 +3,8 @@ run and cbir.report name the encoders tied for best."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,7 +30,7 @@ def records(seed: int, rate: float, n: int = 500, rows=None) -> pd.DataFrame:
     )
 
 
-def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied():
+def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied(caplog):
     runs = pd.DataFrame(
         {
             "name": [
@@ -49,7 +51,10 @@ def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied():
         "r4": records(4, 0.9),
         "r5": records(5, 0.9).iloc[:400],
     }
-    pairs, verdicts = comparisons.compare_groups(runs, data, 300, 0.95, 5000, seed=0)
+    with caplog.at_level(logging.WARNING, logger="cbir.comparisons"):
+        pairs, verdicts = comparisons.compare_groups(runs, data, 300, 0.95, 5000, seed=0)
+    assert "fewer_queries answered other queries than the rest of group g1" in caplog.text
+    assert "enc_a answered" not in caplog.text
     assert set(pairs["group"]) == {"g1"}  # g2 has one run; r5 answered other queries: left out
     assert not {"other_index", "fewer_queries"} & (set(pairs["a"]) | set(pairs["b"]))
     assert len(pairs) == 3 * 4  # 3 pairs x micro/macro P@1/P@10
@@ -104,25 +109,32 @@ def test_sweep_names_the_encoders_tied_for_best(tmp_path, shared_data_dir):
 
 
 def test_group_tables_hold_each_runs_point_values_and_one_best():
+    # groups listed out of order; g0 has a single run (nothing to compare, the others still are)
     runs = pd.DataFrame(
         {
-            "name": ["enc_a", "enc_b", "enc_b", "no_records", "ungrouped", "c1", "c2"],
-            "group": ["g1", "g1", "g1", "g1", None, "g2", "g2"],
-            "run_id": ["r1", "r2", "r2bis", "r9", "r6", "r7", "r8"],
+            "name": ["c1", "c2", "enc_a", "enc_b", "enc_b", "no_records", "ungrouped", "alone", "s1", "s2"],
+            "group": ["g2", "g2", "g1", "g1", "g1", "g1", None, "g0", "g3", "g3"],
+            "run_id": ["r7", "r8", "r1", "r2", "r2bis", "r9", "r6", "r0", "s1", "s2"],
         }
     )
     data = {
+        "r0": records(0, 0.5),
         "r1": records(1, 0.6),
         "r2": records(2, 0.4),
         "r2bis": records(3, 0.9),  # the second row of name enc_b: dropped
         "r6": records(6, 0.9),
         "r7": records(7, 0.5).drop(columns="P@10"),  # group g2 compares P@1 only
+        # group g3: the same P@1 (tied), P@10 all 1 against all 0 (not tied)
+        "s1": records(1, 0.5).assign(**{"P@10": 1.0}),
+        "s2": records(1, 0.5).assign(**{"P@10": 0.0}),
         "r8": records(8, 0.5),
     }
     pairs, verdicts = comparisons.compare_groups(runs, data, 50, 0.95, 500, seed=0)
     assert list(pairs.columns) == comparisons.PAIR_COLUMNS
-    assert pairs["group"].tolist() == ["g1"] * 4 + ["g2"] * 2
-    assert pairs["metric"].tolist() == ["micro P@1", "macro P@1", "micro P@10", "macro P@10", "micro P@1", "macro P@1"]
+    assert pairs["group"].tolist() == ["g1"] * 4 + ["g2"] * 2 + ["g3"] * 4
+    assert pairs.index.tolist() == list(range(10))
+    four = ["micro P@1", "macro P@1", "micro P@10", "macro P@10"]
+    assert pairs["metric"].tolist() == four + four[:2] + four
 
     def point(frame, average, column):
         if average == "micro":
@@ -131,21 +143,39 @@ def test_group_tables_hold_each_runs_point_values_and_one_best():
 
     for row in pairs.itertuples():
         average, column = row.metric.split()
-        first = {"g1": ("r1", "r2"), "g2": ("r7", "r8")}[row.group]
-        assert (row.a, row.b) == {"g1": ("enc_a", "enc_b"), "g2": ("c1", "c2")}[row.group]
+        first = {"g1": ("r1", "r2"), "g2": ("r7", "r8"), "g3": ("s1", "s2")}[row.group]
+        assert (row.a, row.b) == {"g1": ("enc_a", "enc_b"), "g2": ("c1", "c2"), "g3": ("s1", "s2")}[row.group]
         assert row.a_value == pytest.approx(point(data[first[0]], average, column))
         assert row.b_value == pytest.approx(point(data[first[1]], average, column))
         assert row.difference == pytest.approx(row.a_value - row.b_value)
     assert list(verdicts.columns) == ["group", "metric", "run", "value", "best", "tied_for_best"]
-    assert len(verdicts) == 2 * 4 + 2 * 2
+    assert len(verdicts) == 2 * 4 + 2 * 2 + 2 * 4
     g1 = verdicts[verdicts["group"] == "g1"].set_index(["metric", "run"])
     assert g1.loc[("micro P@1", "enc_a"), "best"] and not g1.loc[("micro P@1", "enc_b"), "best"]
     assert g1.loc[("micro P@1", "enc_a"), "value"] == pytest.approx(data["r1"]["P@1"].mean())
-    assert verdicts.groupby(["group", "metric"])["best"].sum().tolist() == [1] * 6
+    assert verdicts.groupby(["group", "metric"])["best"].sum().tolist() == [1] * 10
     assert (verdicts["best"] <= verdicts["tied_for_best"]).all()  # the best is always tied for best
+    for (group, metric), rows in verdicts.groupby(["group", "metric"]):
+        best = rows.loc[rows["value"].idxmax(), "run"]
+        against = pairs[(pairs["group"] == group) & (pairs["metric"] == metric)]
+        for row in rows.itertuples():
+            pair = against[
+                ((against["a"] == best) & (against["b"] == row.run))
+                | ((against["a"] == row.run) & (against["b"] == best))
+            ]
+            assert row.tied_for_best == (row.run == best or float(pair["p_holm"].iloc[0]) >= 0.05), (
+                group,
+                metric,
+                row.run,
+            )
     # two query sets: each line names its group
     lines = comparisons.summary_lines(verdicts)
-    assert len(lines) == 6 and lines[0].startswith("micro P@1 [queries g1]: tied for best: enc_a (")
+    assert len(lines) == 10 and lines[0].startswith("micro P@1 [queries g1]: tied for best: enc_a (")
+    # runs of one rate are tied: both named, the higher value first
+    g2 = verdicts[(verdicts["group"] == "g2") & (verdicts["metric"] == "micro P@1")].sort_values("value")
+    assert g2["tied_for_best"].all()
+    (low, low_value), (high, high_value) = g2[["run", "value"]].itertuples(index=False)
+    assert f"micro P@1 [queries g2]: tied for best: {high} ({high_value:.3f}), {low} ({low_value:.3f})" in lines
     assert "µP@1" in comparisons.tied_labels(verdicts)["enc_a"].split()
 
 
