@@ -447,3 +447,40 @@ def test_resamples_drawn_in_chunks_equal_one_draw(monkeypatch):
     # stratified: each resample's class sum is a sum of the class's count of its values
     for values, (sums, _) in zip((few, many), whole[:2]):
         assert np.all(sums[:, 0] <= 40 * values[:40].max()) and np.all(sums[:, 0] >= 40 * values[:40].min())
+
+
+def test_retrieval_intervals_per_modality_and_per_metric():
+    rng = np.random.default_rng(1)
+    values = (rng.random(80) < 0.5).astype(float)
+    records = pd.DataFrame(
+        {
+            "class": rng.choice(list("ab"), 80),
+            "modality": np.repeat(["CT", "MR"], 40),
+            "P@1": values,
+            "P@5": values,  # the same values under another metric's name
+        }
+    )
+    records.loc[records["modality"] == "CT", "P@1"] = 1.0
+    records.loc[records["modality"] == "MR", "P@1"] = 0.0
+    out = uncertainty.retrieval_intervals(records, [1, 5], 200, 0.95, seed=0, prefix="x/")
+    names = {
+        f"x/{subset}{average}/P_at_{n}_ci_{end}"
+        for subset in ("", "modality/CT/", "modality/MR/")
+        for average in ("micro", "macro")
+        for n in (1, 5)
+        for end in ("low", "high")
+    }
+    assert set(out) == names
+    assert out["x/modality/CT/micro/P_at_1_ci_low"] == out["x/modality/CT/macro/P_at_1_ci_high"] == 1.0
+    assert out["x/modality/MR/micro/P_at_1_ci_low"] == out["x/modality/MR/macro/P_at_1_ci_high"] == 0.0
+    # each metric draws its own resamples (a generator per seed and name)
+    again = uncertainty.retrieval_intervals(records.rename(columns={"P@5": "P@9"}), [9], 200, 0.95, seed=0, prefix="x/")
+    assert (out["x/micro/P_at_5_ci_low"], out["x/micro/P_at_5_ci_high"]) != (
+        again["x/micro/P_at_9_ci_low"],
+        again["x/micro/P_at_9_ci_high"],
+    )
+    # one resample is a (degenerate) interval, not "off"
+    assert set(uncertainty.retrieval_intervals(records, [1, 5], 1, 0.95, seed=0, prefix="x/")) == names
+    # a bound column without its pair is left as it is
+    lone = pd.DataFrame({"P@1": [0.5], "P@1 low": [0.4]})
+    assert uncertainty.merge_interval_columns(lone).to_dict("records") == [{"P@1": 0.5, "P@1 low": 0.4}]
