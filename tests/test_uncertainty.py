@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -484,3 +486,47 @@ def test_retrieval_intervals_per_modality_and_per_metric():
     # a bound column without its pair is left as it is
     lone = pd.DataFrame({"P@1": [0.5], "P@1 low": [0.4]})
     assert uncertainty.merge_interval_columns(lone).to_dict("records") == [{"P@1": 0.5, "P@1 low": 0.4}]
+
+
+def test_point_estimates_of_one_query_and_f1_of_one_class():
+    assert uncertainty.point_micro_macro(np.array([0.5]), np.array(["a"])) == (0.5, 0.5)
+    # every query of class 0, all right: macro F1 over the one class present
+    got = uncertainty.f1_from_confusions(np.array([[[3.0, 0], [0, 0]]]))
+    assert got["macro_f1"][0] == 1.0 and got["accuracy"][0] == 1.0
+
+
+def test_weighted_auc_of_one_positive_and_one_negative_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auc = uncertainty.weighted_auc(np.array([0.2, 0.8]), np.array([False, True]), np.array([[1.0, 1], [0, 1]]))
+    assert auc[0] == 1.0 and np.isnan(auc[1])  # the second resample has no negative
+
+
+def test_paired_difference_micro_and_macro_by_hand():
+    d = np.array([1.0, 0.5, 0.5, -0.25])
+    classes = np.array(list("aaab"))
+    micro = uncertainty.paired_difference(d, np.zeros(4), classes, "micro", 0, 0.95, 10000, seed=0)
+    macro = uncertainty.paired_difference(d, np.zeros(4), classes, "macro", 0, 0.95, 10000, seed=0)
+    assert micro.difference == pytest.approx(1.75 / 4) and macro.difference == pytest.approx((2 / 3 - 0.25) / 2)
+    assert micro.p == pytest.approx(sign_flip_by_enumeration(d, np.zeros(4))) == 0.25
+    assert macro.p == pytest.approx(sign_flip_by_enumeration(d, classes)) == 0.5
+    assert isinstance(micro.low, float) and np.isnan(micro.low) and np.isnan(micro.high)  # no resamples: no interval
+    # ten queries of class a at +1, one of class b at -1: each class keeps its count and its one
+    # value in every resample, so the intervals are the points
+    a, classes = np.r_[np.ones(10), 0.0], np.r_[np.zeros(10, int), 1]
+    b = np.r_[np.zeros(10), 1.0]
+    for average, point in (("micro", 9 / 11), ("macro", 0.0)):
+        result = uncertainty.paired_difference(a, b, classes, average, 1, 0.95, 100, seed=0)
+        assert (result.difference, result.low, result.high) == pytest.approx((point, point, point)), average
+
+
+def test_compare_runs_leaves_out_queries_missing_in_either_run():
+    records = paired_records(0, {"a": 0.6, "b": 0.5}, n=50)
+    records["a"].loc[3, "P@1"] = np.nan  # excluded in run a only
+    table = uncertainty.compare_runs(records, [("micro", "P@1")], 0, 0.95, 100, seed=0)
+    both = records["a"]["P@1"].notna()
+    expected = (records["a"]["P@1"][both] - records["b"]["P@1"][both]).mean()
+    assert table["difference"].tolist() == pytest.approx([expected])
+    assert table["ci_low"].dtype == float and table["ci_low"].isna().all()
+    empty = uncertainty.compare_runs(records, [], 0, 0.95, 100, seed=0)
+    assert empty.empty and list(empty.columns) == ["metric", "a", "b", "difference", "ci_low", "ci_high", "p", "p_holm"]
