@@ -1,5 +1,7 @@
 """Modified P@N against hand-worked examples (SPEC section 3)."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -268,6 +270,7 @@ def test_every_metric_of_a_hand_worked_run_with_removed_rows():
 
 
 def test_curve_counts_n_c_without_the_removed_rows():
+    assert hand_evaluate(curve_k=1).curve["micro"].tolist() == [1 / 4]
     curve = hand_evaluate(curve_k=2).curve
     assert curve["N"].tolist() == [1, 2]
     assert curve["micro"].tolist() == pytest.approx([1 / 4, 3 / 8])
@@ -286,7 +289,9 @@ def test_spread_of_two_queries_and_of_one():
     two = evaluate(frame(["CT/abd/a", "CT/abd/b"]), frame(["CT/abd/a", "CT/abd/b"]), np.array([[0], [0]]), ns=[1])
     assert two.metrics["micro_std/P_at_1"] == pytest.approx(np.sqrt(0.5))  # P@1 = 1, 0
     assert np.isnan(two.metrics["macro_std/P_at_1"])  # each class has one query
-    one = evaluate(frame(["CT/abd/a"]), frame(["CT/abd/a"]), np.array([[0]]), ns=[1], levels=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no spread of one value is taken (numpy would warn)
+        one = evaluate(frame(["CT/abd/a"]), frame(["CT/abd/a"]), np.array([[0]]), ns=[1], levels=[])
     assert one.metrics["micro/P_at_1"] == 1.0 and np.isnan(one.metrics["micro_std/P_at_1"])
 
 
@@ -306,3 +311,15 @@ def test_no_neighbours_searched_gives_no_first_row():
     assert result.per_class["most_confused"].tolist() == ["", ""]
     assert result.per_class["most_confused_count"].tolist() == [0, 0]
     assert result.n_excluded == 2 and np.isnan(result.metrics["micro/P_at_1"])
+
+
+def test_no_n_gives_only_the_counts():
+    nothing = evaluate(frame(["CT/abd/a"]), frame(["CT/abd/a"]), np.array([[0]]), ns=[], levels=[])
+    assert nothing.n_excluded == 0 and nothing.excluded_classes == []
+    assert set(nothing.metrics) == {
+        "queries/total",
+        "queries/excluded",
+        "index/size",
+        "index/classes",
+        "index/max_per_class",
+    }
