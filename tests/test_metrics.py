@@ -323,3 +323,12 @@ def test_no_n_gives_only_the_counts():
         "index/classes",
         "index/max_per_class",
     }
+
+
+def test_per_class_table_is_sorted_by_class_with_integer_counts():
+    index = frame(["CT/y/a", "MR/x/b", "MR/x/b"])
+    result = evaluate(frame(["MR/x/b", "CT/y/a", "MR/x/b"]), index, np.array([[0], [1], [1]]), ns=[1], levels=[])
+    table = result.per_class
+    assert table["class"].tolist() == ["CT/y/a", "MR/x/b"]
+    assert table["n_index"].tolist() == [1, 2] and table["n_index"].dtype.kind == "i"
+    assert table["most_confused_count"].tolist() == [1, 1] and table["most_confused_count"].dtype.kind == "i"

@@ -530,3 +530,15 @@ def test_compare_runs_leaves_out_queries_missing_in_either_run():
     assert table["ci_low"].dtype == float and table["ci_low"].isna().all()
     empty = uncertainty.compare_runs(records, [], 0, 0.95, 100, seed=0)
     assert empty.empty and list(empty.columns) == ["metric", "a", "b", "difference", "ci_low", "ci_high", "p", "p_holm"]
+
+
+def test_sign_flip_p_ignores_zero_differences_and_the_scale():
+    classes = np.zeros(5, int)
+    # 3 nonzero differences: 8 sign patterns, exact with 8 flips; the zeros do not count
+    d = np.array([1.0, 0.5, 0.5, 0.0, 0.0])
+    p = uncertainty.sign_flip_p(d, classes, "micro", 8, uncertainty.rng_for(0, "z"))
+    assert p == pytest.approx(sign_flip_by_enumeration(d, classes)) == 0.25
+    # the same p for differences a million times smaller (a tolerance relative to the statistic)
+    assert uncertainty.sign_flip_p(d * 1e-6, classes, "micro", 8, uncertainty.rng_for(0, "z")) == p
+    # differences that cancel: every sign pattern is at least as extreme
+    assert uncertainty.sign_flip_p(np.array([1.0, -1.0]), np.zeros(2), "micro", 8, uncertainty.rng_for(0, "z")) == 1.0
