@@ -39,9 +39,10 @@ def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied(caplog):
                 "enc_worse",
                 "other_index",
                 "fewer_queries",
+                "also_fewer",
             ],
-            "group": ["g1", "g1", "g1", "g2", "g1"],
-            "run_id": ["r1", "r2", "r3", "r4", "r5"],
+            "group": ["g1", "g1", "g1", "g2", "g1", "g1"],
+            "run_id": ["r1", "r2", "r3", "r4", "r5", "r6"],
         }
     )
     data = {
@@ -50,13 +51,17 @@ def test_groups_compare_only_runs_of_the_same_queries_and_name_the_tied(caplog):
         "r3": records(3, 0.4),
         "r4": records(4, 0.9),
         "r5": records(5, 0.9).iloc[:400],
+        "r6": records(6, 0.9).iloc[100:],
     }
     with caplog.at_level(logging.WARNING, logger="cbir.comparisons"):
         pairs, verdicts = comparisons.compare_groups(runs, data, 300, 0.95, 5000, seed=0)
-    assert "fewer_queries answered other queries than the rest of group g1" in caplog.text
+    assert caplog.messages == [
+        "comparisons: also_fewer, fewer_queries answered other queries than the rest of group g1; "
+        "left out of the comparison"
+    ]
     assert "enc_a answered" not in caplog.text
     assert set(pairs["group"]) == {"g1"}  # g2 has one run; r5 answered other queries: left out
-    assert not {"other_index", "fewer_queries"} & (set(pairs["a"]) | set(pairs["b"]))
+    assert not {"other_index", "fewer_queries", "also_fewer"} & (set(pairs["a"]) | set(pairs["b"]))
     assert len(pairs) == 3 * 4  # 3 pairs x micro/macro P@1/P@10
     labels = comparisons.tied_labels(verdicts)
     assert labels["enc_worse"] == ""
@@ -204,3 +209,28 @@ def test_ci_settings_from_the_config_and_defaults_without_one():
     assert comparisons.ci_settings(OmegaConf.create({})) == (1000, 0.95, 10000, 42)
     cfg = OmegaConf.create({"seed": 7, "eval": {"ci": {"resamples": 20, "level": 0.9, "flips": 30}}})
     assert comparisons.ci_settings(cfg) == (20, 0.9, 30, 7)
+
+
+def test_query_set_is_the_hash_of_the_documented_fields():
+    """The tag is stored on runs and compared across cbir versions: its fields, names and defaults are fixed."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {
+            "eval": {"query_split": "test"},
+            "index": {"split": "train", "per_class": None, "seed": 0, "type": "flat"},
+            "dataset": {},
+        }
+    )
+    blob = (
+        '{"exclude_same_patient": false, "index_seed": 0, "index_split": "train", "index_type": "flat", '
+        '"labels": "single", "manifest": "d", "per_class": "None", "query_split": "test"}'
+    )
+    assert json.loads(blob)  # the expected text is valid JSON, keys sorted
+    assert comparisons.query_set(cfg, "d") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    multi = OmegaConf.merge(cfg, {"dataset": {"labels": "multi"}, "eval": {"exclude_same_patient": True}})
+    blob = blob.replace('"single"', '"multi"').replace("false", "true")
+    assert comparisons.query_set(multi, "d") == hashlib.sha256(blob.encode()).hexdigest()[:16]
