@@ -446,6 +446,10 @@ def test_resamples_drawn_in_chunks_equal_one_draw(monkeypatch):
         assert np.array_equal(sums, sums_chunked) and np.array_equal(counts, counts_chunked)
         assert np.all(sums[:, 2] == sums[0, 2])  # a one-query class: its value every time
     assert whole[2] == chunked[2]
+    # index resampling draws every member: two values 0 and 1, sums 0, 1 or 2
+    monkeypatch.setattr(uncertainty, "MAX_DISTINCT", 1)
+    sums, _ = uncertainty.class_resample_sums(np.array([0.0, 1.0]), np.zeros(2), 200, uncertainty.rng_for(0, "d"))
+    assert set(np.unique(sums)) == {0.0, 1.0, 2.0}
     # stratified: each resample's class sum is a sum of the class's count of its values
     for values, (sums, _) in zip((few, many), whole[:2]):
         assert np.all(sums[:, 0] <= 40 * values[:40].max()) and np.all(sums[:, 0] >= 40 * values[:40].min())
@@ -542,3 +546,45 @@ def test_sign_flip_p_ignores_zero_differences_and_the_scale():
     assert uncertainty.sign_flip_p(d * 1e-6, classes, "micro", 8, uncertainty.rng_for(0, "z")) == p
     # differences that cancel: every sign pattern is at least as extreme
     assert uncertainty.sign_flip_p(np.array([1.0, -1.0]), np.zeros(2), "micro", 8, uncertainty.rng_for(0, "z")) == 1.0
+
+
+def test_roc_auc_intervals_agree_with_scikit_learn_on_resampled_rows():
+    """Stratified resamples drawn as row indices, scored by scikit-learn: the same interval."""
+    rng = np.random.default_rng(7)
+    truth = np.repeat([0, 1, 2], [30, 50, 70])
+    scores = rng.random((150, 3)) + np.eye(3)[truth] * np.array([0.9, 0.3, 0.1])  # AUCs far apart per class
+    ours = uncertainty.classification_intervals(truth, scores, 2000, 0.9, 0)
+    micro, macro = [], []
+    for _ in range(600):
+        rows = np.concatenate([rng.choice(np.flatnonzero(truth == c), (truth == c).sum()) for c in range(3)])
+        micro.append(roc_auc_score(np.eye(3)[truth[rows]], scores[rows], average="micro"))
+        macro.append(roc_auc_score(np.eye(3)[truth[rows]], scores[rows], average="macro"))
+    for name, samples in (("micro_roc_auc", micro), ("macro_roc_auc", macro)):
+        low, high = np.percentile(samples, [5, 95])
+        assert ours[f"{name}_ci_low"] == pytest.approx(low, abs=0.15 * (high - low)), name
+        assert ours[f"{name}_ci_high"] == pytest.approx(high, abs=0.15 * (high - low)), name
+
+
+def test_classification_intervals_of_two_classes_one_query_one_resample_and_one_true_class():
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 2, 40)
+    scores = rng.random((40, 2))
+    names = {
+        f"{n}_ci_{end}"
+        for n in ("accuracy", "micro_f1", "macro_f1", "micro_roc_auc", "macro_roc_auc")
+        for end in ("low", "high")
+    }
+    assert set(uncertainty.classification_intervals(truth, scores, 50, 0.9, 0)) == names  # two classes have AUCs
+    assert set(uncertainty.classification_intervals(truth, scores, 1, 0.9, 0)) == names
+    one = uncertainty.classification_intervals(truth[:1], scores[:1], 20, 0.9, 0)
+    assert one["accuracy_ci_low"] == one["accuracy_ci_high"] == float(scores[0].argmax() == truth[0])
+    # every query of class 0 (of three): no class has both outcomes, so no macro AUC; micro has one
+    single = uncertainty.classification_intervals(np.zeros(30, int), rng.random((30, 3)), 50, 0.9, 0)
+    assert np.isnan(single["macro_roc_auc_ci_low"]) and np.isnan(single["macro_roc_auc_ci_high"])
+    assert 0 <= single["micro_roc_auc_ci_low"] <= single["micro_roc_auc_ci_high"] <= 1
+    # too many cells overall and for CT: skipped there, still computed for MR's 10 queries
+    big_truth, big_scores = rng.integers(0, 3, 150), rng.random((150, 3))
+    modality = np.where(np.arange(150) < 10, "MR", "CT")
+    big = uncertainty.classification_intervals(big_truth, big_scores, 50000, 0.9, 0, modality=modality)
+    assert "micro_roc_auc_ci_low" not in big and "modality/CT/micro_roc_auc_ci_low" not in big
+    assert "modality/CT/macro_f1_ci_low" in big and "modality/MR/macro_roc_auc_ci_low" in big
