@@ -588,3 +588,9 @@ def test_classification_intervals_of_two_classes_one_query_one_resample_and_one_
     big = uncertainty.classification_intervals(big_truth, big_scores, 50000, 0.9, 0, modality=modality)
     assert "micro_roc_auc_ci_low" not in big and "modality/CT/micro_roc_auc_ci_low" not in big
     assert "modality/CT/macro_f1_ci_low" in big and "modality/MR/macro_roc_auc_ci_low" in big
+
+
+def test_random_sign_flips_count_every_draw_once():
+    # 2 nonzero differences, 3 flips: random flips; differences that cancel make every draw count
+    p = uncertainty.sign_flip_p(np.array([1.0, -1.0]), np.zeros(2), "micro", 3, uncertainty.rng_for(0, "r"))
+    assert p == (1 + 3) / (1 + 3)
