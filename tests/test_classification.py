@@ -3,6 +3,8 @@ hand-built probability matrices (the study's `evaluate`, written out again here)
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -136,7 +138,9 @@ def test_no_queries_one_query_and_one_class():
     one = classification.scores(np.array([1]), np.array([[0.2, 0.7, 0.1]]))
     assert one["accuracy"] == 1.0 and one["macro_precision"] == 1.0 and one["roc_auc_classes"] == 0
     assert one["micro_roc_auc"] == 1.0  # pooled cells: the true cell scores highest
-    single = classification.scores(np.array([0, 0]), np.ones((2, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN without scikit-learn's warning about one class
+        single = classification.scores(np.array([0, 0]), np.ones((2, 1)))
     assert np.isnan(single["micro_roc_auc"]) and single["accuracy"] == 1.0  # one class: no AUC
 
 
@@ -158,6 +162,35 @@ def test_per_class_table_covers_every_class_even_without_queries():
     table = result.per_class
     assert list(table.columns) == ["class", "queries", "train_rows", "precision", "recall", "f1", "most_confused_with"]
     assert table["class"].tolist() == ["CT/a/x", "CT/a/y", "MR/b/z"] and table["queries"].tolist() == [2, 1, 0]
-    assert table["train_rows"].tolist() == [0, 0, 0]
+    assert table["train_rows"].tolist() == [0, 0, 0] and table["train_rows"].dtype.kind == "i"  # "0", not "0.0"
     assert table["recall"].tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert table["most_confused_with"].tolist() == ["CT/a/y", "", ""]
+
+
+def test_two_classes_have_a_micro_auc_and_one_true_class_has_no_macro_auc():
+    # two classes: positive cells .7, .6, .4 against negative cells .3, .4, .6 (ties count 1/2)
+    two = classification.scores(np.array([0, 1, 1]), np.array([[0.7, 0.3], [0.4, 0.6], [0.6, 0.4]]))
+    assert two["micro_roc_auc"] == pytest.approx((3 + 2.5 + 1.5) / 9)
+    assert two["macro_roc_auc"] == 1.0 and two["roc_auc_classes"] == 2
+    # every query of class 0 (of three): no class has both outcomes, so no macro AUC
+    one = classification.scores(np.array([0, 0]), np.array([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3]]))
+    assert np.isnan(one["macro_roc_auc"]) and one["roc_auc_classes"] == 0
+    # pooled: .5 beats 3 of the 4 negative cells and ties one, .2 ties one -> 4 / 8
+    assert one["micro_roc_auc"] == pytest.approx(0.5)
+    # predictions 0, 1: class 0 P 1 R 1/2 F1 2/3; class 1 predicted, never true: 0
+    assert one["macro_f1"] == pytest.approx(1 / 3) and one["macro_recall"] == pytest.approx(0.25)
+    assert one["macro_precision"] == pytest.approx(0.5) and one["accuracy"] == 0.5
+
+
+def test_evaluate_logs_the_seven_metrics_overall_and_per_modality_and_no_other_key():
+    result = classification.evaluate(TRUTH, PROBS, ["A", "B", "C"], modality=["MR", "CT", "MR", "CT"])
+    per_modality = {f"modality/{m}/{name}" for m in ("CT", "MR") for name in classification.METRICS}
+    assert set(result.metrics) == set(classification.METRICS) | {"roc_auc_classes"} | per_modality
+    # MR queries 0 and 2 (truth A, B; predicted A, B); CT queries 1 and 3 (truth A, C; predicted B, A)
+    assert result.metrics["modality/MR/accuracy"] == 1.0 and result.metrics["modality/CT/accuracy"] == 0.0
+    assert result.metrics["modality/MR/macro_roc_auc"] == pytest.approx(
+        classification.scores(TRUTH[[0, 2]], PROBS[[0, 2]])["macro_roc_auc"]
+    )
+    assert classification.evaluate(TRUTH, PROBS, ["A", "B", "C"]).metrics.keys() == set(classification.METRICS) | {
+        "roc_auc_classes"
+    }
