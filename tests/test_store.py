@@ -1,0 +1,227 @@
+"""The embedding store's freshness and integrity checks, on entries written directly (no
+extraction): what counts as a cache hit, which rows are out of date, and which damage makes an
+entry count as absent. The extraction paths around them are in test_cache.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cbir.extract import store as store_module
+from cbir.extract.store import EmbeddingStore
+
+N, DIM = 5, 3
+FILES = np.array([[100 + r, 1_000_000 + r] for r in range(N)], dtype=np.int64)  # size, mtime_ns per row
+
+
+class CountingStore(EmbeddingStore):
+    """A real store that counts how often each entry is read."""
+
+    def __init__(self, cache_dir) -> None:
+        super().__init__(cache_dir)
+        self.reads: Counter = Counter()
+
+    def load(self, key):
+        self.reads[key] += 1
+        return super().load(key)
+
+
+def write_entry(store: EmbeddingStore, key: str, failed=(), files=FILES):
+    values = np.arange(N * DIM, dtype=np.float32).reshape(N, DIM)
+    ok = np.ones(N, bool)
+    ok[list(failed)] = False
+    partial = store.open_partial(key, N, DIM, files)
+    partial.write(np.arange(N), values, ok)
+    return store.commit(key, partial, {}), values
+
+
+def test_an_entry_with_unchanged_files_is_a_hit_and_reads_back_what_was_written(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    _, values = write_entry(store, "k")
+    found = store.load_fresh("k", FILES.copy())
+    assert found.fresh and found.key == "k" and len(found.stale) == 0
+    assert np.array_equal(found.entry.embeddings, values)
+    assert found.entry.valid.all() and np.array_equal(found.entry.files, FILES)
+
+
+def test_no_entry_is_no_hit(tmp_path):
+    found = EmbeddingStore(tmp_path).load_fresh("absent", FILES)
+    assert found.entry is None and not found.fresh and found.state is None
+    assert found.stale.dtype == np.int64 and len(found.stale) == 0
+
+
+@pytest.mark.parametrize("column", [0, 1], ids=["size", "mtime"])
+def test_a_row_whose_file_changed_size_or_mtime_is_stale_alone(tmp_path, column):
+    store = EmbeddingStore(tmp_path)
+    write_entry(store, "k")
+    now = FILES.copy()
+    now[3, column] += 1
+    found = store.load_fresh("k", now)
+    assert not found.fresh and found.entry is not None and list(found.stale) == [3]
+
+
+def test_failed_rows_are_stale_only_when_retrying(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    write_entry(store, "k", failed=[1, 4])
+    assert store.load_fresh("k", FILES).fresh
+    assert list(store.load_fresh("k", FILES, retry_failed=True).stale) == [1, 4]
+    now = FILES.copy()
+    now[2, 1] += 5
+    assert list(store.load_fresh("k", now, retry_failed=True).stale) == [1, 2, 4]
+
+
+def test_a_known_lookup_is_reused_only_while_the_entry_files_are_the_same(tmp_path):
+    store = CountingStore(tmp_path)
+    before = store.load_fresh("k", FILES)
+    assert before.entry is None and store.reads["k"] == 1
+    write_entry(store, "k")  # another job commits meanwhile: the folder changed
+    after = store.load_fresh("k", FILES, known=before)
+    assert after.fresh and store.reads["k"] == 2
+    again = store.load_fresh("k", FILES, known=after)
+    assert again.fresh and again.entry is after.entry and store.reads["k"] == 2  # not read a second time
+    now = FILES.copy()
+    now[0, 0] += 1
+    assert list(store.load_fresh("k", now, known=after).stale) == [0]  # staleness is for the files given now
+    write_entry(store, "other")
+    other = store.load_fresh("other", FILES, known=after)  # another key's lookup is never reused
+    assert other.entry.path.name == "other" and store.reads["other"] == 1
+
+
+def test_entry_state_names_each_file_and_changes_with_a_commit(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    assert store_module._entry_state(store.folder("k")) is None
+    write_entry(store, "k")
+    state = store_module._entry_state(store.folder("k"))
+    assert len(state) == len(store_module.ENTRY_FILES) and all(s is not None for s in state)
+    write_entry(store, "k")
+    assert store_module._entry_state(store.folder("k")) != state
+    (store.folder("k") / "valid.npy").unlink()
+    assert store_module._entry_state(store.folder("k"))[1] is None
+
+
+def test_checksum_is_the_crc32_of_every_byte_in_order(monkeypatch):
+    a = np.arange(1000, dtype=np.float32).reshape(100, 10)
+    b = np.array([True, False, True])
+    c = np.arange(7, dtype=np.int64)
+    expected = f"crc32:{zlib.crc32(a.tobytes() + b.tobytes() + c.tobytes()):08x}"
+    assert store_module.checksum(a, b, c) == expected
+    assert store_module.checksum(a[:, ::2]) == f"crc32:{zlib.crc32(np.ascontiguousarray(a[:, ::2]).tobytes()):08x}"
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 12)  # several pieces per array, one partial at the end
+    assert store_module.checksum(a, b, c) == expected
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 1)  # pieces smaller than one item
+    assert store_module.checksum(a, b, c) == expected
+
+
+def rewrite_meta(folder, **changes):
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(changes)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def resave(path, array):
+    np.save(path, array)
+    os.utime(path, ns=(1, 1))  # a new identity even within one clock tick
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "old version",
+        "not complete",
+        "more rows",
+        "other dim",
+        "float64 embeddings",
+        "valid of other length",
+        "valid as integers",
+        "files of other shape",
+        "files as int32",
+        "other byte count",
+        "an embedding changed",
+        "a valid flag changed",
+        "a file stamp changed",
+        "other checksum",
+    ],
+)
+def test_damage_makes_the_entry_absent(tmp_path, damage):
+    store = EmbeddingStore(tmp_path)
+    entry, values = write_entry(store, "k", failed=[2])
+    folder = entry.path
+    del entry
+    if damage == "old version":
+        rewrite_meta(folder, version=store_module.META_VERSION - 1)
+    elif damage == "not complete":
+        rewrite_meta(folder, complete=False)
+    elif damage == "more rows":
+        rewrite_meta(folder, n=N + 1)
+    elif damage == "other dim":
+        rewrite_meta(folder, dim=DIM + 1)
+    elif damage == "float64 embeddings":
+        resave(folder / "embeddings.npy", values.astype(np.float64))
+    elif damage == "valid of other length":
+        resave(folder / "valid.npy", np.ones(N + 1, bool))
+    elif damage == "valid as integers":
+        resave(folder / "valid.npy", np.ones(N, np.uint8))
+    elif damage == "files of other shape":
+        resave(folder / "files.npy", np.zeros((N, 3), np.int64))
+    elif damage == "files as int32":
+        resave(folder / "files.npy", FILES.astype(np.int32))
+    elif damage == "other byte count":
+        rewrite_meta(folder, bytes=(folder / "embeddings.npy").stat().st_size + 1)
+    elif damage == "an embedding changed":
+        changed = values.copy()
+        changed[4, 2] += 1
+        resave(folder / "embeddings.npy", changed)
+    elif damage == "a valid flag changed":
+        resave(folder / "valid.npy", np.ones(N, bool))
+    elif damage == "a file stamp changed":
+        changed = FILES.copy()
+        changed[0, 1] += 1
+        resave(folder / "files.npy", changed)
+    elif damage == "other checksum":
+        rewrite_meta(folder, checksum="crc32:00000000")
+    assert store.load("k") is None
+    assert store.load_fresh("k", FILES).entry is None
+    write_entry(store, "k")  # recomputed: the new entry replaces the damaged one
+    assert store.load_fresh("k", FILES).fresh
+
+
+def test_an_entry_is_checksummed_once_per_process_then_trusted_until_its_files_change(tmp_path, monkeypatch):
+    store = EmbeddingStore(tmp_path)
+    write_entry(store, "k")
+    sums = Counter()
+    real = store_module.checksum
+
+    def counted(*arrays):
+        sums["calls"] += 1
+        return real(*arrays)
+
+    monkeypatch.setattr(store_module, "checksum", counted)
+    monkeypatch.setattr(EmbeddingStore, "_verified", {})  # as a new process
+    assert store.load("k") is not None and store.load("k") is not None
+    assert sums["calls"] == 1
+    os.utime(store.folder("k") / "files.npy", ns=(5, 5))
+    assert store.load("k") is not None and sums["calls"] == 2
+
+
+def test_damage_is_logged_once_per_reason_and_again_for_a_new_entry(tmp_path, caplog):
+    store = EmbeddingStore(tmp_path)
+    write_entry(store, "k")
+    folder = store.folder("k")
+    rewrite_meta(folder, complete=False)
+    with caplog.at_level(logging.WARNING, logger="cbir.extract.store"):
+        assert store.load("k") is None and store.load("k") is None
+        rewrite_meta(folder, complete=True, checksum="crc32:00000000")
+        assert store.load("k") is None and store.load("k") is None
+        write_entry(store, "k")
+        rewrite_meta(folder, checksum="crc32:00000000")
+        assert store.load("k") is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages
+    assert all(m.startswith(f"embedding cache {folder} is damaged (") and m.endswith("); recomputing it") for m in messages)
+    assert "older cbir" in messages[0] and "checksum differs" in messages[1] and "checksum differs" in messages[2]
