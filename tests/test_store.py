@@ -223,5 +223,7 @@ def test_damage_is_logged_once_per_reason_and_again_for_a_new_entry(tmp_path, ca
         assert store.load("k") is None
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages
-    assert all(m.startswith(f"embedding cache {folder} is damaged (") and m.endswith("); recomputing it") for m in messages)
+    assert all(
+        m.startswith(f"embedding cache {folder} is damaged (") and m.endswith("); recomputing it") for m in messages
+    )
     assert "older cbir" in messages[0] and "checksum differs" in messages[1] and "checksum differs" in messages[2]
