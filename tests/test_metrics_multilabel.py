@@ -207,3 +207,101 @@ def test_per_finding_means_are_computed_once_per_subset_and_feed_both_macro_and_
     assert len(calls) == len(names) * (1 + 2 + 1)  # all queries, each modality, the anatomy
     for name in names:  # macro = mean over the findings of the table's column, bit for bit
         assert result.metrics[f"ml/macro/{name}"] == result.per_finding[name.replace("_at_", "@")].mean(), name
+
+
+def test_every_output_of_a_hand_worked_run():
+    """Two searched neighbours; q0 has more relevant rows than that (R capped), q2 and q4 share
+    nothing with the index (excluded), MR holds only an excluded query."""
+    index = frame(["XR/chest/A", "XR/chest/A|B", "XR/chest/B", "CT/head/C"])
+    query = frame(["XR/chest/A|B", "XR/chest/B", "CT/head/D", "CT/head/C", "MR/knee/E"])
+    neighbours = np.array([[2, 3], [0, 1], [3, 0], [0, 3], [0, 1]])
+    result = evaluate_multilabel(query, index, neighbours, ns=[2, 1])
+    d = 1 / np.log2(3)
+    nan = float("nan")
+    # per query (q0, q1, q3), each by hand: relevant flags q0 1 0 (n_rel 3), q1 0 1 (n_rel 2), q3 0 1 (n_rel 1)
+    by_hand = {
+        "P_at_1": [1, 0, 0],
+        "P_at_2": [0.5, 0.5, 0],  # q3: n = min(2, 1) = 1
+        "mAP_at_1": [1, 0, 0],
+        "mAP_at_2": [0.5, 0.25, 0.5],
+        "nDCG_at_1": [0.5, 0, 0],  # q0's first neighbour B has Jaccard 1/2 with {A, B}
+        "nDCG_at_2": [0.5 / (1 + 0.5 * d), 0.5 * d / (1 + 0.5 * d), d],
+        "R_precision": [0.5, 0.5, 0],  # q0: R = 3 capped at the 2 neighbours searched
+    }
+    assert list(result.per_query) == list(by_hand)  # P, mAP, nDCG, R-precision, N ascending
+    m = result.metrics
+    for name, (v0, v1, v3) in by_hand.items():
+        np.testing.assert_allclose(result.per_query[name], [v0, v1, nan, v3, nan], atol=1e-12)
+        # macro over findings: A (q0), B (q0, q1), C (q3); D and E have only excluded queries
+        expected = {
+            "micro": np.mean([v0, v1, v3]),
+            "macro": np.mean([v0, (v0 + v1) / 2, v3]),
+            "modality/XR/micro": (v0 + v1) / 2,
+            "modality/XR/macro": (v0 + (v0 + v1) / 2) / 2,
+            "modality/CT/micro": v3,
+            "modality/CT/macro": v3,
+            "anatomy/chest/micro": (v0 + v1) / 2,
+            "anatomy/head/macro": v3,
+        }
+        for prefix, value in expected.items():
+            assert m[f"ml/{prefix}/{name}"] == pytest.approx(value, abs=1e-12), (prefix, name)
+        for prefix in ("modality/MR/micro", "modality/MR/macro", "anatomy/knee/micro", "anatomy/knee/macro"):
+            assert np.isnan(m[f"ml/{prefix}/{name}"]), (prefix, name)
+    counts = {k: v for k, v in m.items() if "/" in k and k.split("/")[1] in ("queries", "index", "R_precision")}
+    assert counts == {
+        "ml/queries/total": 5,
+        "ml/queries/excluded": 2,
+        "ml/queries/multi_finding": 1,
+        "ml/index/multi_finding": 1,
+        "ml/index/findings": 3,  # A, B, C
+        "ml/R_precision/capped": 1,
+    }
+    assert len(m) == 7 * 2 * (1 + 3 + 3) + 6  # micro and macro of each metric, all and per subset, counts
+    assert (result.n_queries, result.n_excluded) == (5, 2)
+    table = result.per_finding  # findings with a scored query, in key order
+    assert list(table.columns) == ["finding", "modality", "anatomy", "queries", "n_index"] + [
+        n.replace("_at_", "@") for n in by_hand
+    ]
+    assert list(table.index) == [0, 1, 2]
+    assert table["finding"].tolist() == ["CT/head/C", "XR/chest/A", "XR/chest/B"]
+    assert table["modality"].tolist() == ["CT", "XR", "XR"] and table["anatomy"].tolist() == ["head", "chest", "chest"]
+    assert table["queries"].tolist() == [1, 1, 2] and table["n_index"].tolist() == [1, 2, 2]
+    assert table["n_index"].dtype.kind == "i"
+    for name, (v0, v1, v3) in by_hand.items():
+        np.testing.assert_allclose(table[name.replace("_at_", "@")], [v3, v0, (v0 + v1) / 2], atol=1e-12)
+
+
+def test_more_findings_than_one_bitset_word():
+    """300 finding keys need five 64-bit words: sharing, Jaccard and the table per finding
+    against plain sets."""
+    rng = np.random.default_rng(6)
+    names = [f"f{i:03d}" for i in range(150)]
+    index, query = random_case(rng, n_index=120, n_query=40, findings=names)
+    neighbours = np.stack([rng.permutation(120) for _ in range(40)])
+    values, sets, n_rel = per_query(query, index, neighbours, ns=[5, 120])
+    assert len(sets.keys) > 128 and sets.combo_bits.shape[1] >= 3
+    qs, ix = finding_sets(query), finding_sets(index)
+    assert list(n_rel) == [sum(bool(q & i) for i in ix) for q in qs]
+    member = sets.membership()
+    assert [set(sets.keys[member[c]]) for c in sets.index_combo] == ix
+    assert [set(sets.keys[member[c]]) for c in sets.query_combo] == qs
+    for q in range(40):
+        gains = np.array([jaccard(qs[q], ix[i]) for i in range(120)])
+        if gains.sum() == 0:
+            continue
+        score = np.empty(120)
+        score[neighbours[q]] = -np.arange(120)
+        expected = sklearn_metrics.ndcg_score(gains[None], score[None], k=5)
+        assert values["nDCG_at_5"][q] == pytest.approx(expected, abs=1e-12)
+    table = evaluate_multilabel(query, index, neighbours, ns=[5]).per_finding.set_index("finding")
+    for key, row in table.iterrows():
+        assert row["n_index"] == sum(key in i for i in ix)
+        assert row["queries"] == sum(key in q and n > 0 for q, n in zip(qs, n_rel))
+
+
+def test_too_few_neighbours_for_the_deepest_n_is_an_error():
+    index, query = frame(["XR/chest/A"] * 6), frame(["XR/chest/A"])
+    with pytest.raises(ValueError, match=r"^metrics up to N=10 need 10 neighbours, search returned 5$"):
+        per_query(query, index, np.arange(5)[None], ns=[1, 10])
+    values, _, _ = per_query(query, index, np.arange(5)[None], ns=[5])
+    assert values["P_at_5"][0] == 1.0
