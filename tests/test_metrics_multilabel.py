@@ -4,12 +4,23 @@ the single-label modified P@N of cbir.evaluate.metrics."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 
 from cbir.evaluate.metrics import evaluate
-from cbir.evaluate.multilabel import evaluate_multilabel, per_query
+from cbir.evaluate.multilabel import (
+    evaluate_multilabel,
+    evaluate_search,
+    labels_mode,
+    per_query,
+    report_table,
+    summary_table,
+)
+from cbir.evaluate.retrieval import RetrievalSetup, SearchOutput
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -209,13 +220,17 @@ def test_per_finding_means_are_computed_once_per_subset_and_feed_both_macro_and_
         assert result.metrics[f"ml/macro/{name}"] == result.per_finding[name.replace("_at_", "@")].mean(), name
 
 
-def test_every_output_of_a_hand_worked_run():
+def hand_worked_result():
     """Two searched neighbours; q0 has more relevant rows than that (R capped), q2 and q4 share
     nothing with the index (excluded), MR holds only an excluded query."""
     index = frame(["XR/chest/A", "XR/chest/A|B", "XR/chest/B", "CT/head/C"])
     query = frame(["XR/chest/A|B", "XR/chest/B", "CT/head/D", "CT/head/C", "MR/knee/E"])
     neighbours = np.array([[2, 3], [0, 1], [3, 0], [0, 3], [0, 1]])
-    result = evaluate_multilabel(query, index, neighbours, ns=[2, 1])
+    return evaluate_multilabel(query, index, neighbours, ns=[2, 1])
+
+
+def test_every_output_of_a_hand_worked_run():
+    result = hand_worked_result()
     d = 1 / np.log2(3)
     nan = float("nan")
     # per query (q0, q1, q3), each by hand: relevant flags q0 1 0 (n_rel 3), q1 0 1 (n_rel 2), q3 0 1 (n_rel 1)
@@ -305,3 +320,91 @@ def test_too_few_neighbours_for_the_deepest_n_is_an_error():
         per_query(query, index, np.arange(5)[None], ns=[1, 10])
     values, _, _ = per_query(query, index, np.arange(5)[None], ns=[5])
     assert values["P_at_5"][0] == 1.0
+
+
+def test_console_table_of_the_hand_worked_run():
+    result = hand_worked_result()
+    result.metrics["ml/micro/P_at_1_ci_low"], result.metrics["ml/micro/P_at_1_ci_high"] = 0.05, 0.75
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(summary_table(result, [2, 1], "the title"))
+    text = console.export_text()
+    header = [line for line in text.splitlines() if line.startswith("┃")]
+    assert [c.strip() for c in header[0].split("┃")[1:-1]] == ["subset", "P@1", "P@2", "mAP@2", "nDCG@2", "R-prec"]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    d = 1 / np.log2(3)
+    ndcg = (0.5 / (1 + 0.5 * d) + 0.5 * d / (1 + 0.5 * d) + d) / 3
+    ndcg_macro = (0.5 / (1 + 0.5 * d) + (0.5 / (1 + 0.5 * d) + 0.5 * d / (1 + 0.5 * d)) / 2 + d) / 3
+    # micro P@1 with its interval, its macro on the next line; the rest micro/macro
+    assert cells[0] == [
+        "all queries",
+        "0.333 [0.05, 0.75]",
+        "0.333/0.333",
+        "0.417/0.458",
+        f"{ndcg:.3f}/{ndcg_macro:.3f}",
+        "0.333/0.333",
+    ]
+    assert cells[1] == ["", "0.500", "", "", "", ""]
+    assert cells[2][:2] == ["CT", "0.000/0.000"] and cells[3] == ["MR", "-/-", "-/-", "-/-", "-/-", "-/-"]
+    assert cells[4][:3] == ["XR", "0.500/0.750", "0.500/0.500"] and len(cells) == 5
+    assert "the title" in text
+    assert (
+        "micro/macro over 3 queries (macro: over findings); relevant = shares a finding, nDCG gain = Jaccard"
+        in " ".join(text.split())
+    )
+
+
+def test_report_table_lists_the_runs_with_multilabel_metrics():
+    runs = pd.DataFrame(
+        {
+            "encoder": ["b", "a", "c"],
+            "ml/micro/P_at_1": [0.5, 0.25, np.nan],
+            "ml/micro/P_at_10": [0.4, 0.2, np.nan],
+            "ml/macro/P_at_1": [0.3, 0.1, np.nan],
+            "ml/macro/P_at_10": [0.35, 0.15, np.nan],
+            "ml/micro/mAP_at_10": [0.6, 0.7, np.nan],
+            "ml/micro/nDCG_at_10": [0.8, 0.9, np.nan],
+            "ml/micro/R_precision": [0.45, 0.55, np.nan],
+            "ml/micro/mAP_at_1": [0.0, 0.0, np.nan],  # not at the largest N: not shown
+            "ml/micro/P_at_1_ci_low": [0.4, 0.2, np.nan],
+            "ml/micro/P_at_1_ci_high": [0.6, 0.3, np.nan],
+            "micro/P_at_1": [0.9, 0.8, 0.7],
+        }
+    )
+    table = report_table(runs, [10, 1], lambda frame: ["encoder"])
+    assert list(table.columns) == [
+        "encoder",
+        "micro P@10",
+        "micro P@1",
+        "macro P@10",
+        "macro P@1",
+        "micro mAP@10",
+        "micro nDCG@10",
+        "micro R-precision",
+        "micro P@1 low",
+        "micro P@1 high",
+    ]
+    assert table["encoder"].tolist() == ["a", "b"] and list(table.index) == [0, 1]  # c has no ml/ metrics
+    assert table.iloc[0].tolist()[1:] == [0.2, 0.25, 0.15, 0.1, 0.7, 0.9, 0.55, 0.2, 0.3]
+    assert report_table(runs.drop(columns="ml/micro/P_at_1"), [1, 10], lambda frame: ["encoder"]).empty
+    assert report_table(runs.iloc[2:], [1, 10], lambda frame: ["encoder"]).empty
+
+
+def test_search_output_of_overlapping_splits_leaves_each_query_out_of_its_relevant_rows():
+    """Queries that are index rows: the search removed them, and n_rel must not count them."""
+    table = frame(["XR/chest/A", "XR/chest/A", "XR/chest/B", "XR/chest/B"])
+    table["path"] = [f"{i}.png" for i in range(4)]
+    setup = RetrievalSetup(index_rows=np.arange(4), query_rows=np.array([0, 2]))
+    # row 0 (A) retrieves B, A, B; row 2 (B) retrieves A, B, A: each has one relevant row, ranked second
+    search = SearchOutput(setup, None, np.zeros((2, 3)), np.array([[2, 1, 3], [0, 3, 1]]))
+    m = evaluate_search(table, search, [1, 2]).metrics
+    assert m["ml/micro/P_at_1"] == 0 and m["ml/micro/P_at_2"] == 0  # n = min(2, n_rel = 1) = 1
+    assert m["ml/micro/R_precision"] == 0 and m["ml/micro/mAP_at_2"] == 0.5
+    assert m["ml/micro/nDCG_at_2"] == pytest.approx(1 / np.log2(3))
+
+
+def test_labels_mode_defaults_to_single():
+    from omegaconf import OmegaConf
+
+    assert labels_mode(OmegaConf.create({"dataset": {}})) == "single"
+    assert labels_mode(OmegaConf.create({"dataset": {"labels": None}})) == "single"
+    assert labels_mode(OmegaConf.create({"dataset": {"labels": "multi"}})) == "multi"
