@@ -141,6 +141,12 @@ def resave(path, array):
         "valid as integers",
         "files of other shape",
         "files as int32",
+        "embeddings transposed, same bytes",
+        "embeddings as int32, same bytes",
+        "valid as a column, same bytes",
+        "valid as uint8, same bytes",
+        "files flattened, same bytes",
+        "files as float64, same bytes",
         "other byte count",
         "an embedding changed",
         "a valid flag changed",
@@ -171,6 +177,18 @@ def test_damage_makes_the_entry_absent(tmp_path, damage):
         resave(folder / "files.npy", np.zeros((N, 3), np.int64))
     elif damage == "files as int32":
         resave(folder / "files.npy", FILES.astype(np.int32))
+    elif damage == "embeddings transposed, same bytes":  # each of these only its own check can tell
+        resave(folder / "embeddings.npy", values.reshape(DIM, N))
+    elif damage == "embeddings as int32, same bytes":
+        resave(folder / "embeddings.npy", values.view(np.int32))
+    elif damage == "valid as a column, same bytes":
+        resave(folder / "valid.npy", np.load(folder / "valid.npy").reshape(N, 1))
+    elif damage == "valid as uint8, same bytes":
+        resave(folder / "valid.npy", np.load(folder / "valid.npy").view(np.uint8))
+    elif damage == "files flattened, same bytes":
+        resave(folder / "files.npy", FILES.reshape(-1))
+    elif damage == "files as float64, same bytes":
+        resave(folder / "files.npy", FILES.view(np.float64))
     elif damage == "other byte count":
         rewrite_meta(folder, bytes=(folder / "embeddings.npy").stat().st_size + 1)
     elif damage == "an embedding changed":
@@ -227,3 +245,25 @@ def test_damage_is_logged_once_per_reason_and_again_for_a_new_entry(tmp_path, ca
         m.startswith(f"embedding cache {folder} is damaged (") and m.endswith("); recomputing it") for m in messages
     )
     assert "older cbir" in messages[0] and "checksum differs" in messages[1] and "checksum differs" in messages[2]
+
+
+class MakesFolder:
+    """Unpickling this makes a folder: proof that a file was run as code."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("name", ["valid.npy", "files.npy"])
+def test_entry_arrays_are_read_as_data_never_unpickled(tmp_path, name):
+    store = EmbeddingStore(tmp_path / "cache")
+    entry, _ = write_entry(store, "k")
+    marker = tmp_path / "ran"
+    hostile = np.empty(N, dtype=object)
+    hostile[:] = [MakesFolder(marker)] * N
+    np.save(entry.path / name, hostile, allow_pickle=True)
+    del entry
+    assert store.load("k") is None and not marker.exists()
