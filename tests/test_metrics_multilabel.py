@@ -287,31 +287,76 @@ def test_every_output_of_a_hand_worked_run():
 
 
 def test_more_findings_than_one_bitset_word():
-    """300 finding keys need five 64-bit words: sharing, Jaccard and the table per finding
-    against plain sets."""
+    """130 finding keys need three 64-bit words (two of 65 bits would do): sharing, Jaccard and
+    the table per finding against plain sets."""
     rng = np.random.default_rng(6)
-    names = [f"f{i:03d}" for i in range(150)]
-    index, query = random_case(rng, n_index=120, n_query=40, findings=names)
-    neighbours = np.stack([rng.permutation(120) for _ in range(40)])
-    values, sets, n_rel = per_query(query, index, neighbours, ns=[5, 120])
-    assert len(sets.keys) > 128 and sets.combo_bits.shape[1] >= 3
+    names = [f"f{i:03d}" for i in range(65)]
+    index, query = random_case(rng, n_index=80, n_query=40, findings=names)
+    index = pd.concat([index, frame([f"{m}/x/{f}" for m in ("CT", "XR") for f in names])], ignore_index=True)
+    neighbours = np.stack([rng.permutation(len(index)) for _ in range(40)])
+    values, sets, n_rel = per_query(query, index, neighbours, ns=[5, 20])
+    assert len(sets.keys) == 130 and sets.combo_bits.shape[1] == 3
     qs, ix = finding_sets(query), finding_sets(index)
     assert list(n_rel) == [sum(bool(q & i) for i in ix) for q in qs]
     member = sets.membership()
     assert [set(sets.keys[member[c]]) for c in sets.index_combo] == ix
     assert [set(sets.keys[member[c]]) for c in sets.query_combo] == qs
     for q in range(40):
-        gains = np.array([jaccard(qs[q], ix[i]) for i in range(120)])
-        if gains.sum() == 0:
-            continue
-        score = np.empty(120)
-        score[neighbours[q]] = -np.arange(120)
-        expected = sklearn_metrics.ndcg_score(gains[None], score[None], k=5)
-        assert values["nDCG_at_5"][q] == pytest.approx(expected, abs=1e-12)
+        gains = np.array([jaccard(qs[q], ix[i]) for i in range(len(index))])
+        score = np.empty(len(index))
+        score[neighbours[q]] = -np.arange(len(index))
+        for k in (5, 20):
+            expected = sklearn_metrics.ndcg_score(gains[None], score[None], k=k)
+            assert values[f"nDCG_at_{k}"][q] == pytest.approx(expected, abs=1e-12)
     table = evaluate_multilabel(query, index, neighbours, ns=[5]).per_finding.set_index("finding")
     for key, row in table.iterrows():
         assert row["n_index"] == sum(key in i for i in ix)
-        assert row["queries"] == sum(key in q and n > 0 for q, n in zip(qs, n_rel))
+        assert row["queries"] == sum(key in q for q in qs)
+
+
+def test_rows_are_told_apart_by_findings_and_by_label_where_findings_are_blank():
+    """The same label with other findings, and blank findings (the label's finding counts)."""
+    index = pd.DataFrame(
+        {
+            "modality": ["XR"] * 4,
+            "anatomy": ["chest"] * 4,
+            "label": ["XR/chest/A", "XR/chest/A", "XR/chest/B", "XR/chest/C"],
+            "findings": ["A", "A|B", "", ""],
+        }
+    )
+    query = index.iloc[[1, 3]]
+    _, sets, n_rel = per_query(query, index, np.array([[0, 1, 2, 3]] * 2), ns=[1])
+    member = sets.membership()
+    assert [sorted(sets.keys[member[c]]) for c in sets.index_combo] == [
+        ["XR/chest/A"],
+        ["XR/chest/A", "XR/chest/B"],
+        ["XR/chest/B"],
+        ["XR/chest/C"],
+    ]
+    assert list(n_rel) == [3, 1]
+
+
+def test_padded_neighbours_and_a_query_that_is_an_index_row():
+    """Four neighbours asked of three index rows (-1 pads the list); the second query is index
+    row 0, removed from its neighbours, its relevant rows and its ideal ranking."""
+    index = frame(["XR/chest/A", "XR/chest/B", "XR/chest/A|B"])
+    query = frame(["XR/chest/A", "XR/chest/A"])
+    neighbours = np.array([[2, 0, 1, -1], [2, 1, -1, -1]])
+    values, _, n_rel = per_query(query, index, neighbours, query_in_index=np.array([-1, 0]), ns=[1, 4])
+    d = 1 / np.log2(3)
+    assert list(n_rel) == [2, 1]
+    # q0: gains 1/2, 1, 0, 0 against the ideal 1, 1/2, 0, 0; q1: 1/2 against the ideal 1/2
+    expected = {
+        "P_at_1": [1, 1],
+        "P_at_4": [1, 1],
+        "mAP_at_1": [1, 1],
+        "mAP_at_4": [1, 1],
+        "nDCG_at_1": [0.5, 1],
+        "nDCG_at_4": [(0.5 + d) / (1 + 0.5 * d), 1],
+        "R_precision": [1, 1],
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(values[name], value, atol=1e-12, err_msg=name)
 
 
 def test_too_few_neighbours_for_the_deepest_n_is_an_error():
@@ -320,6 +365,8 @@ def test_too_few_neighbours_for_the_deepest_n_is_an_error():
         per_query(query, index, np.arange(5)[None], ns=[1, 10])
     values, _, _ = per_query(query, index, np.arange(5)[None], ns=[5])
     assert values["P_at_5"][0] == 1.0
+    values, _, _ = per_query(query, index, np.arange(1)[None], ns=[1])  # one neighbour is enough for N=1
+    assert values["P_at_1"][0] == 1.0
 
 
 def test_console_table_of_the_hand_worked_run():
