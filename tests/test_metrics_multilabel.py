@@ -188,10 +188,10 @@ def test_single_label_data_gives_todays_modified_precision_exactly():
 def test_blocks_and_chunks_do_not_change_the_values():
     """More than 256 distinct query sets (the overlap is computed in blocks) and query chunks."""
     rng = np.random.default_rng(4)
-    index, query = random_case(rng, n_index=300, n_query=600, findings="abcdefghijklmno")
-    neighbours = np.stack([rng.permutation(300)[:10] for _ in range(600)])
+    index, query = random_case(rng, n_index=300, n_query=1500, findings="abcdefghijklmno")
+    neighbours = np.stack([rng.permutation(300)[:10] for _ in range(1500)])
     whole, sets, n_rel = per_query(query, index, neighbours, ns=[1, 10])
-    assert len(np.unique(sets.query_combo)) > 256
+    assert len(np.unique(sets.query_combo)) > 2 * 256  # a third block
     chunked, _, _ = per_query(query, index, neighbours, ns=[1, 10], chunk=7)
     for name in whole:
         np.testing.assert_array_equal(whole[name], chunked[name])
@@ -339,10 +339,10 @@ def test_rows_are_told_apart_by_findings_and_by_label_where_findings_are_blank()
 def test_padded_neighbours_and_a_query_that_is_an_index_row():
     """Four neighbours asked of three index rows (-1 pads the list); the second query is index
     row 0, removed from its neighbours, its relevant rows and its ideal ranking."""
-    index = frame(["XR/chest/A", "XR/chest/B", "XR/chest/A|B"])
+    index = frame(["XR/chest/A|B", "XR/chest/B", "XR/chest/A"])  # A|B first: padding must not take its gain
     query = frame(["XR/chest/A", "XR/chest/A"])
-    neighbours = np.array([[2, 0, 1, -1], [2, 1, -1, -1]])
-    values, _, n_rel = per_query(query, index, neighbours, query_in_index=np.array([-1, 0]), ns=[1, 4])
+    neighbours = np.array([[0, 2, 1, -1], [0, 1, -1, -1]])
+    values, _, n_rel = per_query(query, index, neighbours, query_in_index=np.array([-1, 2]), ns=[1, 4])
     d = 1 / np.log2(3)
     assert list(n_rel) == [2, 1]
     # q0: gains 1/2, 1, 0, 0 against the ideal 1, 1/2, 0, 0; q1: 1/2 against the ideal 1/2
@@ -372,6 +372,9 @@ def test_too_few_neighbours_for_the_deepest_n_is_an_error():
 def test_console_table_of_the_hand_worked_run():
     result = hand_worked_result()
     result.metrics["ml/micro/P_at_1_ci_low"], result.metrics["ml/micro/P_at_1_ci_high"] = 0.05, 0.75
+    result.metrics["ml/modality/MR/micro/P_at_1_ci_low"] = result.metrics["ml/modality/MR/micro/P_at_1_ci_high"] = (
+        np.nan
+    )
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(summary_table(result, [2, 1], "the title"))
     text = console.export_text()
@@ -391,8 +394,9 @@ def test_console_table_of_the_hand_worked_run():
         "0.333/0.333",
     ]
     assert cells[1] == ["", "0.500", "", "", "", ""]
-    assert cells[2][:2] == ["CT", "0.000/0.000"] and cells[3] == ["MR", "-/-", "-/-", "-/-", "-/-", "-/-"]
-    assert cells[4][:3] == ["XR", "0.500/0.750", "0.500/0.500"] and len(cells) == 5
+    assert cells[2][:2] == ["CT", "0.000/0.000"] and cells[3] == ["MR", "-", "-/-", "-/-", "-/-", "-/-"]
+    assert cells[4] == ["", "-", "", "", "", ""]  # MR's macro P@1 under its micro
+    assert cells[5][:3] == ["XR", "0.500/0.750", "0.500/0.500"] and len(cells) == 6
     assert "the title" in text
     assert (
         "micro/macro over 3 queries (macro: over findings); relevant = shares a finding, nDCG gain = Jaccard"
@@ -417,7 +421,7 @@ def test_report_table_lists_the_runs_with_multilabel_metrics():
             "micro/P_at_1": [0.9, 0.8, 0.7],
         }
     )
-    table = report_table(runs, [10, 1], lambda frame: ["encoder"])
+    table = report_table(runs, [10, 1], lambda frame: [c for c in ("encoder", "dataset") if c in frame])
     assert list(table.columns) == [
         "encoder",
         "micro P@10",
@@ -455,3 +459,17 @@ def test_labels_mode_defaults_to_single():
     assert labels_mode(OmegaConf.create({"dataset": {}})) == "single"
     assert labels_mode(OmegaConf.create({"dataset": {"labels": None}})) == "single"
     assert labels_mode(OmegaConf.create({"dataset": {"labels": "multi"}})) == "multi"
+
+
+def test_a_query_set_the_index_lacks_numbered_last():
+    """Distinct sets are numbered queries first: here the highest number belongs to no index row."""
+    index, query = frame(["XR/chest/A", "XR/chest/A"]), frame(["XR/chest/A", "XR/chest/B"])
+    result = evaluate_multilabel(query, index, np.array([[0, 1], [0, 1]]), ns=[1])
+    assert result.per_query["P_at_1"][0] == 1 and np.isnan(result.per_query["P_at_1"][1])
+    assert result.per_finding["n_index"].tolist() == [2] and result.n_excluded == 1
+
+
+def test_a_finding_name_with_a_slash_keeps_modality_and_anatomy():
+    index, query = frame(["XR/chest/A/B", "XR/chest/C"]), frame(["XR/chest/A/B"])
+    table = evaluate_multilabel(query, index, np.array([[0, 1]]), ns=[1]).per_finding
+    assert table[["finding", "modality", "anatomy"]].values.tolist() == [["XR/chest/A/B", "XR", "chest"]]

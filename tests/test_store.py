@@ -46,7 +46,10 @@ def test_an_entry_with_unchanged_files_is_a_hit_and_reads_back_what_was_written(
     _, values = write_entry(store, "k")
     found = store.load_fresh("k", FILES.copy())
     assert found.fresh and found.key == "k" and len(found.stale) == 0
+    assert found.entry.key == "k" and found.entry.path == store.folder("k")
+    assert (found.entry.meta["n"], found.entry.meta["dim"]) == (N, DIM)
     assert np.array_equal(found.entry.embeddings, values)
+    assert isinstance(found.entry.embeddings, np.memmap) and not found.entry.embeddings.flags.writeable
     assert found.entry.valid.all() and np.array_equal(found.entry.files, FILES)
 
 
@@ -70,6 +73,7 @@ def test_failed_rows_are_stale_only_when_retrying(tmp_path):
     store = EmbeddingStore(tmp_path)
     write_entry(store, "k", failed=[1, 4])
     assert store.load_fresh("k", FILES).fresh
+    assert len(store.load("k").stale_rows(FILES)) == 0  # failed rows stay failed by default
     assert list(store.load_fresh("k", FILES, retry_failed=True).stale) == [1, 4]
     now = FILES.copy()
     now[2, 1] += 5
@@ -129,6 +133,33 @@ def resave(path, array):
     os.utime(path, ns=(1, 1))  # a new identity even within one clock tick
 
 
+OLD = "incomplete entry or one written by an older cbir"
+ARRAYS = "valid.npy or files.npy do not match the embeddings"
+CHECKSUM = "checksum differs from the one written at commit"
+REASONS = {
+    "old version": OLD,
+    "not complete": OLD,
+    "more rows": f"embeddings shape {(N, DIM)} != {(N + 1, DIM)}",
+    "other dim": f"embeddings shape {(N, DIM)} != {(N, DIM + 1)}",
+    "float64 embeddings": f"embeddings shape {(N, DIM)} != {(N, DIM)}",
+    "valid of other length": ARRAYS,
+    "valid as integers": ARRAYS,
+    "files of other shape": ARRAYS,
+    "files as int32": ARRAYS,
+    "embeddings transposed, same bytes": f"embeddings shape {(DIM, N)} != {(N, DIM)}",
+    "embeddings as int32, same bytes": f"embeddings shape {(N, DIM)} != {(N, DIM)}",
+    "valid as a column, same bytes": ARRAYS,
+    "valid as uint8, same bytes": ARRAYS,
+    "files flattened, same bytes": ARRAYS,
+    "files as float64, same bytes": ARRAYS,
+    "other byte count": "file size differs from the recorded size",
+    "an embedding changed": CHECKSUM,
+    "a valid flag changed": CHECKSUM,
+    "a file stamp changed": CHECKSUM,
+    "other checksum": CHECKSUM,
+}
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -154,7 +185,7 @@ def resave(path, array):
         "other checksum",
     ],
 )
-def test_damage_makes_the_entry_absent(tmp_path, damage):
+def test_damage_makes_the_entry_absent(tmp_path, damage, caplog):
     store = EmbeddingStore(tmp_path)
     entry, values = write_entry(store, "k", failed=[2])
     folder = entry.path
@@ -203,7 +234,10 @@ def test_damage_makes_the_entry_absent(tmp_path, damage):
         resave(folder / "files.npy", changed)
     elif damage == "other checksum":
         rewrite_meta(folder, checksum="crc32:00000000")
-    assert store.load("k") is None
+    with caplog.at_level(logging.WARNING, logger="cbir.extract.store"):
+        assert store.load("k") is None
+    (record,) = caplog.records
+    assert record.getMessage() == f"embedding cache {folder} is damaged ({REASONS[damage]}); recomputing it"
     assert store.load_fresh("k", FILES).entry is None
     write_entry(store, "k")  # recomputed: the new entry replaces the damaged one
     assert store.load_fresh("k", FILES).fresh
@@ -244,7 +278,7 @@ def test_damage_is_logged_once_per_reason_and_again_for_a_new_entry(tmp_path, ca
     assert all(
         m.startswith(f"embedding cache {folder} is damaged (") and m.endswith("); recomputing it") for m in messages
     )
-    assert "older cbir" in messages[0] and "checksum differs" in messages[1] and "checksum differs" in messages[2]
+    assert [m[m.index("(") + 1 : m.rindex(")")] for m in messages] == [OLD, CHECKSUM, CHECKSUM]
 
 
 class MakesFolder:
@@ -257,7 +291,7 @@ class MakesFolder:
         return os.mkdir, (self.path,)
 
 
-@pytest.mark.parametrize("name", ["valid.npy", "files.npy"])
+@pytest.mark.parametrize("name", ["embeddings.npy", "valid.npy", "files.npy"])
 def test_entry_arrays_are_read_as_data_never_unpickled(tmp_path, name):
     store = EmbeddingStore(tmp_path / "cache")
     entry, _ = write_entry(store, "k")
