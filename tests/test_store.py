@@ -301,3 +301,43 @@ def test_entry_arrays_are_read_as_data_never_unpickled(tmp_path, name):
     np.save(entry.path / name, hostile, allow_pickle=True)
     del entry
     assert store.load("k") is None and not marker.exists()
+
+
+def test_a_committed_entry_holds_its_files_only_and_replaces_the_old_one(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    entry, _ = write_entry(store, "k")
+    assert entry.path == tmp_path / "embeddings" / "k" and entry.key == "k"
+    expected = ["embeddings.npy", "files.npy", "meta.json", "skipped.csv", "valid.npy"]
+    assert sorted(os.listdir(entry.path)) == expected  # done.npy is gone: the entry is complete
+    write_entry(store, "k")
+    assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == ["k"]  # no old copy left behind
+
+
+def test_refreshing_from_an_older_entry_redoes_changed_and_failed_rows_and_keeps_the_reasons(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    values = np.arange(N * DIM, dtype=np.float32).reshape(N, DIM)
+    partial = store.open_partial("k", N, DIM, FILES)
+    partial.write(np.arange(N), values, np.array([True, False, True, True, False]))
+    partial.record_skips([(1, "one.png", "cannot decode"), (4, "four.png", "truncated")])
+    base = store.commit("k", partial, {})
+    now = FILES.copy()
+    now[2, 1] += 1
+    assert list(store.open_partial("k", N, DIM, now, base=base).remaining()) == [2]
+    store.root.joinpath("k.partial").rename(store.root / "k.partial-discarded")
+    refresh = store.open_partial("k", N, DIM, now, base=base, retry_failed=True)
+    assert list(refresh.remaining()) == [1, 2, 4]
+    refresh.write(np.array([1, 2]), values[[1, 2]], np.array([True, True]))
+    refresh.write(np.array([4]), values[[4]], np.array([False]))
+    entry = store.commit("k", refresh, {})
+    assert entry.skipped() == [(4, "four.png", "truncated")]  # row 1 fixed, row 4's reason kept from before
+
+
+def test_a_resumed_partial_entry_retries_its_failed_rows_only_when_asked(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    partial = store.open_partial("k", N, DIM, FILES)
+    partial.write(np.array([0, 3]), np.ones((2, DIM), np.float32), np.array([True, False]))
+    del partial  # interrupted
+    resumed = store.open_partial("k", N, DIM, FILES)
+    assert list(resumed.remaining()) == [1, 2, 4]
+    del resumed
+    assert list(store.open_partial("k", N, DIM, FILES, retry_failed=True).remaining()) == [1, 2, 3, 4]
