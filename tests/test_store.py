@@ -341,3 +341,19 @@ def test_a_resumed_partial_entry_retries_its_failed_rows_only_when_asked(tmp_pat
     assert list(resumed.remaining()) == [1, 2, 4]
     del resumed
     assert list(store.open_partial("k", N, DIM, FILES, retry_failed=True).remaining()) == [1, 2, 3, 4]
+
+
+def test_a_broken_partial_entry_is_started_again_and_never_unpickled(tmp_path):
+    store = EmbeddingStore(tmp_path / "cache")
+    partial = store.open_partial("k", N, DIM, FILES)
+    partial.write(np.arange(N), np.ones((N, DIM), np.float32), np.ones(N, bool))
+    marker = tmp_path / "ran"
+    hostile = np.empty(N, dtype=object)
+    hostile[:] = [MakesFolder(marker)] * N
+    np.save(partial.path / "files.npy", hostile, allow_pickle=True)
+    del partial
+    again = store.open_partial("k", N, DIM, FILES)
+    assert list(again.remaining()) == list(range(N)) and not marker.exists()
+    del again
+    (store.root / "k.partial" / "done.npy").unlink()  # half a partial entry: started again too
+    assert list(store.open_partial("k", N, DIM, FILES).remaining()) == list(range(N))
