@@ -128,3 +128,41 @@ def test_an_unset_nprobe_is_the_smallest_that_reaches_the_tuning_recall(clustere
     assert ivf(chosen).metrics["micro/P_at_1"] == tuned.metrics["micro/P_at_1"]  # the nprobe logged is the one used
     if chosen > MIN_TUNED_NPROBE:
         assert ivf(max(MIN_TUNED_NPROBE, chosen // 2)).metrics["index/recall_at_10"] < TUNE_RECALL
+
+
+def test_nprobe_tuning_halves_and_doubles_to_the_smallest_that_reaches_the_target():
+    """tuned_nprobe against recall computed here with FAISS directly at every nprobe of the ladder,
+    on data where few lists are not enough: from nprobe 1 it doubles to the first that reaches
+    TUNE_RECALL; from all 64 lists it halves while the target holds and stops at the first half
+    that misses it; the index keeps the value returned."""
+    import faiss
+
+    from cbir.evaluate.retrieval import TUNE_RECALL, tuned_nprobe
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((200, 16))[rng.integers(0, 200, 4000)] + rng.standard_normal((4000, 16))
+    index_rows, queries = (
+        l2_normalise(vectors[:3500].astype(np.float32)),
+        l2_normalise(vectors[3500:].astype(np.float32)),
+    )
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 64, faiss.METRIC_INNER_PRODUCT)
+    index.train(index_rows)
+    index.add(index_rows)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(index_rows)
+    _, exact = flat.search(queries, 10)
+    own = np.full(len(queries), -1)  # no query is an index row
+
+    def recall(nprobe):
+        index.nprobe = nprobe
+        _, found = index.search(queries, 10)
+        return np.mean([len(set(e) & set(f)) / 10 for e, f in zip(exact, found)])
+
+    ladder = [1, 2, 4, 8, 16, 32, 64]
+    passes = [p for p in ladder if recall(p) >= TUNE_RECALL]
+    smallest = passes[0]
+    assert 4 < smallest < 64 and recall(smallest // 2) < TUNE_RECALL  # both directions have work to do
+    index.nprobe = 64
+    assert tuned_nprobe(index, queries, own, exact, 1, 64) == smallest and index.nprobe == smallest
+    index.nprobe = 1
+    assert tuned_nprobe(index, queries, own, exact, 64, 64) == smallest and index.nprobe == smallest
