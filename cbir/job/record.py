@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from cbir.evaluate.outcome import Outcome
 from cbir.tracking import dashboard
 from cbir.tracking import runs as tracking
+from cbir.tracking import store as tracking_store
 
 log = logging.getLogger("cbir.run")
 
@@ -60,7 +61,11 @@ class Record:
         tracker = self.tracker
         # params: what a person compares runs by; the full config is the artifact config/resolved.yaml
         tracker.log_params(dashboard.curated_params(tracking.flatten(tracking.resolved(self.cfg))))
-        dashboard.annotate_run(tracker, self.cfg, out)
+        if tracker.lost is None:
+            try:  # experiment tags through the client: a store lost now is reported as for every write
+                dashboard.annotate_run(tracker, self.cfg, out)
+            except tracking_store.TrackingUnavailable as e:
+                tracker.lost = e
         for outcome in self.outcomes:
             log_outcome(tracker, outcome, self.cfg, out)
         tracker.log_artifact(out / ".hydra", "config")
