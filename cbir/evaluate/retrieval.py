@@ -43,6 +43,12 @@ def choose_rows(
     return RetrievalSetup(index_rows=chosen, query_rows=queries)
 
 
+def rows_of_job(cfg, table: pd.DataFrame, valid: np.ndarray, per_class) -> RetrievalSetup:
+    """The index and query rows of a job's config (index.split, eval.query_split, index.seed) at
+    `per_class` rows per class (a number, or None for all)."""
+    return choose_rows(table, valid, cfg.index.split, cfg.eval.query_split, per_class, cfg.index.seed)
+
+
 @dataclass
 class SearchOutput:
     """What the search found, for whoever needs more than the metrics (gallery, saved index)."""

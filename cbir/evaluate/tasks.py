@@ -127,14 +127,7 @@ def index_of_job(cfg, table, embeddings, valid, search):
 
     if search is not None:
         return search.setup, search.index
-    setup = retrieval.choose_rows(
-        table,
-        valid,
-        cfg.index.split,
-        cfg.eval.query_split,
-        retrieval.per_class_value(cfg.index.per_class),
-        cfg.index.seed,
-    )
+    setup = retrieval.rows_of_job(cfg, table, valid, retrieval.per_class_value(cfg.index.per_class))
     index = cbir_index.build_index(
         cbir_index.l2_normalise(embeddings[setup.index_rows]),
         cfg.index.type,
@@ -231,14 +224,7 @@ def run_probe(cfg: DictConfig, table: pd.DataFrame, embeddings: np.ndarray, vali
     from cbir.evaluate import classification, probe, retrieval
 
     pc = cfg.task.probe
-    train_rows = retrieval.choose_rows(
-        table,
-        valid,
-        cfg.index.split,
-        cfg.eval.query_split,
-        retrieval.per_class_value(cfg.index.per_class),
-        cfg.index.seed,
-    ).index_rows
+    train_rows = retrieval.rows_of_job(cfg, table, valid, retrieval.per_class_value(cfg.index.per_class)).index_rows
     labels = table["label"].astype(str).to_numpy()
     classes, train_codes = np.unique(labels[train_rows], return_inverse=True)
 

@@ -41,16 +41,17 @@ def evaluate(job) -> Outcome:
             title=job.run_name,
         )
     folder = job.out / "index"
-    if cfg.index.get("save", False):
+    kept = bool(cfg.index.get("save", False))  # the folder, logged as the artifact `index`
+    served = bool(cfg.tracking.get("log_model", False) and cfg.tracking.get("enabled", True))
+    if kept or served:
         save_index(folder, job.search, job.table, job.manifest.root, cfg, job.run_name, job.encoder, job.embeddings)
+    if kept:
         outcome.folders["index"] = folder
         log.info(
             "index saved to %s (search it with: python -m cbir.search search.index_dir=%s 'search.images=[...]')",
             folder,
             folder,
         )
-    if cfg.tracking.get("log_model", False) and cfg.tracking.get("enabled", True):
-        if not cfg.index.get("save", False):
-            save_index(folder, job.search, job.table, job.manifest.root, cfg, job.run_name, job.encoder, job.embeddings)
+    if served:
         outcome.model, outcome.register_model = folder, cfg.tracking.get("register_model")
     return outcome

@@ -20,8 +20,7 @@ def check(cfg) -> None:
 
 def setup(job, size):
     """The index and query rows of the job at index size `size` (per class; None: all)."""
-    cfg = job.cfg
-    return cbir_retrieval.choose_rows(job.table, job.valid, cfg.index.split, cfg.eval.query_split, size, cfg.index.seed)
+    return cbir_retrieval.rows_of_job(job.cfg, job.table, job.valid, size)
 
 
 def search(job, size, return_search: bool = False):
