@@ -58,6 +58,25 @@ def run_cbir(
     return proc
 
 
+def run_cbir_at_once(cwd: Path, *args: str, copies: int = 2, timeout: int = 600) -> list[tuple[int, str]]:
+    """`copies` processes of `python -m cbir.run <args>` started together in `cwd` (two jobs or sweeps
+    racing for the same cache keys and runs); (return code, combined output) of each."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cbir.run", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(copies)
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
 def compose(*overrides: str, config_name: str = "config", hydra_node: bool = False):
     """The composed config, exactly as `python -m cbir.run <overrides>` would see it."""
     from hydra import compose as hydra_compose

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROJECT, run_cbir, run_cbir_hang_guarded
+from conftest import PROJECT, run_cbir, run_cbir_at_once, run_cbir_hang_guarded
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -377,21 +377,9 @@ def test_a_full_cache_disk_is_one_line_and_the_same_command_works_once_there_is_
 @pytest.mark.slow
 def test_concurrent_jobs_extract_a_key_once(tmp_path, shared_data_dir):
     overrides = [*SMALL, f"paths.data_dir={shared_data_dir}", "tracking.enabled=false", "extract.batch_size=4"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "cbir.run", *overrides],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    text = "\n".join(outputs)
+    finished = run_cbir_at_once(tmp_path, *overrides, timeout=300)
+    assert all(code == 0 for code, _ in finished)
+    text = "\n".join(out for _, out in finished)
     assert text.count(": extracted (") == 1 and text.count(": cache hit (") == 1
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, compose, run_cbir
+from conftest import PROJECT, compose, run_cbir, run_cbir_at_once
 from mlflow.tracking import MlflowClient
 
 from cbir.job.checks import ConfigError, check_tracking
@@ -338,27 +338,15 @@ def test_claim_marks_dead_runs_killed_and_waits_for_a_live_twin(tmp_path, monkey
 @pytest.mark.slow
 def test_two_identical_sweeps_at_once_run_each_job_once(tmp_path, shared_data_dir):
     sweep = ["-m", *SMALL, "encoder=baseline,random", f"paths.data_dir={shared_data_dir}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "cbir.run", *sweep],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    finished = run_cbir_at_once(tmp_path, *sweep)
+    assert [code for code, _ in finished] == [0, 0], "\n".join(out for _, out in finished)
     _, runs = all_runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     parents = [r for r in runs if r.data.tags.get("cbir.role") == "sweep"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["encoder"] for c in children) == ["baseline", "random"]  # each job once
     assert all(c.info.status == "FINISHED" for c in children)
-    assert "\n".join(outputs).count("skipping") == 2  # the other sweep's two jobs
+    assert "\n".join(out for _, out in finished).count("skipping") == 2  # the other sweep's two jobs
 
 
 # ---------------------------------------------------------------------------- killed runs
